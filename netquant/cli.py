@@ -1,0 +1,206 @@
+"""The ``netquant`` command: thin commands over the public API.
+
+Every command that reads CIFAR-10 takes ``--data`` (an archive, a folder, ``download`` or
+``sample``); without it, ``$NETQUANT_DATA``; without that, the sample shipped in the package.
+Every printed result names the data it came from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("netquant")
+
+
+def _data(args):
+    from .data import load_cifar10
+
+    return load_cifar10(args.data)
+
+
+def _model(args):
+    from .models.pretrained import load_pretrained
+
+    return load_pretrained(args.model)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=1))
+
+
+# --- commands -------------------------------------------------------------------------------
+
+def cmd_analyze(args) -> int:
+    from .models.analyze import analyze
+
+    a = analyze(_model(args))
+    if args.json:
+        _print_json(a.to_dict())
+    else:
+        print(a)
+    return 0
+
+
+def _evaluate(net, images) -> tuple[float, float]:
+    """Top-1 (percent) of ``net`` on an ImageSet, and seconds taken."""
+    from .models.train import evaluate
+
+    t0 = time.time()
+    return evaluate(net, images), time.time() - t0
+
+
+def cmd_evaluate(args) -> int:
+    from .data import validation_set
+
+    net, data = _model(args), _data(args)
+    subset = validation_set(data, args.count, args.seed)
+    top1, secs = _evaluate(net, subset)
+    if args.json:
+        _print_json({"model": args.model, "top1": top1, "images": len(subset), "data": subset.source})
+    else:
+        print(f"{args.model}: top-1 {top1:.2f}% on {len(subset)} images ({subset.source}) in {secs:.1f} s")
+    return 0
+
+
+def cmd_tile(args) -> int:
+    from .data import random_tile_png
+
+    data = _data(args)
+    split = data.train if args.split == "train" else data.test
+    names = random_tile_png(split, args.out, args.count, args.seed)
+    print(f"wrote {args.out}: {len(names)} random images (seed {args.seed}) from {split.source}: "
+          f"{', '.join(names)}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .models.pretrained import save_pretrained
+    from .models.resnet import resnet
+    from .models.train import TrainConfig, train
+    from .progress import bar
+
+    data = _data(args)
+    if args.resume:
+        meta = json.loads((Path(args.checkpoint_dir) / "last.json").read_text())
+        cfg, spec = TrainConfig(**meta["config"]), meta["spec"]
+        print(f"resuming {args.checkpoint_dir} at epoch {meta['epoch']}/{cfg.epochs}")
+    else:
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          weight_decay=args.weight_decay, seed=args.seed, bf16=not args.no_bf16)
+        spec = {"net_width": args.net_width, "num_units": args.num_units, "unit_type": args.unit_type}
+    torch.manual_seed(cfg.seed)
+    net = resnet(**spec)
+    print(f"training {net.spec.name} on {data.train.source}, testing on {data.test.source}")
+    report = train(net, data, cfg, args.checkpoint_dir, resume=args.resume, progress=bar("train"),
+                   max_epochs_this_run=args.max_epochs)
+    print(f"{net.spec.name}: {report}")
+    if args.out and report.epochs == cfg.epochs:
+        from .data.cifar10 import BINARY_MD5
+
+        card = save_pretrained(net, args.out, {
+            "test_top1": report.test_top1, "test_data": data.test.source, "epochs": report.epochs,
+            "recipe": cfg.__dict__, "train_seconds": round(report.seconds),
+            "dataset_md5": BINARY_MD5})
+        print(f"wrote {card} and its weights")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the shipped defaults."""
+    from .data import random_tile_png
+    from .models.analyze import analyze
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    net = _model(args)
+    print(f"== {args.model}: analysis")
+    print(analyze(net))
+    data = _data(args)
+    print(f"\n== data: {data.train.source}; {data.test.source}")
+    names = random_tile_png(data.train, out / "tile.png", 20, args.seed)
+    print(f"wrote {out / 'tile.png'}: 20 random training images: {', '.join(names)}")
+    top1, secs = _evaluate(net, data.test)
+    print(f"\n== float top-1 of {args.model}: {top1:.2f}% on {len(data.test)} images "
+          f"({data.test.source}) in {secs:.1f} s")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="netquant", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help, data=True, model=True):
+        c = sub.add_parser(name, help=help, description=help)
+        c.set_defaults(func=func)
+        if data:
+            c.add_argument("--data", help="CIFAR-10 archive or folder, 'download' or 'sample' "
+                                          "(default: $NETQUANT_DATA, else the embedded sample)")
+        if model:
+            c.add_argument("--model", default="cifarnet-20-16", help="shipped network (default: %(default)s)")
+        c.add_argument("--seed", type=int, default=0, help="seed of random subsets (default: %(default)s)")
+        return c
+
+    c = command("analyze", cmd_analyze, "print the layer table and totals of a network", data=False)
+    c.add_argument("--json", action="store_true")
+
+    c = command("evaluate", cmd_evaluate, "float top-1 of a network on CIFAR-10 test images")
+    c.add_argument("--count", default="all", type=_count, help="test images: a number or 'all' (default)")
+    c.add_argument("--json", action="store_true")
+
+    c = command("tile", cmd_tile, "write a PNG tile of random images", model=False)
+    c.add_argument("--out", default="tile.png")
+    c.add_argument("--count", type=int, default=20)
+    c.add_argument("--split", choices=("train", "test"), default="train")
+
+    c = command("train", cmd_train, "train a CIFAR residual network with checkpoints", model=False)
+    c.add_argument("--net-width", type=int, default=16)
+    c.add_argument("--num-units", type=int, default=9)
+    c.add_argument("--unit-type", choices=("standard", "bottleneck"), default="standard")
+    c.add_argument("--epochs", type=int, default=150)
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--lr", type=float, default=0.1)
+    c.add_argument("--weight-decay", type=float, default=5e-4)
+    c.add_argument("--no-bf16", action="store_true", help="train in float32 even where bfloat16 is supported")
+    c.add_argument("--checkpoint-dir", default="checkpoints/run", help="checkpoint folder (default: %(default)s)")
+    c.add_argument("--resume", action="store_true", help="continue from the checkpoint (its settings win)")
+    c.add_argument("--max-epochs", type=int, help="stop after this many epochs in this run")
+    c.add_argument("--out", help="when training completes, write <name>.safetensors and <name>.json here")
+
+    c = command("demo", cmd_demo, "the main job: analyse, load data, tile, evaluate")
+    c.add_argument("--out", default="netquant-out", help="folder for the files it writes")
+    return p
+
+
+def _count(text: str):
+    if text == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .data.cifar10 import DataError
+
+    try:
+        return args.func(args)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"netquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""A tile of sample images, the counterpart of MATLAB's ``imtile``."""
+from __future__ import annotations
+
+import numpy as np
+
+from .cifar10 import CLASSES, ImageSet
+
+
+def tile(images: np.ndarray, columns: int = 5, scale: int = 2, border: int = 2) -> np.ndarray:
+    """Arrange uint8 NCHW images in a grid; returns a uint8 HWC RGB array.
+
+    With 20 images, 5 columns, scale 2 and border 2: 4 rows of 64x64 pictures, so the tile is
+    4*64 + 5*2 = 266 pixels high and 5*64 + 6*2 = 332 wide.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"tile: expected images of shape (N, 3, H, W), got {images.shape}")
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    hs, ws = h * scale, w * scale
+    out = np.full((rows * hs + (rows + 1) * border, columns * ws + (columns + 1) * border, 3),
+                  255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        big = img.transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)  # CHW -> HWC, upscaled
+        y, x = border + r * (hs + border), border + c * (ws + border)
+        out[y:y + hs, x:x + ws] = big
+    return out
+
+
+def random_tile_png(data: ImageSet, path, count: int = 20, seed: int = 0, columns: int = 5) -> list[str]:
+    """Write a PNG tile of ``count`` random images to ``path``; return their class names."""
+    from PIL import Image
+
+    index = np.random.default_rng(seed).choice(len(data), size=min(count, len(data)), replace=False)
+    Image.fromarray(tile(data.images[index], columns)).save(path)
+    return [CLASSES[data.labels[i]] for i in index]

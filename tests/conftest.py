@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests use the real CIFAR-10 (``$NETQUANT_DATA``, else ../shared/data)."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-10-binary.tar.gz"
+
+
+def real_data_path() -> Path | None:
+    env = os.environ.get("NETQUANT_DATA")
+    if env and env not in ("sample", "download"):
+        return Path(env)
+    return SHARED_ARCHIVE if SHARED_ARCHIVE.exists() else None
+
+
+@pytest.fixture(scope="session")
+def cifar_path() -> Path:
+    path = real_data_path()
+    if path is None or not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs the real CIFAR-10: set NETQUANT_DATA (looked at {SHARED_ARCHIVE})")
+        pytest.skip("real CIFAR-10 not found; set NETQUANT_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar(cifar_path):
+    from netquant.data import read_cifar10
+
+    return read_cifar10(cifar_path)
