@@ -1,0 +1,89 @@
+"""What the user asks the quantizer for: a frozen, validated, versioned config with a JSON round trip.
+
+Targets pick defaults, as MATLAB's execution environments do:
+
+========  ===================================================================================
+gpu, cpu  float scales, weights per output channel, activations per tensor (min-max ranges)
+fpga      power-of-two scales per tensor (fixed point, MATLAB's "scaled int8")
+matlab    the same as fpga: what MATLAB's dlquantizer computes for every target
+========  ===================================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from ..calib.methods import METHODS
+
+CONFIG_VERSION = 1
+GRANULARITIES = ("per_channel", "per_tensor")
+SCALES = ("float", "pow2")
+OVERRIDE_KEYS = ("activation_range", "weight_granularity", "percentile")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A quantization scheme. Per-layer ``overrides`` map a Network or Optimized Layer Name to a
+    dict of the fields in OVERRIDE_KEYS (for example {"activation_range": "percentile"})."""
+
+    weight_granularity: str = "per_channel"   # int8 weight scales per output channel or per tensor
+    scale: str = "float"                      # "float" scales, or "pow2" (powers of two)
+    activation_range: str = "minmax"          # range method for activations: minmax, percentile, entropy, mse
+    weight_range: str = "minmax"              # range method for weights
+    percentile: float = 99.99                 # used by the percentile method
+    unsigned_activations: bool = True         # non-negative tensors use 0..255
+    overrides: dict = field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        _check("weight_granularity", self.weight_granularity, GRANULARITIES)
+        _check("scale", self.scale, SCALES)
+        _check("activation_range", self.activation_range, METHODS)
+        _check("weight_range", self.weight_range, METHODS)
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"config version {self.version} is not supported (expected {CONFIG_VERSION})")
+        for layer, o in self.overrides.items():
+            bad = set(o) - set(OVERRIDE_KEYS)
+            if bad:
+                raise ValueError(f"override for {layer!r}: unknown keys {sorted(bad)}; allowed: {OVERRIDE_KEYS}")
+            replace(self, overrides={}, **o)  # validates the values
+
+    def for_layer(self, names) -> "QuantConfig":
+        """The config with the overrides of any of ``names`` applied."""
+        cfg = self
+        for n in names:
+            if n in self.overrides:
+                cfg = replace(cfg, **self.overrides[n])
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def _check(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+TARGETS = {
+    "gpu": QuantConfig(),
+    "cpu": QuantConfig(),
+    "fpga": QuantConfig(weight_granularity="per_tensor", scale="pow2"),
+    "matlab": QuantConfig(weight_granularity="per_tensor", scale="pow2"),
+}
+
+
+def target_config(target: str) -> QuantConfig:
+    try:
+        return TARGETS[target]
+    except KeyError:
+        raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}") from None

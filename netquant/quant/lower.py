@@ -1,0 +1,225 @@
+"""Lowering: float Graph + calibration statistics + config -> integer program (QGraph).
+
+Decisions made here, per tensor and per layer:
+- activation scale: threshold T from the range method; unsigned (0..255, scale T/255) where the
+  tensor cannot be negative (a fused ReLU, or calibration never saw a negative value), else
+  signed (-128..127, scale T/127); with ``scale="pow2"`` rounded up to a power of two;
+- weight scales per output channel (or per tensor): T/127, int8 weights, int32 bias at scale
+  s_x * s_w[o], and the requantization multiplier s_x * s_w[o] / s_y as (M, shift);
+- which layers stay float, and why; quantize/dequantize nodes at every float <-> int edge.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional
+
+import numpy as np
+
+from ..calib.methods import threshold
+from ..calib.stats import RangeStats, RangeTable
+from ..ir.float_ops import float_reason
+from ..ir.graph import Graph, Node
+from . import numerics as nx
+from .config import QuantConfig
+from .qgraph import QGraph, QNode
+
+QUANTIZABLE = ("conv", "linear", "add", "concat", "gather", "maxpool", "avgpool", "act")
+USER_FLOAT = "kept in floating point by the user (set_quantize)"
+
+
+def float_reasons(graph: Graph, user_float: frozenset = frozenset()) -> dict:
+    """{node name: reason} for every node that stays float (the input node excluded)."""
+    out = {}
+    for n in graph.nodes:
+        if n.op == "input":
+            continue
+        if n.op == "float":
+            out[n.name] = float_reason(n.attrs["fn"])
+        elif n.op == "affine":
+            src = graph.node(n.inputs[0])
+            out[n.name] = ("input normalisation runs in float before the input is quantized" if src.op == "input"
+                           else "a per-channel scale and shift (batch norm) with no conv or fully connected "
+                                "layer before it to fold into")
+        elif n.reason:
+            out[n.name] = n.reason
+        elif n.name in user_float or any(l in user_float for l in n.layers):
+            out[n.name] = USER_FLOAT
+    return out
+
+
+def activation_qparams(stats: RangeStats, cfg: QuantConfig, act=None) -> tuple[float, str]:
+    """(scale, dtype) of an activation tensor."""
+    unsigned = cfg.unsigned_activations and ((act is not None and act[0] >= 0) or stats.min >= 0)
+    levels = 255 if unsigned else 127
+    t = threshold(stats, cfg.activation_range, levels, cfg.percentile)
+    scale = t / levels
+    if cfg.scale == "pow2":
+        scale = nx.pow2_scale(scale)
+    return scale, ("uint8" if unsigned else "int8")
+
+
+def weight_scales(w: np.ndarray, cfg: QuantConfig, key: str) -> np.ndarray:
+    """Per output channel (or one, broadcast) weight scales T/127."""
+    if cfg.weight_granularity == "per_tensor":
+        groups = [w]
+    else:
+        groups = [w[o] for o in range(len(w))]
+    scales = []
+    for g in groups:
+        t = threshold(RangeStats("Weights", key, key).update(g, channel_axis=None), cfg.weight_range, 127,
+                      cfg.percentile)
+        s = t / 127.0
+        scales.append(nx.pow2_scale(s) if cfg.scale == "pow2" else s)
+    return np.broadcast_to(np.array(scales, dtype=np.float64), (len(w),)).copy()
+
+
+def _clamp(dtype: str, scale: float, act) -> tuple[int, int]:
+    lo, hi = nx.dtype_range(dtype)
+    if act is not None:
+        alo, ahi = act
+        if alo != -math.inf:
+            lo = max(lo, int(math.floor(alo / scale + 0.5)))
+        if ahi != math.inf:
+            hi = min(hi, int(math.floor(ahi / scale + 0.5)))
+    return lo, hi
+
+
+def _multipliers(ms) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [nx.quantize_multiplier(float(m)) for m in ms]
+    return (np.array([p[0] for p in pairs], dtype=np.int32), np.array([p[1] for p in pairs], dtype=np.int32))
+
+
+def _shared_shift(ms) -> tuple[np.ndarray, int]:
+    """Multipliers for several inputs with one shift (the shift of the largest multiplier)."""
+    shift = min(nx.quantize_multiplier(float(m))[1] for m in ms)
+    M = np.array([int(round(float(m) * 2.0 ** shift)) for m in ms], dtype=np.int64)
+    if M.max() >= 2 ** 31:
+        M, shift = (M + 1) // 2, shift - 1
+    return M.astype(np.int32), shift
+
+
+def k_chunks(wq: np.ndarray, xmax: int) -> list:
+    """Split the reduction axis K = (I/groups)*kh*kw of each output channel into [start, stop)
+    chunks of whole input channels whose partial sums are exact in float32: per output channel
+    xmax * sum over the chunk of |w| < 2^24. Usually one chunk: ResNet-20's largest layer has
+    K = 576, and 576 * 255 * 127 = 18.7M exceeds 2^24 only if every weight is at full scale."""
+    o = len(wq)
+    unit = int(np.prod(wq.shape[2:])) if wq.ndim == 4 else 1
+    w = np.abs(wq.reshape(o, -1, unit).astype(np.int64)).sum(2) * xmax  # (O, I/groups)
+    chunks, start, acc = [], 0, np.zeros(o, np.int64)
+    for c in range(w.shape[1]):
+        if (w[:, c] >= nx.FLOAT32_EXACT).any():
+            raise ValueError(f"one input channel's products can reach 2^24 (kernel {wq.shape[2:]} too large)")
+        if (acc + w[:, c]).max() >= nx.FLOAT32_EXACT:
+            chunks.append((start * unit, c * unit))
+            start, acc = c, np.zeros(o, np.int64)
+        acc += w[:, c]
+    chunks.append((start * unit, w.shape[1] * unit))
+    return chunks
+
+
+def _weighted(n: Node, x: QNode, ranges: RangeTable, cfg: QuantConfig) -> QNode:
+    s_y, dtype = activation_qparams(ranges[n.name], cfg, n.attrs.get("act"))
+    w, b = n.params["weight"], n.params["bias"]
+    s_w = weight_scales(w, cfg, n.name)
+    wq = nx.quantize_weights(w, s_w)
+    bq = nx.quantize_bias(b, x.scale * s_w, n.name)
+    M, sh = _multipliers(x.scale * s_w / s_y)
+    xmax = max(abs(v) for v in nx.dtype_range(x.dtype))
+    bound = nx.accumulator_bound(wq, xmax, bq).max()
+    if bound >= nx.ACC_LIMIT:
+        raise ValueError(f"{n.name}: accumulator bound {bound} reaches 2^31")
+    attrs = {k: v for k, v in n.attrs.items() if k != "act"}
+    chunks = k_chunks(wq, xmax)
+    if n.attrs.get("groups", 1) > 1 and len(chunks) > 1:
+        raise ValueError(f"{n.name}: grouped conv whose per-group reduction needs {len(chunks)} float32-exact chunks")
+    attrs.update(clamp=_clamp(dtype, s_y, n.attrs.get("act")), k_chunks=chunks, acc_bound=int(bound))
+    return QNode(n.name, n.op, (x.name,), n.shape, True, s_y, dtype, attrs,
+                 {"weight": wq, "bias": bq, "multiplier": M, "shift": sh, "weight_scale": s_w}, n.layers)
+
+
+def _score_node(graph: Graph) -> str:
+    """The node whose output are the class scores: the graph output, or the last node before a
+    trailing chain of float ops (softmax)."""
+    name = graph.output
+    node = graph.node(name)
+    while node.op == "float" and len(node.inputs) == 1:
+        name = node.inputs[0]
+        node = graph.node(name)
+    return name
+
+
+def lower(graph: Graph, ranges: RangeTable, config: QuantConfig, user_float: frozenset = frozenset()) -> QGraph:
+    """The integer program for ``graph`` (see the module docstring)."""
+    reasons = float_reasons(graph, user_float)
+    out: list[QNode] = []
+    by_name: dict[str, QNode] = {}
+    converted: dict = {}   # (tensor, "q"|"dq") -> node name of the conversion
+
+    def emit(q: QNode) -> QNode:
+        out.append(q)
+        by_name[q.name] = q
+        return q
+
+    def as_int(name: str, cfg: QuantConfig) -> QNode:
+        src = by_name[name]
+        if src.quantized:
+            return src
+        if (name, "q") not in converted:
+            scale, dtype = activation_qparams(ranges[name], cfg)
+            emit(QNode(f"{name}_quantize", "quantize", (name,), src.shape, True, scale, dtype,
+                       {"clamp": nx.dtype_range(dtype)}, {}, ()))
+            converted[(name, "q")] = f"{name}_quantize"
+        return by_name[converted[(name, "q")]]
+
+    def as_float(name: str) -> QNode:
+        src = by_name[name]
+        if not src.quantized:
+            return src
+        if (name, "dq") not in converted:
+            emit(QNode(f"{name}_dequantize", "dequantize", (name,), src.shape, False, src.scale, src.dtype))
+            converted[(name, "dq")] = f"{name}_dequantize"
+        return by_name[converted[(name, "dq")]]
+
+    scores = _score_node(graph)
+    for n in graph.nodes:
+        cfg = config.for_layer((n.name,) + n.layers)
+        if n.name == scores and cfg.activation_range != "minmax":
+            cfg = replace(cfg, activation_range="minmax")  # clipping the top score would change the class
+        if n.op == "input" or n.name in reasons:
+            ins = tuple(as_float(i).name for i in n.inputs)
+            emit(QNode(n.name, n.op, ins, n.shape, False, None, None, dict(n.attrs), dict(n.params), n.layers,
+                       reasons.get(n.name)))
+            continue
+        if n.op not in QUANTIZABLE:
+            raise ValueError(f"{n.name}: op {n.op} has no integer lowering")
+        xs = [as_int(i, cfg) for i in n.inputs]
+        x = xs[0]
+        if n.op in ("conv", "linear"):
+            emit(_weighted(n, x, ranges, cfg))
+        elif n.op in ("gather", "maxpool"):
+            emit(QNode(n.name, n.op, (x.name,), n.shape, True, x.scale, x.dtype, dict(n.attrs), dict(n.params), n.layers))
+        elif n.op == "act":
+            emit(QNode(n.name, "act", (x.name,), n.shape, True, x.scale, x.dtype,
+                       {"clamp": _clamp(x.dtype, x.scale, n.attrs["act"])}, {}, n.layers))
+        elif n.op == "avgpool":
+            s_y, dtype = activation_qparams(ranges[n.name], cfg)
+            kh, kw = n.attrs["kernel"]
+            M, sh = nx.quantize_multiplier(x.scale / (s_y * kh * kw))
+            emit(QNode(n.name, "avgpool", (x.name,), n.shape, True, s_y, dtype,
+                       {**n.attrs, "clamp": nx.dtype_range(dtype)},
+                       {"multiplier": np.array([M], np.int32), "shift": np.array([sh], np.int32)}, n.layers))
+        elif n.op in ("add", "concat"):
+            s_y, dtype = activation_qparams(ranges[n.name], cfg, n.attrs.get("act"))
+            ratios = [xi.scale / s_y for xi in xs]
+            if n.op == "add":
+                M, sh = _shared_shift(ratios)
+                shifts = np.full(len(xs), sh, np.int32)
+            else:
+                M, shifts = _multipliers(ratios)
+            emit(QNode(n.name, n.op, tuple(xi.name for xi in xs), n.shape, True, s_y, dtype,
+                       {"clamp": _clamp(dtype, s_y, n.attrs.get("act"))}, {"multiplier": M, "shift": shifts},
+                       n.layers))
+    output = as_float(graph.output).name
+    return QGraph(tuple(out), output, graph.input.name)

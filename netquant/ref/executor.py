@@ -1,0 +1,193 @@
+"""The integer reference executor: the executable form of docs/NUMERICS.md.
+
+Runs a :class:`~netquant.quant.qgraph.QGraph` on a float batch. Integer tensors are int32 torch
+tensors holding int8/uint8 values; there is no floating point inside the integer part except
+float32 matrix products of integers whose exactness is proven by the k_chunks bound (every
+partial sum below 2^24 in magnitude), whose results are converted to int64 before anything else.
+Float nodes (input normalisation, softmax, layers kept float) run in float32.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..ir.float_exec import FLOAT_KERNELS
+from ..quant import numerics as nx
+from ..quant.qgraph import QGraph, QNode
+
+INT_KERNELS: dict[str, Callable] = {}
+
+
+def kernel(op: str):
+    def register(fn):
+        INT_KERNELS[op] = fn
+        return fn
+    return register
+
+
+def _per_channel(a: np.ndarray, rank: int) -> torch.Tensor:
+    """(C,) int array -> int64 tensor shaped to broadcast along the channel axis of a rank-``rank``
+    NC... tensor: (C, 1, 1) for NCHW, (C,) for NC."""
+    return torch.from_numpy(a.astype(np.int64)).view(-1, *([1] * (rank - 2)))
+
+
+def exact_matmul(w: torch.Tensor, cols: torch.Tensor, chunks) -> torch.Tensor:
+    """sum_k w[..., o, k] * cols[..., k, l] as int64, from float32 products over the K chunks
+    (each chunk's partial sums are integers below 2^24, hence exact in float32)."""
+    acc = None
+    for k0, k1 in chunks:
+        part = torch.matmul(w[..., k0:k1], cols[..., k0:k1, :]).to(torch.int64)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _weights(n: QNode) -> torch.Tensor:
+    cached = n.attrs.get("_w_f32")
+    if cached is None:  # float32 copy of the int8 weights (exact), reshaped (G, O/G, K/G)
+        g = n.attrs.get("groups", 1)
+        w = n.params["weight"]
+        cached = torch.from_numpy(w.reshape(g, len(w) // g, -1).astype(np.float32))
+        n.attrs["_w_f32"] = cached  # a cache of derived data, not part of the program
+    return cached
+
+
+@kernel("conv")
+def _conv(n: QNode, x: torch.Tensor) -> torch.Tensor:
+    a = n.attrs
+    w = _conv_weights(n)
+    xf = x.to(torch.float32)
+    # k_chunks of a conv split whole input channels (see lower.k_chunks): each chunk is a conv
+    # over a channel slice whose partial sums stay below 2^24, so float32 is exact, in any order
+    # of summation (oneDNN's direct algorithm; the executor pins fp32 precision to IEEE)
+    acc = None
+    unit = w.shape[2] * w.shape[3]
+    for k0, k1 in a["k_chunks"]:
+        c0, c1 = k0 // unit, k1 // unit
+        if a["groups"] == 1:
+            part = F.conv2d(xf[:, c0:c1], w[:, c0:c1], None, a["stride"], a["padding"], a["dilation"])
+        else:  # one chunk spans every group (lower.k_chunks guarantees it)
+            part = F.conv2d(xf, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+        part = part.to(torch.int64)
+        acc = part if acc is None else acc + part
+    acc = acc + _per_channel(n.params["bias"], 4)                                               # (N, O, H, W)
+    return nx.requantize(acc, _per_channel(n.params["multiplier"], 4), _per_channel(n.params["shift"], 4), *a["clamp"])
+
+
+def _conv_weights(n: QNode) -> torch.Tensor:
+    cached = n.attrs.get("_w_conv")
+    if cached is None:
+        cached = n.attrs["_w_conv"] = torch.from_numpy(n.params["weight"].astype(np.float32))
+    return cached
+
+
+@kernel("linear")
+def _linear(n: QNode, x: torch.Tensor) -> torch.Tensor:
+    cols = x.reshape(len(x), -1, 1).to(torch.float32)          # (N, K, 1)
+    acc = exact_matmul(_weights(n)[0], cols, n.attrs["k_chunks"])[..., 0]  # (N, O)
+    acc = acc + torch.from_numpy(n.params["bias"].astype(np.int64))
+    return nx.requantize(acc, _per_channel(n.params["multiplier"], 2), _per_channel(n.params["shift"], 2),
+                         *n.attrs["clamp"])
+
+
+@kernel("add")
+def _add(n: QNode, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    M = n.params["multiplier"].astype(np.int64)
+    acc = a.to(torch.int64).mul_(int(M[0])).add_(b.to(torch.int64).mul_(int(M[1])))
+    shift = torch.tensor(int(n.params["shift"][0]), dtype=torch.int64)
+    return nx.rounding_shift(acc, shift).clamp_(*n.attrs["clamp"]).to(torch.int32)
+
+
+@kernel("concat")
+def _concat(n: QNode, *xs: torch.Tensor) -> torch.Tensor:
+    M, sh = n.params["multiplier"].astype(np.int64), n.params["shift"].astype(np.int64)
+    parts = [nx.requantize(x.to(torch.int64), torch.tensor(int(m)), torch.tensor(int(s)), *n.attrs["clamp"])
+             for x, m, s in zip(xs, M, sh)]
+    return torch.cat(parts, 1)
+
+
+@kernel("gather")
+def _gather(n: QNode, x: torch.Tensor) -> torch.Tensor:
+    return FLOAT_KERNELS["gather"](n, x)  # pure data movement: the float kernel is exact on integers
+
+
+@kernel("maxpool")
+def _maxpool(n: QNode, x: torch.Tensor) -> torch.Tensor:
+    a = n.attrs
+    # integers up to 255 are exact in float32; padding reads -inf, never selected over a real value
+    y = F.max_pool2d(x.to(torch.float32), a["kernel"], a["stride"], a["padding"])
+    return y.to(torch.int32).reshape(len(x), *n.shape)
+
+
+@kernel("avgpool")
+def _avgpool(n: QNode, x: torch.Tensor) -> torch.Tensor:
+    a = n.attrs
+    # window sums (divisor 1) of at most kh*kw values of magnitude <= 255: exact in float32
+    # for windows below 2^24 / 255 = 65,793 elements
+    s = F.avg_pool2d(x.to(torch.float32), a["kernel"], a["stride"], a["padding"], divisor_override=1)
+    acc = s.to(torch.int64)
+    y = nx.requantize(acc, torch.tensor(int(n.params["multiplier"][0])), torch.tensor(int(n.params["shift"][0])),
+                      *a["clamp"])
+    return y.reshape(len(x), *n.shape)
+
+
+@kernel("act")
+def _act(n: QNode, x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(*n.attrs["clamp"])
+
+
+@kernel("quantize")
+def _quantize(n: QNode, x: torch.Tensor) -> torch.Tensor:
+    return nx.quantize_input(x, n.scale, *n.attrs["clamp"])
+
+
+@kernel("dequantize")
+def _dequantize(n: QNode, x: torch.Tensor) -> torch.Tensor:
+    return nx.dequantize(x, n.scale)
+
+
+class _ieee_fp32:
+    """Pin oneDNN's float32 conv and matmul precision to IEEE for the duration (a user setting of
+    bf16 or tf32 there would make the integer products inexact)."""
+
+    def __enter__(self):
+        self.saved = []
+        for obj in (torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul):
+            if hasattr(obj, "fp32_precision"):
+                self.saved.append((obj, obj.fp32_precision))
+                obj.fp32_precision = "ieee"
+        self.matmul = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+
+    def __exit__(self, *exc):
+        for obj, v in self.saved:
+            obj.fp32_precision = v
+        torch.set_float32_matmul_precision(self.matmul)
+
+
+def run_int8(q: QGraph, x, keep: Optional[Iterable[str]] = None) -> dict:
+    """Run the integer program on a float batch ``x`` (N, C, H, W). Returns {name: tensor} for
+    the output and for ``keep`` (all nodes if None): int32 tensors for integer nodes."""
+    x = torch.as_tensor(x, dtype=torch.float32)
+    keep = None if keep is None else set(keep) | {q.output}
+    values: dict = {}
+    remaining = {n.name: 0 for n in q.nodes}
+    for n in q.nodes:
+        for i in n.inputs:
+            remaining[i] += 1
+    with torch.no_grad(), _ieee_fp32():
+        for n in q.nodes:
+            if n.op == "input":
+                v = x
+            elif n.quantized or n.op == "dequantize":
+                v = INT_KERNELS[n.op](n, *(values[i] for i in n.inputs))
+            else:
+                v = FLOAT_KERNELS[n.op](n, *(values[i] for i in n.inputs))
+            values[n.name] = v
+            for i in n.inputs:
+                remaining[i] -= 1
+                if remaining[i] == 0 and keep is not None and i not in keep:
+                    del values[i]
+    return values if keep is None else {k: v for k, v in values.items() if k in keep}

@@ -1,0 +1,87 @@
+"""A fake-quant float simulation of a QGraph: the same integer weights, biases and scales, but
+float64 arithmetic with the exact real multipliers (s_x * s_w / s_y) in place of (M, shift).
+
+It is the yardstick of the integer executor: fed the same integer inputs, each node's output
+may differ from the executor's by at most 1 LSB (the multiplier's 31-bit significand and the
+float rounding of the input quantization are the only differences).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..ir.float_exec import FLOAT_KERNELS
+from ..quant.qgraph import QGraph, QNode
+from .executor import INT_KERNELS, run_int8
+
+
+def _round_clamp(y: torch.Tensor, scale: float, clamp) -> torch.Tensor:
+    return torch.floor(y / scale + 0.5).clamp_(*clamp).to(torch.int32)
+
+
+def _pc(a: np.ndarray, rank: int) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, np.float64)).view(-1, *([1] * (rank - 2)))
+
+
+def fake_node(n: QNode, ins: list, srcs: list) -> torch.Tensor:
+    """One node in float64 from integer inputs ``ins`` produced by nodes ``srcs``."""
+    if n.op in ("conv", "linear"):
+        s_x = srcs[0].scale
+        s_w = n.params["weight_scale"]
+        x = ins[0].to(torch.float64) * s_x
+        wq = n.params["weight"]
+        w = torch.from_numpy(wq.astype(np.float64) * s_w.reshape(-1, *([1] * (wq.ndim - 1))))
+        b = torch.from_numpy(n.params["bias"].astype(np.float64) * s_x * s_w)
+        if n.op == "conv":
+            a = n.attrs
+            y = F.conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
+        else:
+            y = F.linear(x.reshape(len(x), -1), w, b)
+        return _round_clamp(y, n.scale, n.attrs["clamp"])
+    if n.op == "add":
+        y = sum(q.to(torch.float64) * s.scale for q, s in zip(ins, srcs))
+        return _round_clamp(y, n.scale, n.attrs["clamp"])
+    if n.op == "concat":
+        return torch.cat([_round_clamp(q.to(torch.float64) * s.scale, n.scale, n.attrs["clamp"])
+                          for q, s in zip(ins, srcs)], 1)
+    if n.op == "avgpool":
+        a = n.attrs
+        y = F.avg_pool2d(ins[0].to(torch.float64) * srcs[0].scale, a["kernel"], a["stride"], a["padding"])
+        return _round_clamp(y, n.scale, a["clamp"]).reshape(len(y), *n.shape)
+    if n.op == "quantize":
+        return _round_clamp(ins[0].to(torch.float64), n.scale, n.attrs["clamp"])
+    if n.op == "dequantize":
+        return ins[0].to(torch.float64) * n.scale
+    if n.quantized:  # gather, maxpool, act: exact data movement or clamps
+        return INT_KERNELS[n.op](n, *ins)
+    return FLOAT_KERNELS[n.op](n, *[i.to(torch.float32) for i in ins])
+
+
+def layerwise_lsb(q: QGraph, x) -> dict:
+    """{node: max |executor - fake-quant| in LSB} for every integer node, each fake-quant node fed
+    the executor's own inputs."""
+    vals = run_int8(q, x)
+    out = {}
+    by = {n.name: n for n in q.nodes}
+    with torch.no_grad():
+        for n in q.nodes:
+            if not n.quantized:
+                continue
+            ins = [vals[i] for i in n.inputs]
+            fake = fake_node(n, ins, [by[i] for i in n.inputs])
+            out[n.name] = int((fake.to(torch.int64) - vals[n.name].to(torch.int64)).abs().max())
+    return out
+
+
+def run_fakequant(q: QGraph, x) -> torch.Tensor:
+    """The whole network in fake-quant float64, end to end; returns the output."""
+    x = torch.as_tensor(x, dtype=torch.float32)
+    vals = {}
+    by = {n.name: n for n in q.nodes}
+    with torch.no_grad():
+        for n in q.nodes:
+            vals[n.name] = x if n.op == "input" else fake_node(n, [vals[i] for i in n.inputs], [by[i] for i in n.inputs])
+    return vals[q.output]
