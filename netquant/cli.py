@@ -128,6 +128,121 @@ def cmd_demo(args) -> int:
     top1, secs = _evaluate(net, data.test)
     print(f"\n== float top-1 of {args.model}: {top1:.2f}% on {len(data.test)} images "
           f"({data.test.source}) in {secs:.1f} s")
+
+    print(f"\n== calibration ({args.calibration} training images, seed {args.seed})")
+    q = _quantizer(args, data)
+    _print_calibration(q, full=False)
+    for count in (args.validation, "all"):
+        t0 = time.time()
+        result = _validate(q, data, count, args.seed, ["top1", "top5"], str(count))
+        print(f"\n== validation on {result.num_samples} images ({time.time() - t0:.1f} s)")
+        print(result)
+    fmem, qmem = q.learnable_memory()
+    print(f"\n== learnable parameter memory: {fmem:,} bytes float -> {qmem:,} bytes int8 "
+          f"({100 * (1 - qmem / fmem):.1f}% smaller)")
+    q.save(out / "quantizer.nq")
+    print(f"saved the quantizer to {out / 'quantizer.nq'} (load it with netquant.Quantizer.load)")
+    return 0
+
+
+# --- quantization commands ----------------------------------------------------------------
+
+def _scheme(args):
+    from dataclasses import replace
+
+    from .quant.config import target_config
+
+    cfg = target_config(args.target)
+    changes = {k: v for k, v in {"scale": args.scale, "weight_granularity": args.granularity,
+                                 "activation_range": args.range_method}.items() if v}
+    return replace(cfg, **changes) if changes else cfg
+
+
+def _quantizer(args, data):
+    """A calibrated Quantizer: loaded from --quantizer, or built and calibrated now."""
+    from .data import calibration_set
+    from .progress import bar
+    from .quantizer import Quantizer
+
+    if getattr(args, "quantizer", None):
+        q = Quantizer.load(args.quantizer)
+        print(f"loaded {args.quantizer}: {q}")
+    else:
+        q = Quantizer(_model(args), target=args.target, config=_scheme(args))
+        cal = calibration_set(data, args.calibration, args.seed)
+        print(f"calibrating on {len(cal)} images ({cal.source})")
+        q.calibrate(cal, progress=bar("calibrate"))
+    for layer in args.float or ():
+        q.set_quantize(layer, False)
+    return q
+
+
+def _fmt_table(df) -> str:
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
+                           "display.max_colwidth", 60, "display.float_format", "{:.6g}".format):
+        return df.to_string(index=False)
+
+
+MATLAB_COLUMNS = ["Optimized Layer Name", "Network Layer Name", "Learnables / Activations", "MinValue", "MaxValue"]
+
+
+def _print_calibration(q, full: bool) -> None:
+    table = q.calibration_table()
+    cols = list(table.columns) if full else MATLAB_COLUMNS + ["Type", "Saturation %", "Underflow %", "Quantize"]
+    print(_fmt_table(table[cols]))
+
+
+def cmd_calibrate(args) -> int:
+    data = _data(args)
+    q = _quantizer(args, data)
+    if args.json:
+        _print_json(json.loads(q.calibration_table().to_json(orient="records")))
+    else:
+        _print_calibration(q, args.all_columns)
+    if args.out:
+        q.save(args.out)
+        print(f"saved the quantizer to {args.out}")
+    return 0
+
+
+def _validate(q, data, count, seed, metrics, label):
+    from .data import validation_set
+    from .progress import bar
+
+    val = validation_set(data, count, seed)
+    result = q.validate(val, metrics=metrics, progress=bar(f"validate {label}"))
+    return result
+
+
+def cmd_validate(args) -> int:
+    data = _data(args)
+    q = _quantizer(args, data)
+    result = _validate(q, data, args.validation, args.seed, args.metric or ["top1", "top5"], "")
+    if args.json:
+        _print_json({"num_samples": result.num_samples, "source": result.source, "agreement": result.agreement,
+                     "top1_difference": result.top1_difference, "mcnemar_p": result.mcnemar_p,
+                     "metrics": {k: json.loads(v.to_json(orient="records")) for k, v in result.metrics.items()}})
+    else:
+        print(result)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    data = _data(args)
+    q = _quantizer(args, data)
+    details = q.quantization_details()
+    fmem, qmem = q.learnable_memory()
+    if args.json:
+        _print_json({"layers": json.loads(details.to_json(orient="records")), "float_bytes": fmem, "int8_bytes": qmem})
+    else:
+        print(_fmt_table(details))
+        print(f"learnable parameter memory: {fmem:,} bytes float -> {qmem:,} bytes quantized "
+              f"({100 * (1 - qmem / fmem):.1f}% smaller)")
+    out = args.out or "quantizer.nq"
+    q.save(out)
+    print(f"saved the quantizer to {out}")
     return 0
 
 
@@ -165,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--net-width", type=int, default=16)
     c.add_argument("--num-units", type=int, default=9)
     c.add_argument("--unit-type", choices=("standard", "bottleneck"), default="standard")
-    c.add_argument("--epochs", type=int, default=150)
+    c.add_argument("--epochs", type=int, default=120)
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--lr", type=float, default=0.1)
     c.add_argument("--weight-decay", type=float, default=5e-4)
@@ -175,7 +290,40 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-epochs", type=int, help="stop after this many epochs in this run")
     c.add_argument("--out", help="when training completes, write <name>.safetensors and <name>.json here")
 
-    c = command("demo", cmd_demo, "the main job: analyse, load data, tile, evaluate")
+    def quant_options(c, validation=False):
+        c.add_argument("--target", default="gpu", choices=("gpu", "cpu", "fpga", "matlab"),
+                       help="picks the default scheme (default: %(default)s)")
+        c.add_argument("--scale", choices=("float", "pow2"), help="override the target's scale kind")
+        c.add_argument("--granularity", choices=("per_channel", "per_tensor"), help="weight scale granularity")
+        c.add_argument("--range-method", choices=("minmax", "percentile", "entropy", "mse"),
+                       help="activation range method")
+        c.add_argument("--calibration", type=int, default=200, help="calibration images from the training set "
+                                                                      "(default: %(default)s)")
+        c.add_argument("--float", action="append", metavar="LAYER", help="keep LAYER in float (repeatable)")
+        if validation:
+            c.add_argument("--validation", type=_count, default=50,
+                           help="validation images from the test set: a number or 'all' (default: %(default)s)")
+
+    c = command("calibrate", cmd_calibrate, "calibrate a network and print the calibration table")
+    quant_options(c)
+    c.add_argument("--all-columns", action="store_true", help="print every column")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--out", help="save the calibrated quantizer to this file")
+
+    c = command("validate", cmd_validate, "compare float and int8 on validation images")
+    quant_options(c, validation=True)
+    c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
+    c.add_argument("--metric", action="append", help="top1, top5 or module:function (repeatable)")
+    c.add_argument("--json", action="store_true")
+
+    c = command("quantize", cmd_quantize, "calibrate, quantize, print the details and save the quantizer")
+    quant_options(c)
+    c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
+    c.add_argument("--out", help="quantizer file to write (default: quantizer.nq)")
+    c.add_argument("--json", action="store_true")
+
+    c = command("demo", cmd_demo, "the main job: analyse, load data, tile, evaluate, calibrate, validate, save")
+    quant_options(c, validation=True)
     c.add_argument("--out", default="netquant-out", help="folder for the files it writes")
     return p
 
@@ -197,7 +345,7 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"netquant {args.command}: error: {e}", file=sys.stderr)
         return 2
 

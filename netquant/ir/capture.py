@@ -33,6 +33,8 @@ _MOVES_FN = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch
              torch.squeeze, torch.unsqueeze, operator.getitem, F.pad, torch.unbind, torch.narrow}
 _MOVES_METHOD = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "chunk", "split",
                  "squeeze", "unsqueeze", "unbind", "narrow", "view_as", "reshape_as"}
+_METADATA_METHOD = {"size", "dim", "ndimension", "numel", "nelement"}   # constants: shapes of activations
+_METADATA_ATTR = {"shape", "ndim", "dtype", "device"}
 _IDENTITY_FN = {F.dropout, F.dropout2d, torch.clone, torch.detach}
 _IDENTITY_METHOD = {"clone", "detach", "float", "contiguous_"}
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
@@ -364,8 +366,8 @@ class _Builder:
             elif n.op == "get_attr":
                 continue
             elif n.op in ("call_module", "call_function", "call_method"):
-                if not any(self.dynamic(a) for a in _flat_args(n)):
-                    continue  # constant folding: shapes, sizes, buffers
+                if not any(self.dynamic(a) for a in _flat_args(n)) or _metadata(n):
+                    continue  # constant folding: shapes, sizes, buffers (read back by const())
                 if n.op == "call_module":
                     self.call_module(n)
                 else:
@@ -376,6 +378,15 @@ class _Builder:
                     raise CaptureError("the model must return a single tensor")
                 output = self.alias[out]
         return Graph(tuple(self.nodes), output, type(gm).__name__)
+
+
+def _metadata(n: fx.Node) -> bool:
+    """Does ``n`` read only the shape of a tensor (``x.size(0)``, ``x.shape``, ``x.dim()``)? The
+    value recorded on the example batch is then a constant of the graph."""
+    if n.op == "call_method":
+        return n.target in _METADATA_METHOD
+    return n.op == "call_function" and (n.target is torch.numel or (
+        n.target is getattr and len(n.args) == 2 and n.args[1] in _METADATA_ATTR))
 
 
 def _flat_args(n: fx.Node):

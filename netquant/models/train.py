@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Hyper-parameters of a training run (saved in checkpoints and in the model card)."""
 
-    epochs: int = 150             # total epochs; the cosine schedule spans all of them
+    epochs: int = 120             # total epochs; the cosine schedule spans all of them
     batch_size: int = 128
     lr: float = 0.1               # peak learning rate, reached after warm-up
     warmup_epochs: float = 2.0    # linear warm-up from 0
