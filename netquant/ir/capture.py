@@ -12,6 +12,7 @@ is exact in integers, whatever the model wrote.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import operator
@@ -22,6 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .float_exec import run_float
 from .float_ops import FLOAT_OPS
 from .graph import Graph, Node
 from .passes import optimize
@@ -35,6 +37,7 @@ _MOVES_METHOD = {"view", "reshape", "flatten", "transpose", "permute", "contiguo
                  "squeeze", "unsqueeze", "unbind", "narrow", "view_as", "reshape_as"}
 _METADATA_METHOD = {"size", "dim", "ndimension", "numel", "nelement"}   # constants: shapes of activations
 _METADATA_ATTR = {"shape", "ndim", "dtype", "device"}
+_INPLACE_FN = {torch.relu_, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 _IDENTITY_FN = {F.dropout, F.dropout2d, torch.clone, torch.detach}
 _IDENTITY_METHOD = {"clone", "detach", "float", "contiguous_"}
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
@@ -128,6 +131,23 @@ class _Builder:
                     dict(params or {}), (layer,), reason)
         self.nodes.append(node)
         self.alias[n] = node.name
+
+    def inplace(self, n: fx.Node) -> bool:
+        """Does ``n`` overwrite its first argument, an activation (``nn.ReLU(inplace=True)``,
+        ``F.relu(x, inplace=True)``, ``x.relu_()``, ``x.add_(y)``)?"""
+        if not (n.args and isinstance(n.args[0], fx.Node) and n.args[0] in self.alias):
+            return False
+        if n.op == "call_module":
+            return getattr(self.modules[n.target], "inplace", False) is True
+        if n.op == "call_method":
+            return n.target.endswith("_")
+        if n.target in _INPLACE_FN:
+            return True
+        try:
+            bound = inspect.signature(n.target).bind(*n.args, **n.kwargs)
+        except (TypeError, ValueError):
+            return False
+        return bound.arguments.get("inplace") is True
 
     def fail(self, n: fx.Node, what: str):
         raise CaptureError(f"cannot capture node {n.name!r} (layer {self.layer_name(n)!r}): {what}")
@@ -327,11 +347,19 @@ class _Builder:
             k = n.kwargs.get("kernel_size", args[1] if len(args) > 1 else None)
             s = n.kwargs.get("stride", args[2] if len(args) > 2 else None)
             p = n.kwargs.get("padding", args[3] if len(args) > 3 else 0)
+            d = n.kwargs.get("dilation", args[4] if len(args) > 4 else 1)
+            if _pair(d) != (1, 1) or n.kwargs.get("ceil_mode", args[5] if len(args) > 5 else False):
+                self.fail(n, "max pooling with dilation or ceil_mode")
             self.pool(n, "maxpool", k, s or k, p)
         elif f is F.avg_pool2d:
             k = n.kwargs.get("kernel_size", args[1] if len(args) > 1 else None)
             s = n.kwargs.get("stride", args[2] if len(args) > 2 else None)
             p = n.kwargs.get("padding", args[3] if len(args) > 3 else 0)
+            ceil = n.kwargs.get("ceil_mode", args[4] if len(args) > 4 else False)
+            include_pad = n.kwargs.get("count_include_pad", args[5] if len(args) > 5 else True)
+            if ceil or n.kwargs.get("divisor_override", args[6] if len(args) > 6 else None) or \
+                    (not include_pad and _pair(p) != (0, 0)):
+                self.fail(n, "average pooling with ceil_mode, divisor_override or count_include_pad=False")
             self.pool(n, "avgpool", k, s or k, p)
         elif f is F.adaptive_avg_pool2d:
             self.adaptive(n, "avgpool", n.kwargs.get("output_size", args[1] if len(args) > 1 else None))
@@ -372,6 +400,10 @@ class _Builder:
                     self.call_module(n)
                 else:
                     self.call_function(n)
+                if self.inplace(n) and n in self.alias:
+                    # the tensor was overwritten: whoever reads it later (``y = x`` before
+                    # ``relu_(x)``) reads the result
+                    self.alias[n.args[0]] = self.alias[n]
             elif n.op == "output":
                 out = n.args[0]
                 if not (isinstance(out, fx.Node) and out in self.alias):
@@ -409,7 +441,8 @@ def _flat_args(n: fx.Node):
 
 def capture(model: nn.Module, example: torch.Tensor | None = None, optimize_graph: bool = True) -> Graph:
     """Trace ``model`` (in eval mode) into a Graph; fold batch norms and fuse activations unless
-    ``optimize_graph`` is False. ``example``: an input batch (default: 2 CIFAR-sized images)."""
+    ``optimize_graph`` is False. ``example``: an input batch (default: 2 CIFAR-sized images), on
+    which the graph must compute what the model computes (else a CaptureError)."""
     if model.training:
         raise CaptureError(f"{type(model).__name__} is in training mode; call model.eval() first")
     if example is None:
@@ -428,4 +461,21 @@ def capture(model: nn.Module, example: torch.Tensor | None = None, optimize_grap
     if not any(n.op in ("conv", "linear") for n in graph.nodes):
         raise CaptureError(f"{type(model).__name__} has no conv or fully connected layer to quantize")
     graph = Graph(graph.nodes, graph.output, type(model).__name__)
-    return optimize(graph) if optimize_graph else graph
+    graph = optimize(graph) if optimize_graph else graph
+    _check_against_model(model, graph, example)
+    return graph
+
+
+def _check_against_model(model: nn.Module, graph: Graph, example: torch.Tensor) -> None:
+    """The graph must compute what the model computes on ``example``. torch.fx traces ``x += y``
+    as ``x + y``, so an in-place update of a tensor that is read again later (``skip = x;
+    x += y``) is lost in the trace; such a model is refused rather than quantized wrongly."""
+    with torch.no_grad():
+        want = model(example.clone())
+        got = run_float(graph, example.clone(), keep=())[graph.output]
+    err = float((want.to(torch.float32) - got).abs().max())
+    tol = 1e-4 * float(want.abs().max()) + 1e-6  # float rounding (batch-norm folding) is ~1e-7 of it
+    if not err <= tol:
+        raise CaptureError(f"the captured graph of {type(model).__name__} computes something else than the model "
+                           f"(max difference {err:.3g} on the example batch); is there an in-place op (x += y, "
+                           f"relu_) on a tensor that is read again later, or on a view of it?")

@@ -1,0 +1,213 @@
+"""A QGraph lowered for code generation: call order, a static buffer plan and constants.
+
+Shared by the C and CUDA printers, so planning is written and tested once.
+
+Layout: every integer tensor of one image is stored channels-last, (H, W, C) row-major, so a
+conv reads the C input channels of a pixel contiguously (the inner loop of its dot products).
+A 1-D tensor (C,) is stored as is. Float tensors of the network (its input, normalised input,
+scores) stay in the caller's NCHW order. Gather indices, defined on NCHW element numbers in the
+IR, are translated to channels-last offsets here.
+
+Buffers: each step writes one tensor; a tensor lives from the step that writes it to the last
+step that reads it. Offsets in one per-image arena are assigned greedily (largest first, first
+fit among non-overlapping lifetimes), 64-byte aligned. A gather whose translated index is the
+identity becomes an alias of its input (no copy).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..quant.qgraph import QGraph, QNode
+
+ALIGN = 64
+C_TYPES = {"int8": "int8_t", "uint8": "uint8_t", "float32": "float"}
+ELEM_BYTES = {"int8": 1, "uint8": 1, "float32": 4}
+SUPPORTED = ("input", "affine", "quantize", "conv", "linear", "add", "concat", "gather", "maxpool", "avgpool",
+             "act", "dequantize", "float")
+FLOAT_FNS = ("softmax",)
+
+
+class CodegenError(ValueError):
+    """The network holds something this target cannot generate; the message names the layer."""
+
+
+def c_name(name: str) -> str:
+    """A C identifier for a layer name: S1U1_conv1 stays, 'layer1.0.conv1' -> layer1_0_conv1."""
+    s = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    return s if re.match(r"[A-Za-z_]", s) else f"l_{s}"
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One tensor of one image in the arena."""
+
+    name: str        # C identifier
+    dtype: str       # int8, uint8 or float32
+    shape: tuple     # logical shape (C, H, W) or (C,)
+    offset: int = 0  # bytes into the arena (-1: the caller's input or output array)
+    alias: Optional[str] = None  # the buffer whose storage this one shares
+
+    @property
+    def elements(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.elements * ELEM_BYTES[self.dtype]
+
+    @property
+    def ctype(self) -> str:
+        return C_TYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One kernel call: ``node`` computes ``output`` from ``inputs``."""
+
+    node: QNode
+    inputs: tuple     # Buffer names
+    output: str       # Buffer name
+    consts: dict = field(default_factory=dict)   # name -> array emitted as a constant table
+
+    @property
+    def kind(self) -> str:
+        return self.node.op
+
+
+@dataclass(frozen=True)
+class Program:
+    """What a printer needs to emit a network."""
+
+    name: str                 # C prefix of every exported symbol
+    steps: tuple
+    buffers: dict             # name -> Buffer
+    arena_bytes: int
+    input: str                # the float input buffer (NCHW image)
+    output: str               # the float output buffer (scores)
+    int_output: str           # the last integer tensor before the output (compared bit for bit)
+    int_input: str            # the quantized input tensor (the int8-input entry point starts there)
+    classes: int
+
+    def buffer(self, name: str) -> Buffer:
+        return self.buffers[name]
+
+    def weight_bytes(self) -> int:
+        return sum(int(a.nbytes) for s in self.steps for a in s.consts.values())
+
+
+def _dtype(n: QNode) -> str:
+    return n.dtype if n.quantized else "float32"
+
+
+def _hwc_perm(shape: tuple) -> np.ndarray:
+    """perm[nchw_offset] = channels-last offset of the same element."""
+    if len(shape) != 3:
+        return np.arange(int(np.prod(shape)))
+    c, h, w = shape
+    return np.arange(c * h * w).reshape(h, w, c).transpose(2, 0, 1).reshape(-1)
+
+
+def gather_table(index: np.ndarray, in_shape: tuple, out_shape: tuple) -> np.ndarray:
+    """The IR's 1-based NCHW gather index as channels-last source offsets (-1: write zero),
+    ordered by channels-last output offset."""
+    src = np.where(index > 0, _hwc_perm(in_shape)[np.maximum(index - 1, 0)], -1)
+    table = np.empty_like(src)
+    table[_hwc_perm(out_shape)] = src
+    return table.astype(np.int32)
+
+
+def _weights_ohwi(w: np.ndarray) -> np.ndarray:
+    """Conv weights (O, I, KH, KW) -> (O, KH, KW, I), matching channels-last input."""
+    return np.ascontiguousarray(w.transpose(0, 2, 3, 1)) if w.ndim == 4 else w
+
+
+def _consts(n: QNode, in_shape: tuple) -> dict:
+    p = n.params
+    if n.op == "conv":
+        return {"w": _weights_ohwi(p["weight"]), "bias": p["bias"], "mult": p["multiplier"], "shift": p["shift"]}
+    if n.op == "linear":
+        w = p["weight"]
+        if len(in_shape) == 3:  # a linear layer reading a (C, H, W) tensor directly: reorder K to HWC
+            c, h, wd = in_shape
+            w = w.reshape(len(w), c, h, wd).transpose(0, 2, 3, 1).reshape(len(w), -1)
+        return {"w": np.ascontiguousarray(w), "bias": p["bias"], "mult": p["multiplier"], "shift": p["shift"]}
+    if n.op in ("add", "concat", "avgpool"):
+        return {"mult": p["multiplier"], "shift": p["shift"]}
+    if n.op == "affine":
+        return {"scale": p["scale"].astype(np.float32), "shift": p["shift"].astype(np.float32)}
+    return {}
+
+
+def plan(q: QGraph, name: str = "net") -> Program:
+    """Lower ``q`` to a Program (see the module docstring)."""
+    prefix = c_name(name)
+    nodes = {n.name: n for n in q.nodes}
+    for n in q.nodes:
+        if n.op not in SUPPORTED or (n.op == "float" and n.attrs.get("fn") not in FLOAT_FNS):
+            what = n.attrs.get("fn", n.op)
+            raise CodegenError(f"layer {n.name}: {what} is not supported by code generation "
+                               f"(supported: {', '.join(SUPPORTED)}; float: {', '.join(FLOAT_FNS)})")
+        if n.op == "float" and n.name != q.output:
+            raise CodegenError(f"layer {n.name}: a float {n.attrs['fn']} is supported only as the last layer")
+        if n.op == "affine" and not (nodes[n.inputs[0]].op == "input"):
+            raise CodegenError(f"layer {n.name}: a float per-channel affine is supported only on the network input")
+        if n.op in ("conv", "linear") and not n.quantized:
+            raise CodegenError(f"layer {n.name} is kept in float; code generation needs every conv and "
+                               f"fully connected layer quantized")
+
+    buffers: dict = {}
+    steps = []
+    alias: dict = {}
+    for n in q.nodes:
+        bname = c_name(n.name)
+        ins = tuple(alias.get(c_name(i), c_name(i)) for i in n.inputs)
+        consts = _consts(n, nodes[n.inputs[0]].shape if n.inputs else ())
+        if n.op == "gather":
+            table = gather_table(n.params["index"], nodes[n.inputs[0]].shape, n.shape)
+            if np.array_equal(table, np.arange(len(table))) and buffers[ins[0]].elements == len(table):
+                alias[bname] = ins[0]
+                continue
+            consts = {"index": table}
+        buffers[bname] = Buffer(bname, _dtype(n), tuple(n.shape))
+        if n.op != "input":
+            steps.append(Step(n, ins, bname, consts))
+
+    # lifetimes: [first write, last read] in step numbers
+    out_name = c_name(q.output)
+    life = {}
+    for i, s in enumerate(steps):
+        life.setdefault(s.output, [i, i])
+        for b in s.inputs:
+            life.setdefault(b, [-1, -1])[1] = i
+    placed: list = []  # (offset, end, first, last)
+    final = {}
+    in_name = c_name(q.input)
+    for b in sorted(life, key=lambda k: -buffers[k].nbytes):
+        buf = buffers[b]
+        if b in (in_name, out_name):
+            final[b] = Buffer(buf.name, buf.dtype, buf.shape, -1)
+            continue
+        first, last = life[b]
+        offset = 0
+        for o, e, f, l in sorted(placed):
+            overlap_time = not (last < f or l < first)
+            if overlap_time and offset < e and o < offset + buf.nbytes:
+                offset = -(-e // ALIGN) * ALIGN
+        placed.append((offset, offset + buf.nbytes, first, last))
+        final[b] = Buffer(buf.name, buf.dtype, buf.shape, offset)
+    for a, target in alias.items():
+        final[a] = Buffer(a, final[target].dtype, final[target].shape, final[target].offset, target)
+    arena = -(-max((e for o, e, f, l in placed), default=0) // ALIGN) * ALIGN
+    last = steps[-1]
+    deq = last if last.kind == "dequantize" else next(s for s in steps if s.output == last.inputs[0])
+    if deq.kind != "dequantize":
+        raise CodegenError(f"the network must end in a dequantized integer layer (optionally then softmax), "
+                           f"not {deq.node.name} ({deq.kind})")
+    int_out = deq.inputs[0]
+    int_in = next(s.output for s in steps if s.kind == "quantize")
+    classes = int(np.prod(nodes[q.output].shape))
+    return Program(prefix, tuple(steps), final, arena, in_name, out_name, int_out, int_in, classes)

@@ -1,0 +1,55 @@
+"""The code generation report: one self-contained HTML page (no scripts, no external assets).
+
+Per layer: its kernel, integer types, weight bytes and output buffer bytes (and arena offset);
+the generated files with line counts; the compiler command, time and warnings.
+"""
+from __future__ import annotations
+
+import html
+
+from .. import __version__
+
+
+def _table(headers, rows) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render(gen) -> str:
+    p = gen.program
+    rows = []
+    for s in p.steps:
+        out = p.buffer(s.output)
+        wbytes = sum(int(a.nbytes) for a in s.consts.values())
+        place = "caller's array" if out.offset < 0 else f"arena +{out.offset}"
+        rows.append([s.node.name, "+".join(s.node.layers), f"{gen.target}:{s.kind}", out.dtype,
+                     "x".join(map(str, out.shape)), wbytes, out.nbytes, place])
+    layers = _table(["Layer", "Network layers", "Kernel", "Output type", "Output shape", "Constant bytes",
+                     "Buffer bytes", "Placement"], rows)
+    files = _table(["File", "Lines"], sorted(gen.files.items()))
+    b = gen.build
+    build = ("<p>Not built yet.</p>" if not b else
+             f"<p>Command: <code>{html.escape(b['command'])}</code><br>Time: {b['seconds']} s"
+             f"{' (cached)' if b.get('cached') else ''}<br>Library: <code>{html.escape(b['library'])}</code></p>"
+             f"<h3>Compiler warnings</h3><pre>{html.escape(b['warnings'] or 'none')}</pre>")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>netquant code generation report: {html.escape(p.name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; text-align: left; }}
+th {{ background: #f0f0f0; }}
+code, pre {{ background: #f7f7f7; padding: 2px 4px; }}
+</style></head><body>
+<h1>Code generation report: {html.escape(p.name)}</h1>
+<p>netquant {__version__}, target <b>{html.escape(gen.target)}</b>, flags <code>{html.escape(gen.cflags)}</code></p>
+<h2>Summary</h2>
+<ul><li>{len(p.steps)} kernels; constants {p.weight_bytes():,} bytes; arena {p.arena_bytes:,} bytes per image
+(per thread)</li><li>Input: {html.escape(p.input)} float32 {'x'.join(map(str, p.buffer(p.input).shape))};
+output: {p.classes} scores; integer output checked bit for bit: {html.escape(p.int_output)}</li></ul>
+<h2>Layers</h2>{layers}
+<h2>Generated files</h2>{files}
+<h2>Build</h2>{build}
+</body></html>
+"""

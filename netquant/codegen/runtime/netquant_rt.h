@@ -1,0 +1,47 @@
+/* netquant runtime: the integer numerics of docs/NUMERICS.md, function for function with
+ * netquant/quant/numerics.py. Copied verbatim next to every generated network.
+ *
+ * Representation: real = scale * q, zero point 0. Rounding: ROUND_HALF_UP, floor(v + 1/2).
+ * Right shifts of negative values are arithmetic (floor) in GCC, Clang and NVCC, which this
+ * file relies on. Compile with -ffp-contract=off so x * inv + 0.5f is never fused.
+ */
+#ifndef NETQUANT_RT_H
+#define NETQUANT_RT_H
+
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define NQ_FN static __host__ __device__ __forceinline__
+#else
+#define NQ_FN static inline
+#endif
+
+enum { NQ_OK = 0, NQ_ERR_ARGUMENT = 1, NQ_ERR_NONFINITE = 2, NQ_ERR_RUNTIME = 3 };
+
+/* round_half_up(v / 2^shift) = (v + 2^(shift-1)) >> shift, 1 <= shift <= 62 */
+NQ_FN int64_t nq_rounding_shift(int64_t v, int32_t shift) {
+    return (v + ((int64_t)1 << (shift - 1))) >> shift;
+}
+
+NQ_FN int32_t nq_clamp(int64_t v, int32_t lo, int32_t hi) {
+    return (int32_t)(v < lo ? lo : (v > hi ? hi : v));
+}
+
+/* requantize: clamp((acc * M + 2^(shift-1)) >> shift, lo, hi); |acc| < 2^31, M < 2^31 */
+NQ_FN int32_t nq_requantize(int64_t acc, int32_t M, int32_t shift, int32_t lo, int32_t hi) {
+    return nq_clamp(nq_rounding_shift(acc * (int64_t)M, shift), lo, hi);
+}
+
+/* quantize a float: clamp(floor(x * inv + 0.5f), lo, hi), every step rounded to float32 */
+NQ_FN int32_t nq_quantize(float x, float inv, int32_t lo, int32_t hi) {
+    float v = x * inv;
+    v = floorf(v + 0.5f);
+    return v < (float)lo ? lo : (v > (float)hi ? hi : (int32_t)v);
+}
+
+NQ_FN float nq_dequantize(int32_t q, float scale) {
+    return scale * (float)q;
+}
+
+#endif /* NETQUANT_RT_H */
