@@ -104,7 +104,8 @@ def cmd_train(args) -> int:
         from .data.cifar10 import BINARY_MD5
 
         card = save_pretrained(net, args.out, {
-            "test_top1": report.test_top1, "test_data": data.test.source, "epochs": report.epochs,
+            "test_top1": report.test_top1, "test_images": len(data.test), "test_data": data.test.source,
+            "epochs": report.epochs,
             "recipe": cfg.__dict__, "train_seconds": round(report.seconds),
             "dataset_md5": BINARY_MD5})
         print(f"wrote {card} and its weights")
@@ -142,6 +143,26 @@ def cmd_demo(args) -> int:
           f"({100 * (1 - qmem / fmem):.1f}% smaller)")
     q.save(out / "quantizer.nq")
     print(f"saved the quantizer to {out / 'quantizer.nq'} (load it with netquant.Quantizer.load)")
+
+    print("\n== C code generation")
+    import numpy as np
+
+    from .data import to_float, validation_set
+
+    gen, cnet = _generate_and_build(q, out / "c", "resnet20", "native")
+    print(f"generated {', '.join(sorted(gen.files))} in {gen.folder}; built {gen.build['library']}; "
+          f"report {gen.folder / 'report.html'}")
+    val = validation_set(data, args.validation, args.seed)
+    x = to_float(val.images)
+    qnet = q.quantize()
+    c_scores, py_scores = cnet.predict(x), qnet.run(x)
+    same = bool(np.array_equal(c_scores.argmax(1), py_scores.argmax(1)))
+    c_top1 = 100 * float((c_scores.argmax(1) == val.labels).mean())
+    py_top1 = 100 * float((py_scores.argmax(1) == val.labels).mean())
+    print(f"top-1 on {len(val)} validation images ({val.source}): generated C {c_top1:.2f}%, "
+          f"Python executor {py_top1:.2f}% (same predictions: {same})")
+    print(f"speed: generated C {_speed(cnet.predict, x, 3):.0f} images/s, Python executor "
+          f"{_speed(qnet.run, x, 1):.0f} images/s (batch {len(x)}, this machine)")
     return 0
 
 
@@ -166,11 +187,11 @@ def _quantizer(args, data):
 
     if getattr(args, "quantizer", None):
         q = Quantizer.load(args.quantizer)
-        print(f"loaded {args.quantizer}: {q}")
+        print(f"loaded {args.quantizer}: {q}", file=sys.stderr)
     else:
         q = Quantizer(_model(args), target=args.target, config=_scheme(args))
         cal = calibration_set(data, args.calibration, args.seed)
-        print(f"calibrating on {len(cal)} images ({cal.source})")
+        print(f"calibrating on {len(cal)} images ({cal.source})", file=sys.stderr)
         q.calibrate(cal, progress=bar("calibrate"))
     for layer in args.float or ():
         q.set_quantize(layer, False)
@@ -246,6 +267,70 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _generate_and_build(q, out, name, isa, target="c"):
+    from .codegen import generate, load
+    from .progress import bar
+
+    prov = f"network {q.name}; calibration: {q.provenance.get('calibration', {}).get('source', 'n/a')}"
+    gen = generate(q.quantize(), out, name=name, target=target, isa=isa, provenance=prov, progress=bar("generate"))
+    net = load(gen, progress=bar("compile"))
+    return gen, net
+
+
+def cmd_codegen(args) -> int:
+    data = _data(args)
+    q = _quantizer(args, data)
+    gen, net = _generate_and_build(q, args.out, args.name, args.isa, args.codegen_target)
+    print(f"generated {args.codegen_target} sources in {gen.folder}: " +
+          ", ".join(f"{f} ({n} lines)" for f, n in sorted(gen.files.items())))
+    print(f"built {gen.build['library']} with: {gen.build['command']}"
+          f"{' (cached)' if gen.build.get('cached') else ''}")
+    print(f"report: {gen.folder / 'report.html'}")
+    return 0
+
+
+def _speed(fn, x, repeats: int = 1) -> float:
+    """Images per second of fn(x), best of ``repeats`` runs."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - t0)
+    return len(x) / best
+
+
+def cmd_export_onnx(args) -> int:
+    from .export import export_float_onnx, export_quantized_onnx
+
+    try:
+        import onnx  # noqa: F401  (needed to write the file; ask before calibrating)
+    except ImportError:
+        print("netquant export-onnx: error: needs the onnx package: pip install 'netquant[onnx]'", file=sys.stderr)
+        return 2
+    if args.float_network:
+        if args.quantizer:
+            from .quantizer import Quantizer
+
+            graph = Quantizer.load(args.quantizer).graph
+            print(f"loaded {args.quantizer}")
+        else:
+            from .ir.capture import capture
+
+            graph = capture(_model(args))
+        model = export_float_onnx(graph, args.out)
+        what = f"the float network ({graph.source or args.model})"
+    else:
+        data = None if args.quantizer else _data(args)   # a saved quantizer needs no images
+        q = _quantizer(args, data)
+        model = export_quantized_onnx(q.quantize(), args.out)
+        what = f"the int8 network of {q.name} in QDQ form"
+    ops = sorted({n.op_type for n in model.graph.node})
+    dims = ", ".join(str(d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+    print(f"wrote {args.out}: {what}, ONNX opset {model.opset_import[0].version}, input images (N, {dims}) "
+          f"float32, output scores; {len(model.graph.node)} nodes ({', '.join(ops)})")
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,16 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-epochs", type=int, help="stop after this many epochs in this run")
     c.add_argument("--out", help="when training completes, write <name>.safetensors and <name>.json here")
 
-    def quant_options(c, validation=False):
-        c.add_argument("--target", default="gpu", choices=("gpu", "cpu", "fpga", "matlab"),
-                       help="picks the default scheme (default: %(default)s)")
+    def quant_options(c, validation=False, env_flag="--target"):
+        c.add_argument(env_flag, dest="target", default="gpu", choices=("gpu", "cpu", "fpga", "matlab"),
+                       help="execution environment: picks the default scheme (default: %(default)s)")
         c.add_argument("--scale", choices=("float", "pow2"), help="override the target's scale kind")
         c.add_argument("--granularity", choices=("per_channel", "per_tensor"), help="weight scale granularity")
         c.add_argument("--range-method", choices=("minmax", "percentile", "entropy", "mse"),
                        help="activation range method")
         c.add_argument("--calibration", type=int, default=200, help="calibration images from the training set "
                                                                       "(default: %(default)s)")
-        c.add_argument("--float", action="append", metavar="LAYER", help="keep LAYER in float (repeatable)")
+        c.add_argument("--float", dest="float", action="append", metavar="LAYER",
+                       help="keep LAYER in float (repeatable)")
         if validation:
             c.add_argument("--validation", type=_count, default=50,
                            help="validation images from the test set: a number or 'all' (default: %(default)s)")
@@ -321,6 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
     c.add_argument("--out", help="quantizer file to write (default: quantizer.nq)")
     c.add_argument("--json", action="store_true")
+
+    c = command("codegen", cmd_codegen, "generate C for the int8 network, build it, write the report")
+    quant_options(c, env_flag="--environment")
+    c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
+    c.add_argument("--target", dest="codegen_target", default="c", choices=("c",), help="code generation target")
+    c.add_argument("--isa", default="native", choices=("native", "avx2", "scalar"),
+                   help="native: vectorised for this CPU; scalar: the portable path")
+    c.add_argument("--name", default="net", help="C prefix of the exported functions (default: %(default)s)")
+    c.add_argument("--out", default="codegen", help="folder for the sources (default: %(default)s)")
+
+    c = command("export-onnx", cmd_export_onnx, "write the int8 network (QDQ) or, with --float-network, the float "
+                                                 "network as an ONNX file")
+    quant_options(c)
+    c.add_argument("--out", required=True, help="ONNX file to write")
+    c.add_argument("--float-network", dest="float_network", action="store_true",
+                   help="export the float network instead of the int8 one")
+    c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
 
     c = command("demo", cmd_demo, "the main job: analyse, load data, tile, evaluate, calibrate, validate, save")
     quant_options(c, validation=True)

@@ -283,7 +283,7 @@ class CPrinter:
             return "in"
         if b.name == self.p.output:
             return "out"
-        return f"({b.ctype} *)(arena + {b.offset})"
+        return f"(({b.ctype} *)(arena + {b.offset}))"
 
     def run_one(self) -> str:
         """The per-image function: every step in order on the thread's arena. With ``qin`` (the

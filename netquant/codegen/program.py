@@ -135,8 +135,6 @@ def _consts(n: QNode, in_shape: tuple) -> dict:
             c, h, wd = in_shape
             w = w.reshape(len(w), c, h, wd).transpose(0, 2, 3, 1).reshape(len(w), -1)
         return {"w": np.ascontiguousarray(w), "bias": p["bias"], "mult": p["multiplier"], "shift": p["shift"]}
-    if n.op in ("add", "concat", "avgpool"):
-        return {"mult": p["multiplier"], "shift": p["shift"]}
     if n.op == "affine":
         return {"scale": p["scale"].astype(np.float32), "shift": p["shift"].astype(np.float32)}
     return {}

@@ -1,0 +1,350 @@
+"""ONNX export (netquant/export/onnx.py) on real CIFAR-10: the float graph and the int8 network in
+QDQ form, run by ONNX Runtime and compared with netquant's own executors.
+
+Tolerances (each test prints its numbers; see them with ``pytest -s``):
+
+- float export vs ``run_float``: the same float32 ops in another library, only summation order
+  and transcendental implementations differ. The issue asks for ~1e-4 on the probabilities of the
+  shipped ResNet-20 (measured 4.2e-7 on 200 test images) and the same top-1 everywhere.
+- int8 export run by ONNX Runtime vs the reference executor ``run_int8``: ONNX Runtime fuses the
+  QDQ graph into its integer kernels (QLinearConv, QLinearAdd, QLinearAveragePool) that round
+  half to even with a float requantization multiplier, where netquant rounds half up with an
+  integer (M, shift), so a tensor can differ by an LSB and an image whose two best scores are
+  that close can flip. The issue's requirement: the same top-1 on at least 99.5% of 1,000 test
+  images (measured 100%; top-1 against the labels identical). With S3U3_conv2 kept in float:
+  100% of 200. The small gather net (trained one epoch, so many near ties): 100% of 500 images,
+  scores within 1 output LSB; the floors there (98%, median 2 LSB) leave room for near ties.
+  Not tested here: power-of-two scales (target fpga/matlab) make exact ties common (an add of
+  two inputs whose scales differ by 2x halves integers), where half-even and half-up differ;
+  measured 98.6% top-1 agreement on 500 images for target "fpga".
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netquant.data import calibration_set
+from netquant.data.transforms import to_float
+from netquant.ir.float_exec import run_float
+from netquant.ir.float_ops import FLOAT_OPS
+from netquant.ir.graph import Graph, Node
+from netquant.models.pretrained import load_pretrained
+from netquant.models.resnet import ImageInput
+from netquant.quantizer import Quantizer
+
+try:
+    import onnx
+    import onnxruntime as ort
+except ImportError:  # pragma: no cover - the test extra installs both
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("onnx and onnxruntime are not installed (pip install -e '.[test]')", allow_module_level=True)
+
+from netquant.export import OnnxExportError, export_float_onnx, export_quantized_onnx  # noqa: E402
+
+torch.set_num_threads(1)
+
+FLOAT_PROB_TOL = 1e-4        # max |p_onnx - p_torch| on the shipped net's probabilities
+INT8_AGREEMENT_FLOOR = 99.5  # %, top-1 of ONNX Runtime int8 vs the reference executor (the issue)
+
+
+def attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def session(path) -> "ort.InferenceSession":
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1   # the suite shares two cores with other work
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(sess, x: np.ndarray, batch: int = 250) -> np.ndarray:
+    return np.concatenate([sess.run(["scores"], {"images": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped ResNet-20, calibrated on 200 real training images."""
+    return load_pretrained("cifarnet-20-16")
+
+
+@pytest.fixture(scope="module")
+def quantizer(shipped, cifar):
+    q = Quantizer(shipped)
+    q.calibrate(calibration_set(cifar, 200))
+    return q
+
+
+# --- float ----------------------------------------------------------------------------------
+
+def test_float_export_matches_run_float(quantizer, cifar, tmp_path):
+    path = tmp_path / "resnet20.onnx"
+    model = export_float_onnx(quantizer.graph, path)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    assert model.opset_import[0].version >= 17
+    sess = session(path)
+    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    assert (inp.name, inp.type, out.name) == ("images", "tensor(float)", "scores")
+    assert isinstance(inp.shape[0], str) and inp.shape[1:] == [3, 32, 32]   # a dynamic batch dimension
+    assert sorted({n.op_type for n in model.graph.node}) == ["Add", "AveragePool", "Conv", "Gemm", "Mul", "Relu",
+                                                             "Reshape", "Softmax"]
+
+    x = to_float(cifar.test.images[:200])
+    got = run_onnx(sess, x)
+    want = run_float(quantizer.graph, torch.from_numpy(x), keep=())[quantizer.graph.output].numpy()
+    diff = float(np.abs(got - want).max())
+    print(f"\nfloat ONNX vs run_float, 200 test images: max |dp| = {diff:.3g}")
+    assert got.shape == (200, 10)
+    assert diff <= FLOAT_PROB_TOL
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)
+    # any batch size, including one image
+    np.testing.assert_allclose(sess.run(None, {"images": x[:1]})[0], got[:1], atol=1e-6)
+    np.testing.assert_allclose(sess.run(None, {"images": x[:7]})[0], got[:7], atol=1e-6)
+
+
+def channel_shuffle(x, groups):
+    n, c, h, w = x.size()
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class GatherNet(nn.Module):
+    """Every kind of gather (option-A shortcut: subsample and zero channel padding; chunk into
+    halves; channel shuffle; flatten), concat, ReLU6, max and padded average pooling, and a float
+    op (hard-swish) between integer layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.input = ImageInput()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.conv4 = nn.Conv2d(16, 16, 3, 1, 1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(self.input(x))))                          # 8x32x32
+        shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))                  # option A: 16x16x16
+        x = F.relu(self.bn2(self.conv2(x)) + shortcut)
+        a, b = torch.chunk(x, 2, dim=1)
+        x = channel_shuffle(torch.cat([a, F.relu6(self.bn3(self.conv3(b)))], 1), 2)
+        x = F.max_pool2d(x, 2)                                                   # 16x8x8
+        x = F.hardswish(self.conv4(x))
+        x = F.avg_pool2d(x, 3, 2, 1)                                             # 16x4x4
+        return self.fc(torch.flatten(x, 1))
+
+
+@pytest.fixture(scope="module")
+def gather_net(cifar):
+    """GatherNet after one epoch on 5,000 real training images (a few seconds)."""
+    torch.manual_seed(0)
+    model = GatherNet()
+    x = torch.from_numpy(to_float(cifar.train.images[:5000]))
+    y = torch.from_numpy(cifar.train.labels[:5000])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for idx in torch.randperm(len(x), generator=g).split(100):
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_float_export_of_gathers_matches(gather_net, cifar, tmp_path):
+    q = Quantizer(gather_net)
+    gathers = [n for n in q.graph.nodes if n.op == "gather"]
+    assert len(gathers) == 5 and any((n.params["index"] == 0).any() for n in gathers)  # the shortcut pads
+    path = tmp_path / "gather.onnx"
+    model = export_float_onnx(q.graph, path)
+    ops = {n.op_type for n in model.graph.node}
+    # zero padding + gather (shortcut, shuffle), slices (chunk), reshape (flatten), clip (ReLU6)
+    assert {"Pad", "Gather", "Slice", "Reshape", "Concat", "Clip", "MaxPool", "AveragePool", "HardSwish"} <= ops, ops
+    x = to_float(cifar.test.images[:200])
+    got = run_onnx(session(path), x)
+    with torch.no_grad():
+        want = gather_net(torch.from_numpy(x)).numpy()
+    captured = run_float(q.graph, torch.from_numpy(x), keep=())[q.graph.output].numpy()
+    diff = float(np.abs(got - captured).max())
+    print(f"\ngather net: float ONNX vs run_float on 200 test images: max |d logit| = {diff:.3g} "
+          f"(logits up to {np.abs(captured).max():.3g}); vs the torch model {np.abs(got - want).max():.3g}")
+    assert diff <= 1e-5 * max(1.0, float(np.abs(captured).max()))
+    np.testing.assert_array_equal(got.argmax(1), captured.argmax(1))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_quantized_export_of_gathers_runs(gather_net, cifar, tmp_path):
+    """The QDQ export of the gather net (Pad + Gather, Slice, Concat with requantization, Clip
+    for ReLU6, a float op between integer layers) agrees with the integer executor."""
+    q = Quantizer(gather_net)
+    q.calibrate(cifar.train.images[:200])
+    qnet = q.quantize()
+    assert not qnet.qgraph.node(next(n.name for n in q.graph.nodes if n.op == "float")).quantized
+    path = tmp_path / "gather-int8.onnx"
+    export_quantized_onnx(qnet, path)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    x = to_float(cifar.test.images[:500])
+    got = run_onnx(session(path), x)
+    want = qnet.run(x)
+    lsb = qnet.qgraph.node(qnet.qgraph.output).scale
+    diff_lsb = np.abs(got - want).max(1) / lsb
+    same = 100.0 * float((got.argmax(1) == want.argmax(1)).mean())
+    print(f"\ngather net: int8 ONNX Runtime vs run_int8, 500 test images: top-1 agreement {same:.1f}%, "
+          f"scores within {diff_lsb.max():.1f} LSB (median {np.median(diff_lsb):.1f})")
+    assert same >= 98.0
+    assert np.median(diff_lsb) <= 2
+
+
+# --- int8 -----------------------------------------------------------------------------------
+
+def test_quantized_export_agrees_with_integer_executor(quantizer, cifar, tmp_path):
+    qnet = quantizer.quantize()
+    path = tmp_path / "resnet20-int8.onnx"
+    export_quantized_onnx(qnet, path)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    sess = session(path)
+    assert [i.name for i in sess.get_inputs()] == ["images"] and sess.get_outputs()[0].name == "scores"
+    x = to_float(cifar.test.images[:1000])
+    labels = cifar.test.labels[:1000]
+    got = run_onnx(sess, x)
+    want = qnet.run(x)
+    same = 100.0 * float((got.argmax(1) == want.argmax(1)).mean())
+    top1 = (100.0 * float((got.argmax(1) == labels).mean()), 100.0 * float((want.argmax(1) == labels).mean()))
+    print(f"\nint8 ONNX Runtime vs run_int8 on 1000 test images: top-1 agreement {same:.2f}%, top-1 "
+          f"{top1[0]:.1f}% vs {top1[1]:.1f}%, max |dp| = {np.abs(got - want).max():.3g}")
+    assert same >= INT8_AGREEMENT_FLOOR
+    assert abs(top1[0] - top1[1]) <= 1.0
+
+
+def test_quantized_export_is_qdq_of_the_integer_program(quantizer, tmp_path):
+    """Weights int8 with per-channel DequantizeLinear (axis 0, scale weight_scale, zero point 0),
+    bias int32 at s_x * s_w, activations Q/DQ with the node's scale and type, the input
+    quantization a QuantizeLinear, the float layers float."""
+    qg = quantizer.quantize().qgraph
+    model = export_quantized_onnx(qg, tmp_path / "int8.onnx")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    nodes = {n.name: n for n in qg.nodes}
+    weighted = [n for n in qg.nodes if n.quantized and n.op in ("conv", "linear")]
+    assert len(weighted) == 22
+    for n in weighted:
+        w = inits[f"{n.name}_weight_int8"]
+        assert w.dtype == np.int8 and np.array_equal(w, n.params["weight"])
+        (dq,) = consumers[f"{n.name}_weight_int8"]
+        assert dq.op_type == "DequantizeLinear" and attrs(dq) == {"axis": 0}
+        np.testing.assert_array_equal(inits[dq.input[1]], n.params["weight_scale"].astype(np.float32))
+        assert inits[dq.input[2]].dtype == np.int8 and not inits[dq.input[2]].any()
+        b = inits[f"{n.name}_bias_int32"]
+        assert b.dtype == np.int32 and np.array_equal(b, n.params["bias"])
+        (bdq,) = consumers[f"{n.name}_bias_int32"]
+        assert bdq.op_type == "DequantizeLinear" and attrs(bdq) == {"axis": 0}
+        s_x = nodes[n.inputs[0]].scale
+        np.testing.assert_allclose(inits[bdq.input[1]], s_x * n.params["weight_scale"], rtol=1e-7)
+        assert inits[bdq.input[2]].dtype == np.int32
+        layer = consumers[dq.output[0]][0]
+        assert layer.op_type == ("Conv" if n.op == "conv" else "Gemm") and bdq.output[0] in layer.input
+    for n in qg.nodes:
+        if not n.quantized:
+            continue
+        qz = by_output[f"{n.name}_q"]
+        assert qz.op_type == "QuantizeLinear"
+        assert float(inits[qz.input[1]]) == float(np.float32(n.scale))
+        assert inits[qz.input[2]].dtype == np.dtype(n.dtype) and inits[qz.input[2]] == 0
+    first = by_output["input_quantize_q"]
+    assert first.input[0] == "input"   # the input quantization reads the float normalisation
+    assert by_output["input"].op_type == "Add" and by_output["scores"].op_type == "Softmax"
+
+
+def test_float_layers_stay_float_in_the_qdq_export(quantizer, cifar, tmp_path):
+    quantizer.save(tmp_path / "q.nq")
+    q = Quantizer.load(tmp_path / "q.nq")   # a copy: the module's quantizer stays all-int8
+    q.set_quantize("S3U3_conv2", False)
+    qnet = q.quantize()
+    assert not qnet.qgraph.node("S3U3_conv2").quantized
+    model = export_quantized_onnx(qnet, tmp_path / "mixed.onnx")
+    names = {i.name for i in model.graph.initializer}
+    assert "S3U3_conv2_weight" in names and "S3U3_conv2_weight_int8" not in names
+    outputs = {o for n in model.graph.node for o in n.output}
+    assert {"S3U3_conv1_S3U3_relu1_dequantize", "S3U3_conv2_quantize_q"} <= outputs   # into and out of float
+    x = to_float(cifar.test.images[:200])
+    got, want = run_onnx(session(tmp_path / "mixed.onnx"), x), qnet.run(x)
+    same = 100.0 * float((got.argmax(1) == want.argmax(1)).mean())
+    print(f"\nS3U3_conv2 kept float: int8 ONNX Runtime vs run_int8 on 200 test images: top-1 agreement {same:.1f}%")
+    assert same >= 99.0
+
+
+# --- float ops, errors, files -----------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", sorted(FLOAT_OPS))
+def test_every_float_op_exports(fn, cifar, tmp_path):
+    """Each float op netquant knows, on real images spread over [-4, 4], against its torch
+    definition (netquant/ir/float_ops.py)."""
+    kwargs = {"softmax": {"dim": 1}, "log_softmax": {"dim": 1}, "leaky_relu": {"negative_slope": 0.2},
+              "elu": {"alpha": 0.7}}.get(fn, {})
+    ins = ("x", "x") if fn == "mul" else ("x",)
+    g = Graph((Node("x", "input", (), (3, 32, 32)),
+               Node("op", "float", ins, (3, 32, 32), {"fn": fn, "kwargs": kwargs}, layers=("op",))), "op")
+    x = to_float(cifar.test.images[:20]) * 8 - 4
+    export_float_onnx(g, tmp_path / "op.onnx")
+    got = session(tmp_path / "op.onnx").run(None, {"images": x})[0]
+    want = run_float(g, torch.from_numpy(x))["op"].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_float_op_names_the_node(monkeypatch, tmp_path):
+    monkeypatch.setitem(FLOAT_OPS, "erfinv", (lambda x: torch.special.erfinv(x), "no int8 kernel"))
+    g = Graph((Node("x", "input", (), (3, 32, 32)),
+               Node("head_erfinv", "float", ("x",), (3, 32, 32), {"fn": "erfinv", "kwargs": {}}, layers=("head",))),
+              "head_erfinv")
+    run_float(g, torch.zeros(1, 3, 32, 32))   # a valid netquant graph
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(OnnxExportError, match=r"head_erfinv.*'erfinv' has no ONNX export"):
+        export_float_onnx(g, path)
+    assert not path.exists() and list(tmp_path.iterdir()) == []   # nothing written on failure
+
+
+def test_writes_only_the_file_asked_for(quantizer, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    out.mkdir()
+    export_float_onnx(quantizer.graph, out / "f.onnx")
+    export_quantized_onnx(quantizer.quantize(), str(out / "q.onnx"))
+    assert sorted(p.name for p in out.iterdir()) == ["f.onnx", "q.onnx"]
+    assert list(cwd.iterdir()) == []
+    assert onnx.load(str(out / "q.onnx")).graph.output[0].name == "scores"
+    with pytest.raises(FileNotFoundError):
+        export_float_onnx(quantizer.graph, tmp_path / "missing" / "f.onnx")
+
+
+def test_cli_export_onnx(quantizer, cifar, tmp_path, capsys):
+    from netquant.cli import main
+
+    saved = tmp_path / "q.nq"
+    quantizer.save(saved)
+    assert main(["export-onnx", "--quantizer", str(saved), "--out", str(tmp_path / "int8.onnx")]) == 0
+    assert main(["export-onnx", "--float-network", "--out", str(tmp_path / "float.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'int8.onnx'}" in printed and f"wrote {tmp_path / 'float.onnx'}" in printed
+    x = to_float(cifar.test.images[:100])
+    want = quantizer.quantize().run(x)
+    got = run_onnx(session(tmp_path / "int8.onnx"), x)
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
+    f = run_onnx(session(tmp_path / "float.onnx"), x)
+    ref = run_float(quantizer.graph, torch.from_numpy(x), keep=())[quantizer.graph.output].numpy()
+    assert np.abs(f - ref).max() <= FLOAT_PROB_TOL
+    assert main(["export-onnx", "--quantizer", str(saved), "--out", str(tmp_path / "x.onnx"),
+                 "--float", "no_such_layer"]) == 2
+    assert not (tmp_path / "x.onnx").exists()
