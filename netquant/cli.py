@@ -331,6 +331,13 @@ def cmd_export_onnx(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    from .app.server import serve
+
+    serve(args.host, args.port, open_browser=not args.no_browser, data=args.data)
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--float-network", dest="float_network", action="store_true",
                    help="export the float network instead of the int8 one")
     c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
+
+    c = command("app", cmd_app, "the Deep Network Quantizer app in the browser (local server)", model=False)
+    c.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    c.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1 only)")
+    c.add_argument("--no-browser", action="store_true", help="print the URL without opening a browser")
 
     c = command("demo", cmd_demo, "the main job: analyse, load data, tile, evaluate, calibrate, validate, save")
     quant_options(c, validation=True)

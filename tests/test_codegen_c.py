@@ -32,7 +32,7 @@ def compiled(qnet, tmp_path_factory):
 
 
 def _reference_int(qnet, x):
-    out = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[qnet.qgraph.node(qnet.qgraph.output).inputs[0]])
+    """The integer tensor that the output dequantizes, from the reference executor."""
     deq = qnet.qgraph.node(qnet.qgraph.output)
     while deq.op != "dequantize":
         deq = qnet.qgraph.node(deq.inputs[0])

@@ -82,13 +82,15 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
 
 
 def find_compiler(cc: Optional[str] = None) -> str:
-    cc = cc or os.environ.get("CC") or "cc"
-    path = shutil.which(cc) or shutil.which("gcc")
-    if path is None:
-        raise BuildError(f"no C compiler found (looked for {cc!r} and 'gcc'): install one, e.g. "
-                         f"'apt-get install gcc' (Debian/Ubuntu) or 'xcode-select --install' (macOS), "
-                         f"or set CC")
-    return path
+    """The C compiler: ``cc`` or $CC when given (and then only that one), else cc, gcc or clang."""
+    explicit = cc or os.environ.get("CC")
+    candidates = [explicit] if explicit else ["cc", "gcc", "clang"]
+    for name in candidates:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise BuildError(f"no C compiler found (looked for {', '.join(map(repr, candidates))}): install one, e.g. "
+                     f"'apt-get install gcc' (Debian/Ubuntu) or 'xcode-select --install' (macOS), or set CC")
 
 
 def build(gen: Generated, cache_dir: Optional[str | os.PathLike] = None, cc: Optional[str] = None,

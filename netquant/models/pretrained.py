@@ -46,6 +46,30 @@ def load_weights(path: str | Path, card: dict) -> ResNet:
     return net.eval()
 
 
+def load_model_file(path: str | Path) -> ResNet:
+    """A network from a ``.safetensors`` file written by :func:`save_pretrained` (or ``netquant
+    train --out``): its card is read from the file's metadata, else from ``<name>.json`` beside it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from e
+    if "netquant_card" in meta:
+        card = json.loads(meta["netquant_card"])
+    elif path.with_suffix(".json").exists():
+        card = json.loads(path.with_suffix(".json").read_text())
+    else:
+        raise ValueError(f"{path}: no model card (expected netquant_card metadata or {path.with_suffix('.json').name})")
+    net = load_weights(path, card)
+    net.card = card
+    return net
+
+
 def load_pretrained(name: str = "cifarnet-20-16") -> ResNet:
     """A shipped pretrained network, in eval mode, with its card as ``net.card``."""
     card = read_card(name)
@@ -62,11 +86,12 @@ def save_pretrained(net: ResNet, folder: str | Path, card_extra: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     name = net.spec.name
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(folder / f"{name}.safetensors"), metadata={"name": name})
     card = {"card_version": CARD_VERSION, "name": name, "architecture": net.spec.to_dict(),
             "input": {"layout": "NCHW", "channels": "RGB", "range": [0.0, 1.0],
                       "normalisation": {"mean": net.input.mean.flatten().tolist(),
                                         "std": net.input.std.flatten().tolist()}},
             **card_extra}
+    # the card travels inside the weights file too, so one file is a complete model
+    save_file(state, str(folder / f"{name}.safetensors"), metadata={"name": name, "netquant_card": json.dumps(card)})
     (folder / f"{name}.json").write_text(json.dumps(card, indent=1) + "\n")
     return folder / f"{name}.json"

@@ -1,0 +1,1 @@
+"""The Deep Network Quantizer web app (local server, vendored assets). Imported only on use."""

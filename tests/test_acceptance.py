@@ -1,0 +1,62 @@
+"""The quantizer's acceptance numbers on the shipped cifarnet-20-16 and the full real CIFAR-10
+test set (10,000 images): int8 top-1 against float for the default and the MATLAB-style scheme,
+and the learnable memory reduction."""
+import numpy as np
+import pytest
+
+from netquant.data import calibration_set
+from netquant.data.transforms import to_float
+from netquant.ir.float_exec import run_float
+from netquant.models.pretrained import load_pretrained
+from netquant.quant.config import TARGETS
+from netquant.quantizer import Quantizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(cifar):
+    import torch
+
+    q = Quantizer(load_pretrained("cifarnet-20-16"))
+    q.calibrate(calibration_set(cifar))  # MATLAB's default: 200 random training images
+    x = to_float(cifar.test.images)
+    fl = np.concatenate([run_float(q.graph, torch.from_numpy(x[i:i + 1000]), keep=())[q.graph.output].numpy()
+                         for i in range(0, len(x), 1000)])
+    return q, x, fl
+
+
+def _top1(scores, labels):
+    return 100.0 * float((scores.argmax(1) == labels).mean())
+
+
+def test_default_scheme_within_0_3_points(setup, cifar):
+    q, x, fl = setup
+    q.set_config(TARGETS["gpu"])
+    qs = q.quantize().run(x)
+    f, i = _top1(fl, cifar.test.labels), _top1(qs, cifar.test.labels)
+    print(f"\nper-channel float scales: float {f:.2f}%, int8 {i:.2f}%")
+    assert abs(f - i) <= 0.3
+
+
+def test_matlab_power_of_two_scheme_within_1_point(setup, cifar):
+    q, x, fl = setup
+    q.set_config(TARGETS["matlab"])
+    qs = q.quantize().run(x)
+    f, i = _top1(fl, cifar.test.labels), _top1(qs, cifar.test.labels)
+    print(f"\npower-of-two per-tensor: float {f:.2f}%, int8 {i:.2f}%")
+    q.set_config(TARGETS["gpu"])
+    assert abs(f - i) <= 1.0
+
+
+def test_memory_reduced_by_74_percent(setup):
+    q, _, _ = setup
+    fmem, qmem = q.learnable_memory()
+    assert fmem == 1_089_896
+    assert 1 - qmem / fmem >= 0.74, (fmem, qmem)
+
+
+def test_card_accuracy_is_what_the_weights_give(setup, cifar):
+    q, x, fl = setup
+    card = load_pretrained("cifarnet-20-16").card
+    assert abs(_top1(fl, cifar.test.labels) - card["test_top1"]) < 0.05
