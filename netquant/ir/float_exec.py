@@ -14,15 +14,10 @@ import torch.nn.functional as F
 
 from .float_ops import float_op
 from .graph import Graph, Node
+from .interpret import interpret, registrar
 
 FLOAT_KERNELS: dict[str, Callable] = {}
-
-
-def kernel(op: str):
-    def register(fn):
-        FLOAT_KERNELS[op] = fn
-        return fn
-    return register
+kernel = registrar(FLOAT_KERNELS)
 
 
 def apply_act(y: torch.Tensor, act) -> torch.Tensor:
@@ -99,23 +94,5 @@ def run_float(graph: Graph, x: torch.Tensor, keep: Optional[Iterable[str]] = Non
     """Run ``graph`` on a float batch ``x`` (N, *input shape). Returns {name: tensor} for the
     output and the nodes in ``keep`` (all nodes if ``keep`` is None); ``visit(node, value)`` is
     called on every node's output as it is computed (calibration hooks in here)."""
-    keep = None if keep is None else set(keep) | {graph.output}
-    values: dict = {}
-    remaining = {n.name: 0 for n in graph.nodes}
-    for n in graph.nodes:
-        for i in n.inputs:
-            remaining[i] += 1
     with torch.no_grad():
-        for n in graph.nodes:
-            if n.op == "input":
-                v = x
-            else:
-                v = FLOAT_KERNELS[n.op](n, *(values[i] for i in n.inputs))
-            values[n.name] = v
-            if visit is not None:
-                visit(n, v)
-            for i in n.inputs:  # free what no later node reads, unless asked to keep it
-                remaining[i] -= 1
-                if remaining[i] == 0 and keep is not None and i not in keep:
-                    del values[i]
-    return values if keep is None else {k: v for k, v in values.items() if k in keep}
+        return interpret(graph.nodes, graph.output, x, lambda n, *ins: FLOAT_KERNELS[n.op](n, *ins), keep, visit)

@@ -8,6 +8,7 @@ Float nodes (input normalisation, softmax, layers kept float) run in float32.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -15,17 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.float_exec import FLOAT_KERNELS
+from ..ir.interpret import interpret, registrar
 from ..quant import numerics as nx
 from ..quant.qgraph import QGraph, QNode
 
 INT_KERNELS: dict[str, Callable] = {}
-
-
-def kernel(op: str):
-    def register(fn):
-        INT_KERNELS[op] = fn
-        return fn
-    return register
+kernel = registrar(INT_KERNELS)
 
 
 def _per_channel(a: np.ndarray, rank: int) -> torch.Tensor:
@@ -44,14 +40,25 @@ def exact_matmul(w: torch.Tensor, cols: torch.Tensor, chunks) -> torch.Tensor:
     return acc
 
 
+_F32_WEIGHTS: dict = {}  # id(int8 weight array) -> its float32 copy (exact), freed with the array
+
+
+def _weights_f32(w: np.ndarray, shape: tuple) -> torch.Tensor:
+    """A float32 copy of int8 weights, made once per weight array (a cache of derived data; the
+    QNode itself is never modified)."""
+    key = (id(w), shape)
+    t = _F32_WEIGHTS.get(key)
+    if t is None:
+        t = _F32_WEIGHTS[key] = torch.from_numpy(w.astype(np.float32).reshape(shape))
+        weakref.finalize(w, _F32_WEIGHTS.pop, key, None)
+    return t
+
+
 def _weights(n: QNode) -> torch.Tensor:
-    cached = n.attrs.get("_w_f32")
-    if cached is None:  # float32 copy of the int8 weights (exact), reshaped (G, O/G, K/G)
-        g = n.attrs.get("groups", 1)
-        w = n.params["weight"]
-        cached = torch.from_numpy(w.reshape(g, len(w) // g, -1).astype(np.float32))
-        n.attrs["_w_f32"] = cached  # a cache of derived data, not part of the program
-    return cached
+    """Weights as (G, O/G, K/G) float32, for the matrix products of linear layers."""
+    g = n.attrs.get("groups", 1)
+    w = n.params["weight"]
+    return _weights_f32(w, (g, len(w) // g, -1))
 
 
 @kernel("conv")
@@ -77,10 +84,8 @@ def _conv(n: QNode, x: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_weights(n: QNode) -> torch.Tensor:
-    cached = n.attrs.get("_w_conv")
-    if cached is None:
-        cached = n.attrs["_w_conv"] = torch.from_numpy(n.params["weight"].astype(np.float32))
-    return cached
+    w = n.params["weight"]
+    return _weights_f32(w, w.shape)
 
 
 @kernel("linear")
@@ -171,23 +176,10 @@ def run_int8(q: QGraph, x, keep: Optional[Iterable[str]] = None) -> dict:
     """Run the integer program on a float batch ``x`` (N, C, H, W). Returns {name: tensor} for
     the output and for ``keep`` (all nodes if None): int32 tensors for integer nodes."""
     x = torch.as_tensor(x, dtype=torch.float32)
-    keep = None if keep is None else set(keep) | {q.output}
-    values: dict = {}
-    remaining = {n.name: 0 for n in q.nodes}
-    for n in q.nodes:
-        for i in n.inputs:
-            remaining[i] += 1
+
+    def compute(n, *ins):
+        table = INT_KERNELS if (n.quantized or n.op == "dequantize") else FLOAT_KERNELS
+        return table[n.op](n, *ins)
+
     with torch.no_grad(), _ieee_fp32():
-        for n in q.nodes:
-            if n.op == "input":
-                v = x
-            elif n.quantized or n.op == "dequantize":
-                v = INT_KERNELS[n.op](n, *(values[i] for i in n.inputs))
-            else:
-                v = FLOAT_KERNELS[n.op](n, *(values[i] for i in n.inputs))
-            values[n.name] = v
-            for i in n.inputs:
-                remaining[i] -= 1
-                if remaining[i] == 0 and keep is not None and i not in keep:
-                    del values[i]
-    return values if keep is None else {k: v for k, v in values.items() if k in keep}
+        return interpret(q.nodes, q.output, x, compute, keep)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.float_exec import FLOAT_KERNELS
+from ..ir.interpret import interpret
 from ..quant.qgraph import QGraph, QNode
 from .executor import INT_KERNELS, run_int8
 
@@ -78,10 +79,8 @@ def layerwise_lsb(q: QGraph, x) -> dict:
 
 def run_fakequant(q: QGraph, x) -> torch.Tensor:
     """The whole network in fake-quant float64, end to end; returns the output."""
-    x = torch.as_tensor(x, dtype=torch.float32)
-    vals = {}
     by = {n.name: n for n in q.nodes}
     with torch.no_grad():
-        for n in q.nodes:
-            vals[n.name] = x if n.op == "input" else fake_node(n, [vals[i] for i in n.inputs], [by[i] for i in n.inputs])
+        vals = interpret(q.nodes, q.output, torch.as_tensor(x, dtype=torch.float32),
+                         lambda n, *ins: fake_node(n, list(ins), [by[i] for i in n.inputs]), keep=())
     return vals[q.output]
