@@ -141,3 +141,13 @@ def test_float_op_in_the_middle_is_refused(cifar, tmp_path):
     q.calibrate(cifar.train.images[:50])
     with pytest.raises(CodegenError, match="sigmoid is not supported by code generation"):
         generate(q.quantize(), tmp_path)
+
+
+def test_portable_scalar_path_is_bit_exact(qnet, cifar, tmp_path):
+    """-DNQ_NO_SIMD, no auto-vectorisation: the same integers as the VNNI build."""
+    gen = generate(qnet, tmp_path, name="resnet20", isa="scalar")
+    assert "NQ_NO_SIMD" in gen.cflags
+    net = load(gen)
+    x = to_float(cifar.test.images[:16])
+    assert np.array_equal(net.predict_int(x), _reference_int(qnet, x))
+    assert gen.build["warnings"].strip() == "", gen.build["warnings"]

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 ISA_FLAGS = {
     "native": "-O3 -march=native",                    # vectorised for this CPU (AVX2 / AVX-512 VNNI where present)
     "avx2": "-O3 -mavx2 -mfma",
-    "scalar": "-O2 -fno-tree-vectorize",              # the portable path
+    "scalar": "-O2 -fno-tree-vectorize -DNQ_NO_SIMD",  # the portable path
 }
 COMMON_FLAGS = "-std=c11 -fPIC -fopenmp -ffp-contract=off -Wall -Wextra -Wno-unused-parameter"
 

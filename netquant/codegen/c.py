@@ -127,6 +127,55 @@ class CPrinter:
         o(f"y[i * C + c] = ({self.buf(s.output).ctype})nq_quantize(x0[c * HW + i], inv, {lo}, {hi});").close().close()
 
     def k_conv(self, s: Step, o: Source):
+        if "wv" in s.consts:
+            o("#if NQ_VNNI")
+            self.k_conv_vnni(s, o)
+            o("#else")
+            self.k_conv_scalar(s, o)
+            o("#endif")
+        else:
+            self.k_conv_scalar(s, o)
+
+    def k_conv_vnni(self, s: Step, o: Source):
+        """16 output channels per 512-bit vector; per tap, each 4 input channels are one
+        broadcast of 4 activation bytes and one vpdpbusd (64 multiply-accumulates)."""
+        a = s.node.attrs
+        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
+        oc, oh, ow = self.hwc(self.buf(s.output).shape)
+        ob, kh, kw, c4 = s.consts["wv"].shape[:4]
+        lo, hi = a["clamp"]
+        W, B, M, S = (self.const_name(s, k) for k in ("wv", "biasv", "multv", "shiftv"))
+        o(f"enum {{ C = {c}, H = {h}, W = {w}, O = {oc}, OH = {oh}, OW = {ow}, KH = {kh}, KW = {kw}, C4 = {c4}, OB = {ob},")
+        o(f"       SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]},")
+        o(f"       DH = {a['dilation'][0]}, DW = {a['dilation'][1]} }};")
+        o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
+        o("__m512i acc[OB];")
+        o(f"for (int b = 0; b < OB; ++b) acc[b] = _mm512_loadu_si512((const void *)({B} + 16 * b));")
+        o.open("for (int kh = 0; kh < KH; ++kh)")
+        o("const int ih = oh * SH - PH + kh * DH;")
+        o("if ((unsigned)ih >= (unsigned)H) continue;")
+        o.open("for (int kw = 0; kw < KW; ++kw)")
+        o("const int iw = ow * SW - PW + kw * DW;")
+        o("if ((unsigned)iw >= (unsigned)W) continue;")
+        o("const uint8_t *xp = x0 + (ih * W + iw) * C;")
+        o.open("for (int c4 = 0; c4 < C4; ++c4)")
+        o("int32_t quad;")
+        o("memcpy(&quad, xp + 4 * c4, 4);  /* channels past C meet zero weights */")
+        o("const __m512i xb = _mm512_set1_epi32(quad);")
+        o("for (int b = 0; b < OB; ++b)")
+        o(f"    acc[b] = _mm512_dpbusd_epi32(acc[b], xb, _mm512_loadu_si512((const void *)"
+          f"({W} + ((((b * KH + kh) * KW + kw) * C4 + c4) * 64))));")
+        o.close().close().close()
+        o(f"{self.buf(s.output).ctype} *yp = y + (oh * OW + ow) * O;")
+        o.open("for (int b = 0; b < OB; ++b)")
+        o(f"const __m512i r = nq_requantize16(acc[b], _mm512_loadu_si512((const void *)({M} + 16 * b)), "
+          f"_mm512_loadu_si512((const void *)({S} + 16 * b)), {lo}, {hi});")
+        o("const __mmask16 keep = O - 16 * b >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (O - 16 * b)) - 1);")
+        o("_mm512_mask_cvtepi32_storeu_epi8(yp + 16 * b, keep, r);  /* in range already: the low byte */")
+        o.close()
+        o.close().close()
+
+    def k_conv_scalar(self, s: Step, o: Source):
         a = s.node.attrs
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
         oc, oh, ow = self.hwc(self.buf(s.output).shape)
@@ -260,11 +309,20 @@ class CPrinter:
         o("for (int i = 0; i < N; ++i) y[i] /= sum;")
 
     # --- files ----------------------------------------------------------------------------
+    # constants only one of the two conv paths uses, guarded so neither build warns
+    SIMD_ONLY, SCALAR_ONLY = ("wv", "biasv", "multv", "shiftv"), ("w", "bias", "mult", "shift")
+
     def constants(self) -> str:
         out = []
         for s in self.p.steps:
+            simd = "wv" in s.consts
             for key, arr in s.consts.items():
-                out.append(c_array(CTYPE[np.asarray(arr).dtype], self.const_name(s, key), arr, self.const_qualifier))
+                text = c_array(CTYPE[np.asarray(arr).dtype], self.const_name(s, key), arr, self.const_qualifier)
+                if simd and key in self.SIMD_ONLY:
+                    text = f"#if NQ_VNNI\n{text}#endif\n"
+                elif simd and key in self.SCALAR_ONLY:
+                    text = f"#if !NQ_VNNI\n{text}#endif\n"
+                out.append(text)
         return "\n".join(out)
 
     def step_functions(self) -> str:
@@ -351,10 +409,19 @@ const char *{n}_error_string(int code);
         n = p.name
         in_size = self.buf(p.input).elements
         q_size = self.buf(p.int_input).elements
-        return f"""{self.header_comment()}#include "{n}.h"
-#include "{RUNTIME_HEADER}"
-#include <stddef.h>
+        return f"""{self.header_comment()}#include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+/* the AVX-512 VNNI conv kernels when the compiler targets such a CPU (-march=native there);
+ * the portable scalar kernels otherwise, or with -DNQ_NO_SIMD */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(NQ_NO_SIMD)
+#define NQ_VNNI 1
+#include <immintrin.h>
+#else
+#define NQ_VNNI 0
+#endif
+#include "{n}.h"
+#include "{RUNTIME_HEADER}"
 #ifdef _OPENMP
 #include <omp.h>
 #endif

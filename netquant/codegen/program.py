@@ -125,10 +125,39 @@ def _weights_ohwi(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(0, 2, 3, 1)) if w.ndim == 4 else w
 
 
-def _consts(n: QNode, in_shape: tuple) -> dict:
+LANES = 16  # int32 lanes of a 512-bit vector: output channels computed together by the VNNI kernel
+
+
+def vnni_eligible(n: QNode, in_dtype: str) -> bool:
+    """The AVX-512 VNNI kernel multiplies unsigned 8-bit activations by signed 8-bit weights
+    (vpdpbusd), so it serves ungrouped convs whose input is uint8 (post-ReLU tensors)."""
+    return n.op == "conv" and n.attrs["groups"] == 1 and in_dtype == "uint8"
+
+
+def pack_vnni(w: np.ndarray) -> np.ndarray:
+    """Conv weights (O, I, KH, KW) -> int8 [O/16][KH][KW][I/4][16][4], zero padded: one 64-byte
+    row holds 4 input channels of 16 output channels, the operand of one vpdpbusd.
+    Element [ob][kh][kw][c4][lane][j] is w[16*ob + lane, 4*c4 + j, kh, kw]."""
+    o, i, kh, kw = w.shape
+    ob, ip = -(-o // LANES), -(-i // 4) * 4
+    padded = np.zeros((ob * LANES, ip, kh, kw), np.int8)
+    padded[:o, :i] = w
+    # (OB*16, I4*4, KH, KW) -> (OB, 16, I4, 4, KH, KW) -> (OB, KH, KW, I4, 16, 4)
+    return np.ascontiguousarray(padded.reshape(ob, LANES, ip // 4, 4, kh, kw).transpose(0, 4, 5, 2, 1, 3))
+
+
+def _consts(n: QNode, in_shape: tuple, in_dtype: str = "") -> dict:
     p = n.params
     if n.op == "conv":
-        return {"w": _weights_ohwi(p["weight"]), "bias": p["bias"], "mult": p["multiplier"], "shift": p["shift"]}
+        out = {"w": _weights_ohwi(p["weight"]), "bias": p["bias"], "mult": p["multiplier"], "shift": p["shift"]}
+        if vnni_eligible(n, in_dtype):
+            ob = -(-len(p["bias"]) // LANES)
+            out["wv"] = pack_vnni(p["weight"])
+            pad = np.zeros(ob * LANES - len(p["bias"]), np.int32)
+            out["biasv"] = np.concatenate([p["bias"], pad])
+            out["multv"] = np.concatenate([p["multiplier"], pad + (1 << 30)])  # padded lanes are never stored
+            out["shiftv"] = np.concatenate([p["shift"], pad + 31])
+        return out
     if n.op == "linear":
         w = p["weight"]
         if len(in_shape) == 3:  # a linear layer reading a (C, H, W) tensor directly: reorder K to HWC
@@ -163,7 +192,8 @@ def plan(q: QGraph, name: str = "net") -> Program:
     for n in q.nodes:
         bname = c_name(n.name)
         ins = tuple(alias.get(c_name(i), c_name(i)) for i in n.inputs)
-        consts = _consts(n, nodes[n.inputs[0]].shape if n.inputs else ())
+        src = nodes[n.inputs[0]] if n.inputs else None
+        consts = _consts(n, src.shape if src else (), _dtype(src) if src else "")
         if n.op == "gather":
             table = gather_table(n.params["index"], nodes[n.inputs[0]].shape, n.shape)
             if np.array_equal(table, np.arange(len(table))) and buffers[ins[0]].elements == len(table):
@@ -199,7 +229,8 @@ def plan(q: QGraph, name: str = "net") -> Program:
         final[b] = Buffer(buf.name, buf.dtype, buf.shape, offset)
     for a, target in alias.items():
         final[a] = Buffer(a, final[target].dtype, final[target].shape, final[target].offset, target)
-    arena = -(-max((e for o, e, f, l in placed), default=0) // ALIGN) * ALIGN
+    # + ALIGN: the VNNI kernel reads input channels 4 at a time, up to 3 bytes past a tensor
+    arena = -(-max((e for o, e, f, l in placed), default=0) // ALIGN) * ALIGN + ALIGN
     last = steps[-1]
     deq = last if last.kind == "dequantize" else next(s for s in steps if s.output == last.inputs[0])
     if deq.kind != "dequantize":

@@ -44,4 +44,22 @@ NQ_FN float nq_dequantize(int32_t q, float scale) {
     return scale * (float)q;
 }
 
+#if defined(NQ_VNNI) && NQ_VNNI
+/* nq_requantize on 16 int32 lanes at once (AVX-512F): the same integers as the scalar function.
+ * Even and odd lanes are widened to 64 bits separately (vpmuldq multiplies the low 32 bits of
+ * each 64-bit lane), rounded, shifted arithmetically per lane, clamped, then put back. */
+static inline __m512i nq_requantize16(__m512i acc, __m512i M, __m512i shift, int32_t lo, int32_t hi) {
+    const __m512i low32 = _mm512_set1_epi64(0xffffffffLL), one = _mm512_set1_epi64(1);
+    const __m512i vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
+    __m512i sh_e = _mm512_and_si512(shift, low32), sh_o = _mm512_srli_epi64(shift, 32);
+    __m512i p_e = _mm512_mul_epi32(acc, M);
+    __m512i p_o = _mm512_mul_epi32(_mm512_srli_epi64(acc, 32), _mm512_srli_epi64(M, 32));
+    p_e = _mm512_srav_epi64(_mm512_add_epi64(p_e, _mm512_sllv_epi64(one, _mm512_sub_epi64(sh_e, one))), sh_e);
+    p_o = _mm512_srav_epi64(_mm512_add_epi64(p_o, _mm512_sllv_epi64(one, _mm512_sub_epi64(sh_o, one))), sh_o);
+    p_e = _mm512_min_epi64(_mm512_max_epi64(p_e, vlo), vhi);
+    p_o = _mm512_min_epi64(_mm512_max_epi64(p_o, vlo), vhi);
+    return _mm512_or_si512(_mm512_and_si512(p_e, low32), _mm512_slli_epi64(p_o, 32));
+}
+#endif
+
 #endif /* NETQUANT_RT_H */
