@@ -103,7 +103,9 @@ def cmd_train(args) -> int:
     if args.out and report.epochs == cfg.epochs:
         from .data.cifar10 import BINARY_MD5
 
+        note = Path(args.checkpoint_dir) / "NOTE.md"
         card = save_pretrained(net, args.out, {
+            "status": "final", "note": note.read_text() if note.exists() else "",
             "test_top1": report.test_top1, "test_images": len(data.test), "test_data": data.test.source,
             "epochs": report.epochs,
             "recipe": cfg.__dict__, "train_seconds": round(report.seconds),
