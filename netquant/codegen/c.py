@@ -137,42 +137,62 @@ class CPrinter:
             self.k_conv_scalar(s, o)
 
     def k_conv_vnni(self, s: Step, o: Source):
-        """16 output channels per 512-bit vector; per tap, each 4 input channels are one
-        broadcast of 4 activation bytes and one vpdpbusd (64 multiply-accumulates)."""
+        """16 output channels per 512-bit vector and PB output pixels of a row at once: per tap
+        and 4 input channels, one weight vector is loaded and serves PB vpdpbusd (64
+        multiply-accumulates each) against the broadcast activation bytes of each pixel. A pixel
+        whose tap falls in the zero padding broadcasts 0, which is what padding means."""
         a = s.node.attrs
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
         oc, oh, ow = self.hwc(self.buf(s.output).shape)
         ob, kh, kw, c4 = s.consts["wv"].shape[:4]
-        lo, hi = a["clamp"]
-        W, B, M, S = (self.const_name(s, k) for k in ("wv", "biasv", "multv", "shiftv"))
+        pb = max(1, min(8, 16 // ob, ow))  # accumulators OB * PB stay within the 32 vector registers
         o(f"enum {{ C = {c}, H = {h}, W = {w}, O = {oc}, OH = {oh}, OW = {ow}, KH = {kh}, KW = {kw}, C4 = {c4}, OB = {ob},")
         o(f"       SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]},")
-        o(f"       DH = {a['dilation'][0]}, DW = {a['dilation'][1]} }};")
-        o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
-        o("__m512i acc[OB];")
-        o(f"for (int b = 0; b < OB; ++b) acc[b] = _mm512_loadu_si512((const void *)({B} + 16 * b));")
+        o(f"       DH = {a['dilation'][0]}, DW = {a['dilation'][1]}, PB = {pb}, OWB = OW - OW % PB }};")
+        o.open("for (int oh = 0; oh < OH; ++oh)")
+        o.open("for (int ow = 0; ow < OWB; ow += PB)")
+        self._vnni_tile(s, o, "PB")
+        o.close()
+        o.open("for (int ow = OWB; ow < OW; ++ow)")
+        self._vnni_tile(s, o, "1")
+        o.close()
+        o.close()
+
+    def _vnni_tile(self, s: Step, o: Source, n: str):
+        """The body for ``n`` consecutive output pixels starting at (oh, ow)."""
+        lo, hi = s.node.attrs["clamp"]
+        W, B, M, S = (self.const_name(s, k) for k in ("wv", "biasv", "multv", "shiftv"))
+        o(f"__m512i acc[OB][{n}];")
+        o(f"for (int b = 0; b < OB; ++b) for (int p = 0; p < {n}; ++p) "
+          f"acc[b][p] = _mm512_loadu_si512((const void *)({B} + 16 * b));")
         o.open("for (int kh = 0; kh < KH; ++kh)")
         o("const int ih = oh * SH - PH + kh * DH;")
         o("if ((unsigned)ih >= (unsigned)H) continue;")
         o.open("for (int kw = 0; kw < KW; ++kw)")
-        o("const int iw = ow * SW - PW + kw * DW;")
-        o("if ((unsigned)iw >= (unsigned)W) continue;")
-        o("const uint8_t *xp = x0 + (ih * W + iw) * C;")
+        o(f"const uint8_t *xp[{n}];")
+        o.open(f"for (int p = 0; p < {n}; ++p)")
+        o("const int iw = (ow + p) * SW - PW + kw * DW;")
+        o("xp[p] = (unsigned)iw < (unsigned)W ? x0 + (ih * W + iw) * C : NULL;")
+        o.close()
         o.open("for (int c4 = 0; c4 < C4; ++c4)")
-        o("int32_t quad;")
-        o("memcpy(&quad, xp + 4 * c4, 4);  /* channels past C meet zero weights */")
-        o("const __m512i xb = _mm512_set1_epi32(quad);")
-        o("for (int b = 0; b < OB; ++b)")
-        o(f"    acc[b] = _mm512_dpbusd_epi32(acc[b], xb, _mm512_loadu_si512((const void *)"
-          f"({W} + ((((b * KH + kh) * KW + kw) * C4 + c4) * 64))));")
-        o.close().close().close()
-        o(f"{self.buf(s.output).ctype} *yp = y + (oh * OW + ow) * O;")
+        o(f"__m512i xb[{n}];")
+        o.open(f"for (int p = 0; p < {n}; ++p)")
+        o("int32_t quad = 0;  /* zero padding */")
+        o("if (xp[p]) memcpy(&quad, xp[p] + 4 * c4, 4);  /* channels past C meet zero weights */")
+        o("xb[p] = _mm512_set1_epi32(quad);")
+        o.close()
         o.open("for (int b = 0; b < OB; ++b)")
-        o(f"const __m512i r = nq_requantize16(acc[b], _mm512_loadu_si512((const void *)({M} + 16 * b)), "
+        o(f"const __m512i wv = _mm512_loadu_si512((const void *)({W} + ((((b * KH + kh) * KW + kw) * C4 + c4) * 64)));")
+        o(f"for (int p = 0; p < {n}; ++p) acc[b][p] = _mm512_dpbusd_epi32(acc[b][p], xb[p], wv);")
+        o.close()
+        o.close().close().close()
+        o.open(f"for (int p = 0; p < {n}; ++p)")
+        o(f"{self.buf(s.output).ctype} *yp = y + (oh * OW + ow + p) * O;")
+        o.open("for (int b = 0; b < OB; ++b)")
+        o(f"const __m512i r = nq_requantize16(acc[b][p], _mm512_loadu_si512((const void *)({M} + 16 * b)), "
           f"_mm512_loadu_si512((const void *)({S} + 16 * b)), {lo}, {hi});")
         o("const __mmask16 keep = O - 16 * b >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (O - 16 * b)) - 1);")
         o("_mm512_mask_cvtepi32_storeu_epi8(yp + 16 * b, keep, r);  /* in range already: the low byte */")
-        o.close()
         o.close().close()
 
     def k_conv_scalar(self, s: Step, o: Source):
