@@ -269,12 +269,17 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _generate_and_build(q, out, name, isa, target="c"):
-    from .codegen import generate, load
+def _generate_and_build(q, out, name, isa, target="c", arch="sm_90"):
+    """Generate and build; the C library is also loaded (a CUDA one needs a GPU to load)."""
+    from .codegen import build, generate, load
     from .progress import bar
 
     prov = f"network {q.name}; calibration: {q.provenance.get('calibration', {}).get('source', 'n/a')}"
-    gen = generate(q.quantize(), out, name=name, target=target, isa=isa, provenance=prov, progress=bar("generate"))
+    gen = generate(q.quantize(), out, name=name, target=target, isa=isa, provenance=prov, progress=bar("generate"),
+                   arch=arch)
+    if target == "cuda":
+        build(gen, progress=bar("nvcc"))
+        return gen, None
     net = load(gen, progress=bar("compile"))
     return gen, net
 
@@ -282,7 +287,7 @@ def _generate_and_build(q, out, name, isa, target="c"):
 def cmd_codegen(args) -> int:
     data = _data(args)
     q = _quantizer(args, data)
-    gen, net = _generate_and_build(q, args.out, args.name, args.isa, args.codegen_target)
+    gen, net = _generate_and_build(q, args.out, args.name, args.isa, args.codegen_target, args.arch)
     print(f"generated {args.codegen_target} sources in {gen.folder}: " +
           ", ".join(f"{f} ({n} lines)" for f, n in sorted(gen.files.items())))
     print(f"built {gen.build['library']} with: {gen.build['command']}"
@@ -420,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("codegen", cmd_codegen, "generate C for the int8 network, build it, write the report")
     quant_options(c, env_flag="--environment")
     c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
-    c.add_argument("--target", dest="codegen_target", default="c", choices=("c",), help="code generation target")
+    c.add_argument("--target", dest="codegen_target", default="c", choices=("c", "cuda"), help="code generation target")
+    c.add_argument("--arch", default="sm_90", help="GPU architecture for --target cuda (default: %(default)s)")
     c.add_argument("--isa", default="native", choices=("native", "avx2", "scalar"),
                    help="native: vectorised for this CPU; scalar: the portable path")
     c.add_argument("--name", default="net", help="C prefix of the exported functions (default: %(default)s)")

@@ -56,18 +56,28 @@ class Generated:
         return self.program.name
 
 
+CUDA_FLAGS = "-O3 --fmad=false -Xcompiler -fPIC -std=c++17 -Werror all-warnings"
+
+
 def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c", isa: str = "native",
-             provenance: str = "", progress: Optional[Progress] = None) -> Generated:
-    """Write the sources of ``qnet`` (a QuantizedNetwork or QGraph) for ``target`` into ``out``."""
-    if target != "c":
-        raise ValueError(f"unknown code generation target {target!r} (this build: c)")
-    if isa not in ISA_FLAGS:
+             provenance: str = "", progress: Optional[Progress] = None, arch: str = "sm_90") -> Generated:
+    """Write the sources of ``qnet`` (a QuantizedNetwork or QGraph) for ``target`` ("c", or
+    "cuda" for GPU ``arch``) into ``out``."""
+    if target not in ("c", "cuda"):
+        raise ValueError(f"unknown code generation target {target!r}: c or cuda")
+    if target == "c" and isa not in ISA_FLAGS:
         raise ValueError(f"unknown isa {isa!r}; choose from {', '.join(ISA_FLAGS)}")
     qgraph = getattr(qnet, "qgraph", qnet)
     report(progress, 0, 3, "planning")
     program = plan(qgraph, name)
-    printer = CPrinter(program, provenance or "netquant integer network")
-    cflags = f"{ISA_FLAGS[isa]} {COMMON_FLAGS}"
+    if target == "cuda":
+        from .cuda import CudaPrinter
+
+        printer = CudaPrinter(program, provenance or "netquant integer network")
+        cflags = f"{CUDA_FLAGS} -arch={arch}"
+    else:
+        printer = CPrinter(program, provenance or "netquant integer network")
+        cflags = f"{ISA_FLAGS[isa]} {COMMON_FLAGS}"
     report(progress, 1, 3, "printing")
     files = printer.files(cflags)
     folder = Path(out)
@@ -97,10 +107,17 @@ def build(gen: Generated, cache_dir: Optional[str | os.PathLike] = None, cc: Opt
           progress: Optional[Progress] = None) -> Path:
     """Compile the generated library (reusing a cached build with the same sources and command).
     Returns the path of the shared library."""
-    compiler = find_compiler(cc)
-    src = gen.folder / f"{gen.name}.c"
+    if gen.target == "cuda":
+        compiler = shutil.which(cc or "nvcc")
+        if compiler is None:
+            raise BuildError("nvcc not found: install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads) "
+                             "or put nvcc on PATH")
+        src = gen.folder / f"{gen.name}.cu"
+    else:
+        compiler = find_compiler(cc)
+        src = gen.folder / f"{gen.name}.c"
     lib_name = f"lib{gen.name}.so"
-    cmd = [compiler, *gen.cflags.split(), "-shared", "-o", lib_name, src.name, "-lm"]
+    cmd = [compiler, *gen.cflags.split(), "-shared", "-o", lib_name, src.name] + (["-lm"] if gen.target == "c" else [])
     h = hashlib.sha256(" ".join(cmd[1:]).encode())
     for fname in sorted(gen.files):
         h.update(fname.encode())

@@ -1,0 +1,371 @@
+"""The CUDA printer: the same Program as the C target, printed as one .cu file.
+
+What differs from :class:`~netquant.codegen.c.CPrinter`: constants live in device memory
+(uploaded once, when the library loads: the persistent network of MATLAB's ``mynet_predict``);
+every step is a ``__global__`` kernel with one thread per output element of every image of the
+batch (the batch size is a run-time argument); per-image arenas lie side by side in one device
+buffer; uint8 x int8 dot products use ``dp4a`` (PTX ``dp4a.u32.s32``) four channels at a time. The
+integer arithmetic is ``netquant_rt.h``'s, shared with C, so outputs are bit-exact with the
+reference executor (nvcc is run with ``--fmad=false`` so no float multiply-add is fused).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .c import CTYPE, CPrinter, Source, c_array
+from .program import Step
+
+THREADS = 256
+
+
+class CudaPrinter(CPrinter):
+    file_suffix = ".cu"
+    const_qualifier = "static __device__ const"
+    kernel_qualifier = "static __global__ void"
+
+    # --- constants: device arrays; the channel-padded dp4a weights replace the CPU layouts ----
+    def dp4a_eligible(self, s: Step) -> bool:
+        return "wv" in s.consts  # ungrouped conv over uint8 input (program.vnni_eligible)
+
+    def constants(self) -> str:
+        out = []
+        for s in self.p.steps:
+            consts = {k: v for k, v in s.consts.items() if k not in self.SIMD_ONLY}
+            if self.dp4a_eligible(s):
+                w = consts.pop("w")                       # (O, KH, KW, C)
+                c4 = -(-w.shape[3] // 4)
+                padded = np.zeros(w.shape[:3] + (4 * c4,), np.int8)
+                padded[..., :w.shape[3]] = w
+                consts["wd"] = padded                      # (O, KH, KW, 4*C4): 4 channels per dp4a
+            for key, arr in consts.items():
+                out.append(c_array(CTYPE[np.asarray(arr).dtype], self.const_name(s, key), arr, self.const_qualifier))
+        return "\n".join(out)
+
+    # --- kernels ------------------------------------------------------------------------------
+    def signature(self, s: Step) -> str:
+        return f"{self.kernel_qualifier} {self.fn_name(s)}(uint8_t *arena, const float *in, float *out, int n)"
+
+    def _ref(self, name: str, const: bool) -> str:
+        """An expression for buffer ``name`` of image ``img``."""
+        b = self.buf(name)
+        q = "const " if const else ""
+        if b.name == self.p.input:
+            return f"(in + (size_t)img * {b.elements})"
+        if b.name == self.p.output:
+            return f"(out + (size_t)img * {b.elements})"
+        return f"(({q}{b.ctype} *)(arena + (size_t)img * ARENA_BYTES + {b.offset}))"
+
+    def step_functions(self) -> str:
+        o = Source()
+        for s in self.p.steps:
+            o(f"/* {s.node.name} = {s.kind}({', '.join(s.node.inputs)}) [{'+'.join(s.node.layers)}] */")
+            o.open(self.signature(s))
+            total = 1 if s.kind == "float" else self.buf(s.output).elements
+            o(f"const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;")
+            o(f"const int img = (int)(idx / {total}), e = (int)(idx % {total});")
+            o("if (img >= n) return;")
+            for j, i in enumerate(s.inputs):
+                o(f"const {self.buf(i).ctype} *x{j} = {self._ref(i, True)};")
+            o(f"{self.buf(s.output).ctype} *y = {self._ref(s.output, False)};")
+            getattr(self, f"g_{s.kind}")(s, o)
+            o.close()
+            o()
+        return o.text()
+
+    def g_affine(self, s, o):
+        c, h, w = self.hwc(self.buf(s.output).shape)
+        o(f"const int c = e / {h * w};")
+        o(f"float t = x0[e] * {self.const_name(s, 'scale')}[c];  /* two roundings, as torch */")
+        o(f"y[e] = t + {self.const_name(s, 'shift')}[c];")
+
+    def g_quantize(self, s, o):
+        c, h, w = self.hwc(self.buf(s.output).shape)
+        lo, hi = s.node.attrs["clamp"]
+        inv = float(np.float32(1.0 / s.node.scale)).hex() + "f"
+        o(f"const int c = e % {c}, i = e / {c};  /* channels-last out, NCHW float in */")
+        o(f"y[e] = ({self.buf(s.output).ctype})nq_quantize(x0[c * {h * w} + i], {inv}, {lo}, {hi});")
+
+    def g_conv(self, s, o):
+        a = s.node.attrs
+        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
+        oc, oh, ow = self.hwc(self.buf(s.output).shape)
+        kh, kw = s.node.params["weight"].shape[2:]
+        g = a["groups"]
+        lo, hi = a["clamp"]
+        B, M, S = (self.const_name(s, k) for k in ("bias", "mult", "shift"))
+        o(f"enum {{ C = {c}, H = {h}, W = {w}, O = {oc}, OW = {ow}, KH = {kh}, KW = {kw}, SH = {a['stride'][0]}, "
+          f"SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]}, DH = {a['dilation'][0]}, "
+          f"DW = {a['dilation'][1]}, CG = {c // g}, OG = {oc // g} }};")
+        o("const int o = e % O, pix = e / O, oh = pix / OW, ow = pix % OW;")
+        o(f"int32_t acc = {B}[o];")
+        o.open("for (int kh = 0; kh < KH; ++kh)")
+        o("const int ih = oh * SH - PH + kh * DH;")
+        o("if ((unsigned)ih >= (unsigned)H) continue;")
+        o.open("for (int kw = 0; kw < KW; ++kw)")
+        o("const int iw = ow * SW - PW + kw * DW;")
+        o("if ((unsigned)iw >= (unsigned)W) continue;")
+        if self.dp4a_eligible(s):
+            c4 = -(-c // 4)
+            o(f"const uint8_t *xp = x0 + (ih * W + iw) * C;")
+            o(f"const int8_t *wp = {self.const_name(s, 'wd')} + ((o * KH + kh) * KW + kw) * {4 * c4};")
+            o.open(f"for (int q = 0; q < {c4}; ++q)")
+            o("uint32_t xa = 0, wb;")
+            o(f"for (int j = 0; j < 4 && 4 * q + j < C; ++j) xa |= (uint32_t)xp[4 * q + j] << (8 * j);")
+            o("memcpy(&wb, wp + 4 * q, 4);")
+            o('asm("dp4a.u32.s32 %0, %1, %2, %0;" : "+r"(acc) : "r"(xa), "r"(wb));')
+            o.close()
+        else:
+            o("const int cg = (o / OG) * CG;")
+            o(f"const {self.buf(s.inputs[0]).ctype} *xp = x0 + (ih * W + iw) * C + cg;")
+            o(f"const int8_t *wp = {self.const_name(s, 'w')} + ((o * KH + kh) * KW + kw) * CG;")
+            o("for (int k = 0; k < CG; ++k) acc += (int32_t)xp[k] * (int32_t)wp[k];")
+        o.close().close()
+        o(f"y[e] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
+
+    def g_linear(self, s, o):
+        k = self.buf(s.inputs[0]).elements
+        lo, hi = s.node.attrs["clamp"]
+        W, B, M, S = (self.const_name(s, key) for key in ("w", "bias", "mult", "shift"))
+        o(f"int32_t acc = {B}[e];")
+        o(f"for (int k = 0; k < {k}; ++k) acc += (int32_t)x0[k] * (int32_t){W}[e * {k} + k];")
+        o(f"y[e] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[e], {S}[e], {lo}, {hi});")
+
+    def g_add(self, s, o):
+        lo, hi = s.node.attrs["clamp"]
+        m = s.node.params["multiplier"]
+        o(f"const int64_t acc = (int64_t)x0[e] * {int(m[0])} + (int64_t)x1[e] * {int(m[1])};")
+        o(f"y[e] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(acc, {int(s.node.params['shift'][0])}), "
+          f"{lo}, {hi});")
+
+    def g_concat(self, s, o):
+        oc = self.hwc(self.buf(s.output).shape)[0]
+        lo, hi = s.node.attrs["clamp"]
+        M, S = s.node.params["multiplier"], s.node.params["shift"]
+        o(f"const int p = e / {oc}, c = e % {oc};")
+        off = 0
+        for j, name in enumerate(s.inputs):
+            cj = self.hwc(self.buf(name).shape)[0]
+            o(f"if (c >= {off} && c < {off + cj}) y[e] = ({self.buf(s.output).ctype})"
+              f"nq_requantize(x{j}[p * {cj} + c - {off}], {int(M[j])}, {int(S[j])}, {lo}, {hi});")
+            off += cj
+
+    def g_gather(self, s, o):
+        o(f"const int32_t t = {self.const_name(s, 'index')}[e];")
+        o("y[e] = t < 0 ? 0 : x0[t];")
+
+    def _gpool(self, s, o, kind):
+        a = s.node.attrs
+        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
+        kh, kw = a["kernel"]
+        ow = (w + 2 * a["padding"][1] - kw) // a["stride"][1] + 1
+        o(f"const int c = e % {c}, pix = e / {c}, oh = pix / {ow}, ow = pix % {ow};")
+        o("int32_t acc = %s;" % ("INT32_MIN" if kind == "max" else "0"))
+        o.open(f"for (int kh = 0; kh < {kh}; ++kh)")
+        o(f"const int ih = oh * {a['stride'][0]} - {a['padding'][0]} + kh;")
+        o(f"if ((unsigned)ih >= {h}u) continue;")
+        o.open(f"for (int kw = 0; kw < {kw}; ++kw)")
+        o(f"const int iw = ow * {a['stride'][1]} - {a['padding'][1]} + kw;")
+        o(f"if ((unsigned)iw >= {w}u) continue;")
+        o(f"const int32_t v = x0[(ih * {w} + iw) * {c} + c];")
+        o("acc = v > acc ? v : acc;" if kind == "max" else "acc += v;")
+        o.close().close()
+        if kind == "max":
+            o(f"y[e] = ({self.buf(s.output).ctype})acc;")
+        else:
+            lo, hi = a["clamp"]
+            o(f"y[e] = ({self.buf(s.output).ctype})nq_requantize(acc, {int(s.node.params['multiplier'][0])}, "
+              f"{int(s.node.params['shift'][0])}, {lo}, {hi});")
+
+    def g_maxpool(self, s, o):
+        self._gpool(s, o, "max")
+
+    def g_avgpool(self, s, o):
+        self._gpool(s, o, "avg")
+
+    def g_act(self, s, o):
+        lo, hi = s.node.attrs["clamp"]
+        o(f"y[e] = ({self.buf(s.output).ctype})nq_clamp(x0[e], {lo}, {hi});")
+
+    def g_dequantize(self, s, o):
+        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
+        scale = float(np.float32(s.node.scale)).hex() + "f"
+        o(f"const int c = e / {h * w}, i = e % {h * w};  /* NCHW float out */")
+        o(f"y[e] = nq_dequantize(x0[i * {c} + c], {scale});")
+
+    def g_float(self, s, o):  # softmax: one thread per image
+        n = self.buf(s.output).elements
+        o("(void)e;")
+        o("float m = x0[0], sum = 0.0f;")
+        o(f"for (int i = 1; i < {n}; ++i) m = x0[i] > m ? x0[i] : m;")
+        o(f"for (int i = 0; i < {n}; ++i) {{ y[i] = expf(x0[i] - m); sum += y[i]; }}")
+        o(f"for (int i = 0; i < {n}; ++i) y[i] /= sum;")
+
+    # --- host side ----------------------------------------------------------------------------
+    def source(self) -> str:
+        p = self.p
+        n = p.name
+        in_size = self.buf(p.input).elements
+        qb = self.buf(p.int_input)
+        ib = self.buf(p.int_output)
+        k = next(i for i, s in enumerate(p.steps) if s.output == p.int_input)
+        qc, qh, qw = self.hwc(qb.shape)
+        ic, ih, iw = self.hwc(ib.shape)
+        return f"""{self.header_comment()}#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include "{n}.h"
+#include "netquant_rt.h"
+
+#define ARENA_BYTES {max(p.arena_bytes, 64)}
+#define IN_SIZE {in_size}
+#define CLASSES {p.classes}
+
+/* ---- constants in device memory (uploaded once when the library loads) ---- */
+{self.constants()}
+/* ---- kernels: one thread per output element of every image ---- */
+{self.step_functions()}
+static __global__ void copy_qin(uint8_t *arena, const int8_t *qin, int n) {{
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int img = (int)(idx / {qb.elements}), e = (int)(idx % {qb.elements});
+    if (img >= n) return;
+    const int c = e % {qc}, i = e / {qc};  /* NCHW in, channels-last out */
+    (({qb.ctype} *)(arena + (size_t)img * ARENA_BYTES + {qb.offset}))[e] = ({qb.ctype})qin[(size_t)img * {qb.elements} + c * {qh * qw} + i];
+}}
+
+static __global__ void copy_int_out(const uint8_t *arena, int32_t *dst, int n) {{
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int img = (int)(idx / {ib.elements}), e = (int)(idx % {ib.elements});
+    if (img >= n) return;
+    const int c = e / {ih * iw}, i = e % {ih * iw};
+    dst[idx] = ((const {ib.ctype} *)(arena + (size_t)img * ARENA_BYTES + {ib.offset}))[i * {ic} + c];
+}}
+
+/* ---- host runtime: one memory plan, grown to the largest batch seen ---- */
+static uint8_t *d_arena = NULL;
+static float *d_in_buf = NULL, *d_out_buf = NULL;
+static int8_t *d_qin = NULL;
+static int32_t *d_int = NULL;
+static int capacity = 0;
+
+static int ensure(int n) {{
+    if (n <= capacity) return NQ_OK;
+    cudaFree(d_arena); cudaFree(d_in_buf); cudaFree(d_out_buf); cudaFree(d_qin); cudaFree(d_int);
+    if (cudaMalloc((void **)&d_arena, (size_t)n * ARENA_BYTES) != cudaSuccess ||
+        cudaMalloc((void **)&d_in_buf, (size_t)n * IN_SIZE * sizeof(float)) != cudaSuccess ||
+        cudaMalloc((void **)&d_out_buf, (size_t)n * CLASSES * sizeof(float)) != cudaSuccess ||
+        cudaMalloc((void **)&d_qin, (size_t)n * {qb.elements}) != cudaSuccess ||
+        cudaMalloc((void **)&d_int, (size_t)n * {ib.elements} * sizeof(int32_t)) != cudaSuccess) {{
+        capacity = 0;
+        return NQ_ERR_RUNTIME;
+    }}
+    capacity = n;
+    return NQ_OK;
+}}
+
+/* every step on device buffers; with qin set, the steps up to the input quantization are skipped */
+static int run_device(const float *d_in, const int8_t *qin, int n, float *d_out) {{
+    if (qin)
+        copy_qin<<<(unsigned)(((long)n * {qb.elements} + {THREADS - 1}) / {THREADS}), {THREADS}>>>(d_arena, qin, n);
+    else {{
+{self._indent(self.launches_range(0, k + 1), 2)}    }}
+{self._indent(self.launches_range(k + 1, len(p.steps)), 1)}    return cudaGetLastError() == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
+}}
+
+static int check_host(const float *images, int n) {{
+    if (!images || n < 0) return NQ_ERR_ARGUMENT;
+    for (long i = 0; i < (long)n * IN_SIZE; ++i)
+        if (!isfinite(images[i])) return NQ_ERR_NONFINITE;
+    return NQ_OK;
+}}
+
+extern "C" int {n}_predict(const float *images, int n, float *scores) {{
+    int rc = check_host(images, n);
+    if (rc || !scores) return rc ? rc : NQ_ERR_ARGUMENT;
+    if (n == 0) return NQ_OK;
+    if ((rc = ensure(n))) return rc;
+    cudaMemcpy(d_in_buf, images, (size_t)n * IN_SIZE * sizeof(float), cudaMemcpyHostToDevice);
+    if ((rc = run_device(d_in_buf, NULL, n, d_out_buf))) return rc;
+    return cudaMemcpy(scores, d_out_buf, (size_t)n * CLASSES * sizeof(float), cudaMemcpyDeviceToHost)
+        == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
+}}
+
+/* The same on device buffers (no copies): d_images n x IN_SIZE floats, d_scores n x CLASSES. */
+extern "C" int {n}_predict_device(const float *d_images, int n, float *d_scores) {{
+    int rc;
+    if (!d_images || !d_scores || n < 0) return NQ_ERR_ARGUMENT;
+    if (n == 0) return NQ_OK;
+    if ((rc = ensure(n))) return rc;
+    if ((rc = run_device(d_images, NULL, n, d_scores))) return rc;
+    return cudaDeviceSynchronize() == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
+}}
+
+extern "C" int {n}_predict_int8(const int8_t *qimages, int n, float *scores) {{
+    int rc;
+    if (!qimages || !scores || n < 0) return NQ_ERR_ARGUMENT;
+    if (n == 0) return NQ_OK;
+    if ((rc = ensure(n))) return rc;
+    cudaMemcpy(d_qin, qimages, (size_t)n * {qb.elements}, cudaMemcpyHostToDevice);
+    if ((rc = run_device(NULL, d_qin, n, d_out_buf))) return rc;
+    return cudaMemcpy(scores, d_out_buf, (size_t)n * CLASSES * sizeof(float), cudaMemcpyDeviceToHost)
+        == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
+}}
+
+extern "C" int {n}_predict_int(const float *images, int n, int32_t *out) {{
+    int rc = check_host(images, n);
+    if (rc || !out) return rc ? rc : NQ_ERR_ARGUMENT;
+    if (n == 0) return NQ_OK;
+    if ((rc = ensure(n))) return rc;
+    cudaMemcpy(d_in_buf, images, (size_t)n * IN_SIZE * sizeof(float), cudaMemcpyHostToDevice);
+    if ((rc = run_device(d_in_buf, NULL, n, d_out_buf))) return rc;
+    copy_int_out<<<(unsigned)(((long)n * {ib.elements} + {THREADS - 1}) / {THREADS}), {THREADS}>>>(d_arena, d_int, n);
+    return cudaMemcpy(out, d_int, (size_t)n * {ib.elements} * sizeof(int32_t), cudaMemcpyDeviceToHost)
+        == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
+}}
+
+extern "C" int {n}_set_num_threads(int threads) {{
+    (void)threads;
+    return 1;  /* the GPU decides; kept for the C target's interface */
+}}
+
+extern "C" const char *{n}_error_string(int code) {{
+    switch (code) {{
+    case NQ_OK: return "ok";
+    case NQ_ERR_ARGUMENT: return "bad argument (null pointer or negative count)";
+    case NQ_ERR_NONFINITE: return "an input value is NaN or infinite";
+    case NQ_ERR_RUNTIME: return cudaGetErrorString(cudaGetLastError());
+    default: return "unknown error";
+    }}
+}}
+"""
+
+    def launches_range(self, a: int, b: int) -> str:
+        o = Source()
+        for s in self.p.steps[a:b]:
+            total = 1 if s.kind == "float" else self.buf(s.output).elements
+            o(f"{self.fn_name(s)}<<<(unsigned)(((long)n * {total} + {THREADS - 1}) / {THREADS}), {THREADS}>>>"
+              f"(d_arena, d_in, d_out, n);")
+        return o.text()
+
+    @staticmethod
+    def _indent(text: str, level: int) -> str:
+        return "".join("    " * level + line + "\n" for line in text.splitlines() if line)
+
+    def makefile(self, cflags: str) -> str:
+        n = self.p.name
+        return f"""# Generated by netquant. make: lib{n}.so
+NVCC ?= nvcc
+NVFLAGS ?= {cflags}
+lib{n}.so: {n}.cu {n}.h netquant_rt.h
+\t$(NVCC) $(NVFLAGS) -shared -o $@ {n}.cu
+"""
+
+    def files(self, cflags: str) -> dict:
+        files = super().files(cflags)
+        files.pop("main.c")  # the C test bench is host-only; the CUDA library is checked from Python
+        files[f"{self.p.name}.h"] = files[f"{self.p.name}.h"].replace(
+            f"int {self.p.name}_set_num_threads(int threads);",
+            f"int {self.p.name}_set_num_threads(int threads);\n"
+            f"/* Device buffers in and out, no copies (CUDA target only). */\n"
+            f"int {self.p.name}_predict_device(const float *d_images, int n, float *d_scores);")
+        return files
