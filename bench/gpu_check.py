@@ -59,12 +59,10 @@ def main() -> int:
         cnet = load(gen)
         print(f"built for {arch} in {time.time() - t0:.1f} s on {torch.cuda.get_device_name()}")
         x = to_float(data.test.images)
-        deq = qnet.qgraph.node(qnet.qgraph.output)
-        while deq.op != "dequantize":
-            deq = qnet.qgraph.node(deq.inputs[0])
+        name = qnet.qgraph.int_output()
         got = cnet.predict_int(x)
-        ref = np.concatenate([run_int8(qnet.qgraph, torch.from_numpy(x[i:i + 1000]), keep=[deq.inputs[0]])
-                              [deq.inputs[0]].numpy() for i in range(0, len(x), 1000)])
+        ref = np.concatenate([run_int8(qnet.qgraph, torch.from_numpy(x[i:i + 1000]), keep=[name])[name].numpy()
+                              for i in range(0, len(x), 1000)])
         exact = bool(np.array_equal(got, ref))
         top1 = 100 * float((cnet.predict(x).argmax(1) == data.test.labels).mean())
         print(f"bit-exact with the reference executor on {len(x)} images ({data.test.source}): {exact}; "

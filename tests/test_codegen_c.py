@@ -33,10 +33,8 @@ def compiled(qnet, tmp_path_factory):
 
 def _reference_int(qnet, x):
     """The integer tensor that the output dequantizes, from the reference executor."""
-    deq = qnet.qgraph.node(qnet.qgraph.output)
-    while deq.op != "dequantize":
-        deq = qnet.qgraph.node(deq.inputs[0])
-    return run_int8(qnet.qgraph, torch.from_numpy(x), keep=[deq.inputs[0]])[deq.inputs[0]].numpy()
+    name = qnet.qgraph.int_output()
+    return run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
 
 
 def test_bit_exact_on_the_full_test_set(compiled, qnet, cifar):

@@ -53,10 +53,8 @@ def test_bit_exact_on_a_gpu(qnet, cifar, tmp_path):
     major, minor = torch.cuda.get_device_capability()
     net = load(generate(qnet, tmp_path, name="net", target="cuda", arch=f"sm_{major}{minor}"))
     x = to_float(cifar.test.images[:1000])
-    deq = qnet.qgraph.node(qnet.qgraph.output)
-    while deq.op != "dequantize":
-        deq = qnet.qgraph.node(deq.inputs[0])
-    ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[deq.inputs[0]])[deq.inputs[0]].numpy()
+    name = qnet.qgraph.int_output()
+    ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
     assert np.array_equal(net.predict_int(x), ref)
 
 
@@ -124,10 +122,8 @@ def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifa
                    check=True, cwd=tmp_path, capture_output=True)
     net = CompiledNetwork(lib, gen.program)
     x = to_float(cifar.test.images[:12])
-    deq = qnet.qgraph.node(qnet.qgraph.output)
-    while deq.op != "dequantize":
-        deq = qnet.qgraph.node(deq.inputs[0])
-    ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[deq.inputs[0]])[deq.inputs[0]].numpy()
+    name = qnet.qgraph.int_output()
+    ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
     assert np.array_equal(net.predict_int(x), ref)
     assert np.abs(net.predict(x) - qnet.run(x)).max() < 1e-6
     qin = run_int8(qnet.qgraph, torch.from_numpy(x), keep=["input_quantize"])["input_quantize"].numpy()

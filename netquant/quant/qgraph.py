@@ -66,5 +66,13 @@ class QGraph:
                 return n
         raise KeyError(f"no node {name!r} in the integer network")
 
+    def int_output(self) -> str:
+        """The integer tensor the output dequantizes (the class scores before any float tail such
+        as softmax): what generated code is compared with bit for bit."""
+        node = self.node(self.output)
+        while node.op != "dequantize":
+            node = self.node(node.inputs[0])
+        return node.inputs[0]
+
     def __repr__(self) -> str:
         return "QGraph:\n  " + "\n  ".join(repr(n) for n in self.nodes)
