@@ -1,21 +1,43 @@
-"""CPU throughput of the generated C library against baselines measured in the same run.
+"""CPU throughput of the generated C library against baselines and peer int8 engines, same run.
 
-    python bench/bench_cpu.py [--data PATH] [--batches 1 32 256] [--threads 1 2] [--isa native]
+    python bench/bench_cpu.py [--data PATH] [--batches 1 32 256] [--threads 1 2] [--isa native avx512]
+                              [--engines c ort openvino pt2e] [--python-executor]
 
-Engines (same network, same weights, same images): the generated C library (int8), PyTorch fp32
-eager, and netquant's Python integer executor. Each prints images/s and its ratio to PyTorch fp32
-measured in the same run (these machines are noisy: compare ratios, not absolute numbers), and
-the fraction of this CPU's int8 peak (ResNet-20 is 40.8M MACs per image; AVX-512 VNNI does two
-64-MAC instructions per cycle per core: 2 * 64 * GHz * cores MAC/s).
-Peers still to add (issue 4): ONNX Runtime int8 (QDQ), OpenVINO int8 (NNCF), PyTorch PT2E x86.
+Every engine runs the same network with the same weights on the same test images:
+
+  torch fp32 eager     the float model in PyTorch (always measured: the baseline of every ratio)
+  c                    the generated C library (int8), netquant's product: one row per --isa build,
+                       named by the kernels it runs (amx, avx512-vnni or portable)
+  python               netquant's Python integer executor (only with --python-executor or --engines)
+  ort                  ONNX Runtime int8: netquant's float ONNX export, static QDQ quantization
+                       (QUInt8 activations, per-channel QInt8 weights, MinMax calibration)
+  openvino             OpenVINO int8: the float ONNX, quantized by NNCF, compiled for CPU
+  pt2e                 PyTorch's own int8 path: torch.export + PT2E with the X86InductorQuantizer
+                       (torchao), then torch.compile (inductor, freezing on)
+
+All int8 engines are calibrated on the same 200 training images (calibration_set(data)). The
+peers are benchmark extras, not netquant dependencies: install them with
+``pip install -e '.[bench]'`` (onnx, onnxruntime, openvino, nncf, torchao); a peer whose package
+is missing is skipped with a line naming it. ``--engines`` limits the run to a subset (default:
+every available engine; torch fp32 is always timed).
+
+Each row prints images/s and its ratio to PyTorch fp32 measured in the same run (these machines
+are noisy: compare ratios, not absolute numbers), the fraction of this CPU's int8 peak
+(ResNet-20 is 40.8M MACs per image; AVX-512 VNNI does two 64-MAC instructions per cycle per
+core: 2 * 64 * GHz * cores MAC/s; an engine using AMX tiles, as oneDNN-based ones may, can pass
+100%), the engine's top-1 accuracy on the test images it timed, and its top-1 agreement with
+the float model on them (a broken peer shows up here).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
 import os
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -27,6 +49,14 @@ from netquant.data import calibration_set, load_cifar10, to_float  # noqa: E402
 from netquant.models.analyze import analyze  # noqa: E402
 from netquant.models.pretrained import load_pretrained  # noqa: E402
 from netquant.quantizer import Quantizer  # noqa: E402
+
+# engine key -> (label, packages it needs, pip line printed when one is missing)
+PEERS = {
+    "ort": ("ONNX Runtime int8", ("onnx", "onnxruntime"), "pip install onnx onnxruntime"),
+    "openvino": ("OpenVINO int8", ("onnx", "openvino", "nncf"), "pip install onnx openvino nncf"),
+    "pt2e": ("PyTorch PT2E x86 int8", ("torchao",), "pip install torchao"),
+}
+ENGINES = ["c", "python", *PEERS]
 
 
 def cpu_ghz() -> float:
@@ -51,38 +81,224 @@ def timeit(fn, x, min_seconds: float = 1.0) -> float:
             return n * len(x) / dt
 
 
+# --- peers: each builder quantizes once and returns make(threads, batch) -> fn(images) -> scores ---
+
+def onnxruntime_engine(onnx_path: str, calib: np.ndarray, tmp: str):
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"images": calib[i:i + 20]} for i in range(0, len(calib), 20)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    # ORT names the scale of tensor T "T_scale", silently reusing an existing initializer of that
+    # name (the export has a tensor "input" and a normalisation constant "input_scale"): give the
+    # initializers a prefix no tensor name has before quantizing.
+    model = onnx.load(onnx_path)
+    names = {i.name: f"const_{i.name}" for i in model.graph.initializer}
+    for i in model.graph.initializer:
+        i.name = names[i.name]
+    for n in model.graph.node:
+        n.input[:] = [names.get(v, v) for v in n.input]
+    renamed = os.path.join(tmp, "resnet20_ort_float.onnx")
+    onnx.save(model, renamed)
+    src = renamed
+    try:  # ONNX Runtime's recommended pre-processing (shape inference, graph optimization)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+        src = os.path.join(tmp, "resnet20_ort_pre.onnx")
+        quant_pre_process(renamed, src)
+    except Exception as e:  # noqa: BLE001
+        print(f"note: ONNX Runtime quant_pre_process failed ({e}); quantizing the raw export")
+        src = renamed
+    # Keep in float what netquant keeps in float: the input normalisation (the ops before the
+    # first conv; quantizing its per-channel Mul also breaks ORT's bias quantization) and softmax.
+    graph = onnx.load(src).graph
+    first = next(i for i, n in enumerate(graph.node) if n.op_type in ("Conv", "Gemm", "MatMul"))
+    exclude = [n.name for n in graph.node[:first]] + [n.name for n in graph.node if n.op_type == "Softmax"]
+    qpath = os.path.join(tmp, "resnet20_ort_qdq.onnx")
+    quantize_static(src, qpath, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+    sessions: dict = {}
+
+    def make(threads: int, batch: int):
+        if threads not in sessions:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sessions[threads] = ort.InferenceSession(qpath, so, providers=["CPUExecutionProvider"])
+        s = sessions[threads]
+        name = s.get_inputs()[0].name
+        return lambda x: s.run(None, {name: x})[0]
+    return make
+
+
+def openvino_engine(onnx_path: str, calib: np.ndarray):
+    import nncf
+    import openvino as ov
+
+    model = ov.convert_model(onnx_path)
+    # one image per calibration item: NNCF's statistics are meant per sample
+    dataset = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))])
+    qmodel = nncf.quantize(model, dataset, subset_size=len(calib), target_device=nncf.TargetDevice.CPU)
+    core = ov.Core()
+    compiled: dict = {}
+
+    def make(threads: int, batch: int):
+        if threads not in compiled:
+            # LATENCY: one stream that gets all INFERENCE_NUM_THREADS for the one synchronous
+            # request on the whole batch. THROUGHPUT splits the threads into several streams
+            # that only pay off with as many requests in flight; a single sync infer would
+            # use one stream's share of the threads.
+            # f32: the ops left in float run in fp32, as in every other engine here (on CPUs with
+            # bf16 the default would run them in bf16).
+            compiled[threads] = core.compile_model(qmodel, "CPU", {
+                "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_PRECISION_HINT": "f32"})
+        cm = compiled[threads]
+        req = cm.create_infer_request()
+        out = cm.output(0)
+        return lambda x: req.infer({0: x})[out]
+    return make
+
+
+def pt2e_engine(net: torch.nn.Module, calib: np.ndarray):
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA-only kernels fail to load on CPU
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # a deprecation note on import
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor")
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+    except ImportError:  # older torch kept PT2E in torch.ao
+        from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torch.ao.quantization.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._inductor.config.freezing = True       # as the x86 inductor quantization docs do
+    torch._dynamo.config.automatic_dynamic_shapes = False   # a static kernel per batch size
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    example = torch.from_numpy(calib[:2])
+    with torch.no_grad():
+        ep = torch.export.export(net.eval(), (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+        quantizer = X86InductorQuantizer()
+        quantizer.set_global(get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(ep.module(), quantizer)
+        for i in range(0, len(calib), 20):
+            prepared(torch.from_numpy(calib[i:i + 20]))
+        converted = convert_pt2e(prepared)
+    state = {"threads": None}
+
+    def make(threads: int, batch: int):
+        # inductor's CPU kernels bake the thread count in at compile time, and dynamo's guards
+        # don't see it: start afresh when the thread count changes, compile per batch size
+        if state["threads"] != threads:
+            torch._dynamo.reset()
+            state["threads"] = threads
+        compiled = torch.compile(converted)
+
+        def fn(x):
+            with torch.no_grad():
+                return compiled(torch.from_numpy(x)).numpy()
+        fn(np.zeros((batch, *calib.shape[1:]), np.float32))  # compile, outside the timed region
+        return fn
+    return make
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--isa", default="native")
+    ap.add_argument("--isa", nargs="+", default=["native", "avx512"],
+                    help="C builds to time (native: this CPU's best, AMX where present; avx512: VNNI)")
+    ap.add_argument("--engines", nargs="+", choices=ENGINES,
+                    help="engines to time besides torch fp32 (default: every available one; "
+                         "'python' only with --python-executor)")
     ap.add_argument("--python-executor", action="store_true", help="also time the Python integer executor")
     args = ap.parse_args()
+    if args.engines is None:
+        engines = [e for e in ENGINES if e != "python" or args.python_executor]
+    else:
+        engines = list(dict.fromkeys(args.engines + (["python"] if args.python_executor else [])))
+    for key in [e for e in engines if e in PEERS]:
+        label, packages, pip = PEERS[key]
+        missing = [p for p in packages if importlib.util.find_spec(p) is None]
+        if missing:
+            print(f"skipped {label}: {pip}  (missing: {', '.join(missing)})")
+            engines.remove(key)
+
     data = load_cifar10(args.data)
-    net = load_pretrained()
+    net = load_pretrained().eval()
     macs = analyze(net).macs
+    calib_set = calibration_set(data)
+    calib = to_float(calib_set.images)
     q = Quantizer(net)
-    q.calibrate(calibration_set(data))
+    q.calibrate(calib_set)
     qnet = q.quantize()
     with tempfile.TemporaryDirectory() as tmp:
-        cnet = load(generate(qnet, tmp, name="resnet20", isa=args.isa))
-        print(f"data: {data.test.source}; CPU: {os.cpu_count()} cores at ~{cpu_ghz():.2f} GHz")
-        print(f"{'engine':24s} {'batch':>5s} {'threads':>7s} {'img/s':>9s} {'vs torch fp32':>13s} {'% int8 peak':>11s}")
+        makers: dict = {}   # label -> make(threads, batch) -> fn(images) -> scores
+        for isa in (args.isa if "c" in engines else []):
+            cnet = load(generate(qnet, os.path.join(tmp, isa), name="resnet20", isa=isa))
+
+            def make_c(threads, batch, cnet=cnet):
+                cnet.set_num_threads(threads)
+                return cnet.predict
+            makers[f"netquant C {cnet.kernels}"] = make_c
+        if "python" in engines:
+            makers["netquant Python int8"] = lambda threads, batch: qnet.run
+        onnx_path = None
+        if {"ort", "openvino"} & set(engines):
+            from netquant.export import export_float_onnx
+            onnx_path = os.path.join(tmp, "resnet20_float.onnx")
+            export_float_onnx(q.graph, onnx_path)
+        builders = {"ort": lambda: onnxruntime_engine(onnx_path, calib, tmp),
+                    "openvino": lambda: openvino_engine(onnx_path, calib),
+                    "pt2e": lambda: pt2e_engine(net, calib)}
+        for key in [e for e in engines if e in PEERS]:
+            label = PEERS[key][0]
+            try:
+                makers[label] = builders[key]()
+            except Exception as e:  # noqa: BLE001  # a broken peer must not stop the others
+                print(f"failed {label} (quantization): {type(e).__name__}: {e}")
+
+        print(f"data: {data.test.source}; calibration: {calib_set.source}")
+        print(f"CPU: {os.cpu_count()} cores at ~{cpu_ghz():.2f} GHz; engines: {', '.join(['torch fp32 eager', *makers])}")
+        print(f"{'engine':24s} {'batch':>5s} {'threads':>7s} {'img/s':>9s} {'vs torch fp32':>13s} {'% int8 peak':>11s}"
+              f" {'top-1':>6s} {'= fp32':>6s}")
         for threads in args.threads:
             torch.set_num_threads(threads)
-            cnet.set_num_threads(threads)
             peak = 2 * 64 * cpu_ghz() * 1e9 * threads  # VNNI MAC/s
             for b in args.batches:
                 x = to_float(data.test.images[:b])
+                labels = data.test.labels[:b]
                 xt = torch.from_numpy(x)
                 with torch.no_grad():
+                    ref = net(xt).argmax(1).numpy()
                     base = timeit(lambda v: net(v), xt)
-                rows = [("torch fp32 eager", base), (f"netquant C ({args.isa})", timeit(cnet.predict, x))]
-                if args.python_executor:
-                    rows.append(("netquant Python int8", timeit(qnet.run, x)))
-                for name, ips in rows:
-                    print(f"{name:24s} {b:5d} {threads:7d} {ips:9.0f} {ips / base:12.2f}x {100 * ips * macs / peak:10.1f}%")
+
+                def row(name, ips, pred):
+                    print(f"{name:24s} {len(x):5d} {threads:7d} {ips:9.0f} {ips / base:12.2f}x "
+                          f"{100 * ips * macs / peak:10.1f}% {100 * np.mean(pred == labels):5.1f}% "
+                          f"{100 * np.mean(pred == ref):5.1f}%")
+                row("torch fp32 eager", base, ref)
+                for name, make in makers.items():
+                    try:
+                        fn = make(threads, b)
+                        pred = np.asarray(fn(x)).argmax(1)
+                        ips = timeit(fn, x)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"failed {name} (batch {b}, {threads} threads): {type(e).__name__}: {e}")
+                        continue
+                    row(name, ips, pred)
+                sys.stdout.flush()
     return 0
 
 

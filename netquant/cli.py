@@ -269,14 +269,14 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _generate_and_build(q, out, name, isa, target="c", arch="sm_90"):
+def _generate_and_build(q, out, name, isa, target="c", arch="sm_90", tensor_cores=False):
     """Generate and build; the C library is also loaded (a CUDA one needs a GPU to load)."""
     from .codegen import build, generate, load
     from .progress import bar
 
     prov = f"network {q.name}; calibration: {q.provenance.get('calibration', {}).get('source', 'n/a')}"
     gen = generate(q.quantize(), out, name=name, target=target, isa=isa, provenance=prov, progress=bar("generate"),
-                   arch=arch)
+                   arch=arch, tensor_cores=tensor_cores)
     if target == "cuda":
         build(gen, progress=bar("nvcc"))
         return gen, None
@@ -287,7 +287,8 @@ def _generate_and_build(q, out, name, isa, target="c", arch="sm_90"):
 def cmd_codegen(args) -> int:
     data = _data(args)
     q = _quantizer(args, data)
-    gen, net = _generate_and_build(q, args.out, args.name, args.isa, args.codegen_target, args.arch)
+    gen, net = _generate_and_build(q, args.out, args.name, args.isa, args.codegen_target, args.arch,
+                                   args.tensor_cores)
     print(f"generated {args.codegen_target} sources in {gen.folder}: " +
           ", ".join(f"{f} ({n} lines)" for f, n in sorted(gen.files.items())))
     print(f"built {gen.build['library']} with: {gen.build['command']}"
@@ -427,8 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
     c.add_argument("--target", dest="codegen_target", default="c", choices=("c", "cuda"), help="code generation target")
     c.add_argument("--arch", default="sm_90", help="GPU architecture for --target cuda (default: %(default)s)")
-    c.add_argument("--isa", default="native", choices=("native", "avx2", "scalar"),
-                   help="native: vectorised for this CPU; scalar: the portable path")
+    c.add_argument("--tensor-cores", action="store_true",
+                   help="--target cuda, sm_80 and newer: convolutions on int8 tensor cores (mma.sync) instead of dp4a")
+    c.add_argument("--isa", default="native", choices=("native", "avx512", "avx2", "scalar"),
+                   help="native: this CPU's best kernels (AMX, else AVX-512 VNNI); avx512: VNNI even where AMX "
+                        "is present; scalar: the portable path")
     c.add_argument("--name", default="net", help="C prefix of the exported functions (default: %(default)s)")
     c.add_argument("--out", default="codegen", help="folder for the sources (default: %(default)s)")
 

@@ -53,3 +53,30 @@ def test_card_accuracy_is_what_the_weights_give(setup, cifar):
     q, x, fl = setup
     card = load_pretrained("cifarnet-20-16").card
     assert abs(_top1(fl, cifar.test.labels) - card["test_top1"]) < 0.05
+
+
+@pytest.mark.parametrize("target", ["gpu", "matlab"])
+def test_executor_within_one_lsb_of_fake_quant_on_the_full_test_set(setup, cifar, target):
+    """Every integer output of every layer within 1 LSB of the fake-quant float simulation of the
+    same integer network (fed the executor's own inputs), on all 10,000 test images; end to end,
+    top-1 of the integer executor and of the fake-quant network agree on >= 99.9% of them."""
+    import torch
+
+    from netquant.ref.executor import run_int8
+    from netquant.ref.fakequant import layerwise_lsb, run_fakequant
+
+    q, x, _ = setup
+    q.set_config(TARGETS[target])
+    qg = q.quantize().qgraph
+    q.set_config(TARGETS["gpu"])
+    worst, agree = 0, 0
+    for i in range(0, len(x), 500):   # chunks: every layer's activations of the chunk are kept
+        xb = torch.from_numpy(x[i:i + 500])
+        worst = max(worst, max(layerwise_lsb(qg, xb).values()))
+        fq = run_fakequant(qg, xb).numpy()
+        iq = run_int8(qg, xb, keep=())[qg.output].numpy()
+        agree += int((fq.argmax(1) == iq.argmax(1)).sum())
+    print(f"\n{target}: max |int8 - fake-quant| = {worst} LSB; top-1 agreement {100 * agree / len(x):.2f}% "
+          f"of {len(x)} images")
+    assert worst <= 1
+    assert agree / len(x) >= 0.999

@@ -37,8 +37,33 @@ def _reference_int(qnet, x):
     return run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
 
 
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def os_grants_amx() -> bool:
+    """Whether Linux gives this process the AMX tile state (what the generated library asks)."""
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(158, 0x1023, 18) == 0   # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+
+
 def test_bit_exact_on_the_full_test_set(compiled, qnet, cifar):
     gen, net = compiled
+    flags = cpu_flags()
+    # the build for this CPU uses its best kernels: AMX tiles where the CPU has them and the OS
+    # grants them (the CI machine does), else AVX-512 VNNI
+    if {"amx_int8", "amx_tile"} <= flags and os_grants_amx():
+        assert net.kernels == "amx"
+    elif "avx512_vnni" in flags:
+        assert net.kernels in ("amx", "avx512-vnni")
     for start in range(0, len(cifar.test), 2500):
         x = to_float(cifar.test.images[start:start + 2500])
         assert np.array_equal(net.predict_int(x), _reference_int(qnet, x)), f"images {start}..{start + 2500}"
@@ -141,11 +166,24 @@ def test_float_op_in_the_middle_is_refused(cifar, tmp_path):
         generate(q.quantize(), tmp_path)
 
 
+def test_avx512_vnni_path_is_bit_exact(qnet, cifar, tmp_path):
+    """-DNQ_NO_AMX: the AVX-512 VNNI kernels, the fallback where the OS refuses AMX tiles."""
+    if "avx512_vnni" not in cpu_flags():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    gen = generate(qnet, tmp_path, name="resnet20", isa="avx512")
+    net = load(gen)
+    assert net.kernels == "avx512-vnni"
+    x = to_float(cifar.test.images[:1000])
+    assert np.array_equal(net.predict_int(x), _reference_int(qnet, x))
+    assert gen.build["warnings"].strip() == "", gen.build["warnings"]
+
+
 def test_portable_scalar_path_is_bit_exact(qnet, cifar, tmp_path):
     """-DNQ_NO_SIMD, no auto-vectorisation: the same integers as the VNNI build."""
     gen = generate(qnet, tmp_path, name="resnet20", isa="scalar")
     assert "NQ_NO_SIMD" in gen.cflags
     net = load(gen)
+    assert net.kernels == "portable"
     x = to_float(cifar.test.images[:16])
     assert np.array_equal(net.predict_int(x), _reference_int(qnet, x))
     assert gen.build["warnings"].strip() == "", gen.build["warnings"]

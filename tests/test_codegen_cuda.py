@@ -26,16 +26,23 @@ def qnet(cifar):
     return q.quantize()
 
 
-@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
-def test_builds_without_warnings(qnet, tmp_path, arch):
+@pytest.mark.parametrize("arch,tensor_cores", [("sm_75", False), ("sm_80", True), ("sm_90", False), ("sm_90", True)])
+def test_builds_without_warnings(qnet, tmp_path, arch, tensor_cores):
     if NVCC is None:
         pytest.skip("nvcc not installed")
-    gen = generate(qnet, tmp_path, name="resnet20", target="cuda", arch=arch)
+    gen = generate(qnet, tmp_path, name="resnet20", target="cuda", arch=arch, tensor_cores=tensor_cores)
     src = (tmp_path / "resnet20.cu").read_text()
-    assert "dp4a.u32.s32" in src and "__global__" in src and "resnet20_predict_device" in src
+    assert "__global__" in src and "resnet20_predict_device" in src
+    assert ("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32" in src) == tensor_cores
+    assert ("dp4a.u32.s32" in src) != tensor_cores
     lib = build(gen)
     assert lib.exists() and gen.build["warnings"].strip() == "", gen.build["warnings"]
     assert f"-arch={arch}" in gen.build["command"] and "--fmad=false" in gen.build["command"]
+
+
+def test_tensor_cores_need_sm_80(qnet, tmp_path):
+    with pytest.raises(ValueError, match="sm_80"):
+        generate(qnet, tmp_path, name="net", target="cuda", arch="sm_75", tensor_cores=True)
 
 
 def test_cuda_sources_share_the_program(qnet, tmp_path):
@@ -47,11 +54,15 @@ def test_cuda_sources_share_the_program(qnet, tmp_path):
 
 
 @pytest.mark.gpu
-def test_bit_exact_on_a_gpu(qnet, cifar, tmp_path):
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["dp4a", "mma"])
+def test_bit_exact_on_a_gpu(qnet, cifar, tmp_path, tensor_cores):
     if not torch.cuda.is_available():
         pytest.skip("no GPU here (bench/gpu_check.py runs this on the full test set where one is lent)")
     major, minor = torch.cuda.get_device_capability()
-    net = load(generate(qnet, tmp_path, name="net", target="cuda", arch=f"sm_{major}{minor}"))
+    if tensor_cores and major < 8:
+        pytest.skip("int8 mma.sync.m16n8k32 needs sm_80 or newer")
+    net = load(generate(qnet, tmp_path, name="net", target="cuda", arch=f"sm_{major}{minor}",
+                        tensor_cores=tensor_cores))
     x = to_float(cifar.test.images[:1000])
     name = qnet.qgraph.int_output()
     ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
@@ -59,18 +70,26 @@ def test_bit_exact_on_a_gpu(qnet, cifar, tmp_path):
 
 
 EMULATION = r"""
-/* CPU emulation of the CUDA runtime for tests/test_codegen_cuda.py: kernels run as plain
- * functions, one call per (block, thread); device memory is host memory. */
+/* CPU emulation of the CUDA runtime for tests/test_codegen_cuda.py: the 32 lanes of a warp run as
+ * coroutines (ucontext) on the CPU; device memory is host memory. A lane that reaches mma.sync
+ * parks until all 32 lanes have, then the warp-wide product is formed from every lane's
+ * fragments (PTX ISA layout of mma.m16n8k32 with 8-bit operands) and each lane resumes with its
+ * accumulators, which is what the warp-synchronous instruction does on a GPU. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <ucontext.h>
+#include <functional>
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __align__(x) __attribute__((aligned(x)))
+#define __ldg(p) (*(p))
 struct nq_dim3 { unsigned x; };
-static nq_dim3 blockIdx, threadIdx, blockDim;
+static nq_dim3 blockIdx, blockDim;
 enum { cudaSuccess = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
 static int cudaMalloc(void **p, size_t n) { *p = calloc(1, n ? n : 1); return *p ? 0 : 1; }
 static int cudaFree(void *p) { free(p); return 0; }
@@ -84,37 +103,114 @@ static inline int32_t nq_dp4a(uint32_t a, uint32_t b) {
     for (int j = 0; j < 4; ++j) s += (int32_t)((a >> (8 * j)) & 255u) * (int32_t)(int8_t)((b >> (8 * j)) & 255u);
     return s;
 }
+
+struct NqLane { ucontext_t ctx; nq_dim3 tid; bool done, parked; int32_t *acc; uint32_t a[4], b[2]; };
+static NqLane nq_lane[32];
+static int nq_cur = 0;
+static ucontext_t nq_sched;
+static std::function<void()> nq_body;
+#define threadIdx (nq_lane[nq_cur].tid)
+static char nq_stacks[32][1 << 16];
+
+static void nq_lane_entry() { nq_body(); nq_lane[nq_cur].done = true; swapcontext(&nq_lane[nq_cur].ctx, &nq_sched); }
+
+/* D = A (16x32 u8, row) x B (32x8 s8, col) + C over the 32 parked lanes: lane = 4g + t holds
+ * A[g + 8(r&1)][16(r>>1) + 4t + byte] in register r, B[16h + 4t + byte][g] in register h, and
+ * C[g + 8(j>>1)][2t + (j&1)] in accumulator j. */
+static void nq_mma_warp() {
+    uint8_t A[16][32]; int8_t B[32][8]; int32_t D[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int r = 0; r < 4; ++r)
+            for (int by = 0; by < 4; ++by) A[g + 8 * (r & 1)][16 * (r >> 1) + 4 * t + by] = (uint8_t)(nq_lane[l].a[r] >> (8 * by));
+        for (int h = 0; h < 2; ++h)
+            for (int by = 0; by < 4; ++by) B[16 * h + 4 * t + by][g] = (int8_t)(uint8_t)(nq_lane[l].b[h] >> (8 * by));
+    }
+    for (int l = 0; l < 32; ++l)
+        for (int j = 0; j < 4; ++j) D[(l >> 2) + 8 * (j >> 1)][2 * (l & 3) + (j & 1)] = nq_lane[l].acc[j];
+    for (int m = 0; m < 16; ++m)
+        for (int c = 0; c < 8; ++c)
+            for (int k = 0; k < 32; ++k) D[m][c] += (int32_t)A[m][k] * (int32_t)B[k][c];
+    for (int l = 0; l < 32; ++l)
+        for (int j = 0; j < 4; ++j) nq_lane[l].acc[j] = D[(l >> 2) + 8 * (j >> 1)][2 * (l & 3) + (j & 1)];
+}
+
+static void nq_mma_sync(int32_t *acc, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    NqLane &me = nq_lane[nq_cur];
+    me.acc = acc; memcpy(me.a, a, sizeof me.a); me.b[0] = b0; me.b[1] = b1; me.parked = true;
+    swapcontext(&me.ctx, &nq_sched);
+}
+
+/* one block: warps one after another, the lanes of a warp interleaved at each mma.sync (kernels
+ * without warp-wide instructions run thread after thread, no coroutines needed) */
+static void nq_run_block(unsigned threads, bool warp_sync, const std::function<void()> &body) {
+    if (!warp_sync) {
+        nq_cur = 0;
+        for (unsigned t = 0; t < threads; ++t) { nq_lane[0].tid.x = t; body(); }
+        return;
+    }
+    nq_body = body;
+    for (unsigned w0 = 0; w0 < threads; w0 += 32) {
+        const int lanes = (int)(threads - w0 < 32 ? threads - w0 : 32);
+        for (int l = 0; l < lanes; ++l) {
+            nq_lane[l].tid.x = w0 + l; nq_lane[l].done = nq_lane[l].parked = false;
+            getcontext(&nq_lane[l].ctx);
+            nq_lane[l].ctx.uc_stack.ss_sp = nq_stacks[l]; nq_lane[l].ctx.uc_stack.ss_size = sizeof nq_stacks[l];
+            nq_lane[l].ctx.uc_link = NULL;
+            makecontext(&nq_lane[l].ctx, nq_lane_entry, 0);
+        }
+        for (;;) {
+            int parked = 0, done = 0;
+            for (int l = 0; l < lanes; ++l) {
+                if (!nq_lane[l].done && !nq_lane[l].parked) { nq_cur = l; swapcontext(&nq_sched, &nq_lane[l].ctx); }
+                parked += nq_lane[l].parked; done += nq_lane[l].done;
+            }
+            if (done == lanes) break;
+            if (parked != 32) abort();  /* mma.sync reached by part of a warp: undefined on a GPU */
+            nq_mma_warp();
+            for (int l = 0; l < lanes; ++l) nq_lane[l].parked = false;
+        }
+    }
+}
 """
 
 
 def emulate(cu_source: str) -> str:
-    """The generated .cu rewritten to run on the CPU: launches become loops over (block, thread),
-    the dp4a instruction becomes nq_dp4a. Everything else, indexing included, is unchanged."""
+    """The generated .cu rewritten to run on the CPU: launches become loops over blocks whose warps
+    run lane by lane (see EMULATION), dp4a becomes nq_dp4a and mma.sync becomes nq_mma_sync.
+    Everything else, indexing included, is unchanged."""
     import re
 
     src = cu_source.replace("#include <cuda_runtime.h>", EMULATION)
     src, n_asm = re.subn(r'asm\("dp4a\.u32\.s32 %0, %1, %2, %0;" : "\+r"\(acc\) : "r"\(xa\), "r"\(wb\)\);',
                          "acc += nq_dp4a(xa, wb);", src)
-    assert n_asm > 0
+    src, n_mma = re.subn(r'asm volatile\("mma\.sync\.aligned\.m16n8k32\.row\.col\.s32\.u8\.s8\.s32 [^;]*;"\s*'
+                         r':[^:]*:\s*"r"\(af\[i\]\[0\]\)[^;]*\);',
+                         "nq_mma_sync(acc[i][q], af[i], b0, b1);", src)
+    assert n_asm + n_mma > 0 and 'asm volatile("mma' not in src
+    warp_kernels = set(re.findall(r"__launch_bounds__\(\d+\) (\w+)\(", cu_source))
 
     def launch(m):
         name, grid, block, args = m.group(1), m.group(2), m.group(3), m.group(4)
-        return (f"for (unsigned nq_b = 0; nq_b < {grid}; ++nq_b) for (unsigned nq_t = 0; nq_t < {block}; ++nq_t) "
-                f"{{ blockIdx.x = nq_b; threadIdx.x = nq_t; blockDim.x = {block}; {name}({args}); }}")
+        return (f"for (unsigned nq_b = 0; nq_b < {grid}; ++nq_b) {{ blockIdx.x = nq_b; blockDim.x = {block}; "
+                f"nq_run_block({block}, {'true' if name in warp_kernels else 'false'}, [&] {{ {name}({args}); }}); }}")
 
     src, n_launch = re.subn(r"(\w+)<<<(.+?), (\d+)>>>\((.*?)\);", launch, src)
     assert n_launch > 10
     return src
 
 
-def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifar, tmp_path):
-    """Without a GPU: the generated kernels and host runtime, run thread by thread on the CPU
-    (tests the indexing, memory plan, dp4a packing and requantization of the CUDA source)."""
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["dp4a", "mma"])
+def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifar, tmp_path, tensor_cores):
+    """Without a GPU: the generated kernels and host runtime, run lane by lane on the CPU (tests
+    the indexing, memory plan, dp4a packing, tensor-core fragments (sm_90) and requantization of
+    the CUDA source; the GPU check confirms it on the hardware)."""
     import subprocess
 
     from netquant.codegen.build import CompiledNetwork
 
-    gen = generate(qnet, tmp_path, name="net", target="cuda")
+    gen = generate(qnet, tmp_path, name="net", target="cuda", tensor_cores=tensor_cores)
+    assert ("asm volatile(\"mma.sync" in (tmp_path / "net.cu").read_text()) == tensor_cores
     emu = tmp_path / "net_emulated.cpp"
     emu.write_text(emulate((tmp_path / "net.cu").read_text()))
     lib = tmp_path / "libnet_emulated.so"

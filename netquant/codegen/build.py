@@ -29,7 +29,8 @@ from .program import Program, plan
 log = logging.getLogger(__name__)
 
 ISA_FLAGS = {
-    "native": "-O3 -march=native",                    # vectorised for this CPU (AVX2 / AVX-512 VNNI where present)
+    "native": "-O3 -march=native",                    # this CPU's best: AMX, else AVX-512 VNNI, else portable C
+    "avx512": "-O3 -march=native -DNQ_NO_AMX",        # AVX-512 VNNI even where AMX is present
     "avx2": "-O3 -mavx2 -mfma",
     "scalar": "-O2 -fno-tree-vectorize -DNQ_NO_SIMD",  # the portable path
 }
@@ -50,6 +51,7 @@ class Generated:
     files: dict            # file name -> line count
     cflags: str
     build: dict = field(default_factory=dict)   # filled by build(): command, seconds, warnings, library
+    kernels: dict = field(default_factory=dict)  # layer -> the kernel printed for it
 
     @property
     def name(self) -> str:
@@ -60,9 +62,10 @@ CUDA_FLAGS = "-O3 --fmad=false -Xcompiler -fPIC -std=c++17 -Werror all-warnings"
 
 
 def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c", isa: str = "native",
-             provenance: str = "", progress: Optional[Progress] = None, arch: str = "sm_90") -> Generated:
+             provenance: str = "", progress: Optional[Progress] = None, arch: str = "sm_90",
+             tensor_cores: bool = False) -> Generated:
     """Write the sources of ``qnet`` (a QuantizedNetwork or QGraph) for ``target`` ("c", or
-    "cuda" for GPU ``arch``) into ``out``."""
+    "cuda" for GPU ``arch``; ``tensor_cores``: int8 mma convolutions, sm_80 and newer) into ``out``."""
     if target not in ("c", "cuda"):
         raise ValueError(f"unknown code generation target {target!r}: c or cuda")
     if target == "c" and isa not in ISA_FLAGS:
@@ -73,7 +76,7 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
     if target == "cuda":
         from .cuda import CudaPrinter
 
-        printer = CudaPrinter(program, provenance or "netquant integer network")
+        printer = CudaPrinter(program, provenance or "netquant integer network", arch=arch, tensor_cores=tensor_cores)
         cflags = f"{CUDA_FLAGS} -arch={arch}"
     else:
         printer = CPrinter(program, provenance or "netquant integer network")
@@ -84,7 +87,8 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
     folder.mkdir(parents=True, exist_ok=True)
     for fname, text in files.items():
         (folder / fname).write_text(text)
-    gen = Generated(folder, program, target, {k: v.count("\n") for k, v in files.items()}, cflags)
+    gen = Generated(folder, program, target, {k: v.count("\n") for k, v in files.items()}, cflags,
+                    kernels={s.node.name: printer.kernel_label(s) for s in program.steps})
     report(progress, 2, 3, "writing the report")
     write_report(gen)
     report(progress, 3, 3, "done")
@@ -163,6 +167,9 @@ class CompiledNetwork:
         self._threads.argtypes, self._threads.restype = [ctypes.c_int], ctypes.c_int
         self._error = getattr(self.lib, f"{n}_error_string")
         self._error.argtypes, self._error.restype = [ctypes.c_int], ctypes.c_char_p
+        kernels = getattr(self.lib, f"{n}_kernels")
+        kernels.argtypes, kernels.restype = [], ctypes.c_char_p
+        self.kernels = kernels().decode()  # "amx", "avx512-vnni", "portable", "cuda-mma" or "cuda-dp4a"
         self.input_shape = tuple(program.buffer(program.input).shape)
 
     def set_num_threads(self, threads: int) -> int:

@@ -3,7 +3,10 @@ a Makefile), deterministic (no timestamps) with a provenance header.
 
 Kernels are specialised to the network: every shape is a compile-time constant in an ``enum``,
 so the compiler unrolls and vectorises the channel loops (``-O3 -march=native``) or keeps them
-scalar (``-O2 -fno-tree-vectorize``, the portable path). Every integer step follows
+scalar (``-O2 -fno-tree-vectorize``, the portable path). Convolutions over 8-bit input use AMX
+tiles where the compiler targets them and Linux grants the tile state (``k_conv_amx``), else
+AVX-512 VNNI (``k_conv_vnni``), else portable C; residual adds use AVX-512 16 lanes at a time.
+Every integer step follows
 ``netquant_rt.h``, which mirrors ``netquant/quant/numerics.py``. Images of a batch run in
 parallel with OpenMP, each thread in its own static arena.
 
@@ -95,6 +98,12 @@ class CPrinter:
     def const_name(self, step: Step, key: str) -> str:
         return f"k_{step.output}_{key}"
 
+    def kernel_label(self, s: Step) -> str:
+        """What the report calls the kernel printed for ``s``."""
+        if "wv" in s.consts:
+            return f"{s.kind}: AVX-512 VNNI where built with it, else portable C"
+        return f"{s.kind}: portable C"
+
     def fn_name(self, step: Step) -> str:
         return f"step_{step.output}"
 
@@ -127,6 +136,13 @@ class CPrinter:
         o(f"y[i * C + c] = ({self.buf(s.output).ctype})nq_quantize(x0[c * HW + i], inv, {lo}, {hi});").close().close()
 
     def k_conv(self, s: Step, o: Source):
+        if "wa" in s.consts:
+            o("#if NQ_AMX")
+            o.open("if (nq_amx_state == 1)")
+            self.k_conv_amx(s, o)
+            o("return;")
+            o.close()
+            o("#endif")
         if "wv" in s.consts:
             o("#if NQ_VNNI")
             self.k_conv_vnni(s, o)
@@ -135,6 +151,105 @@ class CPrinter:
             o("#endif")
         else:
             self.k_conv_scalar(s, o)
+
+    def amx_geometry(self, s: Step) -> dict:
+        """Shapes of the AMX kernel of ``s`` (see k_conv_amx)."""
+        a = s.node.attrs
+        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
+        oc, oh, ow = self.hwc(self.buf(s.output).shape)
+        kh, j, nb = s.consts["wa"].shape[:3]
+        sh, sw = a["stride"]
+        ph, pw = a["padding"]
+        hp, wp = h + 2 * ph, w + 2 * pw
+        mr = 16 if sw == 1 and sh == 1 else min(16, ow)
+        pad = (hp * wp + mr * sw + wp) * c + j * 64 + 64
+        return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, J=j, NB=nb, SH=sh, SW=sw, PH=ph, PW=pw,
+                    DH=a["dilation"][0], HP=hp, WP=wp, MR=mr, PAD=-(-pad // 64) * 64)
+
+    def amx_buffers(self) -> tuple[int, int]:
+        """Bytes of the per-thread padded input and int32 accumulator tiles of the AMX kernels."""
+        geos = [self.amx_geometry(s) for s in self.p.steps if "wa" in s.consts]
+        return (max([g["PAD"] for g in geos], default=64), max([16 * 16 * g["NB"] for g in geos], default=16))
+
+    def k_conv_amx(self, s: Step, o: Source):
+        """Convolution on AMX tiles (implicit GEMM, no im2col).
+
+        The input is copied into a zero-padded (HP, WP, C) buffer. Output pixels are the rows of
+        the left operand: for filter row kh, 16 output pixels read 64 bytes each at a stride of
+        SW*C bytes, i.e. the taps kw = 0, 1, ... of all C channels side by side; pack_amx lays the
+        weights out for exactly those bytes, with zeros past KW*C. With stride 1 the 16 rows run
+        on across padded row ends (pixel v = oh*WP + ow reads at (v + kh*DH*WP)*C), so an 8x8
+        output keeps whole tiles; the ow >= OW rows are computed and dropped. With a larger stride
+        the rows stay inside one output row (MR = min(16, OW)). Sums are exact int32: each tile
+        dot product adds 64 products of 8-bit values. Tiles: 0-3 accumulate 16 output channels
+        each, 4 and 7 hold activations, 5 and 6 weights (alternating, so loads overlap products).
+        Example: S1U1_conv1 (C = O = 16, 32x32): 3 tdpbusd per 16 pixels, 68 strips of 16 of the
+        34-wide virtual rows (34*31 + 32 = 1086 pixels) instead of 64 of the true 32-wide ones.
+        """
+        g = self.amx_geometry(s)
+        lo, hi = s.node.attrs["clamp"]
+        WA, B, M, S = (self.const_name(s, k) for k in ("wa", "biasv", "multv", "shiftv"))
+        dp = "_tile_dpbusd" if self.buf(s.inputs[0]).dtype == "uint8" else "_tile_dpbssd"
+        yt = self.buf(s.output).ctype
+        o("enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };")
+        o("nq_amx_config(MR);")
+        o("uint8_t *xp = nq_pad;")
+        o("/* copy the rows in; zero only what lies around them (top, the side pads between rows, and")
+        o(" * the bottom with the slack that the last tile rows read past the image) */")
+        o("memset(xp, 0, (PH * WP + PW) * C);")
+        o.open("for (int h = 0; h < H; ++h)")
+        o("uint8_t *row = xp + ((h + PH) * WP + PW) * C;")
+        o("memcpy(row, (const uint8_t *)x0 + h * W * C, W * C);")
+        o("if (h + 1 < H) memset(row + W * C, 0, 2 * PW * C);")
+        o.close()
+        o("memset(xp + ((H - 1 + PH) * WP + PW + W) * C, 0, PAD - ((H - 1 + PH) * WP + PW + W) * C);")
+        stride1 = g["SH"] == 1 and g["SW"] == 1
+        if stride1:
+            o("/* virtual rows: pixel v = oh * WP + ow, ow < OW kept */")
+            o.open("for (int v0 = 0; v0 < (OH - 1) * WP + OW; v0 += MR)")
+            base = "xp + (v0 + {kh} * DH * WP) * C + {j} * 64"
+            stride = "C"
+        else:
+            o.open("for (int oh = 0; oh < OH; ++oh)")
+            o.open("for (int v0 = 0; v0 < OW; v0 += MR)")
+            base = "xp + ((oh * SH + {kh} * DH) * WP + v0 * SW) * C + {j} * 64"
+            stride = "SW * C"
+        nb = g["NB"]
+        for g0 in range(0, nb, 4):
+            tiles = list(range(min(4, nb - g0)))
+            for t in tiles:
+                o(f"_tile_zero({t});")
+            step = 0
+            for kh in range(g["KH"]):
+                for j in range(g["J"]):
+                    at = 4 if step % 2 == 0 else 7
+                    o(f"_tile_loadd({at}, {base.format(kh=kh, j=j)}, {stride});")
+                    for t in tiles:
+                        bt = 5 if (step * len(tiles) + t) % 2 == 0 else 6
+                        o(f"_tile_loadd({bt}, {WA} + {((kh * g['J'] + j) * nb + g0 + t) * 1024}, 64);")
+                        o(f"{dp}({t}, {at}, {bt});")
+                    step += 1
+            for t in tiles:
+                o(f"_tile_stored({t}, nq_acc + {(g0 + t) * 16}, NB * 64);")
+        o.open("for (int r = 0; r < MR; ++r)")
+        if stride1:
+            o("const int v = v0 + r, oh = v / WP, ow = v % WP;")
+            o("if (ow >= OW || oh >= OH) continue;")
+        else:
+            o("const int ow = v0 + r;")
+            o("if (ow >= OW) break;")
+        o(f"{yt} *yp = y + (oh * OW + ow) * O;")
+        o.open("for (int b = 0; b < NB; ++b)")
+        o(f"const __m512i acc = _mm512_add_epi32(_mm512_loadu_si512((const void *)(nq_acc + (r * NB + b) * 16)), "
+          f"_mm512_loadu_si512((const void *)({B} + 16 * b)));")
+        o(f"const __m512i q = nq_requantize16(acc, _mm512_loadu_si512((const void *)({M} + 16 * b)), "
+          f"_mm512_loadu_si512((const void *)({S} + 16 * b)), {lo}, {hi});")
+        o("const __mmask16 keep = O - 16 * b >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (O - 16 * b)) - 1);")
+        o("_mm512_mask_cvtepi32_storeu_epi8(yp + 16 * b, keep, q);")
+        o.close().close()
+        o.close()
+        if not stride1:
+            o.close()
 
     def k_conv_vnni(self, s: Step, o: Source):
         """16 output channels per 512-bit vector and PB output pixels of a row at once: per tap
@@ -210,7 +325,7 @@ class CPrinter:
         o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
         o(f"{self.buf(s.output).ctype} *yp = y + (oh * OW + ow) * O;")
         o.open("for (int o = 0; o < O; ++o)")
-        o(f"const int cg = (o / OG) * CG;")
+        o("const int cg = (o / OG) * CG;")
         o(f"int32_t acc = {B}[o];")
         o.open("for (int kh = 0; kh < KH; ++kh)")
         o("const int ih = oh * SH - PH + kh * DH;")
@@ -243,7 +358,19 @@ class CPrinter:
         m = s.node.params["multiplier"]
         sh = int(s.node.params["shift"][0])
         o(f"enum {{ N = {n} }};")
-        o.open("for (int i = 0; i < N; ++i)")
+        o("int i = 0;")
+        o("#if NQ_VNNI")
+        widen = {"uint8": "_mm512_cvtepu8_epi32", "int8": "_mm512_cvtepi8_epi32"}
+        t0, t1 = (self.buf(i).dtype for i in s.inputs)
+        if t0 in widen and t1 in widen and self.buf(s.output).dtype in widen:
+            o.open("for (; i + 16 <= N; i += 16)")
+            o(f"const __m512i a = {widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i)));")
+            o(f"const __m512i b = {widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i)));")
+            o(f"_mm_storeu_si128((__m128i *)(y + i), _mm512_cvtepi32_epi8(nq_add16(a, b, {int(m[0])}, {int(m[1])}, "
+              f"{sh}, {lo}, {hi})));  /* in range already: the low bytes */")
+            o.close()
+        o("#endif")
+        o.open("for (; i < N; ++i)")
         o(f"int64_t acc = (int64_t)x0[i] * {int(m[0])} + (int64_t)x1[i] * {int(m[1])};")
         o(f"y[i] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(acc, {sh}), {lo}, {hi});")
         o.close()
@@ -329,20 +456,32 @@ class CPrinter:
         o("for (int i = 0; i < N; ++i) y[i] /= sum;")
 
     # --- files ----------------------------------------------------------------------------
-    # constants only one of the two conv paths uses, guarded so neither build warns
-    SIMD_ONLY, SCALAR_ONLY = ("wv", "biasv", "multv", "shiftv"), ("w", "bias", "mult", "shift")
+    # constants only some conv paths use, guarded so that no build warns of an unused one
+    SIMD_ONLY = ("wv", "biasv", "multv", "shiftv", "wa")
+
+    def const_guard(self, s: Step, key: str) -> str:
+        """The preprocessor condition under which constant ``key`` of ``s`` is used ("" always).
+        VNNI convs fall back to VNNI when the OS refuses AMX, other AMX convs to portable C."""
+        vnni, amx = "wv" in s.consts, "wa" in s.consts
+        if key == "wa":
+            return "NQ_AMX"
+        if key in ("biasv", "multv", "shiftv"):
+            return "NQ_VNNI" if vnni else "NQ_AMX"
+        if key == "wv":
+            return "NQ_VNNI"
+        if vnni and key in ("w", "bias", "mult", "shift"):
+            return "!NQ_VNNI"
+        return ""
 
     def constants(self) -> str:
         out = []
         for s in self.p.steps:
-            simd = "wv" in s.consts
             for key, arr in s.consts.items():
                 text = c_array(CTYPE[np.asarray(arr).dtype], self.const_name(s, key), arr, self.const_qualifier)
-                if simd and key in self.SIMD_ONLY:
-                    text = f"#if NQ_VNNI\n{text}#endif\n"
-                elif simd and key in self.SCALAR_ONLY:
-                    text = f"#if !NQ_VNNI\n{text}#endif\n"
-                out.append(text)
+                if key in ("wa", "wv"):
+                    text = text.replace("] = {", "] __attribute__((aligned(64))) = {", 1)
+                guard = self.const_guard(s, key)
+                out.append(f"#if {guard}\n{text}#endif\n" if guard else text)
         return "\n".join(out)
 
     def step_functions(self) -> str:
@@ -417,6 +556,8 @@ int {n}_predict_int(const float *images, int n, int32_t *out);
 /* Threads used over the batch (OpenMP); 0 leaves the default. Returns the number in use. */
 int {n}_set_num_threads(int threads);
 const char *{n}_error_string(int code);
+/* The convolution kernels in use: "amx", "avx512-vnni" or "portable" (CUDA: "cuda-mma" or "cuda-dp4a"). */
+const char *{n}_kernels(void);
 
 #ifdef __cplusplus
 }}
@@ -429,7 +570,10 @@ const char *{n}_error_string(int code);
         n = p.name
         in_size = self.buf(p.input).elements
         q_size = self.buf(p.int_input).elements
-        return f"""{self.header_comment()}#include <stddef.h>
+        return f"""{self.header_comment()}#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE  /* syscall() under -std=c11, to ask Linux for the AMX tile state */
+#endif
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 /* the AVX-512 VNNI conv kernels when the compiler targets such a CPU (-march=native there);
@@ -439,6 +583,16 @@ const char *{n}_error_string(int code);
 #include <immintrin.h>
 #else
 #define NQ_VNNI 0
+#endif
+/* AMX tiles (Sapphire Rapids and newer) when the compiler targets them, used once Linux grants
+ * this process the tile state (arch_prctl); the VNNI or portable kernels otherwise, or with
+ * -DNQ_NO_AMX */
+#if NQ_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__) && !defined(NQ_NO_AMX)
+#define NQ_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define NQ_AMX 0
 #endif
 #include "{n}.h"
 #include "{RUNTIME_HEADER}"
@@ -454,6 +608,7 @@ const char *{n}_error_string(int code);
 
 /* ---- constants: int8 weights (O, KH, KW, I), int32 bias, requantization (M, shift) ---- */
 {self.constants()}
+{self.amx_runtime()}
 /* ---- kernels, one per layer, shapes fixed ---- */
 {self.step_functions()}
 /* ---- one image ---- */
@@ -465,6 +620,9 @@ static int run_batch(const float *images, const int8_t *qimages, int n, float *s
     if (images)
         for (long i = 0; i < (long)n * IN_SIZE; ++i)
             if (!isfinite(images[i])) return NQ_ERR_NONFINITE;
+#if NQ_AMX
+    nq_amx_request();
+#endif
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; ++i) {{
         float local[CLASSES];
@@ -505,6 +663,37 @@ const char *{n}_error_string(int code) {{
     default: return "unknown error";
     }}
 }}
+
+const char *{n}_kernels(void) {{
+#if NQ_AMX
+    nq_amx_request();
+    if (nq_amx_state == 1) return "amx";
+#endif
+    return NQ_VNNI ? "avx512-vnni" : "portable";
+}}
+"""
+
+    def amx_runtime(self) -> str:
+        pad, acc = self.amx_buffers()
+        return f"""#if NQ_AMX
+/* ---- AMX: the tile state is granted per process; tiles are configured per kernel ---- */
+static int nq_amx_state = -1;  /* -1 not asked yet, 0 refused, 1 granted */
+static void nq_amx_request(void) {{
+    if (nq_amx_state < 0)  /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
+        nq_amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}}
+typedef struct {{ uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; }} nq_tilecfg;
+/* tiles 0-3: 16 int32 accumulators per row; 4, 7: MR activation rows of 64 bytes; 5, 6: 16 weight rows */
+static void nq_amx_config(int mr) {{
+    nq_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; ++t) {{ cfg.colsb[t] = 64; cfg.rows[t] = (uint8_t)(t == 5 || t == 6 ? 16 : mr); }}
+    _tile_loadconfig(&cfg);
+}}
+static _Thread_local uint8_t nq_pad[{pad}] __attribute__((aligned(64)));   /* zero-padded input */
+static _Thread_local int32_t nq_acc[{acc}] __attribute__((aligned(64)));   /* MR x 16*NB sums */
+#endif
 """
 
     def bench(self) -> str:

@@ -2,9 +2,13 @@
 
 What differs from :class:`~netquant.codegen.c.CPrinter`: constants live in device memory
 (uploaded once, when the library loads: the persistent network of MATLAB's ``mynet_predict``);
-every step is a ``__global__`` kernel with one thread per output element of every image of the
-batch (the batch size is a run-time argument); per-image arenas lie side by side in one device
-buffer; uint8 x int8 dot products use ``dp4a`` (PTX ``dp4a.u32.s32``) four channels at a time. The
+every step is a ``__global__`` kernel; per-image arenas lie side by side in one device buffer (the
+batch size is a run-time argument). By default each kernel has one thread per output element and
+convolutions use ``dp4a`` (PTX ``dp4a.u32.s32``) four channels at a time: the kernels checked bit
+for bit on a GPU (an H100, bench/gpu_check.py). With ``tensor_cores=True`` (sm_80 and newer),
+convolutions over uint8 activations run on int8 tensor cores instead (``mma.sync.m16n8k32``
+u8 x s8 -> s32, an implicit GEMM, see :meth:`CudaPrinter.g_conv_mma`); they are checked bit for
+bit in the test suite's CPU emulation of a warp and await the same check on a GPU. The
 integer arithmetic is ``netquant_rt.h``'s, shared with C, so outputs are bit-exact with the
 reference executor (nvcc is run with ``--fmad=false`` so no float multiply-add is fused).
 """
@@ -16,6 +20,16 @@ from .c import CTYPE, CPrinter, Source, c_array
 from .program import Step
 
 THREADS = 256
+MMA_WARPS = 4        # warps per block of the tensor-core convolution
+MMA_MIN_SM = 80      # mma.sync.m16n8k32 with 8-bit operands: sm_80 and newer
+
+
+def sm_number(arch: str) -> int:
+    """75 for "sm_75", 90 for "sm_90a" or "compute_90"."""
+    digits = "".join(ch for ch in arch.split("_", 1)[-1] if ch.isdigit())
+    if not digits:
+        raise ValueError(f"arch {arch!r}: expected sm_XY (for example sm_80 or sm_90)")
+    return int(digits)
 
 
 class CudaPrinter(CPrinter):
@@ -23,15 +37,53 @@ class CudaPrinter(CPrinter):
     const_qualifier = "static __device__ const"
     kernel_qualifier = "static __global__ void"
 
+    def __init__(self, program, provenance: str = "", arch: str = "sm_90", tensor_cores: bool = False):
+        super().__init__(program, provenance)
+        self.arch = arch
+        self.sm = sm_number(arch)
+        if tensor_cores and self.sm < MMA_MIN_SM:
+            raise ValueError(f"tensor_cores needs sm_{MMA_MIN_SM} or newer (int8 mma.sync.m16n8k32); arch is {arch}")
+        self.tensor_cores = tensor_cores
+
     # --- constants: device arrays; the channel-padded dp4a weights replace the CPU layouts ----
     def dp4a_eligible(self, s: Step) -> bool:
         return "wv" in s.consts  # ungrouped conv over uint8 input (program.vnni_eligible)
+
+    def mma_eligible(self, s: Step) -> bool:
+        """Tensor cores (when asked for): uint8 input, channels a multiple of 16 in (so each 16-wide half of a
+        32-deep k step lies inside one filter tap) and of 8 out (whole n tiles)."""
+        if not self.tensor_cores or not self.dp4a_eligible(s):
+            return False
+        c = self.hwc(self.buf(s.inputs[0]).shape)[0]
+        oc = self.hwc(self.buf(s.output).shape)[0]
+        return c % 16 == 0 and oc % 8 == 0
+
+    def kernel_label(self, s: Step) -> str:
+        if self.mma_eligible(s):
+            return "conv: int8 tensor cores (mma.sync m16n8k32 u8 x s8)"
+        if s.kind == "conv" and self.dp4a_eligible(s):
+            return "conv: dp4a, one thread per output"
+        return f"{s.kind}: one thread per output"
+
+    def mma_tiles(self, s: Step) -> tuple[int, int, int]:
+        """(k steps of 32, n tiles of 8, m tiles of 16 per warp): more m tiles where n is narrow,
+        so each weight fragment feeds several mma."""
+        w = s.node.params["weight"]
+        k = int(np.prod(w.shape[1:]))
+        nt = w.shape[0] // 8
+        return -(-k // 32), nt, (4 if nt <= 4 else 2)
 
     def constants(self) -> str:
         out = []
         for s in self.p.steps:
             consts = {k: v for k, v in s.consts.items() if k not in self.SIMD_ONLY}
-            if self.dp4a_eligible(s):
+            if self.mma_eligible(s):
+                w = consts.pop("w")                       # (O, KH, KW, C)
+                ksteps = self.mma_tiles(s)[0]
+                wm = np.zeros((w.shape[0], 32 * ksteps), np.int8)
+                wm[:, :w[0].size] = w.reshape(w.shape[0], -1)  # (O, K): k = (kh * KW + kw) * C + c
+                out.append(c_array("int8_t", self.const_name(s, "wm"), wm, "static __device__ const __align__(16)"))
+            elif self.dp4a_eligible(s):
                 w = consts.pop("w")                       # (O, KH, KW, C)
                 c4 = -(-w.shape[3] // 4)
                 padded = np.zeros(w.shape[:3] + (4 * c4,), np.int8)
@@ -59,9 +111,13 @@ class CudaPrinter(CPrinter):
         o = Source()
         for s in self.p.steps:
             o(f"/* {s.node.name} = {s.kind}({', '.join(s.node.inputs)}) [{'+'.join(s.node.layers)}] */")
+            if self.mma_eligible(s):
+                self.g_conv_mma(s, o)
+                o()
+                continue
             o.open(self.signature(s))
             total = 1 if s.kind == "float" else self.buf(s.output).elements
-            o(f"const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;")
+            o("const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;")
             o(f"const int img = (int)(idx / {total}), e = (int)(idx % {total});")
             o("if (img >= n) return;")
             for j, i in enumerate(s.inputs):
@@ -106,11 +162,11 @@ class CudaPrinter(CPrinter):
         o("if ((unsigned)iw >= (unsigned)W) continue;")
         if self.dp4a_eligible(s):
             c4 = -(-c // 4)
-            o(f"const uint8_t *xp = x0 + (ih * W + iw) * C;")
+            o("const uint8_t *xp = x0 + (ih * W + iw) * C;")
             o(f"const int8_t *wp = {self.const_name(s, 'wd')} + ((o * KH + kh) * KW + kw) * {4 * c4};")
             o.open(f"for (int q = 0; q < {c4}; ++q)")
             o("uint32_t xa = 0, wb;")
-            o(f"for (int j = 0; j < 4 && 4 * q + j < C; ++j) xa |= (uint32_t)xp[4 * q + j] << (8 * j);")
+            o("for (int j = 0; j < 4 && 4 * q + j < C; ++j) xa |= (uint32_t)xp[4 * q + j] << (8 * j);")
             o("memcpy(&wb, wp + 4 * q, 4);")
             o('asm("dp4a.u32.s32 %0, %1, %2, %0;" : "+r"(acc) : "r"(xa), "r"(wb));')
             o.close()
@@ -121,6 +177,109 @@ class CudaPrinter(CPrinter):
             o("for (int k = 0; k < CG; ++k) acc += (int32_t)xp[k] * (int32_t)wp[k];")
         o.close().close()
         o(f"y[e] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
+
+    def g_conv_mma(self, s, o):
+        """Convolution as an implicit GEMM on int8 tensor cores.
+
+        Rows m are the output pixels of every image of the batch (M = n * OH * OW), columns the
+        output channels (N = O), and k = (kh * KW + kw) * C + c runs over the filter (K = KH*KW*C,
+        zero-padded to a multiple of 32). One warp computes 16*MT rows x O columns with
+        ``mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32``: unsigned activations times signed
+        weights, exact int32 sums, so the result equals the reference executor's bit for bit.
+        Fragments come straight from memory (PTX ISA layout; g = lane / 4, t = lane % 4):
+        A register 2*half + h holds row g + 8h, k = 16*half + 4t .. +3: four consecutive channels
+        of one tap, one aligned 32-bit load (C % 16 == 0), or 0 in the padding; B register half
+        holds column g, the same k: 4 bytes of the (O, KP) weight rows. Accumulator j holds row
+        g + 8*(j/2), column 2t + j%2. Example, S3U1_conv2 (C = O = 64, 8x8): K = 576 = 18 steps,
+        8 n tiles, 2 m tiles: 288 mma per warp for 32 pixels x 64 channels.
+        """
+        a = s.node.attrs
+        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
+        oc, oh, ow = self.hwc(self.buf(s.output).shape)
+        kh, kw = s.node.params["weight"].shape[2:]
+        ksteps, nt, mt = self.mma_tiles(s)
+        lo, hi = a["clamp"]
+        xin, yout = self.buf(s.inputs[0]), self.buf(s.output)
+        assert xin.offset >= 0 and yout.offset >= 0, "tensor-core convolutions read and write the arena"
+        WM, B, M, S = (self.const_name(s, k) for k in ("wm", "bias", "mult", "shift"))
+        o.open(f"{self.kernel_qualifier} __launch_bounds__({32 * MMA_WARPS}) "
+               f"{self.fn_name(s)}(uint8_t *arena, const float *in, float *out, int n)")
+        o(f"enum {{ C = {c}, H = {h}, W = {w}, O = {oc}, OW = {ow}, OHW = {oh * ow}, KW = {kw}, "
+          f"SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]}, "
+          f"DH = {a['dilation'][0]}, DW = {a['dilation'][1]}, K = {kh * kw * c}, KP = {32 * ksteps}, "
+          f"KSTEPS = {ksteps}, NT = {nt}, MT = {mt} }};")
+        o("(void)in; (void)out;")
+        o("const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;")
+        o("const long rows = (long)n * OHW;")
+        o("const long row0 = ((long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * (16 * MT);")
+        o("if (row0 >= rows) return;  /* whole warps leave together: the tensor-core instruction needs all 32 lanes */")
+        o("/* the 2*MT rows whose A fragments this lane loads: row0 + 16*i + g + 8*j */")
+        o("const uint8_t *xb[MT][2];")
+        o("int ih0[MT][2], iw0[MT][2];")
+        o("bool valid[MT][2];")
+        o("#pragma unroll")
+        o.open("for (int i = 0; i < MT; ++i)")
+        o("#pragma unroll")
+        o.open("for (int j = 0; j < 2; ++j)")
+        o("const long r = row0 + 16 * i + g + 8 * j;")
+        o("valid[i][j] = r < rows;")
+        o("const long rr = valid[i][j] ? r : 0;")
+        o("const int img = (int)(rr / OHW), pix = (int)(rr % OHW);")
+        o(f"xb[i][j] = arena + (size_t)img * ARENA_BYTES + {xin.offset};")
+        o("ih0[i][j] = (pix / OW) * SH - PH;")
+        o("iw0[i][j] = (pix % OW) * SW - PW;")
+        o.close().close()
+        o("int32_t acc[MT][NT][4];")
+        o("#pragma unroll")
+        o("for (int i = 0; i < MT; ++i)")
+        o("    #pragma unroll")
+        o("    for (int q = 0; q < NT; ++q) acc[i][q][0] = acc[i][q][1] = acc[i][q][2] = acc[i][q][3] = 0;")
+        o("#pragma unroll")
+        o.open("for (int ks = 0; ks < KSTEPS; ++ks)")
+        o("uint32_t af[MT][4];")
+        o("#pragma unroll")
+        o.open("for (int half = 0; half < 2; ++half)")
+        o("const int kb = ks * 32 + half * 16;  /* a constant once unrolled */")
+        o("const int tap = kb / C, kh = tap / KW, kw = tap % KW, ch = kb % C + 4 * t;")
+        o("#pragma unroll")
+        o.open("for (int i = 0; i < MT; ++i)")
+        o("#pragma unroll")
+        o.open("for (int j = 0; j < 2; ++j)")
+        o("const int ih = ih0[i][j] + kh * DH, iw = iw0[i][j] + kw * DW;")
+        o("const bool inside = kb < K && valid[i][j] && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;")
+        o("af[i][2 * half + j] = inside ? *(const uint32_t *)(xb[i][j] + (ih * W + iw) * C + ch) : 0u;")
+        o.close().close().close()
+        o("#pragma unroll")
+        o.open("for (int q = 0; q < NT; ++q)")
+        o(f"const int8_t *wp = {WM} + (q * 8 + g) * KP + ks * 32 + 4 * t;")
+        o("const uint32_t b0 = __ldg((const unsigned int *)wp), b1 = __ldg((const unsigned int *)(wp + 16));")
+        o("#pragma unroll")
+        o.open("for (int i = 0; i < MT; ++i)")
+        o('asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, '
+          '{%8,%9}, {%0,%1,%2,%3};"')
+        o('             : "+r"(acc[i][q][0]), "+r"(acc[i][q][1]), "+r"(acc[i][q][2]), "+r"(acc[i][q][3])')
+        o('             : "r"(af[i][0]), "r"(af[i][1]), "r"(af[i][2]), "r"(af[i][3]), "r"(b0), "r"(b1));')
+        o.close().close().close()
+        o("/* requantize and store: lane holds columns 2t, 2t+1 of rows g and g + 8 of each tile */")
+        o("#pragma unroll")
+        o.open("for (int i = 0; i < MT; ++i)")
+        o("#pragma unroll")
+        o.open("for (int j = 0; j < 2; ++j)")
+        o("if (!valid[i][j]) continue;")
+        o("const long r = row0 + 16 * i + g + 8 * j;")
+        o("const int img = (int)(r / OHW), pix = (int)(r % OHW);")
+        o(f"{yout.ctype} *y = ({yout.ctype} *)(arena + (size_t)img * ARENA_BYTES + {yout.offset}) + pix * O;")
+        o("#pragma unroll")
+        o.open("for (int q = 0; q < NT; ++q)")
+        o("const int col = q * 8 + 2 * t;")
+        o(f"const {yout.ctype} v0 = ({yout.ctype})nq_requantize((int64_t){B}[col] + acc[i][q][2 * j], "
+          f"{M}[col], {S}[col], {lo}, {hi});")
+        o(f"const {yout.ctype} v1 = ({yout.ctype})nq_requantize((int64_t){B}[col + 1] + acc[i][q][2 * j + 1], "
+          f"{M}[col + 1], {S}[col + 1], {lo}, {hi});")
+        o("y[col] = v0;")
+        o("y[col + 1] = v1;")
+        o.close().close().close()
+        o.close()
 
     def g_linear(self, s, o):
         k = self.buf(s.inputs[0]).elements
@@ -217,13 +376,13 @@ class CudaPrinter(CPrinter):
 #include "{n}.h"
 #include "netquant_rt.h"
 
-#define ARENA_BYTES {max(p.arena_bytes, 64)}
+#define ARENA_BYTES {-(-max(p.arena_bytes, 64) // 64) * 64}  /* 64-byte aligned: 32-bit fragment loads */
 #define IN_SIZE {in_size}
 #define CLASSES {p.classes}
 
 /* ---- constants in device memory (uploaded once when the library loads) ---- */
 {self.constants()}
-/* ---- kernels: one thread per output element of every image ---- */
+/* ---- kernels ---- */
 {self.step_functions()}
 static __global__ void copy_qin(uint8_t *arena, const int8_t *qin, int n) {{
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -328,6 +487,10 @@ extern "C" int {n}_set_num_threads(int threads) {{
     return 1;  /* the GPU decides; kept for the C target's interface */
 }}
 
+extern "C" const char *{n}_kernels(void) {{
+    return "{'cuda-mma' if self.tensor_cores else 'cuda-dp4a'}";
+}}
+
 extern "C" const char *{n}_error_string(int code) {{
     switch (code) {{
     case NQ_OK: return "ok";
@@ -342,6 +505,12 @@ extern "C" const char *{n}_error_string(int code) {{
     def launches_range(self, a: int, b: int) -> str:
         o = Source()
         for s in self.p.steps[a:b]:
+            if self.mma_eligible(s):
+                rows_per_block = 16 * self.mma_tiles(s)[2] * MMA_WARPS
+                oc, oh, ow = self.hwc(self.buf(s.output).shape)
+                o(f"{self.fn_name(s)}<<<(unsigned)(((long)n * {oh * ow} + {rows_per_block - 1}) / {rows_per_block}), "
+                  f"{32 * MMA_WARPS}>>>(d_arena, d_in, d_out, n);")
+                continue
             total = 1 if s.kind == "float" else self.buf(s.output).elements
             o(f"{self.fn_name(s)}<<<(unsigned)(((long)n * {total} + {THREADS - 1}) / {THREADS}), {THREADS}>>>"
               f"(d_arena, d_in, d_out, n);")

@@ -146,13 +146,43 @@ def pack_vnni(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(ob, LANES, ip // 4, 4, kh, kw).transpose(0, 4, 5, 2, 1, 3))
 
 
+AMX_K = 64      # bytes of k per AMX tile row: one tdpbusd multiplies 16 x 64 by 64 x 16
+
+
+def amx_eligible(n: QNode, in_dtype: str) -> bool:
+    """The AMX kernel (Sapphire Rapids and newer) reads its left operand straight from a padded
+    copy of the input: 16 output pixels x 64 consecutive bytes of one padded input row, so it
+    serves ungrouped convs over 8-bit input (uint8: tdpbusd, int8: tdpbssd) whose filter taps
+    are adjacent along W (dilation 1 there)."""
+    return (n.op == "conv" and n.attrs["groups"] == 1 and in_dtype in ("uint8", "int8")
+            and n.attrs["dilation"][1] == 1)
+
+
+def pack_amx(w: np.ndarray) -> np.ndarray:
+    """Conv weights (O, I, KH, KW) -> int8 [KH][J][NB][16][64], the right operands of AMX dot
+    products. For one filter row kh the k axis is the KW*I bytes of KW adjacent channels-last
+    input pixels, zero-padded to J*64; NB = ceil(O/16) blocks of 16 output channels. A 16 x 64
+    tile row kq holds 4 consecutive k of 16 outputs: element [kh][j][nb][kq][4n + i] is the
+    weight of output 16*nb + n at byte b = 64*j + 4*kq + i of the row, i.e. input channel b % I of
+    tap kw = b // I. Example: I = 16, KW = 3: 48 bytes per filter row, J = 1, k 48..63 are 0."""
+    o, i, kh, kw = w.shape
+    j, nb = -(-kw * i // AMX_K), -(-o // LANES)
+    rows = np.zeros((nb * LANES, kh, j * AMX_K), np.int8)
+    rows[:o, :, :kw * i] = w.transpose(0, 2, 3, 1).reshape(o, kh, kw * i)   # (O, KH, KW*I), channels-last
+    # (NB*16 n, KH, J*16 kq * 4 i) -> (NB, 16n, KH, J, 16kq, 4i) -> (KH, J, NB, 16kq, 16n, 4i)
+    return np.ascontiguousarray(rows.reshape(nb, LANES, kh, j, 16, 4).transpose(2, 3, 0, 4, 1, 5))
+
+
 def _consts(n: QNode, in_shape: tuple, in_dtype: str = "") -> dict:
     p = n.params
     if n.op == "conv":
         out = {"w": _weights_ohwi(p["weight"]), "bias": p["bias"], "mult": p["multiplier"], "shift": p["shift"]}
-        if vnni_eligible(n, in_dtype):
+        if amx_eligible(n, in_dtype):
+            out["wa"] = pack_amx(p["weight"])
+        if vnni_eligible(n, in_dtype) or amx_eligible(n, in_dtype):
             ob = -(-len(p["bias"]) // LANES)
-            out["wv"] = pack_vnni(p["weight"])
+            if vnni_eligible(n, in_dtype):
+                out["wv"] = pack_vnni(p["weight"])
             pad = np.zeros(ob * LANES - len(p["bias"]), np.int32)
             out["biasv"] = np.concatenate([p["bias"], pad])
             out["multv"] = np.concatenate([p["multiplier"], pad + (1 << 30)])  # padded lanes are never stored

@@ -23,7 +23,7 @@ def render(gen) -> str:
         out = p.buffer(s.output)
         wbytes = sum(int(a.nbytes) for a in s.consts.values())
         place = "caller's array" if out.offset < 0 else f"arena +{out.offset}"
-        rows.append([s.node.name, "+".join(s.node.layers), f"{gen.target}:{s.kind}", out.dtype,
+        rows.append([s.node.name, "+".join(s.node.layers), gen.kernels.get(s.node.name, f"{gen.target}:{s.kind}"), out.dtype,
                      "x".join(map(str, out.shape)), wbytes, out.nbytes, place])
     layers = _table(["Layer", "Network layers", "Kernel", "Output type", "Output shape", "Constant bytes",
                      "Buffer bytes", "Placement"], rows)

@@ -60,6 +60,20 @@ static inline __m512i nq_requantize16(__m512i acc, __m512i M, __m512i shift, int
     p_o = _mm512_min_epi64(_mm512_max_epi64(p_o, vlo), vhi);
     return _mm512_or_si512(_mm512_and_si512(p_e, low32), _mm512_slli_epi64(p_o, 32));
 }
+
+/* The residual add on 16 int32 lanes: clamp((a * m0 + b * m1 + 2^(shift-1)) >> shift, lo, hi),
+ * the same integers as the scalar loop (64-bit products, even and odd lanes apart). */
+static inline __m512i nq_add16(__m512i a, __m512i b, int32_t m0, int32_t m1, int32_t shift, int32_t lo, int32_t hi) {
+    const __m512i low32 = _mm512_set1_epi64(0xffffffffLL), M0 = _mm512_set1_epi64(m0), M1 = _mm512_set1_epi64(m1);
+    const __m512i rnd = _mm512_set1_epi64((int64_t)1 << (shift - 1)), sh = _mm512_set1_epi64(shift);
+    const __m512i vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
+    __m512i e = _mm512_add_epi64(_mm512_mul_epi32(a, M0), _mm512_mul_epi32(b, M1));
+    __m512i o = _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(a, 32), M0),
+                                 _mm512_mul_epi32(_mm512_srli_epi64(b, 32), M1));
+    e = _mm512_min_epi64(_mm512_max_epi64(_mm512_srav_epi64(_mm512_add_epi64(e, rnd), sh), vlo), vhi);
+    o = _mm512_min_epi64(_mm512_max_epi64(_mm512_srav_epi64(_mm512_add_epi64(o, rnd), sh), vlo), vhi);
+    return _mm512_or_si512(_mm512_and_si512(e, low32), _mm512_slli_epi64(o, 32));
+}
 #endif
 
 #endif /* NETQUANT_RT_H */
