@@ -1,7 +1,6 @@
 """C code generation (needs gcc): deterministic sources, a library that equals the integer
 reference executor bit for bit on real CIFAR-10, the test bench, the report, bad input."""
 import ctypes
-import shutil
 import subprocess
 
 import numpy as np

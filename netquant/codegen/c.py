@@ -99,10 +99,10 @@ class CPrinter:
         return f"k_{step.output}_{key}"
 
     def kernel_label(self, s: Step) -> str:
-        """What the report calls the kernel printed for ``s``."""
-        if "wv" in s.consts:
-            return f"{s.kind}: AVX-512 VNNI where built with it, else portable C"
-        return f"{s.kind}: portable C"
+        """What the report calls the kernel printed for ``s`` (the paths in k_conv's order)."""
+        paths = (["AMX tiles where built with them and granted"] if "wa" in s.consts else []) + \
+                (["AVX-512 VNNI where built with it"] if "wv" in s.consts else [])
+        return f"{s.kind}: " + ", else ".join(paths + ["portable C"])
 
     def fn_name(self, step: Step) -> str:
         return f"step_{step.output}"
@@ -187,8 +187,7 @@ class CPrinter:
         34-wide virtual rows (34*31 + 32 = 1086 pixels) instead of 64 of the true 32-wide ones.
         """
         g = self.amx_geometry(s)
-        lo, hi = s.node.attrs["clamp"]
-        WA, B, M, S = (self.const_name(s, k) for k in ("wa", "biasv", "multv", "shiftv"))
+        WA, B = self.const_name(s, "wa"), self.const_name(s, "biasv")
         dp = "_tile_dpbusd" if self.buf(s.inputs[0]).dtype == "uint8" else "_tile_dpbssd"
         yt = self.buf(s.output).ctype
         o("enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };")
@@ -242,10 +241,7 @@ class CPrinter:
         o.open("for (int b = 0; b < NB; ++b)")
         o(f"const __m512i acc = _mm512_add_epi32(_mm512_loadu_si512((const void *)(nq_acc + (r * NB + b) * 16)), "
           f"_mm512_loadu_si512((const void *)({B} + 16 * b)));")
-        o(f"const __m512i q = nq_requantize16(acc, _mm512_loadu_si512((const void *)({M} + 16 * b)), "
-          f"_mm512_loadu_si512((const void *)({S} + 16 * b)), {lo}, {hi});")
-        o("const __mmask16 keep = O - 16 * b >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (O - 16 * b)) - 1);")
-        o("_mm512_mask_cvtepi32_storeu_epi8(yp + 16 * b, keep, q);")
+        self._requantize_store16(s, o, "acc")
         o.close().close()
         o.close()
         if not stride1:
@@ -275,8 +271,7 @@ class CPrinter:
 
     def _vnni_tile(self, s: Step, o: Source, n: str):
         """The body for ``n`` consecutive output pixels starting at (oh, ow)."""
-        lo, hi = s.node.attrs["clamp"]
-        W, B, M, S = (self.const_name(s, k) for k in ("wv", "biasv", "multv", "shiftv"))
+        W, B = self.const_name(s, "wv"), self.const_name(s, "biasv")
         o(f"__m512i acc[OB][{n}];")
         o(f"for (int b = 0; b < OB; ++b) for (int p = 0; p < {n}; ++p) "
           f"acc[b][p] = _mm512_loadu_si512((const void *)({B} + 16 * b));")
@@ -304,35 +299,54 @@ class CPrinter:
         o.open(f"for (int p = 0; p < {n}; ++p)")
         o(f"{self.buf(s.output).ctype} *yp = y + (oh * OW + ow + p) * O;")
         o.open("for (int b = 0; b < OB; ++b)")
-        o(f"const __m512i r = nq_requantize16(acc[b][p], _mm512_loadu_si512((const void *)({M} + 16 * b)), "
-          f"_mm512_loadu_si512((const void *)({S} + 16 * b)), {lo}, {hi});")
-        o("const __mmask16 keep = O - 16 * b >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (O - 16 * b)) - 1);")
-        o("_mm512_mask_cvtepi32_storeu_epi8(yp + 16 * b, keep, r);  /* in range already: the low byte */")
+        self._requantize_store16(s, o, "acc[b][p]")
         o.close().close()
 
-    def k_conv_scalar(self, s: Step, o: Source):
+    def _requantize_store16(self, s: Step, o: Source, acc: str):
+        """Output channels 16*b .. 16*b+15 of one pixel: requantize the int32 sums ``acc`` (bias
+        included) and store their low bytes at ``yp + 16 * b``, the channels past O masked off."""
+        lo, hi = s.node.attrs["clamp"]
+        M, S = self.const_name(s, "multv"), self.const_name(s, "shiftv")
+        o(f"const __m512i q = nq_requantize16({acc}, _mm512_loadu_si512((const void *)({M} + 16 * b)), "
+          f"_mm512_loadu_si512((const void *)({S} + 16 * b)), {lo}, {hi});")
+        o("const __mmask16 keep = O - 16 * b >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (O - 16 * b)) - 1);")
+        o("_mm512_mask_cvtepi32_storeu_epi8(yp + 16 * b, keep, q);  /* in range already: the low byte */")
+
+    def conv_enum(self, s: Step) -> str:
+        """The shapes of conv ``s`` as one C enum (C, H, W in; O, OH, OW out; taps, strides,
+        padding, dilation; CG input and OG output channels per group)."""
         a = s.node.attrs
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
         oc, oh, ow = self.hwc(self.buf(s.output).shape)
         kh, kw = s.node.params["weight"].shape[2:]
         g = a["groups"]
-        lo, hi = a["clamp"]
-        W, B, M, S = (self.const_name(s, k) for k in ("w", "bias", "mult", "shift"))
-        o(f"enum {{ C = {c}, H = {h}, W = {w}, O = {oc}, OH = {oh}, OW = {ow}, KH = {kh}, KW = {kw},")
-        o(f"       SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]},")
-        o(f"       DH = {a['dilation'][0]}, DW = {a['dilation'][1]}, CG = {c // g}, OG = {oc // g} }};")
-        o("/* |acc| <= %d < 2^31 (lowering checked the bound on these weights) */" % a["acc_bound"])
-        o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
-        o(f"{self.buf(s.output).ctype} *yp = y + (oh * OW + ow) * O;")
-        o.open("for (int o = 0; o < O; ++o)")
-        o("const int cg = (o / OG) * CG;")
-        o(f"int32_t acc = {B}[o];")
+        return (f"enum {{ C = {c}, H = {h}, W = {w}, O = {oc}, OH = {oh}, OW = {ow}, KH = {kh}, KW = {kw}, "
+                f"SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]}, "
+                f"DH = {a['dilation'][0]}, DW = {a['dilation'][1]}, CG = {c // g}, OG = {oc // g} }};")
+
+    @staticmethod
+    def open_taps(o: Source):
+        """Open the loops over the filter taps (kh, kw) of output pixel (oh, ow), skipping taps
+        in the zero padding; inside, (ih, iw) is the input pixel. The caller closes both."""
         o.open("for (int kh = 0; kh < KH; ++kh)")
         o("const int ih = oh * SH - PH + kh * DH;")
         o("if ((unsigned)ih >= (unsigned)H) continue;")
         o.open("for (int kw = 0; kw < KW; ++kw)")
         o("const int iw = ow * SW - PW + kw * DW;")
         o("if ((unsigned)iw >= (unsigned)W) continue;")
+
+    def k_conv_scalar(self, s: Step, o: Source):
+        a = s.node.attrs
+        lo, hi = a["clamp"]
+        W, B, M, S = (self.const_name(s, k) for k in ("w", "bias", "mult", "shift"))
+        o(self.conv_enum(s))
+        o("/* |acc| <= %d < 2^31 (lowering checked the bound on these weights) */" % a["acc_bound"])
+        o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
+        o(f"{self.buf(s.output).ctype} *yp = y + (oh * OW + ow) * O;")
+        o.open("for (int o = 0; o < O; ++o)")
+        o("const int cg = (o / OG) * CG;")
+        o(f"int32_t acc = {B}[o];")
+        self.open_taps(o)
         o(f"const {self.buf(s.inputs[0]).ctype} *xp = x0 + (ih * W + iw) * C + cg;")
         o(f"const int8_t *wp = {W} + ((o * KH + kh) * KW + kw) * CG;")
         o("for (int k = 0; k < CG; ++k) acc += (int32_t)xp[k] * (int32_t)wp[k];")
@@ -462,7 +476,7 @@ class CPrinter:
     def const_guard(self, s: Step, key: str) -> str:
         """The preprocessor condition under which constant ``key`` of ``s`` is used ("" always).
         VNNI convs fall back to VNNI when the OS refuses AMX, other AMX convs to portable C."""
-        vnni, amx = "wv" in s.consts, "wa" in s.consts
+        vnni = "wv" in s.consts
         if key == "wa":
             return "NQ_AMX"
         if key in ("biasv", "multv", "shiftv"):

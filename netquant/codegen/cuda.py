@@ -142,24 +142,13 @@ class CudaPrinter(CPrinter):
         o(f"y[e] = ({self.buf(s.output).ctype})nq_quantize(x0[c * {h * w} + i], {inv}, {lo}, {hi});")
 
     def g_conv(self, s, o):
-        a = s.node.attrs
-        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
-        oc, oh, ow = self.hwc(self.buf(s.output).shape)
-        kh, kw = s.node.params["weight"].shape[2:]
-        g = a["groups"]
-        lo, hi = a["clamp"]
+        c = self.hwc(self.buf(s.inputs[0]).shape)[0]
+        lo, hi = s.node.attrs["clamp"]
         B, M, S = (self.const_name(s, k) for k in ("bias", "mult", "shift"))
-        o(f"enum {{ C = {c}, H = {h}, W = {w}, O = {oc}, OW = {ow}, KH = {kh}, KW = {kw}, SH = {a['stride'][0]}, "
-          f"SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]}, DH = {a['dilation'][0]}, "
-          f"DW = {a['dilation'][1]}, CG = {c // g}, OG = {oc // g} }};")
+        o(self.conv_enum(s))
         o("const int o = e % O, pix = e / O, oh = pix / OW, ow = pix % OW;")
         o(f"int32_t acc = {B}[o];")
-        o.open("for (int kh = 0; kh < KH; ++kh)")
-        o("const int ih = oh * SH - PH + kh * DH;")
-        o("if ((unsigned)ih >= (unsigned)H) continue;")
-        o.open("for (int kw = 0; kw < KW; ++kw)")
-        o("const int iw = ow * SW - PW + kw * DW;")
-        o("if ((unsigned)iw >= (unsigned)W) continue;")
+        self.open_taps(o)
         if self.dp4a_eligible(s):
             c4 = -(-c // 4)
             o("const uint8_t *xp = x0 + (ih * W + iw) * C;")
@@ -438,13 +427,19 @@ static int check_host(const float *images, int n) {{
     return NQ_OK;
 }}
 
+/* checked host images: upload them and run every step; the scores are then in d_out_buf */
+static int run_host(const float *images, int n) {{
+    int rc;
+    if ((rc = ensure(n))) return rc;
+    cudaMemcpy(d_in_buf, images, (size_t)n * IN_SIZE * sizeof(float), cudaMemcpyHostToDevice);
+    return run_device(d_in_buf, NULL, n, d_out_buf);
+}}
+
 extern "C" int {n}_predict(const float *images, int n, float *scores) {{
     int rc = check_host(images, n);
     if (rc || !scores) return rc ? rc : NQ_ERR_ARGUMENT;
     if (n == 0) return NQ_OK;
-    if ((rc = ensure(n))) return rc;
-    cudaMemcpy(d_in_buf, images, (size_t)n * IN_SIZE * sizeof(float), cudaMemcpyHostToDevice);
-    if ((rc = run_device(d_in_buf, NULL, n, d_out_buf))) return rc;
+    if ((rc = run_host(images, n))) return rc;
     return cudaMemcpy(scores, d_out_buf, (size_t)n * CLASSES * sizeof(float), cudaMemcpyDeviceToHost)
         == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
 }}
@@ -474,9 +469,7 @@ extern "C" int {n}_predict_int(const float *images, int n, int32_t *out) {{
     int rc = check_host(images, n);
     if (rc || !out) return rc ? rc : NQ_ERR_ARGUMENT;
     if (n == 0) return NQ_OK;
-    if ((rc = ensure(n))) return rc;
-    cudaMemcpy(d_in_buf, images, (size_t)n * IN_SIZE * sizeof(float), cudaMemcpyHostToDevice);
-    if ((rc = run_device(d_in_buf, NULL, n, d_out_buf))) return rc;
+    if ((rc = run_host(images, n))) return rc;
     copy_int_out<<<(unsigned)(((long)n * {ib.elements} + {THREADS - 1}) / {THREADS}), {THREADS}>>>(d_arena, d_int, n);
     return cudaMemcpy(out, d_int, (size_t)n * {ib.elements} * sizeof(int32_t), cudaMemcpyDeviceToHost)
         == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;

@@ -45,15 +45,12 @@ NQ_FN float nq_dequantize(int32_t q, float scale) {
 }
 
 #if defined(NQ_VNNI) && NQ_VNNI
-/* nq_requantize on 16 int32 lanes at once (AVX-512F): the same integers as the scalar function.
- * Even and odd lanes are widened to 64 bits separately (vpmuldq multiplies the low 32 bits of
- * each 64-bit lane), rounded, shifted arithmetically per lane, clamped, then put back. */
-static inline __m512i nq_requantize16(__m512i acc, __m512i M, __m512i shift, int32_t lo, int32_t hi) {
+/* The end of every 16-lane requantization: 64-bit even lanes p_e and odd lanes p_o (vpmuldq
+ * multiplies the low 32 bits of each 64-bit lane) are rounded half up and shifted arithmetically
+ * per lane, clamped, then put back into 16 int32 lanes. */
+static inline __m512i nq_round_clamp16(__m512i p_e, __m512i p_o, __m512i sh_e, __m512i sh_o, int32_t lo, int32_t hi) {
     const __m512i low32 = _mm512_set1_epi64(0xffffffffLL), one = _mm512_set1_epi64(1);
     const __m512i vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
-    __m512i sh_e = _mm512_and_si512(shift, low32), sh_o = _mm512_srli_epi64(shift, 32);
-    __m512i p_e = _mm512_mul_epi32(acc, M);
-    __m512i p_o = _mm512_mul_epi32(_mm512_srli_epi64(acc, 32), _mm512_srli_epi64(M, 32));
     p_e = _mm512_srav_epi64(_mm512_add_epi64(p_e, _mm512_sllv_epi64(one, _mm512_sub_epi64(sh_e, one))), sh_e);
     p_o = _mm512_srav_epi64(_mm512_add_epi64(p_o, _mm512_sllv_epi64(one, _mm512_sub_epi64(sh_o, one))), sh_o);
     p_e = _mm512_min_epi64(_mm512_max_epi64(p_e, vlo), vhi);
@@ -61,18 +58,22 @@ static inline __m512i nq_requantize16(__m512i acc, __m512i M, __m512i shift, int
     return _mm512_or_si512(_mm512_and_si512(p_e, low32), _mm512_slli_epi64(p_o, 32));
 }
 
+/* nq_requantize on 16 int32 lanes at once (AVX-512F): the same integers as the scalar function. */
+static inline __m512i nq_requantize16(__m512i acc, __m512i M, __m512i shift, int32_t lo, int32_t hi) {
+    const __m512i low32 = _mm512_set1_epi64(0xffffffffLL);
+    return nq_round_clamp16(_mm512_mul_epi32(acc, M),
+                            _mm512_mul_epi32(_mm512_srli_epi64(acc, 32), _mm512_srli_epi64(M, 32)),
+                            _mm512_and_si512(shift, low32), _mm512_srli_epi64(shift, 32), lo, hi);
+}
+
 /* The residual add on 16 int32 lanes: clamp((a * m0 + b * m1 + 2^(shift-1)) >> shift, lo, hi),
  * the same integers as the scalar loop (64-bit products, even and odd lanes apart). */
 static inline __m512i nq_add16(__m512i a, __m512i b, int32_t m0, int32_t m1, int32_t shift, int32_t lo, int32_t hi) {
-    const __m512i low32 = _mm512_set1_epi64(0xffffffffLL), M0 = _mm512_set1_epi64(m0), M1 = _mm512_set1_epi64(m1);
-    const __m512i rnd = _mm512_set1_epi64((int64_t)1 << (shift - 1)), sh = _mm512_set1_epi64(shift);
-    const __m512i vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
-    __m512i e = _mm512_add_epi64(_mm512_mul_epi32(a, M0), _mm512_mul_epi32(b, M1));
-    __m512i o = _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(a, 32), M0),
-                                 _mm512_mul_epi32(_mm512_srli_epi64(b, 32), M1));
-    e = _mm512_min_epi64(_mm512_max_epi64(_mm512_srav_epi64(_mm512_add_epi64(e, rnd), sh), vlo), vhi);
-    o = _mm512_min_epi64(_mm512_max_epi64(_mm512_srav_epi64(_mm512_add_epi64(o, rnd), sh), vlo), vhi);
-    return _mm512_or_si512(_mm512_and_si512(e, low32), _mm512_slli_epi64(o, 32));
+    const __m512i M0 = _mm512_set1_epi64(m0), M1 = _mm512_set1_epi64(m1), sh = _mm512_set1_epi64(shift);
+    const __m512i e = _mm512_add_epi64(_mm512_mul_epi32(a, M0), _mm512_mul_epi32(b, M1));
+    const __m512i o = _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(a, 32), M0),
+                                       _mm512_mul_epi32(_mm512_srli_epi64(b, 32), M1));
+    return nq_round_clamp16(e, o, sh, sh, lo, hi);
 }
 #endif
 
