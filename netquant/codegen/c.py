@@ -36,8 +36,9 @@ class Source:
         self.lines.append(("    " * self.level + line) if line else "")
         return self
 
-    def open(self, line: str) -> "Source":
-        self(line + " {")
+    def open(self, line: str = "") -> "Source":
+        """Open a block: ``line {``, or a bare ``{`` (a scope of its own) without a line."""
+        self(f"{line} {{" if line else "{")
         self.level += 1
         return self
 
@@ -247,60 +248,159 @@ class CPrinter:
         if not stride1:
             o.close()
 
-    def k_conv_vnni(self, s: Step, o: Source):
-        """16 output channels per 512-bit vector and PB output pixels of a row at once: per tap
-        and 4 input channels, one weight vector is loaded and serves PB vpdpbusd (64
-        multiply-accumulates each) against the broadcast activation bytes of each pixel. A pixel
-        whose tap falls in the zero padding broadcasts 0, which is what padding means."""
+    def vnni_geometry(self, s: Step) -> dict:
+        """Shapes of the VNNI kernel of ``s`` (see k_conv_vnni). CP: input channels padded to a
+        multiple of 4; HP, WP: the padded input it reads (the input itself when nothing needs
+        padding); OBT: output blocks of 16 channels per register tile, P: output pixels per tile,
+        OBT * P accumulators of the 32 vector registers."""
         a = s.node.attrs
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
         oc, oh, ow = self.hwc(self.buf(s.output).shape)
-        ob, kh, kw, c4 = s.consts["wv"].shape[:4]
-        pb = max(1, min(8, 16 // ob, ow))  # accumulators OB * PB stay within the 32 vector registers
-        o(f"enum {{ C = {c}, H = {h}, W = {w}, O = {oc}, OH = {oh}, OW = {ow}, KH = {kh}, KW = {kw}, C4 = {c4}, OB = {ob},")
-        o(f"       SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]},")
-        o(f"       DH = {a['dilation'][0]}, DW = {a['dilation'][1]}, PB = {pb}, OWB = OW - OW % PB }};")
+        kh, kw, c4, ob = s.consts["wv"].shape[:4]
+        ph, pw = a["padding"]
+        signed = self.buf(s.inputs[0]).dtype == "int8"
+        staged = int(bool(ph or pw or c % 4 or signed))
+        obt = min(ob, 4)
+        return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=4 * c4, C4=c4, OB=ob,
+                    SH=a["stride"][0], SW=a["stride"][1], PH=ph, PW=pw, DH=a["dilation"][0], DW=a["dilation"][1],
+                    HP=h + 2 * ph if staged else h, WP=w + 2 * pw if staged else w, STAGED=staged,
+                    ZP=128 if signed else 0, OBT=obt, P=max(1, min(ow, 16 // obt)))
+
+    def vnni_pad_bytes(self) -> int:
+        """Bytes of the per-thread padded input of the VNNI kernels."""
+        sizes = [g["HP"] * g["WP"] * g["CP"] for g in (self.vnni_geometry(s) for s in self.p.steps if "wv" in s.consts)
+                 if g["STAGED"]]
+        return -(-max(sizes, default=64) // 64) * 64
+
+    def k_conv_vnni(self, s: Step, o: Source):
+        """Direct convolution on AVX-512 VNNI, register-tiled: a tile is OBT blocks of 16 output
+        channels (one 512-bit vector each) for P adjacent output pixels of one row, OBT * P
+        accumulators held in registers for the whole reduction. Per filter tap and 4 input
+        channels it loads OBT weight vectors, broadcasts the 4 input bytes of each of the P
+        pixels, and issues OBT * P vpdpbusd (64 multiply-accumulates each).
+
+        The input is first copied into a padded (HP, WP, CP) buffer whose border holds the padding
+        value ZP (0; 128 for int8 input, which is read as x + 128: see program.vnni_bias), so the
+        tap loops have no bounds checks and every address is the tile's base plus a constant.
+        Channels C..CP-1 meet zero weights. Sums are exact int32 (lowering bounds |acc| < 2^31).
+        Example: S1U1_conv1 (C = O = 16, 32x32, 3x3): OBT = 1, P = 16, two tiles per row, each
+        9 taps x 4 channel quads x 16 vpdpbusd = 576 against 9 x 4 x 17 loads."""
+        g = self.vnni_geometry(s)
+        o("enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };")
+        if g["STAGED"]:
+            self._vnni_stage(s, o, g)
+        else:
+            o("const uint8_t *xp = (const uint8_t *)x0;  /* no padding to add: read the input as it is */")
+        ow_full = g["OW"] - g["OW"] % g["P"]
+        tiles = [(b0, min(g["OBT"], g["OB"] - b0)) for b0 in range(0, g["OB"], g["OBT"])]
         o.open("for (int oh = 0; oh < OH; ++oh)")
-        o.open("for (int ow = 0; ow < OWB; ow += PB)")
-        self._vnni_tile(s, o, "PB")
-        o.close()
-        o.open("for (int ow = OWB; ow < OW; ++ow)")
-        self._vnni_tile(s, o, "1")
-        o.close()
+        if ow_full:
+            o.open(f"for (int ow0 = 0; ow0 < {ow_full}; ow0 += P)")
+            for b0, nb in tiles:
+                self._vnni_tile(s, o, g, g["P"], b0, nb)
+            o.close()
+        if ow_full < g["OW"]:
+            o.open()
+            o(f"const int ow0 = {ow_full};")
+            for b0, nb in tiles:
+                self._vnni_tile(s, o, g, g["OW"] - ow_full, b0, nb)
+            o.close()
         o.close()
 
-    def _vnni_tile(self, s: Step, o: Source, n: str):
-        """The body for ``n`` consecutive output pixels starting at (oh, ow)."""
-        W, B = self.const_name(s, "wv"), self.const_name(s, "biasv")
-        o(f"__m512i acc[OB][{n}];")
-        o(f"for (int b = 0; b < OB; ++b) for (int p = 0; p < {n}; ++p) "
-          f"acc[b][p] = _mm512_loadu_si512((const void *)({B} + 16 * b));")
+    def _vnni_stage(self, s: Step, o: Source, g: dict):
+        """Copy the input into nq_vpad with the padding border, C..CP-1 and int8 -> uint8."""
+        signed = g["ZP"] == 128
+        o("uint8_t *xs = nq_vpad;")
+        o("const uint8_t *xp = xs;")
+        o("memset(xs, ZP, PH * WP * CP);")
+        o("memset(xs + (PH + H) * WP * CP, ZP, PH * WP * CP);")
+        o.open("for (int h = 0; h < H; ++h)")
+        o("uint8_t *row = xs + (h + PH) * WP * CP;")
+        o("const uint8_t *src = (const uint8_t *)x0 + h * W * C;")
+        o("memset(row, ZP, PW * CP);")
+        o("memset(row + (PW + W) * CP, ZP, PW * CP);")
+        if g["C"] == g["CP"] and not signed:
+            o("memcpy(row + PW * CP, src, W * C);")
+        else:
+            flip = " ^ 0x80" if signed else ""
+            o("for (int w = 0; w < W; ++w) for (int c = 0; c < CP; ++c)")
+            o(f"    row[(PW + w) * CP + c] = c < C ? (uint8_t)(src[w * C + c]{flip}) : ZP;"
+              + ("  /* int8 x -> x + 128 */" if signed else ""))
+        o.close()
+
+    def _vnni_tile(self, s: Step, o: Source, g: dict, npix: int, b0: int, nb: int):
+        """One register tile: output blocks b0 .. b0+nb-1 of pixels (oh, ow0 .. ow0+npix-1)."""
+        WV = self.const_name(s, "wv")
+        B = self.const_name(s, "biasx" if "biasx" in s.consts else "biasv")
+        acc = [[f"a{b}_{p}" for p in range(npix)] for b in range(nb)]
+        o.open()
+        o("const uint8_t *xt = xp + (oh * SH * WP + ow0 * SW) * CP;")
+        for b in range(nb):
+            o(f"const __m512i bias{b} = _mm512_load_si512((const void *)({B} + {16 * (b0 + b)}));")
+            o(f"__m512i {', '.join(f'{v} = bias{b}' for v in acc[b])};")
         o.open("for (int kh = 0; kh < KH; ++kh)")
-        o("const int ih = oh * SH - PH + kh * DH;")
-        o("if ((unsigned)ih >= (unsigned)H) continue;")
         o.open("for (int kw = 0; kw < KW; ++kw)")
-        o(f"const uint8_t *xp[{n}];")
-        o.open(f"for (int p = 0; p < {n}; ++p)")
-        o("const int iw = (ow + p) * SW - PW + kw * DW;")
-        o("xp[p] = (unsigned)iw < (unsigned)W ? x0 + (ih * W + iw) * C : NULL;")
-        o.close()
-        o.open("for (int c4 = 0; c4 < C4; ++c4)")
-        o(f"__m512i xb[{n}];")
-        o.open(f"for (int p = 0; p < {n}; ++p)")
-        o("int32_t quad = 0;  /* zero padding */")
-        o("if (xp[p]) memcpy(&quad, xp[p] + 4 * c4, 4);  /* channels past C meet zero weights */")
-        o("xb[p] = _mm512_set1_epi32(quad);")
-        o.close()
-        o.open("for (int b = 0; b < OB; ++b)")
-        o(f"const __m512i wv = _mm512_loadu_si512((const void *)({W} + ((((b * KH + kh) * KW + kw) * C4 + c4) * 64)));")
-        o(f"for (int p = 0; p < {n}; ++p) acc[b][p] = _mm512_dpbusd_epi32(acc[b][p], xb[p], wv);")
-        o.close()
-        o.close().close().close()
-        o.open(f"for (int p = 0; p < {n}; ++p)")
-        o(f"{self.buf(s.output).ctype} *yp = y + (oh * OW + ow + p) * O;")
-        o.open("for (int b = 0; b < OB; ++b)")
-        self._requantize_store16(s, o, "acc[b][p]")
+        o("const uint8_t *xk = xt + (kh * DH * WP + kw * DW) * CP;")
+        o(f"const int8_t *wk = {WV} + ((kh * KW + kw) * C4 * OB + {b0}) * 64;")
+        for c4 in range(g["C4"]):
+            for b in range(nb):
+                o(f"const __m512i w{c4}_{b} = _mm512_load_si512((const void *)(wk + {(c4 * g['OB'] + b) * 64}));")
+            for p in range(npix):
+                o(f"const __m512i x{c4}_{p} = nq_bcast4(xk + {p * g['SW'] * g['CP'] + 4 * c4});")
+                for b in range(nb):
+                    o(f"{acc[b][p]} = _mm512_dpbusd_epi32({acc[b][p]}, x{c4}_{p}, w{c4}_{b});")
         o.close().close()
+        self._vnni_epilogue(s, o, g, acc, b0, nb)
+        o.close()
+
+    def _vnni_epilogue(self, s: Step, o: Source, g: dict, acc: list, b0: int, nb: int):
+        """Requantize a tile and store it. Where the tile spans every output channel (O a multiple
+        of 16), its bytes are contiguous: four vectors are packed (saturating) into one 64-byte
+        store. Otherwise each vector stores its low bytes, masked past O."""
+        lo, hi = s.node.attrs["clamp"]
+        out_t = self.buf(s.output).dtype
+        full = {"uint8": (0, 255), "int8": (-128, 127)}[out_t]
+        M, S = self.const_name(s, "multv"), self.const_name(s, "shiftv")
+        npix = len(acc[0])
+        for b in range(nb):
+            off = 16 * (b0 + b)
+            if "rqv" in s.consts:
+                o(f"const __m512i m{b} = _mm512_load_si512((const void *)({M} + {off})), "
+                  f"r{b} = _mm512_load_si512((const void *)({self.const_name(s, 'rqv')} + {off})), "
+                  f"t{b} = _mm512_load_si512((const void *)({self.const_name(s, 'tv')} + {off}));")
+            else:
+                o(f"const __m512i m{b} = _mm512_load_si512((const void *)({M} + {off})), "
+                  f"t{b} = _mm512_load_si512((const void *)({S} + {off}));")
+        contiguous = g["O"] % 16 == 0 and nb == g["OB"]
+        clamp = (lo, hi) != full or not contiguous
+        qs = []
+        for p in range(npix):
+            for b in range(nb):
+                v = acc[b][p]
+                if "rqv" in s.consts:
+                    q = f"nq_requantize16_hi({v}, m{b}, r{b}, t{b})"
+                    if clamp:
+                        q = f"_mm512_min_epi32(_mm512_max_epi32({q}, _mm512_set1_epi32({lo})), _mm512_set1_epi32({hi}))"
+                else:
+                    q = f"nq_requantize16({v}, m{b}, t{b}, {lo}, {hi})"
+                o(f"{v} = {q};")
+                qs.append((p, b, v))
+        if contiguous:
+            pack = "nq_pack4_u8" if out_t == "uint8" else "nq_pack4_s8"
+            for i in range(0, len(qs), 4):
+                group = [v for _, _, v in qs[i:i + 4]]
+                p, b, _ = qs[i]
+                dst = f"y + (oh * OW + ow0 + {p}) * O + {16 * (b0 + b)}"
+                vec = f"{pack}({', '.join(group + ['_mm512_setzero_si512()'] * (4 - len(group)))})"
+                if len(group) == 4:
+                    o(f"_mm512_storeu_si512((void *)({dst}), {vec});")
+                else:
+                    o(f"_mm512_mask_storeu_epi8({dst}, {hex((1 << (16 * len(group))) - 1)}ULL, {vec});")
+        else:
+            for p, b, v in qs:
+                n = min(16, g["O"] - 16 * (b0 + b))
+                o(f"_mm512_mask_cvtepi32_storeu_epi8(y + (oh * OW + ow0 + {p}) * O + {16 * (b0 + b)}, "
+                  f"(__mmask16){hex((1 << n) - 1)}, {v});  /* in range already: the low byte */")
 
     def _requantize_store16(self, s: Step, o: Source, acc: str):
         """Output channels 16*b .. 16*b+15 of one pixel: requantize the int32 sums ``acc`` (bias
@@ -471,18 +571,23 @@ class CPrinter:
 
     # --- files ----------------------------------------------------------------------------
     # constants only some conv paths use, guarded so that no build warns of an unused one
-    SIMD_ONLY = ("wv", "biasv", "multv", "shiftv", "wa")
+    SIMD_ONLY = ("wv", "biasv", "multv", "shiftv", "wa", "biasx", "rqv", "tv")
+
+    # the tables each SIMD conv path reads: AMX always "wa", "biasv", "multv", "shiftv"; VNNI
+    # "wv", "multv", the bias of its input type and the shift tables of its requantization
+    VNNI_TABLES = {"wv", "multv"}
+
+    def vnni_tables(self, s: Step) -> set:
+        return self.VNNI_TABLES | {"biasx" if "biasx" in s.consts else "biasv"} | \
+            ({"rqv", "tv"} if "rqv" in s.consts else {"shiftv"})
 
     def const_guard(self, s: Step, key: str) -> str:
         """The preprocessor condition under which constant ``key`` of ``s`` is used ("" always).
-        VNNI convs fall back to VNNI when the OS refuses AMX, other AMX convs to portable C."""
+        VNNI convs fall back to VNNI when the OS refuses AMX, other AMX convs to portable C.
+        NQ_AMX implies NQ_VNNI."""
         vnni = "wv" in s.consts
-        if key == "wa":
-            return "NQ_AMX"
-        if key in ("biasv", "multv", "shiftv"):
-            return "NQ_VNNI" if vnni else "NQ_AMX"
-        if key == "wv":
-            return "NQ_VNNI"
+        if key in self.SIMD_ONLY:
+            return "NQ_VNNI" if vnni and key in self.vnni_tables(s) else "NQ_AMX"
         if vnni and key in ("w", "bias", "mult", "shift"):
             return "!NQ_VNNI"
         return ""
@@ -492,7 +597,7 @@ class CPrinter:
         for s in self.p.steps:
             for key, arr in s.consts.items():
                 text = c_array(CTYPE[np.asarray(arr).dtype], self.const_name(s, key), arr, self.const_qualifier)
-                if key in ("wa", "wv"):
+                if key in ("wa", "wv", "biasv", "biasx", "multv", "shiftv", "rqv", "tv"):
                     text = text.replace("] = {", "] __attribute__((aligned(64))) = {", 1)
                 guard = self.const_guard(s, key)
                 out.append(f"#if {guard}\n{text}#endif\n" if guard else text)
@@ -623,6 +728,7 @@ const char *{n}_kernels(void);
 /* ---- constants: int8 weights (O, KH, KW, I), int32 bias, requantization (M, shift) ---- */
 {self.constants()}
 {self.amx_runtime()}
+{self.vnni_runtime()}
 /* ---- kernels, one per layer, shapes fixed ---- */
 {self.step_functions()}
 /* ---- one image ---- */
@@ -685,6 +791,13 @@ const char *{n}_kernels(void) {{
 #endif
     return NQ_VNNI ? "avx512-vnni" : "portable";
 }}
+"""
+
+    def vnni_runtime(self) -> str:
+        return f"""#if NQ_VNNI
+/* the padded input of the VNNI conv kernels, one per thread (k_conv_vnni) */
+static _Thread_local uint8_t nq_vpad[{self.vnni_pad_bytes()}] __attribute__((aligned(64)));
+#endif
 """
 
     def amx_runtime(self) -> str:

@@ -130,20 +130,42 @@ LANES = 16  # int32 lanes of a 512-bit vector: output channels computed together
 
 def vnni_eligible(n: QNode, in_dtype: str) -> bool:
     """The AVX-512 VNNI kernel multiplies unsigned 8-bit activations by signed 8-bit weights
-    (vpdpbusd), so it serves ungrouped convs whose input is uint8 (post-ReLU tensors)."""
-    return n.op == "conv" and n.attrs["groups"] == 1 and in_dtype == "uint8"
+    (vpdpbusd), so it serves ungrouped convs over 8-bit input: uint8 (post-ReLU tensors) as is,
+    int8 shifted by +128 into uint8 with the shift taken back through the bias (vnni_bias)."""
+    return n.op == "conv" and n.attrs["groups"] == 1 and in_dtype in ("uint8", "int8")
 
 
 def pack_vnni(w: np.ndarray) -> np.ndarray:
-    """Conv weights (O, I, KH, KW) -> int8 [O/16][KH][KW][I/4][16][4], zero padded: one 64-byte
-    row holds 4 input channels of 16 output channels, the operand of one vpdpbusd.
-    Element [ob][kh][kw][c4][lane][j] is w[16*ob + lane, 4*c4 + j, kh, kw]."""
+    """Conv weights (O, I, KH, KW) -> int8 [KH][KW][I/4][O/16][16][4], zero padded: one 64-byte
+    row holds 4 input channels of 16 output channels, the operand of one vpdpbusd, and the rows
+    one tap and 4 input channels need for all output channels lie side by side.
+    Element [kh][kw][c4][ob][lane][j] is w[16*ob + lane, 4*c4 + j, kh, kw]."""
     o, i, kh, kw = w.shape
     ob, ip = -(-o // LANES), -(-i // 4) * 4
     padded = np.zeros((ob * LANES, ip, kh, kw), np.int8)
     padded[:o, :i] = w
-    # (OB*16, I4*4, KH, KW) -> (OB, 16, I4, 4, KH, KW) -> (OB, KH, KW, I4, 16, 4)
-    return np.ascontiguousarray(padded.reshape(ob, LANES, ip // 4, 4, kh, kw).transpose(0, 4, 5, 2, 1, 3))
+    # (OB*16, I4*4, KH, KW) -> (OB, 16, I4, 4, KH, KW) -> (KH, KW, I4, OB, 16, 4)
+    return np.ascontiguousarray(padded.reshape(ob, LANES, ip // 4, 4, kh, kw).transpose(4, 5, 2, 0, 1, 3))
+
+
+SIGNED_OFFSET = 128  # int8 x + 128 is the uint8 that vpdpbusd multiplies
+
+
+def vnni_bias(bias: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The bias of the VNNI kernel over int8 input x, which it reads as u = x + 128 (the zero
+    padding as u = 128): sum(u * w) = sum(x * w) + 128 * sum(w), so the bias takes back
+    128 * sum(w) per output channel, exactly. Example: w = [1, 1, 2], x = [5, 0, -7]:
+    sum(x * w) = -9; u = [133, 128, 121]: sum(u * w) = 503 = -9 + 128 * 4."""
+    return (bias.astype(np.int64) - SIGNED_OFFSET * w.reshape(len(w), -1).sum(1, dtype=np.int64)).astype(np.int32)
+
+
+HI_SHIFTS = (33, 62)  # shifts for which requantization needs only the high half of acc * M
+
+
+def hi_requant_eligible(shift: np.ndarray) -> bool:
+    """Whether every shift lies in HI_SHIFTS, so the SIMD kernels requantize with 32-bit lanes
+    from the high half of the product (nq_requantize16_hi in netquant_rt.h)."""
+    return bool(np.all((shift >= HI_SHIFTS[0]) & (shift <= HI_SHIFTS[1])))
 
 
 AMX_K = 64      # bytes of k per AMX tile row: one tdpbusd multiplies 16 x 64 by 64 x 16
@@ -181,12 +203,18 @@ def _consts(n: QNode, in_shape: tuple, in_dtype: str = "") -> dict:
             out["wa"] = pack_amx(p["weight"])
         if vnni_eligible(n, in_dtype) or amx_eligible(n, in_dtype):
             ob = -(-len(p["bias"]) // LANES)
-            if vnni_eligible(n, in_dtype):
-                out["wv"] = pack_vnni(p["weight"])
             pad = np.zeros(ob * LANES - len(p["bias"]), np.int32)
             out["biasv"] = np.concatenate([p["bias"], pad])
             out["multv"] = np.concatenate([p["multiplier"], pad + (1 << 30)])  # padded lanes are never stored
             out["shiftv"] = np.concatenate([p["shift"], pad + 31])
+            if vnni_eligible(n, in_dtype):
+                out["wv"] = pack_vnni(p["weight"])
+                if in_dtype == "int8":
+                    out["biasx"] = np.concatenate([vnni_bias(p["bias"], p["weight"]), pad])
+                if hi_requant_eligible(p["shift"]):
+                    t = np.concatenate([p["shift"] - 32, pad + 1]).astype(np.int32)
+                    out["rqv"] = (np.int32(1) << (t - 1)).astype(np.int32)   # 2^(t-1): the rounding half
+                    out["tv"] = t
         return out
     if n.op == "linear":
         w = p["weight"]

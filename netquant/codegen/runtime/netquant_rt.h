@@ -10,6 +10,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #ifdef __CUDACC__
 #define NQ_FN static __host__ __device__ __forceinline__
@@ -74,6 +75,43 @@ static inline __m512i nq_add16(__m512i a, __m512i b, int32_t m0, int32_t m1, int
     const __m512i o = _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(a, 32), M0),
                                        _mm512_mul_epi32(_mm512_srli_epi64(b, 32), M1));
     return nq_round_clamp16(e, o, sh, sh, lo, hi);
+}
+
+/* nq_requantize without its clamp on 16 int32 lanes, when every shift is in [33, 62]
+ * (program.HI_SHIFTS): with t = shift - 32 and H = floor(acc * M / 2^32), the high half of the
+ * 64-bit product,
+ *     (acc * M + 2^(shift-1)) >> shift  ==  (H + 2^(t-1)) >> t      exactly,
+ * since the low half adds L / 2^32 in [0, 1) to the integer H + 2^(t-1), which cannot carry it
+ * past a multiple of 2^t. Worked: acc = 1000, M = 1690499128, shift = 37: acc * M =
+ * 1690499128000, H = 393, t = 5: (393 + 16) >> 5 = 12 = (1690499128000 + 2^36) >> 37.
+ * |H| < 2^30 and 2^(t-1) <= 2^29, so the sum fits 32 bits. round = 2^(t-1), t per lane.
+ * vpmuldq multiplies the low 32 bits of each 64-bit lane: even lanes as they are, odd lanes
+ * moved down; the high halves are then gathered back into lane order. */
+static inline __m512i nq_requantize16_hi(__m512i acc, __m512i M, __m512i round, __m512i t) {
+    const __m512i hi = _mm512_set_epi32(31, 15, 29, 13, 27, 11, 25, 9, 23, 7, 21, 5, 19, 3, 17, 1);
+    const __m512i pe = _mm512_mul_epi32(acc, M);
+    const __m512i po = _mm512_mul_epi32(_mm512_srli_epi64(acc, 32), _mm512_srli_epi64(M, 32));
+    return _mm512_srav_epi32(_mm512_add_epi32(_mm512_permutex2var_epi32(pe, hi, po), round), t);
+}
+
+/* Four vectors of 16 int32 lanes -> 64 bytes a0..a15 b0..b15 c0..c15 d0..d15, saturated to
+ * uint8 (0..255) or int8 (-128..127), which is the clamp where it is the type's whole range.
+ * The packs work within 128-bit lanes (lane l gets a, b, c, d [4l..4l+3]); the dword
+ * permutation idx[4j + l] = 4l + j puts each source back in one piece. */
+static inline __m512i nq_pack4_u8(__m512i a, __m512i b, __m512i c, __m512i d) {
+    const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_epi32(idx, _mm512_packus_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d)));
+}
+static inline __m512i nq_pack4_s8(__m512i a, __m512i b, __m512i c, __m512i d) {
+    const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_epi32(idx, _mm512_packs_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d)));
+}
+
+/* four bytes of a channels-last pixel as one int32, broadcast to 16 lanes (vpbroadcastd) */
+static inline __m512i nq_bcast4(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
 }
 #endif
 
