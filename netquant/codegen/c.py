@@ -71,6 +71,11 @@ CTYPE = {np.dtype("int8"): "int8_t", np.dtype("int32"): "int32_t", np.dtype("flo
          np.dtype("int64"): "int32_t", np.dtype("uint8"): "uint8_t"}
 
 
+# accumulators of one VNNI register tile: each is an in-out operand of the tile's asm statement,
+# which counts twice against the compilers' limit of 30 operands, beside the two pointers
+VNNI_ACC = 14
+
+
 class CPrinter:
     """Prints a Program as C. Subclasses override the class attributes and hooks below."""
 
@@ -264,7 +269,7 @@ class CPrinter:
         return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=4 * c4, C4=c4, OB=ob,
                     SH=a["stride"][0], SW=a["stride"][1], PH=ph, PW=pw, DH=a["dilation"][0], DW=a["dilation"][1],
                     HP=h + 2 * ph if staged else h, WP=w + 2 * pw if staged else w, STAGED=staged,
-                    ZP=128 if signed else 0, OBT=obt, P=max(1, min(ow, 16 // obt)))
+                    ZP=128 if signed else 0, OBT=obt, P=max(1, min(ow, VNNI_ACC // obt)))
 
     def vnni_pad_bytes(self) -> int:
         """Bytes of the per-thread padded input of the VNNI kernels."""
@@ -291,21 +296,24 @@ class CPrinter:
             self._vnni_stage(s, o, g)
         else:
             o("const uint8_t *xp = (const uint8_t *)x0;  /* no padding to add: read the input as it is */")
-        ow_full = g["OW"] - g["OW"] % g["P"]
         tiles = [(b0, min(g["OBT"], g["OB"] - b0)) for b0 in range(0, g["OB"], g["OBT"])]
         o.open("for (int oh = 0; oh < OH; ++oh)")
-        if ow_full:
-            o.open(f"for (int ow0 = 0; ow0 < {ow_full}; ow0 += P)")
+        start = 0
+        for width, count in self.vnni_widths(g):
+            o.open(f"for (int ow0 = {start}; ow0 < {start + width * count}; ow0 += {width})")
             for b0, nb in tiles:
-                self._vnni_tile(s, o, g, g["P"], b0, nb)
+                self._vnni_tile(s, o, g, width, b0, nb)
             o.close()
-        if ow_full < g["OW"]:
-            o.open()
-            o(f"const int ow0 = {ow_full};")
-            for b0, nb in tiles:
-                self._vnni_tile(s, o, g, g["OW"] - ow_full, b0, nb)
-            o.close()
+            start += width * count
         o.close()
+
+    @staticmethod
+    def vnni_widths(g: dict) -> list:
+        """[(pixels per tile, tiles)] covering one output row in as few tiles of at most P
+        pixels as it takes, as even as possible. Example: OW = 32, P = 14: 2 x 11 and 1 x 10."""
+        n = -(-g["OW"] // g["P"])
+        base, rem = divmod(g["OW"], n)
+        return [(w, c) for w, c in ((base + 1, rem), (base, n - rem)) if c]
 
     def _vnni_stage(self, s: Step, o: Source, g: dict):
         """Copy the input into nq_vpad with the padding border, C..CP-1 and int8 -> uint8."""
@@ -329,27 +337,42 @@ class CPrinter:
         o.close()
 
     def _vnni_tile(self, s: Step, o: Source, g: dict, npix: int, b0: int, nb: int):
-        """One register tile: output blocks b0 .. b0+nb-1 of pixels (oh, ow0 .. ow0+npix-1)."""
+        """One register tile: output blocks b0 .. b0+nb-1 of pixels (oh, ow0 .. ow0+npix-1).
+
+        The reduction is one asm statement (AT&T syntax): compilers otherwise fold the constant
+        weights into per-instruction memory operands, hoist the broadcasts and spill
+        accumulators. Registers: the nb*npix accumulators are the operands; zmm31 down to
+        zmm28 hold the weights of one tap and channel quad, zmm27/zmm26 the broadcasts."""
         WV = self.const_name(s, "wv")
         B = self.const_name(s, "biasx" if "biasx" in s.consts else "biasv")
         acc = [[f"a{b}_{p}" for p in range(npix)] for b in range(nb)]
+        operand = {v: i for i, v in enumerate(v for row in acc for v in row)}
         o.open()
         o("const uint8_t *xt = xp + (oh * SH * WP + ow0 * SW) * CP;")
         for b in range(nb):
             o(f"const __m512i bias{b} = _mm512_load_si512((const void *)({B} + {16 * (b0 + b)}));")
             o(f"__m512i {', '.join(f'{v} = bias{b}' for v in acc[b])};")
-        o.open("for (int kh = 0; kh < KH; ++kh)")
-        o.open("for (int kw = 0; kw < KW; ++kw)")
-        o("const uint8_t *xk = xt + (kh * DH * WP + kw * DW) * CP;")
-        o(f"const int8_t *wk = {WV} + ((kh * KW + kw) * C4 * OB + {b0}) * 64;")
-        for c4 in range(g["C4"]):
-            for b in range(nb):
-                o(f"const __m512i w{c4}_{b} = _mm512_load_si512((const void *)(wk + {(c4 * g['OB'] + b) * 64}));")
-            for p in range(npix):
-                o(f"const __m512i x{c4}_{p} = nq_bcast4(xk + {p * g['SW'] * g['CP'] + 4 * c4});")
-                for b in range(nb):
-                    o(f"{acc[b][p]} = _mm512_dpbusd_epi32({acc[b][p]}, x{c4}_{p}, w{c4}_{b});")
-        o.close().close()
+        o("__asm__(")
+        o.level += 1
+        k = 0
+        for kh in range(g["KH"]):
+            for kw in range(g["KW"]):
+                xk = (kh * g["DH"] * g["WP"] + kw * g["DW"]) * g["CP"]
+                for c4 in range(g["C4"]):
+                    wk = ((kh * g["KW"] + kw) * g["C4"] + c4) * g["OB"] + b0
+                    o(f"/* tap ({kh}, {kw}), channels {4 * c4}..{4 * c4 + 3} */")
+                    for b in range(nb):
+                        o(f'"vmovdqa64 {(wk + b) * 64}(%[w]), %%zmm{31 - b}\\n\\t"')
+                    for p in range(npix):
+                        t = 27 - k % 2
+                        k += 1
+                        o(f'"vpbroadcastd {xk + p * g["SW"] * g["CP"] + 4 * c4}(%[x]), %%zmm{t}\\n\\t"')
+                        for b in range(nb):
+                            o(f'"vpdpbusd %%zmm{31 - b}, %%zmm{t}, %{operand[acc[b][p]]}\\n\\t"')
+        o(": " + ", ".join(f'"+v"({v})' for v in operand))
+        o(f': [x] "r"(xt), [w] "r"({WV})')
+        o(': "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31", "memory");')
+        o.level -= 1
         self._vnni_epilogue(s, o, g, acc, b0, nb)
         o.close()
 
