@@ -71,9 +71,10 @@ CTYPE = {np.dtype("int8"): "int8_t", np.dtype("int32"): "int32_t", np.dtype("flo
          np.dtype("int64"): "int32_t", np.dtype("uint8"): "uint8_t"}
 
 
-# accumulators of one VNNI register tile: each is an in-out operand of the tile's asm statement,
-# which counts twice against the compilers' limit of 30 operands, beside the two pointers
-VNNI_ACC = 14
+# accumulators of one VNNI register tile: the outputs of the tile's asm statement, within the
+# compilers' limit of 30 operands beside three pointers, and within the 32 vector registers
+# beside 4 weights and 2 broadcasts
+VNNI_ACC = 24
 
 
 class CPrinter:
@@ -349,11 +350,12 @@ class CPrinter:
         operand = {v: i for i, v in enumerate(v for row in acc for v in row)}
         o.open()
         o("const uint8_t *xt = xp + (oh * SH * WP + ow0 * SW) * CP;")
-        for b in range(nb):
-            o(f"const __m512i bias{b} = _mm512_load_si512((const void *)({B} + {16 * (b0 + b)}));")
-            o(f"__m512i {', '.join(f'{v} = bias{b}' for v in acc[b])};")
+        o(f"__m512i {', '.join(operand)};")
         o("__asm__(")
         o.level += 1
+        for b in range(nb):
+            for p in range(npix):
+                o(f'"vmovdqa64 {4 * 16 * (b0 + b)}(%[b]), %{operand[acc[b][p]]}\\n\\t"  /* the bias */')
         k = 0
         for kh in range(g["KH"]):
             for kw in range(g["KW"]):
@@ -369,8 +371,8 @@ class CPrinter:
                         o(f'"vpbroadcastd {xk + p * g["SW"] * g["CP"] + 4 * c4}(%[x]), %%zmm{t}\\n\\t"')
                         for b in range(nb):
                             o(f'"vpdpbusd %%zmm{31 - b}, %%zmm{t}, %{operand[acc[b][p]]}\\n\\t"')
-        o(": " + ", ".join(f'"+v"({v})' for v in operand))
-        o(f': [x] "r"(xt), [w] "r"({WV})')
+        o(": " + ", ".join(f'"=v"({v})' for v in operand))
+        o(f': [x] "r"(xt), [w] "r"({WV}), [b] "r"({B})')
         o(': "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31", "memory");')
         o.level -= 1
         self._vnni_epilogue(s, o, g, acc, b0, nb)

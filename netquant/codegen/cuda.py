@@ -47,7 +47,9 @@ class CudaPrinter(CPrinter):
 
     # --- constants: device arrays; the channel-padded dp4a weights replace the CPU layouts ----
     def dp4a_eligible(self, s: Step) -> bool:
-        return "wv" in s.consts  # ungrouped conv over uint8 input (program.vnni_eligible)
+        # ungrouped conv over uint8 input (program.vnni_eligible, which also takes int8 through
+        # an offset the dp4a kernels do not apply)
+        return "wv" in s.consts and self.buf(s.inputs[0]).dtype == "uint8"
 
     def mma_eligible(self, s: Step) -> bool:
         """Tensor cores (when asked for): uint8 input, channels a multiple of 16 in (so each 16-wide half of a
