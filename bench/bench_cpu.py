@@ -23,10 +23,15 @@ every available engine; torch fp32 is always timed).
 
 Each row prints images/s and its ratio to PyTorch fp32 measured in the same run (these machines
 are noisy: compare ratios, not absolute numbers), the fraction of this CPU's int8 peak
-(ResNet-20 is 40.8M MACs per image; AVX-512 VNNI does two 64-MAC instructions per cycle per
-core: 2 * 64 * GHz * cores MAC/s; an engine using AMX tiles, as oneDNN-based ones may, can pass
-100%), the engine's top-1 accuracy on the test images it timed, and its top-1 agreement with
-the float model on them (a broken peer shows up here).
+(ResNet-20 is 40.8M MACs per image), the engine's top-1 accuracy on the test images it timed,
+and its top-1 agreement with the float model on them (a broken peer shows up here).
+
+The peak is measured in the same run, before each thread count's rows: bench/vnni_peak.c keeps
+12 independent vpdpbusd chains per thread busy (64 MACs per instruction), so it runs at the
+instruction's throughput, whatever the core: two per cycle on Intel's Ice Lake and newer, one
+per cycle on AMD's Zen 4 (it splits 512-bit operations in two). The nominal Intel figure
+(2 * 64 * GHz * threads) is printed beside it. An engine using AMX tiles, as oneDNN-based ones
+may, can pass 100%.
 """
 from __future__ import annotations
 
@@ -68,6 +73,24 @@ def cpu_ghz() -> float:
     except OSError:
         pass
     return 2.75
+
+
+def measured_peak(threads: int, tmp: str):
+    """This CPU's AVX-512 VNNI MAC/s with ``threads`` threads (bench/vnni_peak.c), or None where
+    it cannot be built or run (no compiler, no AVX-512 VNNI)."""
+    import subprocess
+
+    from netquant.codegen.build import BuildError, find_compiler
+    exe = os.path.join(tmp, "vnni_peak")
+    try:
+        if not os.path.exists(exe):
+            src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vnni_peak.c")
+            subprocess.run([find_compiler(), "-O2", "-march=native", "-fopenmp", src, "-o", exe],
+                           check=True, capture_output=True)
+        out = subprocess.run([exe, str(threads)], check=True, capture_output=True, text=True).stdout
+        return float(out.split()[-1])
+    except (BuildError, OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
 
 
 def timeit(fn, x, min_seconds: float = 1.0) -> float:
@@ -251,7 +274,8 @@ def main() -> int:
             def make_c(threads, batch, cnet=cnet):
                 cnet.set_num_threads(threads)
                 return cnet.predict
-            makers[f"netquant C {cnet.kernels}"] = make_c
+            # without AMX, the native build runs the same kernels as the avx512 one: time it once
+            makers.setdefault(f"netquant C {cnet.kernels}", make_c)
         if "python" in engines:
             makers["netquant Python int8"] = lambda threads, batch: qnet.run
         onnx_path = None
@@ -271,11 +295,16 @@ def main() -> int:
 
         print(f"data: {data.test.source}; calibration: {calib_set.source}")
         print(f"CPU: {os.cpu_count()} cores at ~{cpu_ghz():.2f} GHz; engines: {', '.join(['torch fp32 eager', *makers])}")
-        print(f"{'engine':24s} {'batch':>5s} {'threads':>7s} {'img/s':>9s} {'vs torch fp32':>13s} {'% int8 peak':>11s}"
-              f" {'top-1':>6s} {'= fp32':>6s}")
         for threads in args.threads:
             torch.set_num_threads(threads)
-            peak = 2 * 64 * cpu_ghz() * 1e9 * threads  # VNNI MAC/s
+            nominal = 2 * 64 * cpu_ghz() * 1e9 * threads  # Intel's two VNNI instructions per cycle
+            peak = measured_peak(threads, tmp)
+            print(f"int8 peak, {threads} thread(s): " + (f"measured {peak / 1e9:.0f} G MAC/s ({macs * 1e-6:.1f}M MACs "
+                  f"per image: {peak / macs:.0f} images/s at 100%); " if peak else "not measured; ") +
+                  f"nominal 2 x 64 x {cpu_ghz():.2f} GHz = {nominal / 1e9:.0f} G MAC/s")
+            peak = peak or nominal
+            print(f"{'engine':24s} {'batch':>5s} {'threads':>7s} {'img/s':>9s} {'vs torch fp32':>13s} {'% int8 peak':>11s}"
+                  f" {'top-1':>6s} {'= fp32':>6s}")
             for b in args.batches:
                 x = to_float(data.test.images[:b])
                 labels = data.test.labels[:b]

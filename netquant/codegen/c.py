@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
-from .program import Buffer, Program, Step
+from .program import ADD_PAIR_SHIFTS, Buffer, Program, Step
 
 RUNTIME_HEADER = "netquant_rt.h"
 
@@ -501,7 +501,26 @@ class CPrinter:
         o("#if NQ_VNNI")
         widen = {"uint8": "_mm512_cvtepu8_epi32", "int8": "_mm512_cvtepi8_epi32"}
         t0, t1 = (self.buf(i).dtype for i in s.inputs)
-        if t0 in widen and t1 in widen and self.buf(s.output).dtype in widen:
+        out_t = self.buf(s.output).dtype
+        if t0 in widen and t1 in widen and out_t in widen and ADD_PAIR_SHIFTS[0] <= sh <= ADD_PAIR_SHIFTS[1]:
+            pieces = [[(int(mi) >> k) & 0x7FFF for mi in m] for k in (0, 15, 30)]   # l, u, h of m0 and m1
+            o.open()
+            o("/* 15-bit pieces of the multipliers, as (x0, x1) int16 pairs: see nq_add16_pairs */")
+            o("const __m512i " + ", ".join(f"{v} = _mm512_set1_epi32({(p1 << 16) | p0})"
+                                           for v, (p0, p1) in zip(("lu", "uu", "hu"), pieces)) + ";")
+            o.open("for (; i + 64 <= N; i += 64)")
+            qs = []
+            for j in range(4):
+                q = (f"nq_add16_pairs({widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i + {16 * j}))), "
+                     f"{widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i + {16 * j}))), lu, uu, hu, {sh})")
+                if (lo, hi) != {"uint8": (0, 255), "int8": (-128, 127)}[out_t]:
+                    q = f"_mm512_min_epi32(_mm512_max_epi32({q}, _mm512_set1_epi32({lo})), _mm512_set1_epi32({hi}))"
+                o(f"const __m512i q{j} = {q};")
+                qs.append(f"q{j}")
+            o(f"_mm512_storeu_si512((void *)(y + i), nq_pack4_{'u8' if out_t == 'uint8' else 's8'}({', '.join(qs)}));"
+              "  /* saturating: the clamp */")
+            o.close().close()
+        if t0 in widen and t1 in widen and out_t in widen:
             o.open("for (; i + 16 <= N; i += 16)")
             o(f"const __m512i a = {widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i)));")
             o(f"const __m512i b = {widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i)));")

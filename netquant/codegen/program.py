@@ -168,6 +168,9 @@ def hi_requant_eligible(shift: np.ndarray) -> bool:
     return bool(np.all((shift >= HI_SHIFTS[0]) & (shift <= HI_SHIFTS[1])))
 
 
+ADD_PAIR_SHIFTS = (16, 46)  # shifts for which the residual add of 8-bit tensors runs in 32-bit lanes
+
+
 AMX_K = 64      # bytes of k per AMX tile row: one tdpbusd multiplies 16 x 64 by 64 x 16
 
 

@@ -77,6 +77,23 @@ static inline __m512i nq_add16(__m512i a, __m512i b, int32_t m0, int32_t m1, int
     return nq_round_clamp16(e, o, sh, sh, lo, hi);
 }
 
+/* The residual add of two 8-bit tensors on 16 lanes in 32-bit arithmetic, for 16 <= shift <= 46
+ * (program.ADD_PAIR_SHIFTS): the same integers as nq_add16. With 15-bit pieces
+ * m_i = h_i 2^30 + u_i 2^15 + l_i (h_i is 0 or 1) and int16 pairs (a, b), vpmaddwd forms
+ *     S_l = a l0 + b l1,  S_u = a u0 + b u1,  S_h = a h0 + b h1        (exact: |S| < 2^24)
+ *     V = S_h 2^15 + S_u + (S_l >> 15) = floor((a m0 + b m1) / 2^15)    (|V| < 2^25)
+ *     result = (V + 2^(shift-16)) >> (shift-15)
+ * the last step exact since the dropped S_l mod 2^15 adds less than 1 to an integer before the
+ * floor. Worked: a = 100, b = -20, m0 = 1500000000, m1 = 1200000000, shift = 30: S_l = 1141760,
+ * S_u = 1223740, S_h = 80, V = 3845214, (3845214 + 2^14) >> 15 = 117
+ * = (126000000000 + 2^29) >> 30. lu, uu, hu: the pieces as (m0 piece, m1 piece) int16 pairs. */
+static inline __m512i nq_add16_pairs(__m512i a, __m512i b, __m512i lu, __m512i uu, __m512i hu, int32_t shift) {
+    const __m512i ab = _mm512_mask_blend_epi16(0xAAAAAAAAu, a, _mm512_slli_epi32(b, 16));  /* (a, b) int16 pairs */
+    const __m512i v = _mm512_add_epi32(_mm512_add_epi32(_mm512_madd_epi16(ab, uu), _mm512_srai_epi32(_mm512_madd_epi16(ab, lu), 15)),
+                                       _mm512_slli_epi32(_mm512_madd_epi16(ab, hu), 15));
+    return _mm512_srai_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(1 << (shift - 16))), shift - 15);
+}
+
 /* nq_requantize without its clamp on 16 int32 lanes, when every shift is in [33, 62]
  * (program.HI_SHIFTS): with t = shift - 32 and H = floor(acc * M / 2^32), the high half of the
  * 64-bit product,
