@@ -186,3 +186,123 @@ def test_portable_scalar_path_is_bit_exact(qnet, cifar, tmp_path):
     x = to_float(cifar.test.images[:16])
     assert np.array_equal(net.predict_int(x), _reference_int(qnet, x))
     assert gen.build["warnings"].strip() == "", gen.build["warnings"]
+
+
+def _with_shifts(qgraph, conv_drop: int, add_drop: int):
+    """The same network with every conv's (M, shift) as (M >> conv_drop, shift - conv_drop) and
+    every add's as (M >> add_drop, shift - add_drop): nearly the same real multipliers, but
+    shifts outside the ranges of the SIMD fast paths (program.HI_SHIFTS, ADD_PAIR_SHIFTS)."""
+    from dataclasses import replace
+
+    def moved(n, drop):
+        p = dict(n.params, multiplier=(n.params["multiplier"] >> drop).astype(np.int32),
+                 shift=(n.params["shift"] - drop).astype(np.int32))
+        return n.with_(params=p)
+
+    nodes = tuple(moved(n, conv_drop) if n.op == "conv" else moved(n, add_drop) if n.op == "add" else n
+                  for n in qgraph.nodes)
+    return replace(qgraph, nodes=nodes)
+
+
+def test_simd_fallbacks_for_other_shifts_are_bit_exact(qnet, cifar, tmp_path):
+    """Convs with shifts below 33 requantize in 64-bit lanes, adds with shifts below 16 use the
+    64-bit add: both paths still equal the reference executor."""
+    from netquant.codegen.program import ADD_PAIR_SHIFTS, HI_SHIFTS
+
+    if "avx512_vnni" not in cpu_flags():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    qg = _with_shifts(qnet.qgraph, conv_drop=10, add_drop=16)
+    convs = [n for n in qg.nodes if n.op == "conv"]
+    adds = [n for n in qg.nodes if n.op == "add"]
+    assert sum(n.params["shift"].min() < HI_SHIFTS[0] for n in convs) >= len(convs) // 2
+    assert all(n.params["shift"][0] < ADD_PAIR_SHIFTS[0] for n in adds)
+    gen = generate(qg, tmp_path, name="resnet20", isa="avx512")
+    src = (tmp_path / "resnet20.c").read_text()
+    assert "= nq_requantize16(a0_0" in src and "nq_add16(a, b" in src and "nq_add16_pairs(" not in src
+    net = load(gen)
+    x = to_float(cifar.test.images[:300])
+    name = qg.int_output()
+    ref = run_int8(qg, torch.from_numpy(x), keep=[name])[name].numpy()
+    assert np.array_equal(net.predict_int(x), ref)
+    assert gen.build["warnings"].strip() == "", gen.build["warnings"]
+
+
+RUNTIME_CHECK = r"""
+#include <immintrin.h>
+#include <stdio.h>
+#include <stdlib.h>
+#define NQ_VNNI 1
+#include "netquant_rt.h"
+/* every SIMD shortcut of netquant_rt.h against the scalar definition it stands for, on edge
+ * values and random ones; prints the number of mismatches */
+static uint64_t s = 88172645463325252ull;
+static uint64_t rnd(void) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; return s; }
+int main(void) {
+    long bad = 0;
+    int32_t acc[16], M[16], sh[16], rq[16], t[16], out[16];
+    const int32_t edge_acc[] = {0, 1, -1, 2147483647, -2147483647 - 1, 1 << 30, -(1 << 30), 12345, -12345};
+    for (int it = 0; it < 200000; ++it) {
+        for (int l = 0; l < 16; ++l) {
+            acc[l] = it < 9 ? edge_acc[it] : (int32_t)rnd();
+            M[l] = (int32_t)((rnd() % (1u << 30)) + (1u << 30));   /* [2^30, 2^31) */
+            if (it % 7 == 0) M[l] = l % 2 ? 2147483647 : 1 << 30;
+            sh[l] = 33 + (int32_t)(rnd() % 30);                      /* [33, 62] */
+            t[l] = sh[l] - 32; rq[l] = 1 << (t[l] - 1);
+        }
+        __m512i q = nq_requantize16_hi(_mm512_loadu_si512(acc), _mm512_loadu_si512(M), _mm512_loadu_si512(rq),
+                                       _mm512_loadu_si512(t));
+        _mm512_storeu_si512(out, q);
+        for (int l = 0; l < 16; ++l)
+            bad += out[l] != (int32_t)nq_rounding_shift((int64_t)acc[l] * M[l], sh[l]);
+    }
+    for (int it = 0; it < 200000; ++it) {
+        int32_t a[16], b[16], m0 = (int32_t)(rnd() % 2147483648u), m1 = (int32_t)(rnd() % 2147483648u);
+        int shift = 16 + (int)(rnd() % 31);                          /* [16, 46] */
+        if (it % 5 == 0) { m0 = 2147483647; m1 = it % 2 ? 2147483647 : 1; }
+        for (int l = 0; l < 16; ++l) {
+            a[l] = (int32_t)(rnd() % 384) - 128;                     /* int8 or uint8 values */
+            b[l] = (int32_t)(rnd() % 384) - 128;
+            if (it < 4) { a[l] = it & 1 ? 255 : -128; b[l] = it & 2 ? 255 : -128; }
+        }
+        int32_t p[3][2];
+        for (int k = 0; k < 3; ++k) { p[k][0] = (m0 >> (15 * k)) & 0x7fff; p[k][1] = (m1 >> (15 * k)) & 0x7fff; }
+        __m512i r = nq_add16_pairs(_mm512_loadu_si512(a), _mm512_loadu_si512(b),
+                                   _mm512_set1_epi32(p[0][1] << 16 | p[0][0]), _mm512_set1_epi32(p[1][1] << 16 | p[1][0]),
+                                   _mm512_set1_epi32(p[2][1] << 16 | p[2][0]), shift);
+        _mm512_storeu_si512(out, r);
+        for (int l = 0; l < 16; ++l)
+            bad += out[l] != (int32_t)nq_rounding_shift((int64_t)a[l] * m0 + (int64_t)b[l] * m1, shift);
+    }
+    for (int it = 0; it < 20000; ++it) {
+        int32_t v[64];
+        uint8_t u[64];
+        int8_t i8[64];
+        for (int l = 0; l < 64; ++l) v[l] = (int32_t)(rnd() % 1200) - 600;
+        _mm512_storeu_si512(u, nq_pack4_u8(_mm512_loadu_si512(v), _mm512_loadu_si512(v + 16), _mm512_loadu_si512(v + 32),
+                                           _mm512_loadu_si512(v + 48)));
+        _mm512_storeu_si512(i8, nq_pack4_s8(_mm512_loadu_si512(v), _mm512_loadu_si512(v + 16), _mm512_loadu_si512(v + 32),
+                                            _mm512_loadu_si512(v + 48)));
+        for (int l = 0; l < 64; ++l) bad += u[l] != nq_clamp(v[l], 0, 255) || i8[l] != nq_clamp(v[l], -128, 127);
+    }
+    printf("%ld\n", bad);
+    return 0;
+}
+"""
+
+
+def test_runtime_simd_shortcuts_equal_the_scalar_numerics(tmp_path):
+    """nq_requantize16_hi (high half of the product), nq_add16_pairs (15-bit multiplier pieces)
+    and nq_pack4 (saturating packs) against nq_rounding_shift / nq_clamp, exactly."""
+    import shutil
+    from importlib import resources
+
+    from netquant.codegen.build import find_compiler
+
+    if "avx512_vnni" not in cpu_flags():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    shutil.copy(resources.files("netquant.codegen").joinpath("runtime", "netquant_rt.h"), tmp_path)
+    (tmp_path / "check.c").write_text(RUNTIME_CHECK)
+    subprocess.run([find_compiler(), "-O2", "-march=native", "-std=c11", "-Wall", "-Werror", "-o", "check", "check.c"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    out = subprocess.run([str(tmp_path / "check")], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "0", f"{out.strip()} mismatches"
