@@ -107,8 +107,14 @@ class CPrinter:
 
     def kernel_label(self, s: Step) -> str:
         """What the report calls the kernel printed for ``s`` (the paths in k_conv's order)."""
-        paths = (["AMX tiles where built with them and granted"] if "wa" in s.consts else []) + \
-                (["AVX-512 VNNI where built with it"] if "wv" in s.consts else [])
+        vnni = []
+        if "wv" in s.consts:
+            g = self.vnni_geometry(s)
+            tiles = " and ".join(f"{16 * g['OBT']} channels x {w} pixels" for w, _ in self.vnni_widths(g))
+            vnni = [f"AVX-512 VNNI ({tiles} in registers) where built with it"]
+        if s.kind == "add" and all(self.buf(b).dtype in ("int8", "uint8") for b in (*s.inputs, s.output)):
+            vnni = ["AVX-512, 16 lanes at a time, where built with it"]
+        paths = (["AMX tiles where built with them and granted"] if "wa" in s.consts else []) + vnni
         return f"{s.kind}: " + ", else ".join(paths + ["portable C"])
 
     def fn_name(self, step: Step) -> str:
@@ -429,11 +435,19 @@ class CPrinter:
 
     def _requantize_store16(self, s: Step, o: Source, acc: str):
         """Output channels 16*b .. 16*b+15 of one pixel: requantize the int32 sums ``acc`` (bias
-        included) and store their low bytes at ``yp + 16 * b``, the channels past O masked off."""
+        included) and store their low bytes at ``yp + 16 * b``, the channels past O masked off.
+        32-bit lanes from the high half of the product where every shift allows it
+        (nq_requantize16_hi), else 64-bit lanes (nq_requantize16)."""
         lo, hi = s.node.attrs["clamp"]
         M, S = self.const_name(s, "multv"), self.const_name(s, "shiftv")
-        o(f"const __m512i q = nq_requantize16({acc}, _mm512_loadu_si512((const void *)({M} + 16 * b)), "
-          f"_mm512_loadu_si512((const void *)({S} + 16 * b)), {lo}, {hi});")
+        if "rqv" in s.consts:
+            R, T = self.const_name(s, "rqv"), self.const_name(s, "tv")
+            o(f"const __m512i q = _mm512_min_epi32(_mm512_max_epi32(nq_requantize16_hi({acc}, "
+              f"_mm512_loadu_si512((const void *)({M} + 16 * b)), _mm512_loadu_si512((const void *)({R} + 16 * b)), "
+              f"_mm512_loadu_si512((const void *)({T} + 16 * b))), _mm512_set1_epi32({lo})), _mm512_set1_epi32({hi}));")
+        else:
+            o(f"const __m512i q = nq_requantize16({acc}, _mm512_loadu_si512((const void *)({M} + 16 * b)), "
+              f"_mm512_loadu_si512((const void *)({S} + 16 * b)), {lo}, {hi});")
         o("const __mmask16 keep = O - 16 * b >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (O - 16 * b)) - 1);")
         o("_mm512_mask_cvtepi32_storeu_epi8(yp + 16 * b, keep, q);  /* in range already: the low byte */")
 
@@ -617,22 +631,23 @@ class CPrinter:
     # constants only some conv paths use, guarded so that no build warns of an unused one
     SIMD_ONLY = ("wv", "biasv", "multv", "shiftv", "wa", "biasx", "rqv", "tv")
 
-    # the tables each SIMD conv path reads: AMX always "wa", "biasv", "multv", "shiftv"; VNNI
-    # "wv", "multv", the bias of its input type and the shift tables of its requantization
-    VNNI_TABLES = {"wv", "multv"}
+    def simd_tables(self, s: Step) -> tuple[set, set]:
+        """The tables of ``s`` that its VNNI and its AMX kernels read: the weights of their
+        layout, the multipliers, the bias of their input type, and the shift tables of their
+        requantization (the high-half ones where every shift allows them)."""
+        shifts = {"rqv", "tv"} if "rqv" in s.consts else {"shiftv"}
+        vnni = {"wv", "multv", "biasx" if "biasx" in s.consts else "biasv"} | shifts if "wv" in s.consts else set()
+        amx = {"wa", "multv", "biasv"} | shifts if "wa" in s.consts else set()
+        return vnni, amx
 
-    def vnni_tables(self, s: Step) -> set:
-        return self.VNNI_TABLES | {"biasx" if "biasx" in s.consts else "biasv"} | \
-            ({"rqv", "tv"} if "rqv" in s.consts else {"shiftv"})
-
-    def const_guard(self, s: Step, key: str) -> str:
-        """The preprocessor condition under which constant ``key`` of ``s`` is used ("" always).
-        VNNI convs fall back to VNNI when the OS refuses AMX, other AMX convs to portable C.
-        NQ_AMX implies NQ_VNNI."""
-        vnni = "wv" in s.consts
+    def const_guard(self, s: Step, key: str):
+        """The preprocessor condition under which constant ``key`` of ``s`` is used ("" always,
+        None never: not printed). VNNI convs fall back to VNNI when the OS refuses AMX, other AMX
+        convs to portable C. NQ_AMX implies NQ_VNNI."""
         if key in self.SIMD_ONLY:
-            return "NQ_VNNI" if vnni and key in self.vnni_tables(s) else "NQ_AMX"
-        if vnni and key in ("w", "bias", "mult", "shift"):
+            vnni, amx = self.simd_tables(s)
+            return "NQ_VNNI" if key in vnni else "NQ_AMX" if key in amx else None
+        if "wv" in s.consts and key in ("w", "bias", "mult", "shift"):
             return "!NQ_VNNI"
         return ""
 
@@ -640,10 +655,12 @@ class CPrinter:
         out = []
         for s in self.p.steps:
             for key, arr in s.consts.items():
-                text = c_array(CTYPE[np.asarray(arr).dtype], self.const_name(s, key), arr, self.const_qualifier)
-                if key in ("wa", "wv", "biasv", "biasx", "multv", "shiftv", "rqv", "tv"):
-                    text = text.replace("] = {", "] __attribute__((aligned(64))) = {", 1)
                 guard = self.const_guard(s, key)
+                if guard is None:
+                    continue
+                text = c_array(CTYPE[np.asarray(arr).dtype], self.const_name(s, key), arr, self.const_qualifier)
+                if key in self.SIMD_ONLY:  # vector loads
+                    text = text.replace("] = {", "] __attribute__((aligned(64))) = {", 1)
                 out.append(f"#if {guard}\n{text}#endif\n" if guard else text)
         return "\n".join(out)
 
