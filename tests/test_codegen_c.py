@@ -149,11 +149,14 @@ def test_every_architecture_is_bit_exact(cls_name, cifar, tmp_path):
     q = Quantizer(model)
     q.calibrate(cifar.train.images[:100])
     qn = q.quantize()
-    gen = generate(qn, tmp_path, name="net")
-    net = load(gen)
     x = to_float(cifar.test.images[:200])
-    assert np.array_equal(net.predict_int(x), _reference_int(qn, x)), cls_name
-    assert gen.build["warnings"].strip() == "", gen.build["warnings"]
+    ref = _reference_int(qn, x)
+    # this CPU's best kernels, and the AVX2 ones where it has AVX2 (and they are not the best)
+    for isa in ["native"] + (["avx2"] if "avx2" in cpu_flags() else []):
+        gen = generate(qn, tmp_path / isa, name="net", isa=isa)
+        net = load(gen)
+        assert np.array_equal(net.predict_int(x), ref), (cls_name, isa, net.kernels)
+        assert gen.build["warnings"].strip() == "", gen.build["warnings"]
 
 
 def test_float_op_in_the_middle_is_refused(cifar, tmp_path):
@@ -172,6 +175,18 @@ def test_avx512_vnni_path_is_bit_exact(qnet, cifar, tmp_path):
     gen = generate(qnet, tmp_path, name="resnet20", isa="avx512")
     net = load(gen)
     assert net.kernels == "avx512-vnni"
+    x = to_float(cifar.test.images[:1000])
+    assert np.array_equal(net.predict_int(x), _reference_int(qnet, x))
+    assert gen.build["warnings"].strip() == "", gen.build["warnings"]
+
+
+def test_avx2_path_is_bit_exact(qnet, cifar, tmp_path):
+    """-mavx2: the register-tiled AVX2 kernels (vpmaddwd), for x86 CPUs without AVX-512."""
+    if "avx2" not in cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    gen = generate(qnet, tmp_path, name="resnet20", isa="avx2")
+    net = load(gen)
+    assert net.kernels == "avx2"
     x = to_float(cifar.test.images[:1000])
     assert np.array_equal(net.predict_int(x), _reference_int(qnet, x))
     assert gen.build["warnings"].strip() == "", gen.build["warnings"]
@@ -232,6 +247,7 @@ RUNTIME_CHECK = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #define NQ_VNNI 1
+#define NQ_AVX2 1
 #include "netquant_rt.h"
 /* every SIMD shortcut of netquant_rt.h against the scalar definition it stands for, on edge
  * values and random ones; prints the number of mismatches */
@@ -254,6 +270,11 @@ int main(void) {
         _mm512_storeu_si512(out, q);
         for (int l = 0; l < 16; ++l)
             bad += out[l] != (int32_t)nq_rounding_shift((int64_t)acc[l] * M[l], sh[l]);
+        __m256i q8 = nq_requantize8_hi(_mm256_loadu_si256((const __m256i *)(acc + 8)), _mm256_loadu_si256((const __m256i *)(M + 8)),
+                                       _mm256_loadu_si256((const __m256i *)(rq + 8)), _mm256_loadu_si256((const __m256i *)(t + 8)));
+        _mm256_storeu_si256((__m256i *)out, q8);
+        for (int l = 0; l < 8; ++l)
+            bad += out[l] != (int32_t)nq_rounding_shift((int64_t)acc[8 + l] * M[8 + l], sh[8 + l]);
     }
     for (int it = 0; it < 200000; ++it) {
         int32_t a[16], b[16], m0 = (int32_t)(rnd() % 2147483648u), m1 = (int32_t)(rnd() % 2147483648u);
@@ -283,6 +304,11 @@ int main(void) {
         _mm512_storeu_si512(i8, nq_pack4_s8(_mm512_loadu_si512(v), _mm512_loadu_si512(v + 16), _mm512_loadu_si512(v + 32),
                                             _mm512_loadu_si512(v + 48)));
         for (int l = 0; l < 64; ++l) bad += u[l] != nq_clamp(v[l], 0, 255) || i8[l] != nq_clamp(v[l], -128, 127);
+        _mm256_storeu_si256((__m256i *)u, nq_pack4x8_u8(_mm256_loadu_si256((const __m256i *)v), _mm256_loadu_si256((const __m256i *)(v + 8)),
+                                                        _mm256_loadu_si256((const __m256i *)(v + 16)), _mm256_loadu_si256((const __m256i *)(v + 24))));
+        _mm256_storeu_si256((__m256i *)i8, nq_pack4x8_s8(_mm256_loadu_si256((const __m256i *)v), _mm256_loadu_si256((const __m256i *)(v + 8)),
+                                                         _mm256_loadu_si256((const __m256i *)(v + 16)), _mm256_loadu_si256((const __m256i *)(v + 24))));
+        for (int l = 0; l < 32; ++l) bad += u[l] != nq_clamp(v[l], 0, 255) || i8[l] != nq_clamp(v[l], -128, 127);
     }
     printf("%ld\n", bad);
     return 0;
@@ -291,8 +317,9 @@ int main(void) {
 
 
 def test_runtime_simd_shortcuts_equal_the_scalar_numerics(tmp_path):
-    """nq_requantize16_hi (high half of the product), nq_add16_pairs (15-bit multiplier pieces)
-    and nq_pack4 (saturating packs) against nq_rounding_shift / nq_clamp, exactly."""
+    """nq_requantize16_hi / nq_requantize8_hi (high half of the product), nq_add16_pairs (15-bit
+    multiplier pieces) and nq_pack4 / nq_pack4x8 (saturating packs) against nq_rounding_shift /
+    nq_clamp, exactly."""
     import shutil
     from importlib import resources
 

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
+from .c_conv_simd import AVX2, VNNI, SimdConv
 from .program import ADD_PAIR_SHIFTS, Buffer, Program, Step
 
 RUNTIME_HEADER = "netquant_rt.h"
@@ -68,13 +69,7 @@ def c_array(ctype: str, name: str, values: np.ndarray, qualifier: str = "static 
 
 
 CTYPE = {np.dtype("int8"): "int8_t", np.dtype("int32"): "int32_t", np.dtype("float32"): "float",
-         np.dtype("int64"): "int32_t", np.dtype("uint8"): "uint8_t"}
-
-
-# accumulators of one VNNI register tile: the outputs of the tile's asm statement, within the
-# compilers' limit of 30 operands beside three pointers, and within the 32 vector registers
-# beside 4 weights and 2 broadcasts
-VNNI_ACC = 24
+         np.dtype("int64"): "int32_t", np.dtype("uint8"): "uint8_t", np.dtype("int16"): "int16_t"}
 
 
 class CPrinter:
@@ -109,9 +104,7 @@ class CPrinter:
         """What the report calls the kernel printed for ``s`` (the paths in k_conv's order)."""
         vnni = []
         if "wv" in s.consts:
-            g = self.vnni_geometry(s)
-            tiles = " and ".join(f"{16 * g['OBT']} channels x {w} pixels" for w, _ in self.vnni_widths(g))
-            vnni = [f"AVX-512 VNNI ({tiles} in registers) where built with it"]
+            vnni = [f"{SimdConv(self, isa).label(s)} where built with it" for isa in (VNNI, AVX2)]
         if s.kind == "add" and all(self.buf(b).dtype in ("int8", "uint8") for b in (*s.inputs, s.output)):
             vnni = ["AVX-512, 16 lanes at a time, where built with it"]
         paths = (["AMX tiles where built with them and granted"] if "wa" in s.consts else []) + vnni
@@ -158,7 +151,9 @@ class CPrinter:
             o("#endif")
         if "wv" in s.consts:
             o("#if NQ_VNNI")
-            self.k_conv_vnni(s, o)
+            SimdConv(self, VNNI).print(s, o)
+            o("#elif NQ_AVX2")
+            SimdConv(self, AVX2).print(s, o)
             o("#else")
             self.k_conv_scalar(s, o)
             o("#endif")
@@ -259,179 +254,6 @@ class CPrinter:
         o.close()
         if not stride1:
             o.close()
-
-    def vnni_geometry(self, s: Step) -> dict:
-        """Shapes of the VNNI kernel of ``s`` (see k_conv_vnni). CP: input channels padded to a
-        multiple of 4; HP, WP: the padded input it reads (the input itself when nothing needs
-        padding); OBT: output blocks of 16 channels per register tile, P: output pixels per tile,
-        OBT * P accumulators of the 32 vector registers."""
-        a = s.node.attrs
-        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
-        oc, oh, ow = self.hwc(self.buf(s.output).shape)
-        kh, kw, c4, ob = s.consts["wv"].shape[:4]
-        ph, pw = a["padding"]
-        signed = self.buf(s.inputs[0]).dtype == "int8"
-        staged = int(bool(ph or pw or c % 4 or signed))
-        obt = min(ob, 4)
-        return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=4 * c4, C4=c4, OB=ob,
-                    SH=a["stride"][0], SW=a["stride"][1], PH=ph, PW=pw, DH=a["dilation"][0], DW=a["dilation"][1],
-                    HP=h + 2 * ph if staged else h, WP=w + 2 * pw if staged else w, STAGED=staged,
-                    ZP=128 if signed else 0, OBT=obt, P=max(1, min(ow, VNNI_ACC // obt)))
-
-    def vnni_pad_bytes(self) -> int:
-        """Bytes of the per-thread padded input of the VNNI kernels."""
-        sizes = [g["HP"] * g["WP"] * g["CP"] for g in (self.vnni_geometry(s) for s in self.p.steps if "wv" in s.consts)
-                 if g["STAGED"]]
-        return -(-max(sizes, default=64) // 64) * 64
-
-    def k_conv_vnni(self, s: Step, o: Source):
-        """Direct convolution on AVX-512 VNNI, register-tiled: a tile is OBT blocks of 16 output
-        channels (one 512-bit vector each) for P adjacent output pixels of one row, OBT * P
-        accumulators held in registers for the whole reduction. Per filter tap and 4 input
-        channels it loads OBT weight vectors, broadcasts the 4 input bytes of each of the P
-        pixels, and issues OBT * P vpdpbusd (64 multiply-accumulates each).
-
-        The input is first copied into a padded (HP, WP, CP) buffer whose border holds the padding
-        value ZP (0; 128 for int8 input, which is read as x + 128: see program.vnni_bias), so the
-        tap loops have no bounds checks and every address is the tile's base plus a constant.
-        Channels C..CP-1 meet zero weights. Sums are exact int32 (lowering bounds |acc| < 2^31).
-        Example: S1U1_conv1 (C = O = 16, 32x32, 3x3): OBT = 1, P = 16, two tiles per row, each
-        9 taps x 4 channel quads x 16 vpdpbusd = 576 against 9 x 4 x 17 loads."""
-        g = self.vnni_geometry(s)
-        o("enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };")
-        if g["STAGED"]:
-            self._vnni_stage(s, o, g)
-        else:
-            o("const uint8_t *xp = (const uint8_t *)x0;  /* no padding to add: read the input as it is */")
-        tiles = [(b0, min(g["OBT"], g["OB"] - b0)) for b0 in range(0, g["OB"], g["OBT"])]
-        o.open("for (int oh = 0; oh < OH; ++oh)")
-        start = 0
-        for width, count in self.vnni_widths(g):
-            o.open(f"for (int ow0 = {start}; ow0 < {start + width * count}; ow0 += {width})")
-            for b0, nb in tiles:
-                self._vnni_tile(s, o, g, width, b0, nb)
-            o.close()
-            start += width * count
-        o.close()
-
-    @staticmethod
-    def vnni_widths(g: dict) -> list:
-        """[(pixels per tile, tiles)] covering one output row in as few tiles of at most P
-        pixels as it takes, as even as possible. Example: OW = 32, P = 14: 2 x 11 and 1 x 10."""
-        n = -(-g["OW"] // g["P"])
-        base, rem = divmod(g["OW"], n)
-        return [(w, c) for w, c in ((base + 1, rem), (base, n - rem)) if c]
-
-    def _vnni_stage(self, s: Step, o: Source, g: dict):
-        """Copy the input into nq_vpad with the padding border, C..CP-1 and int8 -> uint8."""
-        signed = g["ZP"] == 128
-        o("uint8_t *xs = nq_vpad;")
-        o("const uint8_t *xp = xs;")
-        o("memset(xs, ZP, PH * WP * CP);")
-        o("memset(xs + (PH + H) * WP * CP, ZP, PH * WP * CP);")
-        o.open("for (int h = 0; h < H; ++h)")
-        o("uint8_t *row = xs + (h + PH) * WP * CP;")
-        o("const uint8_t *src = (const uint8_t *)x0 + h * W * C;")
-        o("memset(row, ZP, PW * CP);")
-        o("memset(row + (PW + W) * CP, ZP, PW * CP);")
-        if g["C"] == g["CP"] and not signed:
-            o("memcpy(row + PW * CP, src, W * C);")
-        else:
-            flip = " ^ 0x80" if signed else ""
-            o("for (int w = 0; w < W; ++w) for (int c = 0; c < CP; ++c)")
-            o(f"    row[(PW + w) * CP + c] = c < C ? (uint8_t)(src[w * C + c]{flip}) : ZP;"
-              + ("  /* int8 x -> x + 128 */" if signed else ""))
-        o.close()
-
-    def _vnni_tile(self, s: Step, o: Source, g: dict, npix: int, b0: int, nb: int):
-        """One register tile: output blocks b0 .. b0+nb-1 of pixels (oh, ow0 .. ow0+npix-1).
-
-        The reduction is one asm statement (AT&T syntax): compilers otherwise fold the constant
-        weights into per-instruction memory operands, hoist the broadcasts and spill
-        accumulators. Registers: the nb*npix accumulators are the operands; zmm31 down to
-        zmm28 hold the weights of one tap and channel quad, zmm27/zmm26 the broadcasts."""
-        WV = self.const_name(s, "wv")
-        B = self.const_name(s, "biasx" if "biasx" in s.consts else "biasv")
-        acc = [[f"a{b}_{p}" for p in range(npix)] for b in range(nb)]
-        operand = {v: i for i, v in enumerate(v for row in acc for v in row)}
-        o.open()
-        o("const uint8_t *xt = xp + (oh * SH * WP + ow0 * SW) * CP;")
-        o(f"__m512i {', '.join(operand)};")
-        o("__asm__(")
-        o.level += 1
-        for b in range(nb):
-            for p in range(npix):
-                o(f'"vmovdqa64 {4 * 16 * (b0 + b)}(%[b]), %{operand[acc[b][p]]}\\n\\t"  /* the bias */')
-        k = 0
-        for kh in range(g["KH"]):
-            for kw in range(g["KW"]):
-                xk = (kh * g["DH"] * g["WP"] + kw * g["DW"]) * g["CP"]
-                for c4 in range(g["C4"]):
-                    wk = ((kh * g["KW"] + kw) * g["C4"] + c4) * g["OB"] + b0
-                    o(f"/* tap ({kh}, {kw}), channels {4 * c4}..{4 * c4 + 3} */")
-                    for b in range(nb):
-                        o(f'"vmovdqa64 {(wk + b) * 64}(%[w]), %%zmm{31 - b}\\n\\t"')
-                    for p in range(npix):
-                        t = 27 - k % 2
-                        k += 1
-                        o(f'"vpbroadcastd {xk + p * g["SW"] * g["CP"] + 4 * c4}(%[x]), %%zmm{t}\\n\\t"')
-                        for b in range(nb):
-                            o(f'"vpdpbusd %%zmm{31 - b}, %%zmm{t}, %{operand[acc[b][p]]}\\n\\t"')
-        o(": " + ", ".join(f'"=v"({v})' for v in operand))
-        o(f': [x] "r"(xt), [w] "r"({WV}), [b] "r"({B})')
-        o(': "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31", "memory");')
-        o.level -= 1
-        self._vnni_epilogue(s, o, g, acc, b0, nb)
-        o.close()
-
-    def _vnni_epilogue(self, s: Step, o: Source, g: dict, acc: list, b0: int, nb: int):
-        """Requantize a tile and store it. Where the tile spans every output channel (O a multiple
-        of 16), its bytes are contiguous: four vectors are packed (saturating) into one 64-byte
-        store. Otherwise each vector stores its low bytes, masked past O."""
-        lo, hi = s.node.attrs["clamp"]
-        out_t = self.buf(s.output).dtype
-        full = {"uint8": (0, 255), "int8": (-128, 127)}[out_t]
-        M, S = self.const_name(s, "multv"), self.const_name(s, "shiftv")
-        npix = len(acc[0])
-        for b in range(nb):
-            off = 16 * (b0 + b)
-            if "rqv" in s.consts:
-                o(f"const __m512i m{b} = _mm512_load_si512((const void *)({M} + {off})), "
-                  f"r{b} = _mm512_load_si512((const void *)({self.const_name(s, 'rqv')} + {off})), "
-                  f"t{b} = _mm512_load_si512((const void *)({self.const_name(s, 'tv')} + {off}));")
-            else:
-                o(f"const __m512i m{b} = _mm512_load_si512((const void *)({M} + {off})), "
-                  f"t{b} = _mm512_load_si512((const void *)({S} + {off}));")
-        contiguous = g["O"] % 16 == 0 and nb == g["OB"]
-        clamp = (lo, hi) != full or not contiguous
-        qs = []
-        for p in range(npix):
-            for b in range(nb):
-                v = acc[b][p]
-                if "rqv" in s.consts:
-                    q = f"nq_requantize16_hi({v}, m{b}, r{b}, t{b})"
-                    if clamp:
-                        q = f"_mm512_min_epi32(_mm512_max_epi32({q}, _mm512_set1_epi32({lo})), _mm512_set1_epi32({hi}))"
-                else:
-                    q = f"nq_requantize16({v}, m{b}, t{b}, {lo}, {hi})"
-                o(f"{v} = {q};")
-                qs.append((p, b, v))
-        if contiguous:
-            pack = "nq_pack4_u8" if out_t == "uint8" else "nq_pack4_s8"
-            for i in range(0, len(qs), 4):
-                group = [v for _, _, v in qs[i:i + 4]]
-                p, b, _ = qs[i]
-                dst = f"y + (oh * OW + ow0 + {p}) * O + {16 * (b0 + b)}"
-                vec = f"{pack}({', '.join(group + ['_mm512_setzero_si512()'] * (4 - len(group)))})"
-                if len(group) == 4:
-                    o(f"_mm512_storeu_si512((void *)({dst}), {vec});")
-                else:
-                    o(f"_mm512_mask_storeu_epi8({dst}, {hex((1 << (16 * len(group))) - 1)}ULL, {vec});")
-        else:
-            for p, b, v in qs:
-                n = min(16, g["O"] - 16 * (b0 + b))
-                o(f"_mm512_mask_cvtepi32_storeu_epi8(y + (oh * OW + ow0 + {p}) * O + {16 * (b0 + b)}, "
-                  f"(__mmask16){hex((1 << n) - 1)}, {v});  /* in range already: the low byte */")
 
     def _requantize_store16(self, s: Step, o: Source, acc: str):
         """Output channels 16*b .. 16*b+15 of one pixel: requantize the int32 sums ``acc`` (bias
@@ -629,27 +451,35 @@ class CPrinter:
 
     # --- files ----------------------------------------------------------------------------
     # constants only some conv paths use, guarded so that no build warns of an unused one
-    SIMD_ONLY = ("wv", "biasv", "multv", "shiftv", "wa", "biasx", "rqv", "tv")
+    SIMD_ONLY = ("wv", "ww", "biasv", "multv", "shiftv", "wa", "biasx", "rqv", "tv")
 
-    def simd_tables(self, s: Step) -> tuple[set, set]:
-        """The tables of ``s`` that its VNNI and its AMX kernels read: the weights of their
-        layout, the multipliers, the bias of their input type, and the shift tables of their
-        requantization (the high-half ones where every shift allows them)."""
+    def simd_tables(self, s: Step) -> dict:
+        """{build macro: the tables of ``s`` its kernel there reads}: the weights of their layout,
+        the multipliers, the bias of their input type, the shift tables of their requantization
+        (the high-half ones where every shift allows them; AVX2 falls back to the scalar ones)."""
         shifts = {"rqv", "tv"} if "rqv" in s.consts else {"shiftv"}
-        vnni = {"wv", "multv", "biasx" if "biasx" in s.consts else "biasv"} | shifts if "wv" in s.consts else set()
-        amx = {"wa", "multv", "biasv"} | shifts if "wa" in s.consts else set()
-        return vnni, amx
+        out = {}
+        if "wv" in s.consts:
+            out["NQ_VNNI"] = {"wv", "multv", "biasx" if "biasx" in s.consts else "biasv"} | shifts
+            out["NQ_AVX2"] = {"ww", "biasv"} | ({"multv", "rqv", "tv"} if "rqv" in s.consts else {"mult", "shift"})
+            out["!NQ_VNNI && !NQ_AVX2"] = {"w", "bias", "mult", "shift"}
+        if "wa" in s.consts:
+            out["NQ_AMX"] = {"wa", "multv", "biasv"} | shifts
+        return out
 
     def const_guard(self, s: Step, key: str):
         """The preprocessor condition under which constant ``key`` of ``s`` is used ("" always,
         None never: not printed). VNNI convs fall back to VNNI when the OS refuses AMX, other AMX
         convs to portable C. NQ_AMX implies NQ_VNNI."""
-        if key in self.SIMD_ONLY:
-            vnni, amx = self.simd_tables(s)
-            return "NQ_VNNI" if key in vnni else "NQ_AMX" if key in amx else None
-        if "wv" in s.consts and key in ("w", "bias", "mult", "shift"):
-            return "!NQ_VNNI"
-        return ""
+        tables = self.simd_tables(s)
+        if not tables:
+            return None if key in self.SIMD_ONLY else ""
+        used = [m for m, keys in tables.items() if key in keys]
+        if "NQ_VNNI" in used and "NQ_AMX" in used:
+            used.remove("NQ_AMX")
+        if not used:
+            return None
+        return " || ".join(f"({m})" if "&&" in m and len(used) > 1 else m for m in used)
 
     def constants(self) -> str:
         out = []
@@ -736,7 +566,7 @@ int {n}_predict_int(const float *images, int n, int32_t *out);
 /* Threads used over the batch (OpenMP); 0 leaves the default. Returns the number in use. */
 int {n}_set_num_threads(int threads);
 const char *{n}_error_string(int code);
-/* The convolution kernels in use: "amx", "avx512-vnni" or "portable" (CUDA: "cuda-mma" or "cuda-dp4a"). */
+/* The convolution kernels in use: "amx", "avx512-vnni", "avx2" or "portable" (CUDA: "cuda-mma" or "cuda-dp4a"). */
 const char *{n}_kernels(void);
 
 #ifdef __cplusplus
@@ -756,13 +586,20 @@ const char *{n}_kernels(void);
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-/* the AVX-512 VNNI conv kernels when the compiler targets such a CPU (-march=native there);
- * the portable scalar kernels otherwise, or with -DNQ_NO_SIMD */
+/* the AVX-512 VNNI conv kernels when the compiler targets such a CPU (-march=native there),
+ * else the AVX2 ones where it targets AVX2; the portable scalar kernels otherwise, or with
+ * -DNQ_NO_SIMD */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(NQ_NO_SIMD)
 #define NQ_VNNI 1
 #include <immintrin.h>
 #else
 #define NQ_VNNI 0
+#endif
+#if !NQ_VNNI && defined(__AVX2__) && !defined(NQ_NO_SIMD)
+#define NQ_AVX2 1
+#include <immintrin.h>
+#else
+#define NQ_AVX2 0
 #endif
 /* AMX tiles (Sapphire Rapids and newer) when the compiler targets them, used once Linux grants
  * this process the tile state (arch_prctl); the VNNI or portable kernels otherwise, or with
@@ -789,7 +626,7 @@ const char *{n}_kernels(void);
 /* ---- constants: int8 weights (O, KH, KW, I), int32 bias, requantization (M, shift) ---- */
 {self.constants()}
 {self.amx_runtime()}
-{self.vnni_runtime()}
+{self.simd_runtime()}
 /* ---- kernels, one per layer, shapes fixed ---- */
 {self.step_functions()}
 /* ---- one image ---- */
@@ -850,14 +687,16 @@ const char *{n}_kernels(void) {{
     nq_amx_request();
     if (nq_amx_state == 1) return "amx";
 #endif
-    return NQ_VNNI ? "avx512-vnni" : "portable";
+    return NQ_VNNI ? "avx512-vnni" : NQ_AVX2 ? "avx2" : "portable";
 }}
 """
 
-    def vnni_runtime(self) -> str:
-        return f"""#if NQ_VNNI
-/* the padded input of the VNNI conv kernels, one per thread (k_conv_vnni) */
-static _Thread_local uint8_t nq_vpad[{self.vnni_pad_bytes()}] __attribute__((aligned(64)));
+    def simd_runtime(self) -> str:
+        convs = [s for s in self.p.steps if "wv" in s.consts]
+        staged = max([SimdConv(self, isa).staged_bytes(s) for s in convs for isa in (VNNI, AVX2)], default=0)
+        return f"""#if NQ_VNNI || NQ_AVX2
+/* the padded input of the register-tiled conv kernels, one per thread (c_conv_simd.py) */
+static _Thread_local uint8_t nq_vpad[{-(-max(staged, 64) // 64) * 64}] __attribute__((aligned(64)));
 #endif
 """
 

@@ -148,6 +148,18 @@ def pack_vnni(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(ob, LANES, ip // 4, 4, kh, kw).transpose(4, 5, 2, 0, 1, 3))
 
 
+def pack_avx2(w: np.ndarray) -> np.ndarray:
+    """Conv weights (O, I, KH, KW) -> int16 [KH][KW][I/2][O/8][8][2], zero padded: one 32-byte
+    row holds 2 input channels of 8 output channels, the operand of one vpmaddwd (AVX2).
+    Element [kh][kw][c2][ob][lane][j] is w[8*ob + lane, 2*c2 + j, kh, kw]."""
+    o, i, kh, kw = w.shape
+    ob, ip = -(-o // 8), -(-i // 2) * 2
+    padded = np.zeros((ob * 8, ip, kh, kw), np.int16)
+    padded[:o, :i] = w
+    # (OB*8, I2*2, KH, KW) -> (OB, 8, I2, 2, KH, KW) -> (KH, KW, I2, OB, 8, 2)
+    return np.ascontiguousarray(padded.reshape(ob, 8, ip // 2, 2, kh, kw).transpose(4, 5, 2, 0, 1, 3))
+
+
 SIGNED_OFFSET = 128  # int8 x + 128 is the uint8 that vpdpbusd multiplies
 
 
@@ -212,6 +224,7 @@ def _consts(n: QNode, in_shape: tuple, in_dtype: str = "") -> dict:
             out["shiftv"] = np.concatenate([p["shift"], pad + 31])
             if vnni_eligible(n, in_dtype):
                 out["wv"] = pack_vnni(p["weight"])
+                out["ww"] = pack_avx2(p["weight"])    # the AVX2 kernel serves the same convs
                 if in_dtype == "int8":
                     out["biasx"] = np.concatenate([vnni_bias(p["bias"], p["weight"]), pad])
                 if hi_requant_eligible(p["shift"]):

@@ -124,11 +124,28 @@ static inline __m512i nq_pack4_s8(__m512i a, __m512i b, __m512i c, __m512i d) {
     return _mm512_permutexvar_epi32(idx, _mm512_packs_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d)));
 }
 
-/* four bytes of a channels-last pixel as one int32, broadcast to 16 lanes (vpbroadcastd) */
-static inline __m512i nq_bcast4(const uint8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
+#endif
+
+#if defined(NQ_AVX2) && NQ_AVX2
+/* nq_requantize16_hi on 8 int32 lanes (AVX2): the same identity, every shift in [33, 62]. */
+static inline __m256i nq_requantize8_hi(__m256i acc, __m256i M, __m256i round, __m256i t) {
+    const __m256i pe = _mm256_mul_epi32(acc, M);
+    const __m256i po = _mm256_mul_epi32(_mm256_srli_epi64(acc, 32), _mm256_srli_epi64(M, 32));
+    /* the high halves: even lanes moved down from their products, odd lanes in place */
+    const __m256i h = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+    return _mm256_srav_epi32(_mm256_add_epi32(h, round), t);
+}
+
+/* Four vectors of 8 int32 lanes -> 32 bytes a0..a7 b0..b7 c0..c7 d0..d7, saturated to uint8 or
+ * int8 (the clamp where it is the type's whole range). The packs work within 128-bit lanes
+ * (lane l gets a, b, c, d [4l..4l+3]); the dword permutation (0, 4, 1, 5, 2, 6, 3, 7) joins them. */
+static inline __m256i nq_pack4x8_u8(__m256i a, __m256i b, __m256i c, __m256i d) {
+    return _mm256_permutevar8x32_epi32(_mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)),
+                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+static inline __m256i nq_pack4x8_s8(__m256i a, __m256i b, __m256i c, __m256i d) {
+    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)),
+                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 #endif
 

@@ -1,0 +1,312 @@
+"""Register-tiled direct convolutions for the C target: one printer, two instruction sets.
+
+A tile is OBT blocks of LANES output channels (one vector register each) for P adjacent output
+pixels of one row: OBT * P int32 accumulators live in registers for the whole reduction. Per
+filter tap and group of K input channels (the 32 bits one broadcast carries) the tile loads OBT
+weight vectors, broadcasts the K input values of each of its P pixels and multiplies-accumulates
+OBT * P times. The input is first copied into a padded (HP, WP, CP) per-thread buffer whose
+border holds the padding value, so the tap loops have no bounds checks and every address is the
+tile's base plus a constant; channels C..CP-1 meet zero weights.
+
+=========  ======================================  ==========================================
+profile    AVX-512 VNNI (``VNNI``)                  AVX2 (``AVX2``)
+=========  ======================================  ==========================================
+vector     16 int32 lanes (zmm, 32 registers)       8 int32 lanes (ymm, 16 registers)
+K, staged  4 uint8 channels; int8 input read as     2 int16 channels, uint8 or int8 input
+           x + 128 (program.vnni_bias)              widened (no offset)
+product    vpdpbusd: 64 u8 x s8 MACs, accumulates   vpmaddwd + vpaddd: 16 s16 x s16 MACs
+weights    "wv": [KH][KW][CP/4][OB][16][4] int8     "ww": [KH][KW][CP/2][OB][8][2] int16
+tile       OBT <= 4, OBT * P <= 24                  OBT <= 2, OBT * P <= 10
+=========  ======================================  ==========================================
+
+Sums are exact int32 (lowering bounds |acc| < 2^31; vpmaddwd's pair sums of 8-bit values by
+8-bit weights are far inside int32). The reduction of a tile is one asm statement (AT&T
+syntax): compilers otherwise fold the constant weights into per-instruction memory operands,
+hoist the broadcasts and spill accumulators. The epilogue is C with intrinsics: requantization
+from the high half of the product where every shift allows it (netquant_rt.h), saturating packs
+into whole-vector stores where the tile's bytes are contiguous.
+
+Example: S1U1_conv1 (C = O = 16, 32x32, 3x3) on VNNI: OBT = 1, P = 16, two tiles per row, each
+9 taps x 4 channel groups x 16 vpdpbusd = 576 against 9 x 4 x 17 loads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .program import Step
+
+
+@dataclass(frozen=True)
+class SimdIsa:
+    """What the tile printer needs to know of one instruction set."""
+
+    name: str            # the build macro's suffix and the report's name
+    macro: str           # the preprocessor condition of its build
+    lanes: int           # int32 lanes per vector: output channels of one block
+    k: int               # input channels per 32-bit broadcast
+    elem: str            # C type of the staged input
+    weights: str         # the Program constant with its weight layout
+    vtype: str           # C vector type
+    reg: str             # asm register prefix
+    load: str            # aligned vector load
+    max_obt: int         # output blocks per tile
+    max_acc: int         # accumulators per tile
+    w_regs: tuple        # registers of the weights of one tap and channel group
+    x_regs: tuple        # registers of the broadcasts (alternating)
+    t_regs: tuple        # registers of products before they are added (alternating), if any
+    label: str           # how the report names it
+
+    def macs(self, w: int, x: int, acc: str, t: int) -> list:
+        """asm lines: accumulator ``acc`` (an operand) += weights register w . broadcast register x."""
+        r = self.reg
+        if self.t_regs:
+            return [f"vpmaddwd %%{r}{w}, %%{r}{x}, %%{r}{t}", f"vpaddd %%{r}{t}, {acc}, {acc}"]
+        return [f"vpdpbusd %%{r}{w}, %%{r}{x}, {acc}"]
+
+    @property
+    def clobbers(self) -> list:
+        return [f"xmm{r}" for r in sorted(self.w_regs + self.x_regs + self.t_regs)]
+
+
+VNNI = SimdIsa("vnni", "NQ_VNNI", 16, 4, "uint8_t", "wv", "__m512i", "zmm", "vmovdqa64", 4, 24,
+               (31, 30, 29, 28), (27, 26), (), "AVX-512 VNNI")
+AVX2 = SimdIsa("avx2", "NQ_AVX2", 8, 2, "int16_t", "ww", "__m256i", "ymm", "vmovdqa", 2, 10,
+               (15, 14), (13, 12), (11, 10), "AVX2")
+FULL_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+class SimdConv:
+    """Prints the ``isa`` kernel of a conv step for a CPrinter ``pr`` (buffers, constant names)."""
+
+    def __init__(self, pr, isa: SimdIsa):
+        self.pr = pr
+        self.isa = isa
+
+    def geometry(self, s: Step) -> dict:
+        """Shapes of the kernel of ``s``. CP: input channels padded to a multiple of K; HP, WP:
+        the padded input it reads (the input itself when nothing needs padding or widening); OB:
+        blocks of LANES output channels; OBT blocks and P pixels per tile; ZP: the padding value."""
+        isa, a = self.isa, s.node.attrs
+        c, h, w = self.pr.hwc(self.pr.buf(s.inputs[0]).shape)
+        oc, oh, ow = self.pr.hwc(self.pr.buf(s.output).shape)
+        kh, kw, ck, ob = s.consts[isa.weights].shape[:4]
+        ph, pw = a["padding"]
+        signed = self.pr.buf(s.inputs[0]).dtype == "int8"
+        staged = int(bool(ph or pw or c % isa.k or isa.elem != "uint8_t" or signed))
+        obt = min(ob, isa.max_obt)
+        return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=isa.k * ck, CK=ck, OB=ob,
+                    SH=a["stride"][0], SW=a["stride"][1], PH=ph, PW=pw, DH=a["dilation"][0], DW=a["dilation"][1],
+                    HP=h + 2 * ph if staged else h, WP=w + 2 * pw if staged else w, STAGED=staged,
+                    ZP=128 if signed and isa is VNNI else 0, OBT=obt, P=max(1, min(ow, isa.max_acc // obt)))
+
+    @staticmethod
+    def widths(g: dict) -> list:
+        """[(pixels per tile, tiles)] covering one output row in as few tiles of at most P
+        pixels as it takes, as even as possible. Example: OW = 32, P = 14: 2 x 11 and 1 x 10."""
+        n = -(-g["OW"] // g["P"])
+        base, rem = divmod(g["OW"], n)
+        return [(w, c) for w, c in ((base + 1, rem), (base, n - rem)) if c]
+
+    def staged_bytes(self, s: Step) -> int:
+        g = self.geometry(s)
+        return g["HP"] * g["WP"] * g["CP"] * (2 if self.isa.elem == "int16_t" else 1) if g["STAGED"] else 0
+
+    def label(self, s: Step) -> str:
+        g = self.geometry(s)
+        tiles = " and ".join(f"{self.isa.lanes * g['OBT']} channels x {w} pixels" for w, _ in self.widths(g))
+        return f"{self.isa.label} ({tiles} in registers)"
+
+    def print(self, s: Step, o):
+        g = self.geometry(s)
+        o("enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };")
+        if g["STAGED"]:
+            self.stage(s, o, g)
+        else:
+            o("const uint8_t *xp = (const uint8_t *)x0;  /* no padding to add: read the input as it is */")
+        tiles = [(b0, min(g["OBT"], g["OB"] - b0)) for b0 in range(0, g["OB"], g["OBT"])]
+        o.open("for (int oh = 0; oh < OH; ++oh)")
+        start = 0
+        for width, count in self.widths(g):
+            o.open(f"for (int ow0 = {start}; ow0 < {start + width * count}; ow0 += {width})")
+            for b0, nb in tiles:
+                self.tile(s, o, g, width, b0, nb)
+            o.close()
+            start += width * count
+        o.close()
+
+    def stage(self, s: Step, o, g: dict):
+        """Copy the input into nq_vpad with the padding border and channels C..CP-1; int8 to
+        uint8 as x + 128 (VNNI), or 8-bit values widened to int16 (AVX2)."""
+        e = self.isa.elem
+        xin = self.pr.buf(s.inputs[0]).ctype
+        o(f"{e} *xs = ({e} *)nq_vpad;")
+        o(f"const {e} *xp = xs;")
+        if e == "uint8_t":
+            o("memset(xs, ZP, PH * WP * CP);")
+            o("memset(xs + (PH + H) * WP * CP, ZP, PH * WP * CP);")
+        else:  # zero padding: all bytes 0 in every type
+            o("memset(xs, 0, PH * WP * CP * sizeof *xs);")
+            o("memset(xs + (PH + H) * WP * CP, 0, PH * WP * CP * sizeof *xs);")
+        o.open("for (int h = 0; h < H; ++h)")
+        o(f"{e} *row = xs + (h + PH) * WP * CP;")
+        o(f"const {xin} *src = x0 + h * W * C;")
+        o(f"for (int i = 0; i < PW * CP; ++i) row[i] = row[(PW + W) * CP + i] = ZP;")
+        if g["C"] == g["CP"] and e == xin:
+            o("memcpy(row + PW * CP, src, W * C);")
+        elif g["ZP"] == 128:
+            o("for (int w = 0; w < W; ++w) for (int c = 0; c < CP; ++c)  /* int8 x -> x + 128 */")
+            o(f"    row[(PW + w) * CP + c] = c < C ? (uint8_t)(src[w * C + c] ^ 0x80) : ZP;")
+        else:
+            o("for (int w = 0; w < W; ++w) for (int c = 0; c < CP; ++c)")
+            o(f"    row[(PW + w) * CP + c] = c < C ? ({e})src[w * C + c] : 0;")
+        o.close()
+
+    def tile(self, s: Step, o, g: dict, npix: int, b0: int, nb: int):
+        """One register tile: output blocks b0 .. b0+nb-1 of pixels (oh, ow0 .. ow0+npix-1)."""
+        isa = self.isa
+        esize = 2 if isa.elem == "int16_t" else 1
+        vbytes = 4 * isa.lanes
+        WT = self.pr.const_name(s, isa.weights)
+        B = self.pr.const_name(s, "biasx" if isa is VNNI and "biasx" in s.consts else "biasv")
+        acc = [[f"a{b}_{p}" for p in range(npix)] for b in range(nb)]
+        operand = {v: i for i, v in enumerate(v for row in acc for v in row)}
+        o.open()
+        o(f"const {isa.elem} *xt = xp + (oh * SH * WP + ow0 * SW) * CP;")
+        o(f"{isa.vtype} {', '.join(operand)};")
+        o("__asm__(")
+        o.level += 1
+        for b in range(nb):
+            for p in range(npix):
+                o(f'"{isa.load} {vbytes * (b0 + b)}(%[b]), %{operand[acc[b][p]]}\\n\\t"  /* the bias */')
+        k = 0
+        for kh in range(g["KH"]):
+            for kw in range(g["KW"]):
+                xk = (kh * g["DH"] * g["WP"] + kw * g["DW"]) * g["CP"]
+                for ck in range(g["CK"]):
+                    wk = ((kh * g["KW"] + kw) * g["CK"] + ck) * g["OB"] + b0
+                    o(f"/* tap ({kh}, {kw}), channels {isa.k * ck}..{isa.k * ck + isa.k - 1} */")
+                    for b in range(nb):
+                        o(f'"{isa.load} {(wk + b) * vbytes}(%[w]), %%{isa.reg}{isa.w_regs[b]}\\n\\t"')
+                    for p in range(npix):
+                        x = isa.x_regs[p % 2]
+                        off = (xk + p * g["SW"] * g["CP"] + isa.k * ck) * esize
+                        o(f'"vpbroadcastd {off}(%[x]), %%{isa.reg}{x}\\n\\t"')
+                        for b in range(nb):
+                            t = isa.t_regs[k % 2] if isa.t_regs else 0
+                            k += 1
+                            for line in isa.macs(isa.w_regs[b], x, f"%{operand[acc[b][p]]}", t):
+                                o(f'"{line}\\n\\t"')
+        o(": " + ", ".join(f'"=v"({v})' for v in operand))
+        o(f': [x] "r"(xt), [w] "r"({WT}), [b] "r"({B})')
+        o(": " + ", ".join(f'"{c}"' for c in isa.clobbers) + ', "memory");')
+        o.level -= 1
+        (self.epilogue_vnni if isa is VNNI else self.epilogue_avx2)(s, o, g, acc, b0, nb)
+        o.close()
+
+    def _tables(self, s: Step, o, b0: int, nb: int, load: str, vtype: str):
+        """Per block b: m<b> (multipliers) and, for the high-half requantization, r<b> / t<b>."""
+        pr, lanes = self.pr, self.isa.lanes
+        M = pr.const_name(s, "multv")
+        for b in range(nb):
+            off = lanes * (b0 + b)
+            if "rqv" in s.consts:
+                o(f"const {vtype} m{b} = {load}((const void *)({M} + {off})), "
+                  f"r{b} = {load}((const void *)({pr.const_name(s, 'rqv')} + {off})), "
+                  f"t{b} = {load}((const void *)({pr.const_name(s, 'tv')} + {off}));")
+            else:
+                o(f"const {vtype} m{b} = {load}((const void *)({M} + {off})), "
+                  f"t{b} = {load}((const void *)({pr.const_name(s, 'shiftv')} + {off}));")
+
+    def epilogue_vnni(self, s: Step, o, g: dict, acc: list, b0: int, nb: int):
+        """Requantize a tile and store it. Where the tile spans every output channel (O a multiple
+        of 16), its bytes are contiguous: four vectors are packed (saturating) into one 64-byte
+        store. Otherwise each vector stores its low bytes, masked past O."""
+        lo, hi = s.node.attrs["clamp"]
+        out_t = self.pr.buf(s.output).dtype
+        self._tables(s, o, b0, nb, "_mm512_load_si512", "__m512i")
+        contiguous = g["O"] % 16 == 0 and nb == g["OB"]
+        clamp = (lo, hi) != FULL_RANGE[out_t] or not contiguous
+        qs = []
+        for p in range(len(acc[0])):
+            for b in range(nb):
+                v = acc[b][p]
+                if "rqv" in s.consts:
+                    q = f"nq_requantize16_hi({v}, m{b}, r{b}, t{b})"
+                    if clamp:
+                        q = f"_mm512_min_epi32(_mm512_max_epi32({q}, _mm512_set1_epi32({lo})), _mm512_set1_epi32({hi}))"
+                else:
+                    q = f"nq_requantize16({v}, m{b}, t{b}, {lo}, {hi})"
+                o(f"{v} = {q};")
+                qs.append((p, b, v))
+        if contiguous:
+            pack = "nq_pack4_u8" if out_t == "uint8" else "nq_pack4_s8"
+            for i in range(0, len(qs), 4):
+                group = [v for _, _, v in qs[i:i + 4]]
+                p, b, _ = qs[i]
+                dst = f"y + (oh * OW + ow0 + {p}) * O + {16 * (b0 + b)}"
+                vec = f"{pack}({', '.join(group + ['_mm512_setzero_si512()'] * (4 - len(group)))})"
+                if len(group) == 4:
+                    o(f"_mm512_storeu_si512((void *)({dst}), {vec});")
+                else:
+                    o(f"_mm512_mask_storeu_epi8({dst}, {hex((1 << (16 * len(group))) - 1)}ULL, {vec});")
+        else:
+            for p, b, v in qs:
+                n = min(16, g["O"] - 16 * (b0 + b))
+                o(f"_mm512_mask_cvtepi32_storeu_epi8(y + (oh * OW + ow0 + {p}) * O + {16 * (b0 + b)}, "
+                  f"(__mmask16){hex((1 << n) - 1)}, {v});  /* in range already: the low byte */")
+
+    def epilogue_avx2(self, s: Step, o, g: dict, acc: list, b0: int, nb: int):
+        """Requantize a tile and store it: 8 lanes from the high half of the product
+        (nq_requantize8_hi), four vectors packed (saturating) into one 32-byte store where the
+        tile's bytes are contiguous, else lane by lane. Where some shift is outside HI_SHIFTS,
+        every lane goes through the scalar nq_requantize."""
+        lo, hi = s.node.attrs["clamp"]
+        out_t = self.pr.buf(s.output).dtype
+        yt = self.pr.buf(s.output).ctype
+        npix = len(acc[0])
+        if "rqv" not in s.consts:
+            M, S = self.pr.const_name(s, "mult"), self.pr.const_name(s, "shift")
+            o("int32_t lane[8];")
+            for p in range(npix):
+                for b in range(nb):
+                    c0 = 8 * (b0 + b)
+                    o(f"_mm256_storeu_si256((__m256i *)lane, {acc[b][p]});")
+                    o(f"for (int l = 0; l < {min(8, g['O'] - c0)}; ++l) y[(oh * OW + ow0 + {p}) * O + {c0} + l] = "
+                      f"({yt})nq_requantize(lane[l], {M}[{c0} + l], {S}[{c0} + l], {lo}, {hi});")
+            return
+        self._tables(s, o, b0, nb, "_mm256_load_si256", "__m256i")
+        contiguous = g["O"] % 8 == 0 and nb == g["OB"]
+        clamp = (lo, hi) != FULL_RANGE[out_t] or not contiguous
+        qs = []
+        for p in range(npix):
+            for b in range(nb):
+                v = acc[b][p]
+                q = f"nq_requantize8_hi({v}, m{b}, r{b}, t{b})"
+                if clamp:
+                    q = f"_mm256_min_epi32(_mm256_max_epi32({q}, _mm256_set1_epi32({lo})), _mm256_set1_epi32({hi}))"
+                o(f"{v} = {q};")
+                qs.append((p, b, v))
+        if contiguous:
+            pack = "nq_pack4x8_u8" if out_t == "uint8" else "nq_pack4x8_s8"
+            for i in range(0, len(qs), 4):
+                group = [v for _, _, v in qs[i:i + 4]]
+                p, b, _ = qs[i]
+                dst = f"y + (oh * OW + ow0 + {p}) * O + {8 * (b0 + b)}"
+                vec = f"{pack}({', '.join(group + ['_mm256_setzero_si256()'] * (4 - len(group)))})"
+                if len(group) == 4:
+                    o(f"_mm256_storeu_si256((__m256i *)({dst}), {vec});")
+                    continue
+                o(f"const __m256i q{i} = {vec};  /* {8 * len(group)} bytes of it */")
+                if len(group) >= 2:
+                    o(f"_mm_storeu_si128((__m128i *)({dst}), _mm256_castsi256_si128(q{i}));")
+                if len(group) != 2:
+                    half = "_mm256_castsi256_si128" if len(group) == 1 else "_mm256_extracti128_si256"
+                    arg = f"q{i}" if len(group) == 1 else f"q{i}, 1"
+                    o(f"_mm_storel_epi64((__m128i *)({dst} + {16 if len(group) == 3 else 0}), {half}({arg}));")
+        else:
+            o("int32_t lane[8];")
+            for p, b, v in qs:
+                c0 = 8 * (b0 + b)
+                o(f"_mm256_storeu_si256((__m256i *)lane, {v});")
+                o(f"for (int l = 0; l < {min(8, g['O'] - c0)}; ++l) "
+                  f"y[(oh * OW + ow0 + {p}) * O + {c0} + l] = ({yt})lane[l];  /* in range already */")
