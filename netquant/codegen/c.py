@@ -635,13 +635,18 @@ static _Thread_local uint8_t nq_arena[ARENA_BYTES] __attribute__((aligned(64)));
 
 static int run_batch(const float *images, const int8_t *qimages, int n, float *scores, int32_t *int_out) {{
     if (n < 0 || (!images && !qimages) || (!scores && !int_out)) return NQ_ERR_ARGUMENT;
-    if (images)
+    if (images) {{
+        int bad = 0;
+        /* one image runs on the calling thread: waking the others would only cost time */
+#pragma omp parallel for schedule(static) reduction(| : bad) if (n > 1)
         for (long i = 0; i < (long)n * IN_SIZE; ++i)
-            if (!isfinite(images[i])) return NQ_ERR_NONFINITE;
+            bad |= !isfinite(images[i]);
+        if (bad) return NQ_ERR_NONFINITE;
+    }}
 #if NQ_AMX
     nq_amx_request();
 #endif
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 1)
     for (int i = 0; i < n; ++i) {{
         float local[CLASSES];
         run_one(images ? images + (long)i * IN_SIZE : NULL, qimages ? qimages + (long)i * Q_SIZE : NULL,
