@@ -168,25 +168,16 @@ def test_float_op_in_the_middle_is_refused(cifar, tmp_path):
         generate(q.quantize(), tmp_path)
 
 
-def test_avx512_vnni_path_is_bit_exact(qnet, cifar, tmp_path):
-    """-DNQ_NO_AMX: the AVX-512 VNNI kernels, the fallback where the OS refuses AMX tiles."""
-    if "avx512_vnni" not in cpu_flags():
-        pytest.skip("this CPU has no AVX-512 VNNI")
-    gen = generate(qnet, tmp_path, name="resnet20", isa="avx512")
+@pytest.mark.parametrize("isa, flag, kernels", [("avx512", "avx512_vnni", "avx512-vnni"), ("avx2", "avx2", "avx2")])
+def test_simd_paths_are_bit_exact(isa, flag, kernels, qnet, cifar, tmp_path):
+    """avx512 (-DNQ_NO_AMX): the AVX-512 VNNI kernels, the fallback where the OS refuses AMX
+    tiles; avx2 (-mavx2): the register-tiled AVX2 kernels (vpmaddwd), for x86 CPUs without
+    AVX-512."""
+    if flag not in cpu_flags():
+        pytest.skip(f"this CPU has no {flag}")
+    gen = generate(qnet, tmp_path, name="resnet20", isa=isa)
     net = load(gen)
-    assert net.kernels == "avx512-vnni"
-    x = to_float(cifar.test.images[:1000])
-    assert np.array_equal(net.predict_int(x), _reference_int(qnet, x))
-    assert gen.build["warnings"].strip() == "", gen.build["warnings"]
-
-
-def test_avx2_path_is_bit_exact(qnet, cifar, tmp_path):
-    """-mavx2: the register-tiled AVX2 kernels (vpmaddwd), for x86 CPUs without AVX-512."""
-    if "avx2" not in cpu_flags():
-        pytest.skip("this CPU has no AVX2")
-    gen = generate(qnet, tmp_path, name="resnet20", isa="avx2")
-    net = load(gen)
-    assert net.kernels == "avx2"
+    assert net.kernels == kernels
     x = to_float(cifar.test.images[:1000])
     assert np.array_equal(net.predict_int(x), _reference_int(qnet, x))
     assert gen.build["warnings"].strip() == "", gen.build["warnings"]

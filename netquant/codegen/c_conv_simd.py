@@ -55,6 +55,9 @@ class SimdIsa:
     x_regs: tuple        # registers of the broadcasts (alternating)
     t_regs: tuple        # registers of products before they are added (alternating), if any
     label: str           # how the report names it
+    vec: str             # intrinsics prefix
+    requant_hi: str      # netquant_rt.h: requantization from the high half of the product
+    pack: str            # netquant_rt.h: four vectors -> saturated bytes (_u8 / _s8)
 
     def macs(self, w: int, x: int, acc: str, t: int) -> list:
         """asm lines: accumulator ``acc`` (an operand) += weights register w . broadcast register x."""
@@ -69,9 +72,9 @@ class SimdIsa:
 
 
 VNNI = SimdIsa("vnni", "NQ_VNNI", 16, 4, "uint8_t", "wv", "__m512i", "zmm", "vmovdqa64", 4, 24,
-               (31, 30, 29, 28), (27, 26), (), "AVX-512 VNNI")
+               (31, 30, 29, 28), (27, 26), (), "AVX-512 VNNI", "_mm512", "nq_requantize16_hi", "nq_pack4")
 AVX2 = SimdIsa("avx2", "NQ_AVX2", 8, 2, "int16_t", "ww", "__m256i", "ymm", "vmovdqa", 2, 10,
-               (15, 14), (13, 12), (11, 10), "AVX2")
+               (15, 14), (13, 12), (11, 10), "AVX2", "_mm256", "nq_requantize8_hi", "nq_pack4x8")
 FULL_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 
 
@@ -200,7 +203,7 @@ class SimdConv:
         o(f': [x] "r"(xt), [w] "r"({WT}), [b] "r"({B})')
         o(": " + ", ".join(f'"{c}"' for c in isa.clobbers) + ', "memory");')
         o.level -= 1
-        (self.epilogue_vnni if isa is VNNI else self.epilogue_avx2)(s, o, g, acc, b0, nb)
+        self.epilogue(s, o, g, acc, b0, nb)
         o.close()
 
     def _tables(self, s: Step, o, b0: int, nb: int, load: str, vtype: str):
@@ -217,96 +220,63 @@ class SimdConv:
                 o(f"const {vtype} m{b} = {load}((const void *)({M} + {off})), "
                   f"t{b} = {load}((const void *)({pr.const_name(s, 'shiftv')} + {off}));")
 
-    def epilogue_vnni(self, s: Step, o, g: dict, acc: list, b0: int, nb: int):
+    def epilogue(self, s: Step, o, g: dict, acc: list, b0: int, nb: int):
         """Requantize a tile and store it. Where the tile spans every output channel (O a multiple
-        of 16), its bytes are contiguous: four vectors are packed (saturating) into one 64-byte
-        store. Otherwise each vector stores its low bytes, masked past O."""
-        lo, hi = s.node.attrs["clamp"]
-        out_t = self.pr.buf(s.output).dtype
-        self._tables(s, o, b0, nb, "_mm512_load_si512", "__m512i")
-        contiguous = g["O"] % 16 == 0 and nb == g["OB"]
-        clamp = (lo, hi) != FULL_RANGE[out_t] or not contiguous
-        qs = []
-        for p in range(len(acc[0])):
-            for b in range(nb):
-                v = acc[b][p]
-                if "rqv" in s.consts:
-                    q = f"nq_requantize16_hi({v}, m{b}, r{b}, t{b})"
-                    if clamp:
-                        q = f"_mm512_min_epi32(_mm512_max_epi32({q}, _mm512_set1_epi32({lo})), _mm512_set1_epi32({hi}))"
-                else:
-                    q = f"nq_requantize16({v}, m{b}, t{b}, {lo}, {hi})"
-                o(f"{v} = {q};")
-                qs.append((p, b, v))
-        if contiguous:
-            pack = "nq_pack4_u8" if out_t == "uint8" else "nq_pack4_s8"
-            for i in range(0, len(qs), 4):
-                group = [v for _, _, v in qs[i:i + 4]]
-                p, b, _ = qs[i]
-                dst = f"y + (oh * OW + ow0 + {p}) * O + {16 * (b0 + b)}"
-                vec = f"{pack}({', '.join(group + ['_mm512_setzero_si512()'] * (4 - len(group)))})"
-                if len(group) == 4:
-                    o(f"_mm512_storeu_si512((void *)({dst}), {vec});")
-                else:
-                    o(f"_mm512_mask_storeu_epi8({dst}, {hex((1 << (16 * len(group))) - 1)}ULL, {vec});")
-        else:
-            for p, b, v in qs:
-                n = min(16, g["O"] - 16 * (b0 + b))
-                o(f"_mm512_mask_cvtepi32_storeu_epi8(y + (oh * OW + ow0 + {p}) * O + {16 * (b0 + b)}, "
-                  f"(__mmask16){hex((1 << n) - 1)}, {v});  /* in range already: the low byte */")
-
-    def epilogue_avx2(self, s: Step, o, g: dict, acc: list, b0: int, nb: int):
-        """Requantize a tile and store it: 8 lanes from the high half of the product
-        (nq_requantize8_hi), four vectors packed (saturating) into one 32-byte store where the
-        tile's bytes are contiguous, else lane by lane. Where some shift is outside HI_SHIFTS,
-        every lane goes through the scalar nq_requantize."""
+        of LANES), its bytes are contiguous: four vectors are packed (saturating) into one
+        whole-vector store, a last group of fewer into a shorter one. Otherwise each vector stores
+        its lanes apart, the channels past O left out. Where some shift is outside HI_SHIFTS,
+        VNNI requantizes in 64-bit lanes (nq_requantize16) and AVX2 lane by lane in scalar C."""
+        isa, v = self.isa, self.isa.vec
         lo, hi = s.node.attrs["clamp"]
         out_t = self.pr.buf(s.output).dtype
         yt = self.pr.buf(s.output).ctype
-        npix = len(acc[0])
-        if "rqv" not in s.consts:
+        L = isa.lanes
+        pixels = [(p, b, acc[b][p]) for p in range(len(acc[0])) for b in range(nb)]
+        dst = {(p, b): f"y + (oh * OW + ow0 + {p}) * O + {L * (b0 + b)}" for p, b, _ in pixels}
+        if "rqv" not in s.consts and isa is AVX2:
             M, S = self.pr.const_name(s, "mult"), self.pr.const_name(s, "shift")
             o("int32_t lane[8];")
-            for p in range(npix):
-                for b in range(nb):
-                    c0 = 8 * (b0 + b)
-                    o(f"_mm256_storeu_si256((__m256i *)lane, {acc[b][p]});")
-                    o(f"for (int l = 0; l < {min(8, g['O'] - c0)}; ++l) y[(oh * OW + ow0 + {p}) * O + {c0} + l] = "
-                      f"({yt})nq_requantize(lane[l], {M}[{c0} + l], {S}[{c0} + l], {lo}, {hi});")
+            for p, b, a in pixels:
+                c0 = L * (b0 + b)
+                o(f"_mm256_storeu_si256((__m256i *)lane, {a});")
+                o(f"for (int l = 0; l < {min(L, g['O'] - c0)}; ++l) ({dst[p, b]})[l] = "
+                  f"({yt})nq_requantize(lane[l], {M}[{c0} + l], {S}[{c0} + l], {lo}, {hi});")
             return
-        self._tables(s, o, b0, nb, "_mm256_load_si256", "__m256i")
-        contiguous = g["O"] % 8 == 0 and nb == g["OB"]
+        self._tables(s, o, b0, nb, f"{v}_load_si{32 * L}", isa.vtype)
+        contiguous = g["O"] % L == 0 and nb == g["OB"]
         clamp = (lo, hi) != FULL_RANGE[out_t] or not contiguous
-        qs = []
-        for p in range(npix):
-            for b in range(nb):
-                v = acc[b][p]
-                q = f"nq_requantize8_hi({v}, m{b}, r{b}, t{b})"
+        for p, b, a in pixels:
+            if "rqv" in s.consts:
+                q = f"{isa.requant_hi}({a}, m{b}, r{b}, t{b})"
                 if clamp:
-                    q = f"_mm256_min_epi32(_mm256_max_epi32({q}, _mm256_set1_epi32({lo})), _mm256_set1_epi32({hi}))"
-                o(f"{v} = {q};")
-                qs.append((p, b, v))
-        if contiguous:
-            pack = "nq_pack4x8_u8" if out_t == "uint8" else "nq_pack4x8_s8"
-            for i in range(0, len(qs), 4):
-                group = [v for _, _, v in qs[i:i + 4]]
-                p, b, _ = qs[i]
-                dst = f"y + (oh * OW + ow0 + {p}) * O + {8 * (b0 + b)}"
-                vec = f"{pack}({', '.join(group + ['_mm256_setzero_si256()'] * (4 - len(group)))})"
-                if len(group) == 4:
-                    o(f"_mm256_storeu_si256((__m256i *)({dst}), {vec});")
-                    continue
-                o(f"const __m256i q{i} = {vec};  /* {8 * len(group)} bytes of it */")
+                    q = f"{v}_min_epi32({v}_max_epi32({q}, {v}_set1_epi32({lo})), {v}_set1_epi32({hi}))"
+            else:
+                q = f"nq_requantize16({a}, m{b}, t{b}, {lo}, {hi})"
+            o(f"{a} = {q};")
+        if not contiguous:
+            for p, b, a in pixels:
+                n = min(L, g["O"] - L * (b0 + b))
+                if isa is VNNI:
+                    o(f"_mm512_mask_cvtepi32_storeu_epi8({dst[p, b]}, (__mmask16){hex((1 << n) - 1)}, {a});"
+                      "  /* in range already: the low byte */")
+                else:
+                    o("{ int32_t lane[8];")
+                    o(f"  _mm256_storeu_si256((__m256i *)lane, {a});")
+                    o(f"  for (int l = 0; l < {n}; ++l) ({dst[p, b]})[l] = ({yt})lane[l]; }}  /* in range already */")
+            return
+        pack = f"{isa.pack}_{'u8' if out_t == 'uint8' else 's8'}"
+        for i in range(0, len(pixels), 4):
+            group = [a for _, _, a in pixels[i:i + 4]]
+            at = dst[pixels[i][:2]]
+            vec = f"{pack}({', '.join(group + [f'{v}_setzero_si{32 * L}()'] * (4 - len(group)))})"
+            if len(group) == 4:
+                o(f"{v}_storeu_si{32 * L}((void *)({at}), {vec});")
+            elif isa is VNNI:
+                o(f"_mm512_mask_storeu_epi8({at}, {hex((1 << (16 * len(group))) - 1)}ULL, {vec});")
+            else:  # 8, 16 or 24 bytes of the packed vector
+                o(f"const __m256i q{i} = {vec};")
                 if len(group) >= 2:
-                    o(f"_mm_storeu_si128((__m128i *)({dst}), _mm256_castsi256_si128(q{i}));")
+                    o(f"_mm_storeu_si128((__m128i *)({at}), _mm256_castsi256_si128(q{i}));")
                 if len(group) != 2:
-                    half = "_mm256_castsi256_si128" if len(group) == 1 else "_mm256_extracti128_si256"
-                    arg = f"q{i}" if len(group) == 1 else f"q{i}, 1"
-                    o(f"_mm_storel_epi64((__m128i *)({dst} + {16 if len(group) == 3 else 0}), {half}({arg}));")
-        else:
-            o("int32_t lane[8];")
-            for p, b, v in qs:
-                c0 = 8 * (b0 + b)
-                o(f"_mm256_storeu_si256((__m256i *)lane, {v});")
-                o(f"for (int l = 0; l < {min(8, g['O'] - c0)}; ++l) "
-                  f"y[(oh * OW + ow0 + {p}) * O + {c0} + l] = ({yt})lane[l];  /* in range already */")
+                    half = f"_mm256_castsi256_si128(q{i})" if len(group) == 1 else f"_mm256_extracti128_si256(q{i}, 1)"
+                    o(f"_mm_storel_epi64((__m128i *)({at} + {16 if len(group) == 3 else 0}), {half});")
