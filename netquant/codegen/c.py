@@ -5,9 +5,9 @@ Kernels are specialised to the network: every shape is a compile-time constant i
 so the compiler unrolls and vectorises the channel loops (``-O3 -march=native``) or keeps them
 scalar (``-O2 -fno-tree-vectorize``, the portable path). Convolutions over 8-bit input use AMX
 tiles where the compiler targets them and Linux grants the tile state (``k_conv_amx``), else
-AVX-512 VNNI (``k_conv_vnni``), else portable C; residual adds use AVX-512 16 lanes at a time.
-Every integer step follows
-``netquant_rt.h``, which mirrors ``netquant/quant/numerics.py``. Images of a batch run in
+register tiles on AVX-512 VNNI or AVX2 (``c_conv_simd.py``), else portable C; residual adds of
+8-bit tensors use AVX-512 16 lanes at a time. Every integer step follows ``netquant_rt.h``,
+which mirrors ``netquant/quant/numerics.py`` (or an exactly equivalent form, docs/NUMERICS.md). Images of a batch run in
 parallel with OpenMP, each thread in its own static arena.
 
 The CUDA printer subclasses :class:`CPrinter` and overrides only what differs.
@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
-from .c_conv_simd import AVX2, VNNI, SimdConv
+from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv
 from .program import ADD_PAIR_SHIFTS, Buffer, Program, Step
 
 RUNTIME_HEADER = "netquant_rt.h"
@@ -349,7 +349,7 @@ class CPrinter:
             for j in range(4):
                 q = (f"nq_add16_pairs({widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i + {16 * j}))), "
                      f"{widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i + {16 * j}))), lu, uu, hu, {sh})")
-                if (lo, hi) != {"uint8": (0, 255), "int8": (-128, 127)}[out_t]:
+                if (lo, hi) != FULL_RANGE[out_t]:
                     q = f"_mm512_min_epi32(_mm512_max_epi32({q}, _mm512_set1_epi32({lo})), _mm512_set1_epi32({hi}))"
                 o(f"const __m512i q{j} = {q};")
                 qs.append(f"q{j}")
