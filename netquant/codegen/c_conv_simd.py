@@ -40,8 +40,6 @@ from .program import Step
 class SimdIsa:
     """What the tile printer needs to know of one instruction set."""
 
-    name: str            # the build macro's suffix and the report's name
-    macro: str           # the preprocessor condition of its build
     lanes: int           # int32 lanes per vector: output channels of one block
     k: int               # input channels per 32-bit broadcast
     elem: str            # C type of the staged input
@@ -71,10 +69,10 @@ class SimdIsa:
         return [f"xmm{r}" for r in sorted(self.w_regs + self.x_regs + self.t_regs)]
 
 
-VNNI = SimdIsa("vnni", "NQ_VNNI", 16, 4, "uint8_t", "wv", "__m512i", "zmm", "vmovdqa64", 4, 24,
-               (31, 30, 29, 28), (27, 26), (), "AVX-512 VNNI", "_mm512", "nq_requantize16_hi", "nq_pack4")
-AVX2 = SimdIsa("avx2", "NQ_AVX2", 8, 2, "int16_t", "ww", "__m256i", "ymm", "vmovdqa", 2, 10,
-               (15, 14), (13, 12), (11, 10), "AVX2", "_mm256", "nq_requantize8_hi", "nq_pack4x8")
+VNNI = SimdIsa(16, 4, "uint8_t", "wv", "__m512i", "zmm", "vmovdqa64", 4, 24,
+              (31, 30, 29, 28), (27, 26), (), "AVX-512 VNNI", "_mm512", "nq_requantize16_hi", "nq_pack4")
+AVX2 = SimdIsa(8, 2, "int16_t", "ww", "__m256i", "ymm", "vmovdqa", 2, 10,
+              (15, 14), (13, 12), (11, 10), "AVX2", "_mm256", "nq_requantize8_hi", "nq_pack4x8")
 FULL_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 
 

@@ -10,7 +10,6 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #ifdef __CUDACC__
 #define NQ_FN static __host__ __device__ __forceinline__
