@@ -1,8 +1,12 @@
 """The ``netquant`` command: thin commands over the public API.
 
-Every command that reads CIFAR-10 takes ``--data`` (an archive, a folder, ``download`` or
-``sample``); without it, ``$NETQUANT_DATA``; without that, the sample shipped in the package.
-Every printed result names the data it came from.
+``--data`` is CIFAR-10 (an archive, a folder, ``download`` or ``sample``), your own images (an
+image folder with one sub-folder per class, a folder with ``train/`` and ``val/`` image folders,
+a ``.zip`` of either, or a ``.npz``); without it, ``$NETQUANT_DATA``; without that, the CIFAR-10
+sample shipped in the package. Images are resized and centre-cropped to the network's input.
+``--model`` is a ``.onnx`` file, a netquant ``.safetensors`` file or a shipped network name;
+``--mean``/``--std``/``--channel-order``/``--value-range`` say what input the model expects.
+Every argument is checked before any work starts; every printed result names the data it came from.
 """
 from __future__ import annotations
 
@@ -11,21 +15,196 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 log = logging.getLogger("netquant")
+DEFAULT_MODEL = "cifarnet-20-16"
+DEFAULT_CALIBRATION, DEFAULT_VALIDATION = 200, 50   # MATLAB's datastore sizes
+SPEC_FLAGS = {"mean": "--mean", "std": "--std", "channel_order": "--channel-order", "value_range": "--value-range"}
 
 
-def _data(args):
-    from .data import load_cifar10
+class ArgumentError(ValueError):
+    """A command-line argument that cannot work (reported before any work starts)."""
 
-    return load_cifar10(args.data)
+
+# --- arguments ----------------------------------------------------------------------------------
+
+def _check_args(args) -> None:
+    """Every check that needs no loading: conflicting options, missing files, bad numbers."""
+    from .data.cifar10 import DATA_ENV
+
+    quantizer, model = getattr(args, "quantizer", None), getattr(args, "model", None)
+    if quantizer and model:
+        raise ArgumentError("--quantizer and --model together: a saved quantizer holds its network; pass one of them")
+    if quantizer:
+        if not Path(quantizer).is_file():
+            raise ArgumentError(f"{quantizer}: no such file (expected a quantizer file written by "
+                                f"netquant quantize or calibrate --out)")
+        given = [flag for key, flag in {**SPEC_FLAGS, "input_size": "--input-size"}.items()
+                 if getattr(args, key, None) is not None]
+        if given:
+            raise ArgumentError(f"{', '.join(given)} with --quantizer: a saved quantizer keeps the input spec and "
+                                f"size it was made with; pass them with --model instead")
+    if hasattr(args, "model"):
+        from .models.files import resolve_network
+
+        args.network = None if quantizer else resolve_network(model or DEFAULT_MODEL)
+    data = getattr(args, "data", None)
+    if data is not None and data not in ("sample", "download") and not Path(data).exists():
+        raise ArgumentError(f"{data}: no such file or folder (--data: a CIFAR-10 archive or folder, an image folder, "
+                            f"a .zip of one, a .npz, 'sample' or 'download'; default ${DATA_ENV})")
+    mean, std = getattr(args, "mean", None), getattr(args, "std", None)
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise ArgumentError(f"--mean has {len(mean)} values and --std {len(std)}: give one per input channel")
+    if std is not None and min(std) <= 0:
+        raise ArgumentError(f"--std: every value must be > 0, got {' '.join(map(str, std))}")
+    vr = getattr(args, "value_range", None)
+    if vr is not None and not vr[0] < vr[1]:
+        raise ArgumentError(f"--value-range: expected LOW HIGH with LOW < HIGH, got {vr[0]:g} {vr[1]:g}")
+    size = getattr(args, "input_size", None)
+    if size is not None and min(size) <= 0:
+        raise ArgumentError(f"--input-size: expected two positive integers H W, got {size[0]} {size[1]}")
+    resize = getattr(args, "resize", None)
+    if resize is not None and resize <= 0:
+        raise ArgumentError(f"--resize: expected a positive shorter side in pixels, got {resize}")
+    names = getattr(args, "class_names", None)
+    if names is not None:
+        args.class_name_list = _read_class_names(names)
+    if getattr(args, "calibration", None) is not None and args.calibration <= 0:
+        raise ArgumentError(f"--calibration: expected a positive number of images, got {args.calibration}")
+
+
+def _read_class_names(path) -> tuple:
+    p = Path(path)
+    if not p.exists():
+        raise ArgumentError(f"{path}: no such file (--class-names: a text file, one class name per line, "
+                            f"in the order of the model's outputs)")
+    names = tuple(line.strip() for line in p.read_text().splitlines() if line.strip())
+    if not names:
+        raise ArgumentError(f"{path}: no class names in it (one per line, in the order of the model's outputs)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ArgumentError(f"{path}: class names repeat: {', '.join(dup[:5])}")
+    return names
+
+
+@dataclass(frozen=True)
+class _Net:
+    """The network a command works on: a torch module (shipped or safetensors) or an ONNX graph."""
+
+    name: str
+    module: object = None      # torch.nn.Module, or None for ONNX
+    graph: object = None       # the imported Graph for ONNX, else None (captured on demand)
+
+
+def _network(args) -> _Net:
+    from .models.files import load_module, load_network
+
+    source = args.network
+    if source.kind == "onnx":
+        graph, name = load_network(source.path, input_shape=args.input_size)
+        return _Net(name, graph=graph)
+    module = load_module(source)
+    return _Net(getattr(module, "card", {}).get("name", source.name), module=module)
+
+
+def _module_shape(args) -> tuple:
+    """(C, H, W) a torch network is run at: --input-size, else CIFAR's 3x32x32."""
+    return (3, *args.input_size) if args.input_size else (3, 32, 32)
+
+
+def _input_spec(args, shape):
+    """The InputSpec the flags describe, or None when none is given."""
+    if all(getattr(args, key, None) is None for key in SPEC_FLAGS):
+        return None
+    from .ir.input_spec import InputSpec
+
+    return InputSpec(tuple(shape), channel_order=args.channel_order or "RGB",
+                     value_range=tuple(args.value_range) if args.value_range else (0.0, 1.0),
+                     mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
+
+
+def _float_graph(args, net: _Net):
+    """The float graph of ``net`` with the input spec applied (it takes netquant images)."""
+    import torch
+
+    from .ir.capture import capture
+    from .ir.input_spec import apply_input_spec
+
+    if net.graph is not None:
+        return apply_input_spec(net.graph, _input_spec(args, net.graph.input.shape))
+    spec = _input_spec(args, _module_shape(args))
+    x = torch.rand(2, *_module_shape(args), generator=torch.Generator().manual_seed(0))
+    return apply_input_spec(capture(net.module, spec.apply(x) if spec else x), spec)
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The sets of --data, and the size the images drawn from them are brought to.
+
+    Image files are resized while they are decoded (``size`` None here); decoded arrays
+    (CIFAR-10, .npz) are resized only when a subset is drawn (:meth:`sized`), so 200
+    calibration images of CIFAR-10 for a 224x224 network do not resize all 60,000."""
+
+    train: object
+    test: object
+    size: Optional[tuple] = None
+    resize: Optional[int] = None
+
+    def sized(self, images):
+        """``images`` (drawn from train or test) at the network's input size."""
+        return images if self.size is None else images.resized(self.size, self.resize)
+
+
+def _data(args, shape=None, outputs: Optional[int] = None) -> _Data:
+    """The data of --data for a network taking ``shape`` (C, H, W), when given, with its labels
+    checked against the network's ``outputs``."""
+    from .data import open_data
+    from .data.folder import reads_image_files
+    from .progress import bar
+
+    given = getattr(args, "class_name_list", None)
+    size, resize = (tuple(shape[1:]) if shape else None), getattr(args, "resize", None)
+    decoded = size is not None and reads_image_files(args.data)
+    data = open_data(args.data, size=size if decoded else None, resize=resize if decoded else None,
+                     class_names=given, channels=shape[0] if shape and shape[0] in (1, 3) else 3,
+                     progress=bar("read images"))
+    if outputs is not None:
+        _check_classes(data, outputs, given is not None)
+    return _Data(data.train, data.test, None if decoded else size, resize)
+
+
+def _data_for(args, graph):
+    """:func:`_data` for the network ``graph``."""
+    import numpy as np
+
+    return _data(args, graph.input.shape, int(np.prod(graph.node(graph.output).shape)))
+
+
+def _check_classes(data, outputs: int, names_given: bool) -> None:
+    """The labels must be class numbers of the network's output; a folder with fewer classes than
+    the network gets a note, since its sorted folder names may not follow the model's order."""
+    for split in {id(data.train): data.train, id(data.test): data.test}.values():
+        top = int(split.labels.max()) if len(split) else -1
+        if top >= outputs:
+            raise ValueError(f"{split.source}: label {top} ({split.class_name(top)}) but the network has {outputs} "
+                             f"outputs; give the model's class order with --class-names FILE")
+        if not names_given and split.class_names is not None and len(split.class_names) < outputs:
+            print(f"note: {split.num_classes} classes in {split.source} and {outputs} network outputs: labels are the "
+                  f"positions of the sorted folder names ({split.class_names[0]} = 0, ...); if the model orders its "
+                  f"classes otherwise, pass --class-names FILE", file=sys.stderr)
 
 
 def _model(args):
-    from .models.pretrained import load_pretrained
+    """The torch module of a shipped or safetensors network (commands that need one)."""
+    from .models.files import load_module
 
-    return load_pretrained(args.model)
+    if args.network.kind == "onnx":
+        raise ValueError(f"netquant {args.command} needs a torch network (a shipped name or .safetensors); "
+                         f"{args.network.path} is ONNX")
+    return load_module(args.network)
 
 
 def _print_json(obj) -> None:
@@ -35,35 +214,95 @@ def _print_json(obj) -> None:
 # --- commands -------------------------------------------------------------------------------
 
 def cmd_analyze(args) -> int:
-    from .models.analyze import analyze
+    net = _network(args)
+    if net.module is not None:
+        from .models.analyze import analyze
 
-    a = analyze(_model(args))
+        a = analyze(net.module, _module_shape(args))
+        if args.json:
+            _print_json(a.to_dict())
+        else:
+            print(a)
+        return 0
+    d = _graph_summary(net.graph)
     if args.json:
-        _print_json(a.to_dict())
+        _print_json(d)
     else:
-        print(a)
+        print(net.graph)
+        print(f"{d['network']}: {d['nodes']} nodes, {d['weighted_layers']} conv/fc layers, {d['parameters']:,} "
+              f"parameters, {d['macs']:,} MACs per image ({d['macs'] / 1e6:.1f}M), input "
+              f"{'x'.join(map(str, d['input_shape']))}, {d['outputs']} outputs")
     return 0
 
 
+def _graph_summary(graph) -> dict:
+    """Totals of an imported graph: a conv with output (C, H, W) and weight (C, C_in/g, kh, kw)
+    does C*H*W * (C_in/g)*kh*kw MACs; a fully connected layer does out*in."""
+    import numpy as np
+
+    from .ir.graph import WEIGHTED_OPS
+
+    params = sum(int(np.size(v)) for n in graph.nodes for k, v in n.params.items() if k in ("weight", "bias"))
+    macs = 0
+    for n in graph.nodes:
+        if n.op in WEIGHTED_OPS:
+            w = n.params["weight"]
+            macs += int(np.prod(n.shape)) * int(np.prod(w.shape[1:])) if w.ndim == 4 else int(w.size)
+    return {"network": graph.source, "nodes": len(graph.nodes), "parameters": params, "macs": macs,
+            "weighted_layers": sum(n.op in WEIGHTED_OPS for n in graph.nodes),
+            "input_shape": list(graph.input.shape), "outputs": int(np.prod(graph.node(graph.output).shape))}
+
+
 def _evaluate(net, images) -> tuple[float, float]:
-    """Top-1 (percent) of ``net`` on an ImageSet, and seconds taken."""
+    """Top-1 (percent) of a torch network on an ImageSet, and seconds taken."""
     from .models.train import evaluate
 
     t0 = time.time()
     return evaluate(net, images), time.time() - t0
 
 
+def _evaluate_graph(graph, images, batch_size: int = 250) -> tuple[float, float]:
+    """Top-1 (percent) of a float graph on an ImageSet (the float executor), and seconds taken."""
+    import torch
+
+    from .data import batches
+    from .ir.float_exec import run_float
+    from .progress import bar
+
+    t0, correct, progress = time.time(), 0, bar("evaluate")
+    for start, x in batches(images.images, batch_size):
+        scores = run_float(graph, torch.from_numpy(x), keep=())[graph.output].numpy()
+        correct += int((scores.argmax(1) == images.labels[start:start + len(x)]).sum())
+        progress(start + len(x), len(images), "float inference")
+    return 100.0 * correct / max(len(images), 1), time.time() - t0
+
+
 def cmd_evaluate(args) -> int:
     from .data import validation_set
 
-    net, data = _model(args), _data(args)
-    subset = validation_set(data, args.count, args.seed)
-    top1, secs = _evaluate(net, subset)
-    if args.json:
-        _print_json({"model": args.model, "top1": top1, "images": len(subset), "data": subset.source})
+    net = _network(args)
+    if net.module is not None and _input_spec(args, _module_shape(args)) is None:
+        data = _data(args, _module_shape(args), _outputs(net.module, _module_shape(args)))
+        subset = data.sized(validation_set(data, args.count, args.seed))
+        top1, secs = _evaluate(net.module, subset)
     else:
-        print(f"{args.model}: top-1 {top1:.2f}% on {len(subset)} images ({subset.source}) in {secs:.1f} s")
+        graph = _float_graph(args, net)
+        data = _data_for(args, graph)
+        subset = data.sized(validation_set(data, args.count, args.seed))
+        top1, secs = _evaluate_graph(graph, subset)
+    if args.json:
+        _print_json({"model": net.name, "top1": top1, "images": len(subset), "data": subset.source})
+    else:
+        print(f"{net.name}: top-1 {top1:.2f}% on {len(subset)} images ({subset.source}) in {secs:.1f} s")
     return 0
+
+
+def _outputs(module, shape) -> int:
+    """The number of class scores of a torch module at input ``shape``."""
+    import torch
+
+    with torch.no_grad():
+        return int(module(torch.zeros(1, *shape)).shape[1])
 
 
 def cmd_tile(args) -> int:
@@ -122,20 +361,25 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     net = _model(args)
-    print(f"== {args.model}: analysis")
-    print(analyze(net))
-    data = _data(args)
+    name = net.card.get("name", args.network.name)
+    print(f"== {name}: analysis")
+    print(analyze(net, _module_shape(args)))
+    data = _data(args, _module_shape(args), _outputs(net, _module_shape(args)))
     print(f"\n== data: {data.train.source}; {data.test.source}")
     names = random_tile_png(data.train, out / "tile.png", 20, args.seed)
     print(f"wrote {out / 'tile.png'}: 20 random training images: {', '.join(names)}")
-    top1, secs = _evaluate(net, data.test)
-    print(f"\n== float top-1 of {args.model}: {top1:.2f}% on {len(data.test)} images "
+    top1, secs = _evaluate(net, data.sized(data.test))
+    print(f"\n== float top-1 of {name}: {top1:.2f}% on {len(data.test)} images "
           f"({data.test.source}) in {secs:.1f} s")
 
-    print(f"\n== calibration ({args.calibration} training images, seed {args.seed})")
-    q = _quantizer(args, data)
+    print(f"\n== calibration ({_count_of(args.calibration, DEFAULT_CALIBRATION, data.train)} training images, "
+          f"seed {args.seed})")
+    q = _new_quantizer(args, _Net(name, module=net))
+    _calibrate(args, q, data)
+    for layer in args.float or ():
+        q.set_quantize(layer, False)
     _print_calibration(q, full=False)
-    for count in (args.validation, "all"):
+    for count in (_count_of(args.validation, DEFAULT_VALIDATION, data.test), "all"):
         t0 = time.time()
         result = _validate(q, data, count, args.seed, ["top1", "top5"], str(count))
         print(f"\n== validation on {result.num_samples} images ({time.time() - t0:.1f} s)")
@@ -154,7 +398,7 @@ def cmd_demo(args) -> int:
     gen, cnet = _generate_and_build(q, out / "c", "resnet20", "native")
     print(f"generated {', '.join(sorted(gen.files))} in {gen.folder}; built {gen.build['library']}; "
           f"report {gen.folder / 'report.html'}")
-    val = validation_set(data, args.validation, args.seed)
+    val = data.sized(validation_set(data, _count_of(args.validation, DEFAULT_VALIDATION, data.test), args.seed))
     x = to_float(val.images)
     qnet = q.quantize()
     c_scores, py_scores = cnet.predict(x), qnet.run(x)
@@ -181,23 +425,56 @@ def _scheme(args):
     return replace(cfg, **changes) if changes else cfg
 
 
-def _quantizer(args, data):
-    """A calibrated Quantizer: loaded from --quantizer, or built and calibrated now."""
+def _count_of(count, default: int, images):
+    """The images to draw: the count asked for, else the default (MATLAB's 200 or 50), or every
+    image of a set smaller than that."""
+    if count is not None:
+        return count
+    return default if len(images) > default else "all"
+
+
+def _new_quantizer(args, net: _Net):
+    """A Quantizer for ``net`` with the input spec of the flags (not yet calibrated)."""
+    import torch
+
+    from .quantizer import Quantizer
+
+    kw = {"target": args.target, "config": _scheme(args), "name": net.name}
+    if net.graph is not None:
+        spec = _input_spec(args, net.graph.input.shape)
+        return Quantizer(graph=net.graph, input_spec=spec, **kw) if spec else Quantizer(graph=net.graph, **kw)
+    spec = _input_spec(args, _module_shape(args))
+    if spec is not None:
+        return Quantizer(net.module, input_spec=spec, **kw)
+    example = torch.rand(2, *_module_shape(args), generator=torch.Generator().manual_seed(0)) if args.input_size else None
+    return Quantizer(net.module, example=example, **kw)
+
+
+def _calibrate(args, q, data) -> None:
     from .data import calibration_set
     from .progress import bar
+
+    cal = data.sized(calibration_set(data, _count_of(args.calibration, DEFAULT_CALIBRATION, data.train), args.seed))
+    print(f"calibrating on {len(cal)} images ({cal.source})", file=sys.stderr)
+    q.calibrate(cal, progress=bar("calibrate"))
+
+
+def _quantizer(args, need_data: bool = True):
+    """(A calibrated Quantizer, the data): loaded from --quantizer, or built from --model and
+    calibrated now; the data is read at the network's input size."""
     from .quantizer import Quantizer
 
     if getattr(args, "quantizer", None):
         q = Quantizer.load(args.quantizer)
         print(f"loaded {args.quantizer}: {q}", file=sys.stderr)
+        data = _data_for(args, q.graph) if need_data else None
     else:
-        q = Quantizer(_model(args), target=args.target, config=_scheme(args))
-        cal = calibration_set(data, args.calibration, args.seed)
-        print(f"calibrating on {len(cal)} images ({cal.source})", file=sys.stderr)
-        q.calibrate(cal, progress=bar("calibrate"))
+        q = _new_quantizer(args, _network(args))
+        data = _data_for(args, q.graph)
+        _calibrate(args, q, data)
     for layer in args.float or ():
         q.set_quantize(layer, False)
-    return q
+    return q, data
 
 
 def _fmt_table(df) -> str:
@@ -218,8 +495,7 @@ def _print_calibration(q, full: bool) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    data = _data(args)
-    q = _quantizer(args, data)
+    q, _ = _quantizer(args)
     if args.json:
         _print_json(json.loads(q.calibration_table().to_json(orient="records")))
     else:
@@ -234,15 +510,15 @@ def _validate(q, data, count, seed, metrics, label):
     from .data import validation_set
     from .progress import bar
 
-    val = validation_set(data, count, seed)
+    val = data.sized(validation_set(data, count, seed))
     result = q.validate(val, metrics=metrics, progress=bar(f"validate {label}"))
     return result
 
 
 def cmd_validate(args) -> int:
-    data = _data(args)
-    q = _quantizer(args, data)
-    result = _validate(q, data, args.validation, args.seed, args.metric or ["top1", "top5"], "")
+    q, data = _quantizer(args)
+    count = _count_of(args.validation, DEFAULT_VALIDATION, data.test)
+    result = _validate(q, data, count, args.seed, args.metric or ["top1", "top5"], "")
     if args.json:
         _print_json({"num_samples": result.num_samples, "source": result.source, "agreement": result.agreement,
                      "top1_difference": result.top1_difference, "mcnemar_p": result.mcnemar_p,
@@ -253,8 +529,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    data = _data(args)
-    q = _quantizer(args, data)
+    q, _ = _quantizer(args)
     details = q.quantization_details()
     fmem, qmem = q.learnable_memory()
     if args.json:
@@ -285,8 +560,7 @@ def _generate_and_build(q, out, name, isa, target="c", arch="sm_90", tensor_core
 
 
 def cmd_codegen(args) -> int:
-    data = _data(args)
-    q = _quantizer(args, data)
+    q, _ = _quantizer(args, need_data=False)
     gen, net = _generate_and_build(q, args.out, args.name, args.isa, args.codegen_target, args.arch,
                                    args.tensor_cores)
     print(f"generated {args.codegen_target} sources in {gen.folder}: " +
@@ -321,15 +595,14 @@ def cmd_export_onnx(args) -> int:
 
             graph = Quantizer.load(args.quantizer).graph
             print(f"loaded {args.quantizer}")
+            what = f"the float network ({graph.source})"
         else:
-            from .ir.capture import capture
-
-            graph = capture(_model(args))
+            net = _network(args)
+            graph = _float_graph(args, net)
+            what = f"the float network ({net.name})"
         model = export_float_onnx(graph, args.out)
-        what = f"the float network ({graph.source or args.model})"
     else:
-        data = None if args.quantizer else _data(args)   # a saved quantizer needs no images
-        q = _quantizer(args, data)
+        q, _ = _quantizer(args, need_data=False)   # a saved quantizer needs no images
         model = export_quantized_onnx(q.quantize(), args.out)
         what = f"the int8 network of {q.name} in QDQ form"
     ops = sorted({n.op_type for n in model.graph.node})
@@ -353,21 +626,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def command(name, func, help, data=True, model=True):
+    def command(name, func, help, data=True, model=True, spec=True):
         c = sub.add_parser(name, help=help, description=help)
         c.set_defaults(func=func)
         if data:
-            c.add_argument("--data", help="CIFAR-10 archive or folder, 'download' or 'sample' "
-                                          "(default: $NETQUANT_DATA, else the embedded sample)")
+            c.add_argument("--data", help="CIFAR-10 (archive or folder, 'download', 'sample'), an image folder (one "
+                                          "sub-folder per class), a folder with train/ and val/ image folders, a "
+                                          ".zip of either, or a .npz (default: $NETQUANT_DATA, else the embedded "
+                                          "CIFAR-10 sample)")
+        if data and model:   # images are sized to (and labelled for) the network
+            c.add_argument("--resize", type=int, metavar="N",
+                           help="resize the shorter side of each image to N before the centre crop to the network's "
+                                "input (e.g. 256 for 224; default: just cover the input)")
+            c.add_argument("--class-names", metavar="FILE",
+                           help="text file, one class name per line in the order of the model's outputs; sub-folders "
+                                "are labelled by it (default: sorted sub-folder names)")
         if model:
-            c.add_argument("--model", default="cifarnet-20-16", help="shipped network (default: %(default)s)")
+            c.add_argument("--model", help=f"a .onnx file, a netquant .safetensors file or a shipped network "
+                                           f"(default: {DEFAULT_MODEL})")
+            c.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                           help="the model's input height and width, for a model whose input size is not fixed "
+                                "(a symbolic ONNX shape, a global-pool CNN)")
+            if spec:
+                c.add_argument("--mean", type=float, nargs="+", metavar="M",
+                               help="per-channel mean the model subtracts, in its channel order and value range "
+                                    "(e.g. 0.485 0.456 0.406)")
+                c.add_argument("--std", type=float, nargs="+", metavar="S",
+                               help="per-channel standard deviation the model divides by (e.g. 0.229 0.224 0.225)")
+                c.add_argument("--channel-order", choices=("RGB", "BGR"), help="the model's channel order (default RGB)")
+                c.add_argument("--value-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                               help="the pixel range the model takes before mean/std: 0 1 (default) or 0 255")
         c.add_argument("--seed", type=int, default=0, help="seed of random subsets (default: %(default)s)")
         return c
 
-    c = command("analyze", cmd_analyze, "print the layer table and totals of a network", data=False)
+    c = command("analyze", cmd_analyze, "print the layer table and totals of a network", data=False, spec=False)
     c.add_argument("--json", action="store_true")
 
-    c = command("evaluate", cmd_evaluate, "float top-1 of a network on CIFAR-10 test images")
+    c = command("evaluate", cmd_evaluate, "float top-1 of a network on test images")
     c.add_argument("--count", default="all", type=_count, help="test images: a number or 'all' (default)")
     c.add_argument("--json", action="store_true")
 
@@ -397,13 +692,14 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--granularity", choices=("per_channel", "per_tensor"), help="weight scale granularity")
         c.add_argument("--range-method", choices=("minmax", "percentile", "entropy", "mse"),
                        help="activation range method")
-        c.add_argument("--calibration", type=int, default=200, help="calibration images from the training set "
-                                                                      "(default: %(default)s)")
+        c.add_argument("--calibration", type=int, help=f"calibration images from the training set (default: "
+                                                       f"{DEFAULT_CALIBRATION}, or all of a smaller set)")
         c.add_argument("--float", dest="float", action="append", metavar="LAYER",
                        help="keep LAYER in float (repeatable)")
         if validation:
-            c.add_argument("--validation", type=_count, default=50,
-                           help="validation images from the test set: a number or 'all' (default: %(default)s)")
+            c.add_argument("--validation", type=_count,
+                           help=f"validation images from the test set: a number or 'all' (default: "
+                                f"{DEFAULT_VALIDATION}, or all of a smaller set)")
 
     c = command("calibrate", cmd_calibrate, "calibrate a network and print the calibration table")
     quant_options(c)
@@ -449,7 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1 only)")
     c.add_argument("--no-browser", action="store_true", help="print the URL without opening a browser")
 
-    c = command("demo", cmd_demo, "the main job: analyse, load data, tile, evaluate, calibrate, validate, save")
+    c = command("demo", cmd_demo, "the main job: analyse, load data, tile, evaluate, calibrate, validate, save",
+                spec=False)
     quant_options(c, validation=True)
     c.add_argument("--out", default="netquant-out", help="folder for the files it writes")
     return p
@@ -459,9 +756,12 @@ def _count(text: str):
     if text == "all":
         return "all"
     try:
-        return int(text)
+        n = int(text)
     except ValueError:
+        n = 0
+    if n <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return n
 
 
 def main(argv=None) -> int:
@@ -471,9 +771,11 @@ def main(argv=None) -> int:
     from .data.cifar10 import DataError
 
     try:
+        _check_args(args)
         return args.func(args)
     except (DataError, ValueError, KeyError, FileNotFoundError) as e:
-        print(f"netquant {args.command}: error: {e}", file=sys.stderr)
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"netquant {args.command}: error: {' '.join(str(text).split())}", file=sys.stderr)   # one line
         return 2
 
 

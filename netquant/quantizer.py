@@ -7,6 +7,12 @@
     qnet = q.quantize()                          # the integer network and its executor
     q.save("resnet20.nq"); q2 = Quantizer.load("resnet20.nq")
 
+A model trained on other input than netquant's (RGB in [0, 1]) declares it once, instead of being
+wrapped in a normalisation module:
+
+    q = Quantizer(net, input_spec=InputSpec((3, 224, 224), value_range=(0, 255),
+                                            mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)))
+
 Everything here is a thin layer over the core: capture (ir), calibrate (calib), lower (quant),
 run_int8 (ref) and the metrics.
 """
@@ -26,6 +32,7 @@ from .calib.stats import HALF_BINS, RangeTable
 from .ir.capture import capture
 from .ir.float_exec import run_float
 from .ir.graph import WEIGHTED_OPS, Graph
+from .ir.input_spec import InputSpec, apply_input_spec
 from .metrics import agreement, mcnemar, paired_bootstrap, resolve_metric, sqnr_db
 from .progress import Progress, report
 from .quant.config import QuantConfig, target_config
@@ -102,17 +109,31 @@ class Quantizer:
 
     def __init__(self, model: Optional[torch.nn.Module] = None, target: str = "gpu",
                  config: Optional[QuantConfig] = None, example: Optional[torch.Tensor] = None,
-                 graph: Optional[Graph] = None, name: Optional[str] = None):
+                 graph: Optional[Graph] = None, name: Optional[str] = None,
+                 input_spec: Optional[InputSpec] = None):
+        """``input_spec``: what the model takes (channel order, pixel range, mean and std), put
+        into the graph after its input (:func:`~netquant.ir.input_spec.apply_input_spec`); None:
+        the model takes netquant's images (RGB in [0, 1]) as they are, or normalises them itself.
+        ``example``, when given, is an input batch as the model itself takes it."""
         if (model is None) == (graph is None):
             raise ValueError("Quantizer needs a model (or, when loading, a graph), not both")
+        if isinstance(input_spec, dict):
+            input_spec = InputSpec.from_json(input_spec)
+        if input_spec is not None and not isinstance(input_spec, InputSpec):
+            raise ValueError(f"input_spec: expected an InputSpec (netquant.ir.input_spec), got "
+                             f"{type(input_spec).__name__}")
         self.target = target
         self.config = config if config is not None else target_config(target)
         if graph is None:
             model = model.eval()
+            if example is None and input_spec is not None:
+                # netquant-style random images, converted to what the model takes
+                example = input_spec.apply(torch.rand(2, *input_spec.shape, generator=torch.Generator().manual_seed(0)))
             graph = capture(model, example)
             self.float_learnable_bytes = FLOAT_BYTES * sum(p.numel() for p in model.parameters())
             name = name or getattr(getattr(model, "spec", None), "name", type(model).__name__)
-        self.graph = graph
+        self.graph = apply_input_spec(graph, input_spec)
+        self.input_spec = input_spec
         self.name = name or graph.source
         self.ranges: Optional[RangeTable] = None
         self.user_float: frozenset = frozenset()
@@ -130,7 +151,13 @@ class Quantizer:
         self.provenance["calibration"] = {"source": source, "images": int(len(x)),
                                           "md5": _md5(np.ascontiguousarray(x))}
         self._qnet = None
-        return self.calibration_table()
+        # the statistics are kept whatever happens next: an error in lowering or in the table
+        # leaves them in self.ranges (to save, inspect or re-decide with another config)
+        try:
+            return self.calibration_table()
+        except Exception as e:
+            e.add_note(f"the calibration statistics of {len(x)} images were kept (Quantizer.ranges)")
+            raise
 
     def _require_ranges(self) -> RangeTable:
         if self.ranges is None:
@@ -161,7 +188,9 @@ class Quantizer:
                          "Learnables / Activations": s.kind, "MinValue": s.min, "MaxValue": s.max,
                          "Type": dtype if quantized else "float32", "Scale": scale if quantized else math.nan,
                          "Saturation %": sat, "Underflow %": under, "BitsUsed": bits,
-                         "Quantize": quantized, "Reason": "" if quantized else reasons.get(s.node, "network input")})
+                         "Quantize": quantized,
+                         "Reason": "" if quantized else ((qn.reason if qn is not None else None)
+                                                         or reasons.get(s.node, "network input"))})
         return pd.DataFrame(rows)
 
     # --- choose layers --------------------------------------------------------------------
@@ -206,7 +235,8 @@ class Quantizer:
                 qbytes = float_bytes
                 types = f"output {q.dtype}" if q.quantized else "float32"
             rows.append({"Layer": n.name, "Network Layers": "+".join(n.layers), "Op": n.op,
-                         "Quantized": q.quantized, "Types": types, "Reason": "" if q.quantized else reasons.get(n.name, ""),
+                         "Quantized": q.quantized, "Types": types,
+                         "Reason": "" if q.quantized else (q.reason or reasons.get(n.name, "")),
                          "FloatBytes": float_bytes, "QuantizedBytes": qbytes})
         table = pd.DataFrame(rows)
         total = {"Layer": "total", "Network Layers": "", "Op": "", "Quantized": bool(table.Quantized.all()),
@@ -306,7 +336,9 @@ class Quantizer:
 
     def __repr__(self) -> str:
         state = repr(self.ranges) if self.ranges is not None else "not calibrated"
-        return f"Quantizer({self.name}, target={self.target}, {state}, float layers: {sorted(self.user_float) or 'none'})"
+        spec = f", input: {self.input_spec!r}" if self.input_spec is not None else ""
+        return (f"Quantizer({self.name}, target={self.target}{spec}, {state}, "
+                f"float layers: {sorted(self.user_float) or 'none'})")
 
 
 def _md5(a: np.ndarray) -> str:

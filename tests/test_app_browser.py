@@ -118,3 +118,75 @@ def test_whole_workflow_in_the_browser(browser, cifar_path, tmp_path):
         d.save_screenshot(str(shots / "5-imported.png"))
     finally:
         server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.compiler
+def test_own_onnx_model_and_image_zip_in_the_browser(browser, cifar, cifar_path, tmp_path):
+    """Upload an ONNX model (48x48 input, the CIFAR-10 mean/std in the input spec form) and a
+    zip of CIFAR-10 PNGs in class folders; calibrate, validate on it, export; the page shows the
+    network's input, the data set's class names and a per-class result table."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from netquant.data import CIFAR10_MEAN, CIFAR10_STD, CLASSES
+    from test_app_server import image_folder_zip, onnx_model, pick
+
+    shots = Path(os.environ.get("NETQUANT_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    model = tmp_path / "resnet_b.onnx"
+    model.write_bytes(onnx_model(tmp_path, 48))
+    images = tmp_path / "cifar-pngs.zip"
+    images.write_bytes(image_folder_zip(*pick(cifar.test, (1, 3, 5), 8), CLASSES))
+    server = Server(data=str(cifar_path)).start()
+    d = browser
+    try:
+        d.get(server.url)
+        status = d.find_element(By.ID, "status")
+        wait_for(lambda: "CIFAR-10 test set" in status.text, 60, "the network list")
+        d.find_element(By.ID, "model-file").send_keys(str(model))
+        d.find_element(By.CSS_SELECTOR, "#spec-box summary").click()
+        d.find_element(By.ID, "spec-mean").send_keys(", ".join(map(str, CIFAR10_MEAN)))
+        d.find_element(By.ID, "spec-std").send_keys(", ".join(map(str, CIFAR10_STD)))
+        d.find_element(By.ID, "btn-new").click()
+        info = d.find_element(By.ID, "session-info")
+        wait_for(lambda: info.text.startswith("Session"), 60, "a session")
+        assert "resnet_b, input 3x48x48, 10 outputs" in info.text and "mean 0.4914" in info.text
+        assert "takes 3x48x48 images; add one" in d.find_element(By.ID, "datasets").text  # no CIFAR-10 here
+
+        d.find_element(By.ID, "data-file").send_keys(str(images))
+        d.find_element(By.ID, "data-classes").send_keys(",".join(CLASSES))
+        d.find_element(By.ID, "btn-data").click()
+        wait_for(lambda: "data set cifar-pngs" in status.text, 60, "the data set")
+        listed = d.find_element(By.ID, "datasets").text
+        assert "cifar-pngs (data1): 24 images of 3x48x48, 10 classes: airplane, automobile" in listed
+        assert Select(d.find_element(By.ID, "cal-data")).first_selected_option.text == "cifar-pngs"
+        assert d.find_element(By.ID, "cal-count").get_attribute("value") == "24"  # 200 would not fit
+        d.save_screenshot(str(shots / "6-own-model-data.png"))
+
+        d.find_element(By.ID, "btn-calibrate").click()
+        wait_for(lambda: d.find_element(By.ID, "step-table").is_displayed(), 120, "the calibration table")
+        assert "calibrated on 24 images" in d.find_element(By.ID, "table-info").text
+        assert len(d.find_elements(By.CSS_SELECTOR, "#caltable tbody tr")) > 10
+
+        Select(d.find_element(By.ID, "val-data")).select_by_visible_text("cifar-pngs")
+        d.find_element(By.ID, "btn-validate").click()
+        wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#per-class-table"), 120, "validation results")
+        assert "Quantized" in d.find_element(By.CSS_SELECTOR, "table[data-metric='top1']").text
+        per_class = d.find_element(By.ID, "per-class").text
+        assert "Per class (cifar-pngs)" in per_class
+        body = d.find_elements(By.CSS_SELECTOR, "#per-class-table tbody tr")
+        assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in body] == ["automobile", "cat", "dog"]
+        assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in body] == ["1", "3", "5"]
+        d.execute_script("document.getElementById('step-validate').scrollIntoView()")
+        d.save_screenshot(str(shots / "7-own-model-results.png"))
+
+        d.find_element(By.ID, "btn-export-onnx").click()
+        wait_for(lambda: "downloaded network_int8.onnx" in d.find_element(By.ID, "export-info").text, 60, "ONNX")
+        d.find_element(By.ID, "btn-export-q").click()
+        wait_for(lambda: "downloaded quantizer.nq" in d.find_element(By.ID, "export-info").text, 60, "the quantizer")
+        d.find_element(By.ID, "btn-codegen").click()
+        wait_for(lambda: d.find_element(By.ID, "btn-export-code").is_enabled(), 240, "the C code")
+        assert d.find_element(By.ID, "export-info").text == "C sources generated and compiled"
+    finally:
+        server.close()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from netquant.codegen import BuildError, CodegenError, build, generate, load
+from netquant.codegen import BuildError, build, generate, load
 from netquant.data import calibration_set
 from netquant.data.transforms import to_float
 from netquant.models.pretrained import load_pretrained
@@ -159,13 +159,17 @@ def test_every_architecture_is_bit_exact(cls_name, cifar, tmp_path):
         assert gen.build["warnings"].strip() == "", gen.build["warnings"]
 
 
-def test_float_op_in_the_middle_is_refused(cifar, tmp_path):
+def test_float_op_in_the_middle_is_bit_exact(cifar, tmp_path):
+    """A sigmoid between two convs runs from a 256-entry table (tests/test_codegen_float.py has the rest)."""
     import test_architectures as arch
 
     q = Quantizer(arch.build(arch.FloatOpNet, cifar, images=500, epochs=1, loss=arch.nll_of_probabilities))
     q.calibrate(cifar.train.images[:50])
-    with pytest.raises(CodegenError, match="sigmoid is not supported by code generation"):
-        generate(q.quantize(), tmp_path)
+    qn = q.quantize()
+    gen = generate(qn, tmp_path)
+    assert any(s.kind == "lut" and s.node.attrs["fns"] == ("sigmoid",) for s in gen.program.steps)
+    x = to_float(cifar.test.images[:100])
+    assert np.array_equal(load(gen).predict_int(x), _reference_int(qn, x))
 
 
 @pytest.mark.parametrize("isa, flag, kernels", [("avx512", "avx512_vnni", "avx512-vnni"), ("avx2", "avx2", "avx2")])

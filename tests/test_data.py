@@ -28,6 +28,7 @@ def test_real_dataset_shapes_and_classes(cifar):
     assert np.bincount(cifar.test.labels).tolist() == [1000] * 10
     assert np.bincount(cifar.train.labels).tolist() == [5000] * 10
     assert "training set (binary" in cifar.train.source
+    assert cifar.test.class_names[3] == "cat" and cifar.train.class_name(9) == "truck"
 
 
 def test_record_layout_is_label_then_rgb_planes(binary_folder, cifar):

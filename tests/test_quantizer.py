@@ -90,6 +90,26 @@ def test_integer_network_types_and_bounds(quantizer):
     assert qg.node("convInp_reluInp").dtype == "uint8"
 
 
+def test_the_shipped_nets_pruned_channel_is_floored(quantizer):
+    """convInp's channel 6 was pruned by training (batch-norm scale ~0): weights 4.3e-9, 1e-8 of
+    the widest channel's. The weight scale floor (docs/NUMERICS.md, "Scale floors") gives it
+    2^-16 of the widest channel's scale: weights 0, the bias exact to half a step, and a full
+    31-bit multiplier (unfloored: weights of rounding noise, a bias of -12.7M and a multiplier cut
+    to 28 bits at shift 62)."""
+    f = quantizer.graph.node("convInp_reluInp").params
+    n = quantizer.quantize().qgraph.node("convInp_reluInp")
+    widest = np.abs(f["weight"]).reshape(16, -1).max(1)
+    assert widest[6] < 1e-7 * widest.max()
+    s_w = n.params["weight_scale"]
+    assert s_w[6] == pytest.approx(s_w.max() * nx.WEIGHT_SCALE_FLOOR)
+    assert not n.params["weight"][6].any()
+    s_b = quantizer.quantize().qgraph.node(n.inputs[0]).scale * s_w[6]
+    assert abs(n.params["bias"][6] * s_b - f["bias"][6]) <= 0.5 * s_b
+    assert n.params["multiplier"][6] >= 2 ** 30
+    others = np.arange(16) != 6
+    assert np.allclose(s_w[others], widest[others] / 127)   # the other channels are untouched
+
+
 def _int64_conv(x: np.ndarray, n) -> np.ndarray:
     """A direct int64 conv + requantization, independent of the executor's float32 path."""
     w = n.params["weight"].astype(np.int64)

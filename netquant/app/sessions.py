@@ -1,10 +1,11 @@
 """Sessions of the Deep Network Quantizer app: one quantizer each, its long jobs run off the
 request thread, its files in its own temporary folder.
 
-A :class:`Session` holds a Quantizer and the results shown on the pages. Long work (calibration,
+A :class:`Session` holds a Quantizer, the data sets added to it (:class:`DataSet`: images already
+resized to the network's input) and the results shown on the pages. Long work (calibration,
 validation, code generation) runs in a thread per job; a session runs one job at a time and
 reports progress through :class:`Job`. Sessions are independent: each has its own lock, data
-subset and folder, so several tabs and several sessions at once don't touch each other's state.
+sets and folder, so several tabs and several sessions at once don't touch each other's state.
 """
 from __future__ import annotations
 
@@ -25,6 +26,29 @@ import numpy as np
 
 class Busy(RuntimeError):
     """A session is already running a job."""
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A data set a session can calibrate or validate on: two ImageSets of the network's input
+    shape (for one uploaded set, ``train`` and ``test`` are the same set) and the class names
+    (label i is ``class_names[i]``), if known."""
+
+    id: str                               # "cifar10", or "data1", "data2", ... per session
+    name: str                             # what the page shows: the file or folder name
+    train: object                         # ImageSet calibration draws from
+    test: object                          # ImageSet validation draws from
+    class_names: Optional[tuple] = None
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "name": self.name, "train": len(self.train), "test": len(self.test),
+                "same": self.train is self.test, "shape": list(self.test.images.shape[1:]),
+                "class_names": list(self.class_names) if self.class_names else None,
+                "source": self.test.source}
+
+    def class_name(self, label: int) -> str:
+        names = self.class_names or ()
+        return str(names[label]) if 0 <= label < len(names) else f"class {label}"
 
 
 @dataclass
@@ -55,6 +79,7 @@ class Session:
     data: object = None                 # Cifar10 (shared, read-only)
     calibration_images: object = None   # the ImageSet or array calibrated on
     validation: Optional[dict] = None   # JSON of the last validation
+    datasets: dict = field(default_factory=dict)  # id -> DataSet added to this session
     codegen: Optional[Path] = None      # folder of the last generated code
     job: Job = field(default_factory=Job)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -104,6 +129,13 @@ class Registry:
         if s is None:
             raise KeyError(f"no session {sid!r}")
         return s
+
+    def discard(self, sid: str) -> None:
+        """Forget a session whose creation failed, with its folder."""
+        with self.lock:
+            s = self.sessions.pop(sid, None)
+        if s is not None:
+            shutil.rmtree(s.folder, ignore_errors=True)
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -162,15 +194,53 @@ def calibration_json(q) -> dict:
     return {"rows": rows, "layers": layers, "images": ranges.images, "source": ranges.source}
 
 
-def validation_json(result, q) -> dict:
+PREDICTIONS = "_netquant_predictions"   # the name of the recorder's metric table, never shown
+
+
+class PredictionRecorder:
+    """A validation metric that keeps the predicted class of every image instead of scoring.
+
+    ``Quantizer.validate`` calls each metric on the float scores, then on the int8 scores, so
+    after one validation ``runs`` holds [float predictions, int8 predictions]; the page's
+    per-class table comes from them without running the network a second time. Its table is
+    left out of the metrics shown (:func:`validation_json`)."""
+
+    def __init__(self):
+        self.__name__ = PREDICTIONS     # Quantizer.validate names each metric table by __name__
+        self.runs: list = []
+
+    def __call__(self, scores, labels) -> float:
+        self.runs.append(np.asarray(scores).argmax(1))
+        return 0.0
+
+
+def per_class_json(labels: np.ndarray, float_pred: np.ndarray, int8_pred: np.ndarray, data: DataSet) -> list:
+    """One row per class present in ``labels``: its name, how many images, the float and int8
+    top-1 (%) on them, and on how many of them float and int8 predict different classes.
+
+    Worked example: 4 images of class 3 ("cat"), float right on 3, int8 right on 2 and the
+    two differing on 1 image: {"Class": 3, "Name": "cat", "Images": 4, "Float top-1 %": 75.0,
+    "Int8 top-1 %": 50.0, "Changed": 1}."""
+    rows = []
+    for c in np.unique(labels):
+        m = labels == c
+        rows.append({"Class": int(c), "Name": data.class_name(int(c)), "Images": int(m.sum()),
+                     "Float top-1 %": 100.0 * float((float_pred[m] == c).mean()),
+                     "Int8 top-1 %": 100.0 * float((int8_pred[m] == c).mean()),
+                     "Changed": int((float_pred[m] != int8_pred[m]).sum())})
+    return rows
+
+
+def validation_json(result, q, per_class: Optional[list] = None, data: Optional[DataSet] = None) -> dict:
     fmem, qmem = q.learnable_memory()
     d, lo, hi = result.top1_difference
     return {"num_samples": result.num_samples, "source": result.source,
             "metrics": {k: [{kk: _num(vv) for kk, vv in r.items()} for r in v.to_dict("records")]
-                        for k, v in result.metrics.items()},
+                        for k, v in result.metrics.items() if k != PREDICTIONS},
             "agreement": result.agreement, "top1_difference": [d, lo, hi], "mcnemar_p": result.mcnemar_p,
             "memory": {"float": fmem, "quantized": qmem, "reduction": 100 * (1 - qmem / fmem)},
-            "layer_errors": [{k: _num(v) for k, v in r.items()} for r in result.layer_errors.to_dict("records")]}
+            "layer_errors": [{k: _num(v) for k, v in r.items()} for r in result.layer_errors.to_dict("records")],
+            "data": data.to_json() if data is not None else None, "per_class": per_class or []}
 
 
 def zip_folder(folder: Path) -> bytes:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv
-from .program import ADD_PAIR_SHIFTS, Buffer, Program, Step
+from .program import ADD_PAIR_SHIFTS, ELEMENTWISE_FNS, LUT_SIZE, Buffer, Program, Step
 
 RUNTIME_HEADER = "netquant_rt.h"
 
@@ -85,7 +85,7 @@ class CPrinter:
         self.kernels: dict[str, Callable] = {
             "affine": self.k_affine, "quantize": self.k_quantize, "conv": self.k_conv, "linear": self.k_linear,
             "add": self.k_add, "concat": self.k_concat, "gather": self.k_gather, "maxpool": self.k_maxpool,
-            "avgpool": self.k_avgpool, "act": self.k_act, "dequantize": self.k_dequantize, "float": self.k_softmax,
+            "avgpool": self.k_avgpool, "act": self.k_act, "dequantize": self.k_dequantize,
         }
 
     # --- helpers --------------------------------------------------------------------------
@@ -102,6 +102,8 @@ class CPrinter:
 
     def kernel_label(self, s: Step) -> str:
         """What the report calls the kernel printed for ``s`` (the paths in k_conv's order)."""
+        if self.is_element_step(s):
+            return self.float_label(s)
         vnni = []
         if "wv" in s.consts:
             vnni = [f"{SimdConv(self, isa).label(s)} where built with it" for isa in (VNNI, AVX2)]
@@ -123,13 +125,21 @@ class CPrinter:
         return (shape + (1, 1))[:3] if len(shape) == 1 else tuple(shape)
 
     # --- kernels: each returns the body lines of the step function ---------------------------
+    def pix_off(self, name: str, c: str, i: str) -> str:
+        """Offset of channel ``c`` of pixel ``i`` (= h * W + w) in buffer ``name``, by its layout."""
+        b = self.buf(name)
+        ch, h, w = self.hwc(b.shape)
+        if len(b.shape) == 1:
+            return c
+        return f"{c} * {h * w} + {i}" if b.layout == "nchw" else f"{i} * {ch} + {c}"
+
     def k_affine(self, s: Step, o: Source):
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
         sc, sh = self.const_name(s, "scale"), self.const_name(s, "shift")
         o(f"enum {{ C = {c}, HW = {h * w} }};")
         o.open("for (int c = 0; c < C; ++c)").open("for (int i = 0; i < HW; ++i)")
-        o(f"float t = x0[c * HW + i] * {sc}[c];  /* two roundings, as torch: no FMA */")
-        o(f"y[c * HW + i] = t + {sh}[c];").close().close()
+        o(f"float t = x0[{self.pix_off(s.inputs[0], 'c', 'i')}] * {sc}[c];  /* two roundings, as torch: no FMA */")
+        o(f"y[{self.pix_off(s.output, 'c', 'i')}] = t + {sh}[c];").close().close()
 
     def k_quantize(self, s: Step, o: Source):
         c, h, w = self.hwc(self.buf(s.output).shape)
@@ -137,9 +147,10 @@ class CPrinter:
         inv = float(np.float32(1.0 / s.node.scale)).hex() + "f"
         o(f"enum {{ C = {c}, HW = {h * w} }};")
         o(f"const float inv = {inv};  /* float32(1 / {s.node.scale!r}) */")
-        o("/* NCHW float in, channels-last integers out */")
+        o(f"/* {self.buf(s.inputs[0]).layout.upper()} float in, channels-last integers out */")
         o.open("for (int c = 0; c < C; ++c)").open("for (int i = 0; i < HW; ++i)")
-        o(f"y[i * C + c] = ({self.buf(s.output).ctype})nq_quantize(x0[c * HW + i], inv, {lo}, {hi});").close().close()
+        o(f"y[i * C + c] = ({self.buf(s.output).ctype})nq_quantize(x0[{self.pix_off(s.inputs[0], 'c', 'i')}], inv, "
+          f"{lo}, {hi});").close().close()
 
     def k_conv(self, s: Step, o: Source):
         if "wa" in s.consts:
@@ -437,17 +448,273 @@ class CPrinter:
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
         scale = float(np.float32(s.node.scale)).hex() + "f"
         o(f"enum {{ C = {c}, HW = {h * w} }};")
-        o("/* channels-last integers in, NCHW float out */")
+        o(f"/* channels-last integers in, {self.buf(s.output).layout.upper()} float out */")
         o.open("for (int c = 0; c < C; ++c)").open("for (int i = 0; i < HW; ++i)")
-        o(f"y[c * HW + i] = nq_dequantize(x0[i * C + c], {scale});").close().close()
+        o(f"y[{self.pix_off(s.output, 'c', 'i')}] = nq_dequantize(x0[i * C + c], {scale});").close().close()
+
+    # --- float layers and lookup tables: one body per output element, shared with CUDA ----------
+    # Each e_* method prints the statements that compute y[e], the output element at offset e of
+    # the output buffer (in its layout), from x0, x1, ...: the C kernel loops e over the tensor, the
+    # CUDA kernel runs one thread per e. Float32 throughout, no fused multiply-add (C:
+    # -ffp-contract=off, CUDA: --fmad=false), so the IEEE basic operations (+, *, /, max, clamp)
+    # round as torch's do; libm functions (expf, erff, tanhf) may differ from torch by an ulp.
+    def is_element_step(self, s: Step) -> bool:
+        """A lookup step, or a float layer other than the affine and the int <-> float conversions."""
+        return s.kind == "lut" or (not s.node.quantized and s.kind not in ("affine", "dequantize", "quantize"))
+
+    def float_label(self, s: Step) -> str:
+        if s.kind == "lut":
+            per = " per channel" if s.node.attrs["per_channel"] else ""
+            out = "int8 out, bit-exact" if s.node.quantized else "float32 out, the reference's values"
+            return f"lookup table of {LUT_SIZE} entries{per} for {' > '.join(s.node.attrs['fns'])} ({out})"
+        what = s.node.attrs["fn"] if s.kind == "float" else s.kind
+        exact = (s.kind in ("add", "act", "gather", "concat", "maxpool")
+                 or (s.kind == "float" and s.node.attrs["fn"] in ("mul", "hardswish", "hardsigmoid", "leaky_relu")))
+        return f"float32 {what}, one output element at a time" + (" (IEEE-exact operations)" if exact else "")
+
+    def coords(self, o: Source, name: str, names=("c", "h", "w"), e: str = "e") -> tuple:
+        """Declare the (channel, row, column) of element offset ``e`` of buffer ``name`` under
+        ``names`` (a None name is not declared); returns the three expressions (a 1-D tensor: c, 0, 0)."""
+        b = self.buf(name)
+        ch, h, w = self.hwc(b.shape)
+        if len(b.shape) == 1:
+            if names[0]:
+                o(f"const int {names[0]} = {e};")
+            return names[0], "0", "0"
+        if b.layout == "nchw":
+            exprs = (f"{e} / {h * w}", f"({e} / {w}) % {h}", f"{e} % {w}")
+        else:
+            exprs = (f"{e} % {ch}", f"{e} / {w * ch}", f"({e} / {ch}) % {w}")
+        decl = [f"{n} = {x}" for n, x in zip(names, exprs) if n]
+        if decl:
+            o("const int " + ", ".join(decl) + ";")
+        return names
+
+    def off(self, name: str, c: str, h: str = "0", w: str = "0") -> str:
+        """Offset of element (c, h, w) in buffer ``name``, by its layout."""
+        b = self.buf(name)
+        ch, hh, ww = self.hwc(b.shape)
+        if len(b.shape) == 1:
+            return c
+        if b.layout == "nchw":
+            return f"(({c}) * {hh} + ({h})) * {ww} + ({w})"
+        return f"(({h}) * {ww} + ({w})) * {ch} + ({c})"
+
+    def same_index(self, s: Step, name: str) -> bool:
+        """Whether input ``name`` holds element e of the output at offset e too (same shape and layout)."""
+        a, b = self.buf(name), self.buf(s.output)
+        return a.shape == b.shape and (a.layout == b.layout or len(a.shape) == 1)
+
+    @staticmethod
+    def flt(v: float) -> str:
+        """A float32 literal, exact (hex)."""
+        return float(np.float32(v)).hex() + "f"
+
+    def clamp_expr(self, v: str, act) -> str:
+        """``v`` clamped to a float activation's (lo, hi) (infinite bounds skipped), as torch.clamp."""
+        if act is None:
+            return v
+        lo, hi = act
+        if lo != -np.inf:
+            v = f"fmaxf({v}, {self.flt(lo)})"
+        if hi != np.inf:
+            v = f"fminf({v}, {self.flt(hi)})"
+        return v
+
+    def element(self, s: Step, o: Source):
+        """The statements computing y[e] of step ``s`` (see above)."""
+        if s.kind == "lut":
+            return self.e_lut(s, o)
+        if s.kind == "float":
+            fn = s.node.attrs["fn"]
+            if fn in ELEMENTWISE_FNS:
+                return self.e_unary(s, o)
+            return getattr(self, f"e_{fn}")(s, o)
+        return getattr(self, f"e_{'pool' if s.kind in ('maxpool', 'avgpool') else s.kind}")(s, o)
+
+    def k_element(self, s: Step, o: Source):
+        o(f"enum {{ N = {self.buf(s.output).elements} }};")
+        o.open("for (int e = 0; e < N; ++e)")
+        self.element(s, o)
+        o.close()
+
+    def e_lut(self, s: Step, o: Source):
+        """A chain of elementwise float ops on an 8-bit tensor, read from its table (program.lut_table)."""
+        x = s.inputs[0]
+        per = s.node.attrs["per_channel"]
+        if self.same_index(s, x):
+            idx = "e"
+            if per:
+                self.coords(o, s.output, ("c", None, None))
+        else:
+            idx = self.off(x, *self.coords(o, s.output))
+        lo = s.node.attrs["lo"]
+        row = f"c * {LUT_SIZE} + " if per else ""
+        o(f"y[e] = {self.const_name(s, 'table')}[{row}(int)x0[{idx}] - ({lo})];  "
+          f"/* {' > '.join(s.node.attrs['fns'])} */")
+
+    UNARY = {
+        "sigmoid": "1.0f / (1.0f + expf(-v))",
+        "tanh": "tanhf(v)",
+        "gelu": "v * 0.5f * (1.0f + erff(v * 0x1.6a09e6p-1f))",   # x * 0.5 * (1 + erf(x / sqrt(2))), as torch
+        "silu": "v / (1.0f + expf(-v))",
+        "hardswish": "v * fminf(fmaxf(v + 3.0f, 0.0f), 6.0f) / 6.0f",
+        "hardsigmoid": "fminf(fmaxf(v + 3.0f, 0.0f), 6.0f) / 6.0f",
+        "leaky_relu": "v > 0.0f ? v : v * {negative_slope}",
+        "elu": "v > 0.0f ? v : expm1f(v) * {alpha}",
+        "exp": "expf(v)",
+    }
+    UNARY_DEFAULTS = {"negative_slope": 0.01, "alpha": 1.0}
+
+    def e_unary(self, s: Step, o: Source):
+        fn = s.node.attrs["fn"]
+        kw = {**self.UNARY_DEFAULTS, **s.node.attrs.get("kwargs", {})}
+        x = s.inputs[0]
+        idx = "e" if self.same_index(s, x) else self.off(x, *self.coords(o, s.output))
+        o(f"const float v = x0[{idx}];")
+        o(f"y[e] = {self.UNARY[fn].format(**{k: self.flt(v) for k, v in kw.items()})};  /* {fn} */")
+
+    def _operands(self, s: Step, o: Source) -> list:
+        """x_j[...] of output element e for each input (dimensions of size 1 broadcast)."""
+        if all(self.same_index(s, x) for x in s.inputs):
+            return [f"x{j}[e]" for j in range(len(s.inputs))]
+        c, h, w = self.coords(o, s.output)
+        out_shape = self.hwc(self.buf(s.output).shape)
+        refs = []
+        for j, x in enumerate(s.inputs):
+            shape = self.hwc(self.buf(x).shape)
+            ix = [v if n == m else "0" for v, n, m in zip((c, h, w), shape, out_shape)]
+            refs.append(f"x{j}[{self.off(x, *ix)}]")
+        return refs
+
+    def e_mul(self, s: Step, o: Source):
+        a, b = self._operands(s, o)
+        o(f"y[e] = {a} * {b};")
+
+    def e_add(self, s: Step, o: Source):
+        o(f"const float v = {' + '.join(self._operands(s, o))};")
+        o(f"y[e] = {self.clamp_expr('v', s.node.attrs.get('act'))};")
+
+    def e_act(self, s: Step, o: Source):
+        (v,) = self._operands(s, o)
+        o(f"y[e] = {self.clamp_expr(v, s.node.attrs['act'])};")
+
+    def e_gather(self, s: Step, o: Source):
+        o(f"const int32_t t = {self.const_name(s, 'index')}[e];")
+        o("y[e] = t < 0 ? 0.0f : x0[t];  /* -1: zero padding */")
+
+    def e_concat(self, s: Step, o: Source):
+        c, h, w = self.coords(o, s.output)
+        start = 0
+        for j, x in enumerate(s.inputs):
+            cj = self.hwc(self.buf(x).shape)[0]
+            cond = f"if ({c} < {start + cj}) " if j < len(s.inputs) - 1 else ""
+            o(f"{'else ' if j else ''}{cond}y[e] = x{j}[{self.off(x, f'{c} - {start}', h, w)}];")
+            start += cj
+
+    def e_pool(self, s: Step, o: Source):
+        a = s.node.attrs
+        x = s.inputs[0]
+        c, h, w = self.hwc(self.buf(x).shape)
+        kh, kw = a["kernel"]
+        oc, oh, ow = self.coords(o, s.output, ("c", "oh", "ow"))
+        o(f"float acc = {'-INFINITY' if s.kind == 'maxpool' else '0.0f'};")
+        o.open(f"for (int kh = 0; kh < {kh}; ++kh)")
+        o(f"const int ih = {oh} * {a['stride'][0]} - {a['padding'][0]} + kh;")
+        o(f"if ((unsigned)ih >= {h}u) continue;  /* padding: -inf for max, 0 for the sum */")
+        o.open(f"for (int kw = 0; kw < {kw}; ++kw)")
+        o(f"const int iw = {ow} * {a['stride'][1]} - {a['padding'][1]} + kw;")
+        o(f"if ((unsigned)iw >= {w}u) continue;")
+        o(f"const float v = x0[{self.off(x, oc, 'ih', 'iw')}];")
+        o("acc = v > acc ? v : acc;" if s.kind == "maxpool" else "acc += v;")
+        o.close().close()
+        o("y[e] = acc;" if s.kind == "maxpool" else f"y[e] = acc / {float(kh * kw)!r}f;  /* count includes padding */")
+
+    def e_conv(self, s: Step, o: Source):
+        x = s.inputs[0]
+        W, B = self.const_name(s, "w"), self.const_name(s, "bias")
+        o(self.conv_enum(s))
+        self.coords(o, s.output, ("o", "oh", "ow"))
+        o("const int cg = (o / OG) * CG;")
+        o("float acc = 0.0f;")
+        self.open_taps(o)
+        o(f"for (int k = 0; k < CG; ++k) acc += x0[{self.off(x, 'cg + k', 'ih', 'iw')}] * "
+          f"{W}[((o * CG + k) * KH + kh) * KW + kw];")
+        o.close().close()
+        o(f"y[e] = {self.clamp_expr(f'acc + {B}[o]', s.node.attrs.get('act'))};")
+
+    def e_linear(self, s: Step, o: Source):
+        k = self.buf(s.inputs[0]).elements
+        W, B = self.const_name(s, "w"), self.const_name(s, "bias")
+        o("float acc = 0.0f;")
+        o(f"for (int k = 0; k < {k}; ++k) acc += x0[k] * {W}[e * {k} + k];  /* weights in the input's layout */")
+        o(f"y[e] = {self.clamp_expr(f'acc + {B}[e]', s.node.attrs.get('act'))};")
+
+    def e_interpolate(self, s: Step, o: Source):
+        """Bilinear (K = 2 taps per axis) or bicubic (K = 4) resampling from the tap tables of
+        program.resample_taps, in torch's order: along W within each of the K source rows, then the
+        rows weighted along H, each sum left to right."""
+        x = s.inputs[0]
+        k = s.consts["hidx"].shape[1]
+        c, oh, ow = self.coords(o, s.output, ("c", "oh", "ow"))
+        hi, hw, wi, ww = (self.const_name(s, key) for key in ("hidx", "hwt", "widx", "wwt"))
+        o(f"const int32_t *hi = {hi} + {oh} * {k}, *wi = {wi} + {ow} * {k};")
+        o(f"const float *hw = {hw} + {oh} * {k}, *ww = {ww} + {ow} * {k};")
+        rows = []
+        for i in range(k):
+            terms = [f"x0[{self.off(x, c, f'hi[{i}]', f'wi[{j}]')}] * ww[{j}]" for j in range(k)]
+            o(f"const float r{i} = {' + '.join(terms)};")
+            rows.append(f"r{i} * hw[{i}]")
+        o(f"y[e] = {' + '.join(rows)};")
+
+    def softmax_axis(self, s: Step) -> int:
+        """The axis of (C, H, W) (or (C,)) that softmax reduces: torch's dim minus the batch."""
+        dim = s.node.attrs.get("kwargs", {}).get("dim", 1)
+        rank = len(self.buf(s.output).shape)
+        return (dim if dim > 0 else dim + rank + 1) - 1
+
+    def _softmax_row(self, s: Step, o: Source, whole_row: bool):
+        """max and sum of exp over the reduced axis through output element e; then y[e] (CUDA) or
+        the whole row (C: once per row, from the row's first element)."""
+        x = s.inputs[0]
+        ax = self.softmax_axis(s)
+        n = self.hwc(self.buf(x).shape)[ax]
+        c = self.coords(o, s.output)
+        at = lambda v: tuple(v if i == ax else c[i] for i in range(3))  # noqa: E731
+        if whole_row:
+            o(f"if ({c[ax]} != 0) continue;  /* one row per first element */")
+        o(f"float m = x0[{self.off(x, *at('0'))}], sum = 0.0f;")
+        o(f"for (int j = 1; j < {n}; ++j) m = x0[{self.off(x, *at('j'))}] > m ? x0[{self.off(x, *at('j'))}] : m;")
+        o(f"for (int j = 0; j < {n}; ++j) sum += expf(x0[{self.off(x, *at('j'))}] - m);")
+        xj, xe = f"x0[{self.off(x, *at('j'))}]", f"x0[{self.off(x, *c)}]"
+        if s.node.attrs["fn"] == "log_softmax":
+            val = lambda v: f"({v} - m) - logf(sum)"  # noqa: E731  (torch: (x - max) - log(sum))
+        else:
+            val = lambda v: f"expf({v} - m) / sum"  # noqa: E731
+        if whole_row:
+            o(f"for (int j = 0; j < {n}; ++j) y[{self.off(s.output, *at('j'))}] = {val(xj)};")
+        else:
+            o(f"y[e] = {val(xe)};")
+
+    def e_softmax(self, s: Step, o: Source):
+        self._softmax_row(s, o, whole_row=False)
+
+    e_log_softmax = e_softmax
 
     def k_softmax(self, s: Step, o: Source):
-        n = self.buf(s.output).elements
-        o(f"enum {{ N = {n} }};")
-        o("float m = x0[0], sum = 0.0f;")
-        o("for (int i = 1; i < N; ++i) m = x0[i] > m ? x0[i] : m;")
-        o("for (int i = 0; i < N; ++i) { y[i] = expf(x0[i] - m); sum += y[i]; }")
-        o("for (int i = 0; i < N; ++i) y[i] /= sum;")
+        o(f"enum {{ N = {self.buf(s.output).elements} }};")
+        o.open("for (int e = 0; e < N; ++e)")
+        self._softmax_row(s, o, whole_row=True)
+        o.close()
+
+    def emit_kernel(self, s: Step, o: Source):
+        """The body of step ``s``'s C function."""
+        if s.kind == "float" and s.node.attrs["fn"] in ("softmax", "log_softmax"):
+            self.k_softmax(s, o)
+        elif self.is_element_step(s):
+            self.k_element(s, o)
+        else:
+            self.kernels[s.kind](s, o)
 
     # --- files ----------------------------------------------------------------------------
     # constants only some conv paths use, guarded so that no build warns of an unused one
@@ -499,7 +766,7 @@ class CPrinter:
         for s in self.p.steps:
             o(f"/* {s.node.name} = {s.kind}({', '.join(s.node.inputs)}) [{'+'.join(s.node.layers)}] */")
             o.open(self.signature(s))
-            self.kernels[s.kind](s, o)
+            self.emit_kernel(s, o)
             o.close()
             o()
         return o.text()
@@ -518,18 +785,21 @@ class CPrinter:
         o = Source()
         p = self.p
         o.open("static void run_one(const float *in, const int8_t *qin, float *out, int32_t *int_out, uint8_t *arena)")
-        k = next(i for i, s in enumerate(p.steps) if s.output == p.int_input)
-        qb = self.buf(p.int_input)
-        c, h, w = self.hwc(qb.shape)
-        o.open("if (qin)")
-        o(f"{qb.ctype} *q = {self.ptr(qb.name)};")
-        o(f"for (int c = 0; c < {c}; ++c) for (int i = 0; i < {h * w}; ++i) "
-          f"q[i * {c} + c] = ({qb.ctype})qin[c * {h * w} + i];  /* NCHW -> HWC */")
-        o.close(" else {")
-        o.level += 1
-        for s in p.steps[:k + 1]:
-            o(f"{self.fn_name(s)}({', '.join(self.ptr(i) for i in s.inputs)}, {self.ptr(s.output)});")
-        o.close()
+        k = next((i for i, s in enumerate(p.steps) if s.output == p.int_input), -1)
+        if p.int_input is None:
+            o("(void)qin;  /* no int8-input entry point: the input feeds more than its quantization */")
+        else:
+            qb = self.buf(p.int_input)
+            c, h, w = self.hwc(qb.shape)
+            o.open("if (qin)")
+            o(f"{qb.ctype} *q = {self.ptr(qb.name)};")
+            o(f"for (int c = 0; c < {c}; ++c) for (int i = 0; i < {h * w}; ++i) "
+              f"q[i * {c} + c] = ({qb.ctype})qin[c * {h * w} + i];  /* NCHW -> HWC */")
+            o.close(" else {")
+            o.level += 1
+            for s in p.steps[:k + 1]:
+                o(f"{self.fn_name(s)}({', '.join(self.ptr(i) for i in s.inputs)}, {self.ptr(s.output)});")
+            o.close()
         for s in p.steps[k + 1:]:
             o(f"{self.fn_name(s)}({', '.join(self.ptr(i) for i in s.inputs)}, {self.ptr(s.output)});")
             if s.output == p.int_output:
@@ -559,7 +829,8 @@ extern "C" {{
 /* images: n float32 images, NCHW, RGB scaled to [0, 1]; scores: n x CLASSES floats.
  * Returns 0, or 1 (bad argument) or 2 (an input value is NaN or infinite). */
 int {n}_predict(const float *images, int n, float *scores);
-/* The same from quantized input: n int8 tensors (NCHW) of the network's quantized input. */
+/* The same from quantized input: n int8 tensors (NCHW) of the network's quantized input
+ * (returns 4 where the input feeds float layers besides its quantization: no such entry). */
 int {n}_predict_int8(const int8_t *qimages, int n, float *scores);
 /* The integer output tensor (before dequantization), n x INT_OUTPUT_SIZE, for bit-exact checks. */
 int {n}_predict_int(const float *images, int n, int32_t *out);
@@ -579,7 +850,7 @@ const char *{n}_kernels(void);
         p = self.p
         n = p.name
         in_size = self.buf(p.input).elements
-        q_size = self.buf(p.int_input).elements
+        q_size = self.buf(p.int_input).elements if p.int_input else 0
         return f"""{self.header_comment()}#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
 #define _DEFAULT_SOURCE  /* syscall() under -std=c11, to ask Linux for the AMX tile state */
 #endif
@@ -649,9 +920,16 @@ static int run_batch(const float *images, const int8_t *qimages, int n, float *s
 #pragma omp parallel for schedule(static) if (n > 1)
     for (int i = 0; i < n; ++i) {{
         float local[CLASSES];
+#if NQ_AMX
+        nq_tilecfg saved;
+        if (nq_amx_state == 1) _tile_storeconfig(&saved);
+#endif
         run_one(images ? images + (long)i * IN_SIZE : NULL, qimages ? qimages + (long)i * Q_SIZE : NULL,
                 scores ? scores + (long)i * CLASSES : local, int_out ? int_out + (long)i * INT_OUT : NULL,
                 nq_arena);
+#if NQ_AMX
+        if (nq_amx_state == 1) nq_amx_restore(&saved);
+#endif
     }}
     return NQ_OK;
 }}
@@ -661,6 +939,7 @@ int {n}_predict(const float *images, int n, float *scores) {{
 }}
 
 int {n}_predict_int8(const int8_t *qimages, int n, float *scores) {{
+    if (!Q_SIZE) return NQ_ERR_UNSUPPORTED;
     return qimages ? run_batch(NULL, qimages, n, scores, NULL) : NQ_ERR_ARGUMENT;
 }}
 
@@ -683,6 +962,7 @@ const char *{n}_error_string(int code) {{
     case NQ_OK: return "ok";
     case NQ_ERR_ARGUMENT: return "bad argument (null pointer or negative count)";
     case NQ_ERR_NONFINITE: return "an input value is NaN or infinite";
+    case NQ_ERR_UNSUPPORTED: return "no int8-input entry point: the network input feeds float layers besides its quantization";
     default: return "unknown error";
     }}
 }}
@@ -722,6 +1002,13 @@ static void nq_amx_config(int mr) {{
     cfg.palette = 1;
     for (int t = 0; t < 8; ++t) {{ cfg.colsb[t] = 64; cfg.rows[t] = (uint8_t)(t == 5 || t == 6 ? 16 : mr); }}
     _tile_loadconfig(&cfg);
+}}
+/* The tile configuration is per thread and other libraries in the process keep theirs across
+ * calls (ONNX Runtime's MLAS loads its configuration once per thread): each image saves the
+ * caller's configuration and puts it back, or releases the tiles if none was loaded. */
+static void nq_amx_restore(const nq_tilecfg *saved) {{
+    if (saved->palette) _tile_loadconfig(saved);
+    else _tile_release();
 }}
 static _Thread_local uint8_t nq_pad[{pad}] __attribute__((aligned(64)));   /* zero-padded input */
 static _Thread_local int32_t nq_acc[{acc}] __attribute__((aligned(64)));   /* MR x 16*NB sums */

@@ -61,6 +61,8 @@ class CudaPrinter(CPrinter):
         return c % 16 == 0 and oc % 8 == 0
 
     def kernel_label(self, s: Step) -> str:
+        if self.is_element_step(s):
+            return self.float_label(s) + ", one thread per output"
         if self.mma_eligible(s):
             return "conv: int8 tensor cores (mma.sync m16n8k32 u8 x s8)"
         if s.kind == "conv" and self.dp4a_eligible(s):
@@ -118,30 +120,44 @@ class CudaPrinter(CPrinter):
                 o()
                 continue
             o.open(self.signature(s))
-            total = 1 if s.kind == "float" else self.buf(s.output).elements
+            total = self.buf(s.output).elements
             o("const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;")
             o(f"const int img = (int)(idx / {total}), e = (int)(idx % {total});")
             o("if (img >= n) return;")
             for j, i in enumerate(s.inputs):
                 o(f"const {self.buf(i).ctype} *x{j} = {self._ref(i, True)};")
             o(f"{self.buf(s.output).ctype} *y = {self._ref(s.output, False)};")
-            getattr(self, f"g_{s.kind}")(s, o)
+            if self.is_element_step(s):
+                self.element(s, o)   # the C printer's body for output element e (float layers, tables)
+            else:
+                getattr(self, f"g_{s.kind}")(s, o)
             o.close()
             o()
         return o.text()
 
+    def _pixel(self, name: str, o: Source):
+        """Declare channel c and pixel i (= h * W + w) of element e of buffer ``name``."""
+        b = self.buf(name)
+        c, h, w = self.hwc(b.shape)
+        if len(b.shape) == 1:
+            o("const int c = e;")
+        elif b.layout == "nchw":
+            o(f"const int c = e / {h * w}, i = e % {h * w};  /* NCHW */")
+        else:
+            o(f"const int c = e % {c}, i = e / {c};  /* channels-last */")
+
     def g_affine(self, s, o):
-        c, h, w = self.hwc(self.buf(s.output).shape)
-        o(f"const int c = e / {h * w};")
-        o(f"float t = x0[e] * {self.const_name(s, 'scale')}[c];  /* two roundings, as torch */")
+        self._pixel(s.output, o)
+        o(f"float t = x0[{self.pix_off(s.inputs[0], 'c', 'i')}] * {self.const_name(s, 'scale')}[c];  "
+          f"/* two roundings, as torch */")
         o(f"y[e] = t + {self.const_name(s, 'shift')}[c];")
 
     def g_quantize(self, s, o):
-        c, h, w = self.hwc(self.buf(s.output).shape)
         lo, hi = s.node.attrs["clamp"]
         inv = float(np.float32(1.0 / s.node.scale)).hex() + "f"
-        o(f"const int c = e % {c}, i = e / {c};  /* channels-last out, NCHW float in */")
-        o(f"y[e] = ({self.buf(s.output).ctype})nq_quantize(x0[c * {h * w} + i], {inv}, {lo}, {hi});")
+        self._pixel(s.output, o)
+        o(f"y[e] = ({self.buf(s.output).ctype})nq_quantize(x0[{self.pix_off(s.inputs[0], 'c', 'i')}], {inv}, "
+          f"{lo}, {hi});")
 
     def g_conv(self, s, o):
         c = self.hwc(self.buf(s.inputs[0]).shape)[0]
@@ -337,29 +353,38 @@ class CudaPrinter(CPrinter):
         o(f"y[e] = ({self.buf(s.output).ctype})nq_clamp(x0[e], {lo}, {hi});")
 
     def g_dequantize(self, s, o):
-        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
         scale = float(np.float32(s.node.scale)).hex() + "f"
-        o(f"const int c = e / {h * w}, i = e % {h * w};  /* NCHW float out */")
-        o(f"y[e] = nq_dequantize(x0[i * {c} + c], {scale});")
-
-    def g_float(self, s, o):  # softmax: one thread per image
-        n = self.buf(s.output).elements
-        o("(void)e;")
-        o("float m = x0[0], sum = 0.0f;")
-        o(f"for (int i = 1; i < {n}; ++i) m = x0[i] > m ? x0[i] : m;")
-        o(f"for (int i = 0; i < {n}; ++i) {{ y[i] = expf(x0[i] - m); sum += y[i]; }}")
-        o(f"for (int i = 0; i < {n}; ++i) y[i] /= sum;")
+        self._pixel(s.output, o)
+        o(f"y[e] = nq_dequantize(x0[{self.pix_off(s.inputs[0], 'c', 'i')}], {scale});")
 
     # --- host side ----------------------------------------------------------------------------
     def source(self) -> str:
         p = self.p
         n = p.name
         in_size = self.buf(p.input).elements
-        qb = self.buf(p.int_input)
         ib = self.buf(p.int_output)
-        k = next(i for i, s in enumerate(p.steps) if s.output == p.int_input)
-        qc, qh, qw = self.hwc(qb.shape)
         ic, ih, iw = self.hwc(ib.shape)
+        if p.int_input is None:   # no int8-input entry point: the input feeds float layers too
+            q_elements, copy_qin = 1, ""
+            run_steps = "    (void)qin;\n" + self._indent(self.launches_range(0, len(p.steps)), 1)
+            no_int8 = "    return NQ_ERR_UNSUPPORTED;\n"
+        else:
+            qb = self.buf(p.int_input)
+            k = next(i for i, s in enumerate(p.steps) if s.output == p.int_input)
+            qc, qh, qw = self.hwc(qb.shape)
+            q_elements, no_int8 = qb.elements, ""
+            copy_qin = f"""static __global__ void copy_qin(uint8_t *arena, const int8_t *qin, int n) {{
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int img = (int)(idx / {qb.elements}), e = (int)(idx % {qb.elements});
+    if (img >= n) return;
+    const int c = e % {qc}, i = e / {qc};  /* NCHW in, channels-last out */
+    (({qb.ctype} *)(arena + (size_t)img * ARENA_BYTES + {qb.offset}))[e] = ({qb.ctype})qin[(size_t)img * {qb.elements} + c * {qh * qw} + i];
+}}
+"""
+            run_steps = (f"    if (qin)\n        copy_qin<<<(unsigned)(((long)n * {qb.elements} + {THREADS - 1}) / {THREADS}), "
+                         f"{THREADS}>>>(d_arena, qin, n);\n    else {{\n"
+                         + self._indent(self.launches_range(0, k + 1), 2) + "    }\n"
+                         + self._indent(self.launches_range(k + 1, len(p.steps)), 1))
         return f"""{self.header_comment()}#include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -375,14 +400,7 @@ class CudaPrinter(CPrinter):
 {self.constants()}
 /* ---- kernels ---- */
 {self.step_functions()}
-static __global__ void copy_qin(uint8_t *arena, const int8_t *qin, int n) {{
-    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int img = (int)(idx / {qb.elements}), e = (int)(idx % {qb.elements});
-    if (img >= n) return;
-    const int c = e % {qc}, i = e / {qc};  /* NCHW in, channels-last out */
-    (({qb.ctype} *)(arena + (size_t)img * ARENA_BYTES + {qb.offset}))[e] = ({qb.ctype})qin[(size_t)img * {qb.elements} + c * {qh * qw} + i];
-}}
-
+{copy_qin}
 static __global__ void copy_int_out(const uint8_t *arena, int32_t *dst, int n) {{
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     const int img = (int)(idx / {ib.elements}), e = (int)(idx % {ib.elements});
@@ -404,7 +422,7 @@ static int ensure(int n) {{
     if (cudaMalloc((void **)&d_arena, (size_t)n * ARENA_BYTES) != cudaSuccess ||
         cudaMalloc((void **)&d_in_buf, (size_t)n * IN_SIZE * sizeof(float)) != cudaSuccess ||
         cudaMalloc((void **)&d_out_buf, (size_t)n * CLASSES * sizeof(float)) != cudaSuccess ||
-        cudaMalloc((void **)&d_qin, (size_t)n * {qb.elements}) != cudaSuccess ||
+        cudaMalloc((void **)&d_qin, (size_t)n * {q_elements}) != cudaSuccess ||
         cudaMalloc((void **)&d_int, (size_t)n * {ib.elements} * sizeof(int32_t)) != cudaSuccess) {{
         capacity = 0;
         return NQ_ERR_RUNTIME;
@@ -415,11 +433,7 @@ static int ensure(int n) {{
 
 /* every step on device buffers; with qin set, the steps up to the input quantization are skipped */
 static int run_device(const float *d_in, const int8_t *qin, int n, float *d_out) {{
-    if (qin)
-        copy_qin<<<(unsigned)(((long)n * {qb.elements} + {THREADS - 1}) / {THREADS}), {THREADS}>>>(d_arena, qin, n);
-    else {{
-{self._indent(self.launches_range(0, k + 1), 2)}    }}
-{self._indent(self.launches_range(k + 1, len(p.steps)), 1)}    return cudaGetLastError() == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
+{run_steps}    return cudaGetLastError() == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
 }}
 
 static int check_host(const float *images, int n) {{
@@ -458,10 +472,10 @@ extern "C" int {n}_predict_device(const float *d_images, int n, float *d_scores)
 
 extern "C" int {n}_predict_int8(const int8_t *qimages, int n, float *scores) {{
     int rc;
-    if (!qimages || !scores || n < 0) return NQ_ERR_ARGUMENT;
+{no_int8}    if (!qimages || !scores || n < 0) return NQ_ERR_ARGUMENT;
     if (n == 0) return NQ_OK;
     if ((rc = ensure(n))) return rc;
-    cudaMemcpy(d_qin, qimages, (size_t)n * {qb.elements}, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_qin, qimages, (size_t)n * {q_elements}, cudaMemcpyHostToDevice);
     if ((rc = run_device(NULL, d_qin, n, d_out_buf))) return rc;
     return cudaMemcpy(scores, d_out_buf, (size_t)n * CLASSES * sizeof(float), cudaMemcpyDeviceToHost)
         == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
@@ -492,6 +506,7 @@ extern "C" const char *{n}_error_string(int code) {{
     case NQ_ERR_ARGUMENT: return "bad argument (null pointer or negative count)";
     case NQ_ERR_NONFINITE: return "an input value is NaN or infinite";
     case NQ_ERR_RUNTIME: return cudaGetErrorString(cudaGetLastError());
+    case NQ_ERR_UNSUPPORTED: return "no int8-input entry point: the network input feeds float layers besides its quantization";
     default: return "unknown error";
     }}
 }}
@@ -506,7 +521,7 @@ extern "C" const char *{n}_error_string(int code) {{
                 o(f"{self.fn_name(s)}<<<(unsigned)(((long)n * {oh * ow} + {rows_per_block - 1}) / {rows_per_block}), "
                   f"{32 * MMA_WARPS}>>>(d_arena, d_in, d_out, n);")
                 continue
-            total = 1 if s.kind == "float" else self.buf(s.output).elements
+            total = self.buf(s.output).elements
             o(f"{self.fn_name(s)}<<<(unsigned)(((long)n * {total} + {THREADS - 1}) / {THREADS}), {THREADS}>>>"
               f"(d_arena, d_in, d_out, n);")
         return o.text()

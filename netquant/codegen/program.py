@@ -2,11 +2,20 @@
 
 Shared by the C and CUDA printers, so planning is written and tested once.
 
-Layout: every integer tensor of one image is stored channels-last, (H, W, C) row-major, so a
-conv reads the C input channels of a pixel contiguously (the inner loop of its dot products).
-A 1-D tensor (C,) is stored as is. Float tensors of the network (its input, normalised input,
-scores) stay in the caller's NCHW order. Gather indices, defined on NCHW element numbers in the
-IR, are translated to channels-last offsets here.
+Layout: every tensor of one image in the arena, integer or float, is stored channels-last,
+(H, W, C) row-major, so a conv reads the C input channels of a pixel contiguously (the inner loop
+of its dot products). A 1-D tensor (C,) is stored as is. Only the network's input and output
+arrays stay in the caller's NCHW order (``Buffer.layout``); every kernel indexes its operands
+through their layout. Gather indices, defined on NCHW element numbers in the IR, are translated
+to the layouts of their operands here.
+
+Float layers: every op the quantizer keeps in float (``netquant/ir/float_ops.py``, and any conv,
+linear, add, concat, pool, affine, act or gather kept float) is a step of its own, reading and
+writing float32 buffers; dequantize and quantize steps sit at the int <-> float edges exactly as
+in the QGraph. A chain of elementwise float ops that starts at a dequantized 8-bit tensor is a
+function of 256 integers, so it becomes one lookup step (``lut``) whose table is computed here
+with the reference executor's own kernels: int8 out when the chain ends in a quantize, float32
+otherwise (see :func:`lut_table`).
 
 Buffers: each step writes one tensor; a tensor lives from the step that writes it to the last
 step that reads it. Offsets in one per-image arena are assigned greedily (largest first, first
@@ -21,6 +30,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..ir.float_ops import FLOAT_OPS
+from ..quant import numerics as nx
 from ..quant.qgraph import QGraph, QNode
 
 ALIGN = 64
@@ -28,7 +39,11 @@ C_TYPES = {"int8": "int8_t", "uint8": "uint8_t", "float32": "float"}
 ELEM_BYTES = {"int8": 1, "uint8": 1, "float32": 4}
 SUPPORTED = ("input", "affine", "quantize", "conv", "linear", "add", "concat", "gather", "maxpool", "avgpool",
              "act", "dequantize", "float")
-FLOAT_FNS = ("softmax",)
+FLOAT_FNS = tuple(FLOAT_OPS)   # every float op of the registry
+# float ops whose output element depends on the same input element only (and, for affine, its
+# channel): a chain of them applied to an 8-bit tensor is a function of 256 values (lut_table)
+ELEMENTWISE_FNS = ("sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "leaky_relu", "elu", "exp")
+LUT_SIZE = 256
 
 
 class CodegenError(ValueError):
@@ -50,6 +65,7 @@ class Buffer:
     shape: tuple     # logical shape (C, H, W) or (C,)
     offset: int = 0  # bytes into the arena (-1: the caller's input or output array)
     alias: Optional[str] = None  # the buffer whose storage this one shares
+    layout: str = "hwc"  # "hwc" (channels-last, the arena) or "nchw" (the caller's input and output arrays)
 
     @property
     def elements(self) -> int:
@@ -89,7 +105,8 @@ class Program:
     input: str                # the float input buffer (NCHW image)
     output: str               # the float output buffer (scores)
     int_output: str           # the last integer tensor before the output (compared bit for bit)
-    int_input: str            # the quantized input tensor (the int8-input entry point starts there)
+    int_input: Optional[str]  # the quantized input tensor (the int8-input entry point starts there);
+                              # None where the input feeds more than its quantization (no such entry)
     classes: int
 
     def buffer(self, name: str) -> Buffer:
@@ -98,25 +115,31 @@ class Program:
     def weight_bytes(self) -> int:
         return sum(int(a.nbytes) for s in self.steps for a in s.consts.values())
 
+    def float_steps(self) -> tuple:
+        """The steps that compute in float or replace float layers by a table: lookup tables,
+        float layers (not the dequantize/quantize conversions)."""
+        return tuple(s for s in self.steps if s.kind == "lut" or (not s.node.quantized and s.kind != "dequantize"))
+
 
 def _dtype(n: QNode) -> str:
     return n.dtype if n.quantized else "float32"
 
 
-def _hwc_perm(shape: tuple) -> np.ndarray:
-    """perm[nchw_offset] = channels-last offset of the same element."""
-    if len(shape) != 3:
+def _hwc_perm(shape: tuple, layout: str = "hwc") -> np.ndarray:
+    """perm[nchw_offset] = offset of the same element in ``layout`` (channels-last by default)."""
+    if len(shape) != 3 or layout == "nchw":
         return np.arange(int(np.prod(shape)))
     c, h, w = shape
     return np.arange(c * h * w).reshape(h, w, c).transpose(2, 0, 1).reshape(-1)
 
 
-def gather_table(index: np.ndarray, in_shape: tuple, out_shape: tuple) -> np.ndarray:
-    """The IR's 1-based NCHW gather index as channels-last source offsets (-1: write zero),
-    ordered by channels-last output offset."""
-    src = np.where(index > 0, _hwc_perm(in_shape)[np.maximum(index - 1, 0)], -1)
+def gather_table(index: np.ndarray, in_shape: tuple, out_shape: tuple, in_layout: str = "hwc",
+                 out_layout: str = "hwc") -> np.ndarray:
+    """The IR's 1-based NCHW gather index as source offsets in ``in_layout`` (-1: write zero),
+    ordered by output offset in ``out_layout`` (channels-last unless the caller's array)."""
+    src = np.where(index > 0, _hwc_perm(in_shape, in_layout)[np.maximum(index - 1, 0)], -1)
     table = np.empty_like(src)
-    table[_hwc_perm(out_shape)] = src
+    table[_hwc_perm(out_shape, out_layout)] = src
     return table.astype(np.int32)
 
 
@@ -210,8 +233,10 @@ def pack_amx(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rows.reshape(nb, LANES, kh, j, 16, 4).transpose(2, 3, 0, 4, 1, 5))
 
 
-def _consts(n: QNode, in_shape: tuple, in_dtype: str = "") -> dict:
+def _consts(n: QNode, in_shape: tuple, in_dtype: str = "", in_layout: str = "hwc") -> dict:
     p = n.params
+    if not n.quantized and n.op == "conv":     # float conv: float32 (O, I/groups, KH, KW) as captured
+        return {"w": np.ascontiguousarray(p["weight"], np.float32), "bias": np.asarray(p["bias"], np.float32)}
     if n.op == "conv":
         out = {"w": _weights_ohwi(p["weight"]), "bias": p["bias"], "mult": p["multiplier"], "shift": p["shift"]}
         if amx_eligible(n, in_dtype):
@@ -234,13 +259,157 @@ def _consts(n: QNode, in_shape: tuple, in_dtype: str = "") -> dict:
         return out
     if n.op == "linear":
         w = p["weight"]
-        if len(in_shape) == 3:  # a linear layer reading a (C, H, W) tensor directly: reorder K to HWC
+        if len(in_shape) == 3 and in_layout == "hwc":  # reading a (C, H, W) tensor directly: reorder K to HWC
             c, h, wd = in_shape
             w = w.reshape(len(w), c, h, wd).transpose(0, 2, 3, 1).reshape(len(w), -1)
+        if not n.quantized:
+            return {"w": np.ascontiguousarray(w, np.float32), "bias": np.asarray(p["bias"], np.float32)}
         return {"w": np.ascontiguousarray(w), "bias": p["bias"], "mult": p["multiplier"], "shift": p["shift"]}
     if n.op == "affine":
         return {"scale": p["scale"].astype(np.float32), "shift": p["shift"].astype(np.float32)}
+    if n.op == "float" and n.attrs["fn"] == "interpolate":
+        kw = n.attrs.get("kwargs", {})
+        out = {}
+        for axis, key in ((1, "h"), (2, "w")):
+            idx, wts = resample_taps(in_shape[axis], n.shape[axis], kw.get("mode", "bilinear"),
+                                     bool(kw.get("align_corners", False)))
+            out.update({f"{key}idx": idx, f"{key}wt": wts})    # (out, K) taps and weights
+        return out
     return {}
+
+
+CUBIC_A = -0.75   # torch's bicubic convolution coefficient
+
+
+def resample_taps(n_in: int, n_out: int, mode: str, align_corners: bool) -> tuple:
+    """Resampling along one axis as torch's upsample_bilinear2d / upsample_bicubic2d compute it in
+    float32: for each output index d, the K source indices (K = 2 bilinear, 4 bicubic) and their
+    weights, arrays (n_out, K) int32 and float32. The source coordinate is src = scale * d with
+    scale = (n_in - 1) / (n_out - 1) when ``align_corners``, else src = scale * (d + 0.5) - 0.5
+    with scale = n_in / n_out (bilinear clamps it at 0). Bilinear: i0 = min(floor(src), n_in - 1),
+    taps (i0, i0 + (i0 < n_in - 1)), weights (1 - l, l) with l = src - i0. Bicubic: taps
+    floor(src) - 1 .. + 2 clamped to the image, Keys' cubic weights with A = -0.75 at t = src - floor(src).
+    Example: bilinear 8 -> 16 without aligned corners: scale 0.5; d = 3: src = 1.25, taps (1, 2),
+    weights (0.75, 0.25)."""
+    f32 = np.float32
+    d = np.arange(n_out).astype(f32)
+    if align_corners:
+        scale = f32(n_in - 1) / f32(n_out - 1) if n_out > 1 else f32(0)
+        src = (scale * d).astype(f32)
+    else:
+        scale = f32(n_in) / f32(n_out)
+        src = (scale * (d + f32(0.5)) - f32(0.5)).astype(f32)
+    if mode == "bilinear":
+        src = np.maximum(src, f32(0))
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        l1 = np.clip(src - i0.astype(f32), f32(0), f32(1)).astype(f32)
+        idx = np.stack([i0, i0 + (i0 < n_in - 1)], 1)
+        wts = np.stack([f32(1) - l1, l1], 1)
+    else:  # bicubic (torch's get_cubic_upsample_coefficients)
+        a = f32(CUBIC_A)
+        i0 = np.floor(src).astype(np.int64)
+        t = (src - i0.astype(f32)).astype(f32)
+        near = lambda x: ((a + f32(2)) * x - (a + f32(3))) * x * x + f32(1)           # noqa: E731  |x| <= 1
+        far = lambda x: ((a * x - f32(5) * a) * x + f32(8) * a) * x - f32(4) * a     # noqa: E731  1 < |x| < 2
+        wts = np.stack([far(t + f32(1)), near(t), near(f32(1) - t), far(f32(1) - t + f32(1))], 1)
+        idx = np.clip(i0[:, None] + np.arange(-1, 3)[None, :], 0, n_in - 1)
+    return idx.astype(np.int32), wts.astype(f32)
+
+
+def is_elementwise(n: QNode) -> bool:
+    """A float node whose output element depends only on the same element of its one input (and,
+    for an affine, on its channel)."""
+    if n.quantized or len(n.inputs) != 1:
+        return False
+    return n.op in ("affine", "act") or (n.op == "float" and n.attrs.get("fn") in ELEMENTWISE_FNS)
+
+
+def lut_table(src: QNode, dequantize: QNode, chain: list, quantize: Optional[QNode]) -> np.ndarray:
+    """The values of the float ops ``chain`` applied to ``dequantize(src)``, for each of the 256
+    values of the 8-bit tensor ``src``, computed by the reference executor's own kernels; with
+    ``quantize``, quantized by it. Returns (256,) entries, entry j for the integer lo + j (lo = -128
+    for int8, 0 for uint8), or (C, 256) when the chain holds a per-channel affine. int8/uint8
+    entries with ``quantize`` (the step is then integer in, integer out), else float32.
+
+    All 256 values go through torch's vectorised kernels (the tensor holds a multiple of 32
+    elements), the path the reference executor takes for all but the last (size mod 32) elements of
+    a tensor. Example: int8 x 0.05 -> sigmoid -> int8 x 1/127: entry 148 (q = 20, x = 1.0) is
+    round(0.7311 * 127) = 93."""
+    import torch
+
+    from ..ref.executor import FLOAT_KERNELS, INT_KERNELS
+
+    lo, hi = nx.dtype_range(src.dtype)
+    per_channel = any(n.op == "affine" for n in chain)
+    c = src.shape[0] if per_channel else 1
+    ones = [1] * (len(src.shape) - 1)
+    q = torch.arange(lo, hi + 1, dtype=torch.int32).view(-1, 1, *ones).expand(-1, c, *ones).contiguous()
+    with torch.no_grad():
+        v = INT_KERNELS["dequantize"](dequantize, q)
+        for n in chain:
+            v = FLOAT_KERNELS[n.op](n, v)
+        if quantize is not None:
+            v = INT_KERNELS["quantize"](quantize, v)
+    table = v.reshape(LUT_SIZE, c).T.numpy()
+    table = table.astype(np.float32) if quantize is None else table.astype(quantize.dtype)
+    return table.reshape(-1) if per_channel else table[0]
+
+
+def _check(n: QNode, nodes: dict) -> None:
+    """Refuse, naming the layer, what no printer can generate."""
+    if n.op not in SUPPORTED:
+        raise CodegenError(f"layer {n.name}: {n.op} is not supported by code generation "
+                           f"(supported: {', '.join(SUPPORTED)})")
+    ranks = {len(nodes[i].shape) for i in n.inputs} | {len(n.shape)}
+    if n.op != "input" and not ranks <= {1, 3}:
+        raise CodegenError(f"layer {n.name}: tensors of shape {n.shape} (inputs "
+                           f"{', '.join(str(nodes[i].shape) for i in n.inputs)}); code generation handles (C,) and "
+                           f"(C, H, W)")
+    if n.op != "float":
+        return
+    fn, kw = n.attrs.get("fn"), n.attrs.get("kwargs", {})
+    if fn not in FLOAT_FNS:
+        raise CodegenError(f"layer {n.name}: float op {fn!r} is not supported by code generation "
+                           f"(float: {', '.join(FLOAT_FNS)})")
+    if fn == "interpolate" and (kw.get("mode", "bilinear") not in ("bilinear", "bicubic") or len(n.shape) != 3):
+        raise CodegenError(f"layer {n.name}: interpolate mode {kw.get('mode')!r} on shape {n.shape}: code "
+                           f"generation runs bilinear or bicubic resampling of a (C, H, W) tensor (nearest is a "
+                           f"gather)")
+    if fn in ("softmax", "log_softmax"):
+        dim = kw.get("dim", 1)
+        if not -len(n.shape) <= dim <= len(n.shape) or dim == 0:
+            raise CodegenError(f"layer {n.name}: {fn} over dim {dim} of a (N, {', '.join(map(str, n.shape))}) tensor; "
+                               f"expected a dim other than the batch (1..{len(n.shape)})")
+    if fn == "mul":
+        for i in n.inputs:
+            shape = nodes[i].shape
+            if len(shape) != len(n.shape) or any(a not in (1, b) for a, b in zip(shape, n.shape)):
+                raise CodegenError(f"layer {n.name}: mul of a {shape} tensor into {n.shape}; code generation "
+                                   f"broadcasts only dimensions of size 1 of the same rank")
+
+
+def _lut_chains(q: QGraph, readers: dict) -> list:
+    """[(src, dequantize, chain, quantize or None)] for every maximal chain of elementwise float
+    nodes that starts at a dequantized integer tensor and whose inner nodes have one reader each;
+    ``quantize`` when the chain's only reader is the quantization of its output."""
+    nodes = {n.name: n for n in q.nodes}
+    out = []
+    for d in q.nodes:
+        if d.op != "dequantize":
+            continue
+        for head in readers[d.name]:
+            if not is_elementwise(head):
+                continue
+            chain = [head]
+            while chain[-1].name != q.output and len(readers[chain[-1].name]) == 1:
+                nxt = readers[chain[-1].name][0]
+                if not is_elementwise(nxt):
+                    break
+                chain.append(nxt)
+            rs = readers[chain[-1].name]
+            quant = rs[0] if chain[-1].name != q.output and len(rs) == 1 and rs[0].op == "quantize" else None
+            out.append((nodes[d.inputs[0]], d, chain, quant))
+    return out
 
 
 def plan(q: QGraph, name: str = "net") -> Program:
@@ -248,50 +417,89 @@ def plan(q: QGraph, name: str = "net") -> Program:
     prefix = c_name(name)
     nodes = {n.name: n for n in q.nodes}
     for n in q.nodes:
-        if n.op not in SUPPORTED or (n.op == "float" and n.attrs.get("fn") not in FLOAT_FNS):
-            what = n.attrs.get("fn", n.op)
-            raise CodegenError(f"layer {n.name}: {what} is not supported by code generation "
-                               f"(supported: {', '.join(SUPPORTED)}; float: {', '.join(FLOAT_FNS)})")
-        if n.op == "float" and n.name != q.output:
-            raise CodegenError(f"layer {n.name}: a float {n.attrs['fn']} is supported only as the last layer")
-        if n.op == "affine" and not (nodes[n.inputs[0]].op == "input"):
-            raise CodegenError(f"layer {n.name}: a float per-channel affine is supported only on the network input")
-        if n.op in ("conv", "linear") and not n.quantized:
-            raise CodegenError(f"layer {n.name} is kept in float; code generation needs every conv and "
-                               f"fully connected layer quantized")
+        _check(n, nodes)
+    readers: dict = {n.name: [] for n in q.nodes}
+    for n in q.nodes:
+        for i in n.inputs:
+            readers[i].append(n)
+
+    # elementwise float chains on 8-bit tensors -> lookup steps, placed where their last node was
+    lut_at: dict = {}       # name of the node a lookup step replaces -> (QNode of the step, table)
+    absorbed: set = set()   # nodes the lookup steps compute
+    for src, d, chain, quant in _lut_chains(q, readers):
+        table = lut_table(src, d, chain, quant)
+        if quant is None and not np.isfinite(table).all():
+            continue  # e.g. exp overflowing: the float kernel reports the same inf (no table of infs)
+        end = quant or chain[-1]
+        fns = [c.attrs.get("fn", c.op) for c in chain]
+        why = "; ".join(dict.fromkeys(c.reason for c in chain if c.reason))
+        step_node = QNode(end.name, "lut", (src.name,), end.shape, quant is not None, end.scale, end.dtype,
+                          {"chain": tuple(c.name for c in chain), "fns": tuple(fns), "lo": nx.dtype_range(src.dtype)[0],
+                           "per_channel": table.ndim == 1 and table.size > LUT_SIZE},
+                          {}, tuple(dict.fromkeys(l for c in chain for l in c.layers)), why or None)
+        lut_at[end.name] = (step_node, table)
+        absorbed |= {c.name for c in chain} | ({quant.name} if quant else set())
+    for n in q.nodes:  # a dequantize read only by lookup steps is not computed
+        if n.op == "dequantize" and n.name != q.output and readers[n.name] and \
+                all(r.name in absorbed for r in readers[n.name]):
+            absorbed.add(n.name)
+
+    def layout(node_name: str) -> str:
+        return "nchw" if node_name in (q.input, q.output) and len(nodes[node_name].shape) == 3 else "hwc"
 
     buffers: dict = {}
     steps = []
     alias: dict = {}
     for n in q.nodes:
+        if n.name in lut_at:
+            n, table = lut_at[n.name]
+            consts = {"table": table}
+        elif n.name in absorbed:
+            continue
+        else:
+            consts = None
         bname = c_name(n.name)
         ins = tuple(alias.get(c_name(i), c_name(i)) for i in n.inputs)
         src = nodes[n.inputs[0]] if n.inputs else None
-        consts = _consts(n, src.shape if src else (), _dtype(src) if src else "")
+        if consts is None:
+            consts = _consts(n, src.shape if src else (), _dtype(src) if src else "",
+                             buffers[ins[0]].layout if ins else "hwc")
         if n.op == "gather":
-            table = gather_table(n.params["index"], nodes[n.inputs[0]].shape, n.shape)
-            if np.array_equal(table, np.arange(len(table))) and buffers[ins[0]].elements == len(table):
+            in_layout = buffers[ins[0]].layout
+            table = gather_table(n.params["index"], src.shape, n.shape, in_layout, layout(n.name))
+            if (np.array_equal(table, np.arange(len(table))) and buffers[ins[0]].elements == len(table)
+                    and in_layout == layout(n.name) and n.name != q.output):
                 alias[bname] = ins[0]
                 continue
             consts = {"index": table}
-        buffers[bname] = Buffer(bname, _dtype(n), tuple(n.shape))
+        buffers[bname] = Buffer(bname, _dtype(n), tuple(n.shape), layout=layout(n.name))
         if n.op != "input":
             steps.append(Step(n, ins, bname, consts))
 
-    # lifetimes: [first write, last read] in step numbers
+    try:
+        int_out = c_name(q.int_output())
+    except (KeyError, IndexError):
+        raise CodegenError("the network has no integer layer on its output path (every layer before the output "
+                           "is float): nothing to generate an integer network for") from None
+    int_out = alias.get(int_out, int_out)
+
+    # lifetimes: [first write, last read] in step numbers; the integer output lives to the end (the
+    # CUDA target copies it out after the last step)
     out_name = c_name(q.output)
     life = {}
     for i, s in enumerate(steps):
         life.setdefault(s.output, [i, i])
         for b in s.inputs:
             life.setdefault(b, [-1, -1])[1] = i
+    if int_out in life:
+        life[int_out][1] = len(steps)
     placed: list = []  # (offset, end, first, last)
     final = {}
     in_name = c_name(q.input)
     for b in sorted(life, key=lambda k: -buffers[k].nbytes):
         buf = buffers[b]
         if b in (in_name, out_name):
-            final[b] = Buffer(buf.name, buf.dtype, buf.shape, -1)
+            final[b] = Buffer(buf.name, buf.dtype, buf.shape, -1, layout=buf.layout)
             continue
         first, last = life[b]
         offset = 0
@@ -300,17 +508,25 @@ def plan(q: QGraph, name: str = "net") -> Program:
             if overlap_time and offset < e and o < offset + buf.nbytes:
                 offset = -(-e // ALIGN) * ALIGN
         placed.append((offset, offset + buf.nbytes, first, last))
-        final[b] = Buffer(buf.name, buf.dtype, buf.shape, offset)
+        final[b] = Buffer(buf.name, buf.dtype, buf.shape, offset, layout=buf.layout)
     for a, target in alias.items():
-        final[a] = Buffer(a, final[target].dtype, final[target].shape, final[target].offset, target)
+        t = final[target]
+        final[a] = Buffer(a, t.dtype, t.shape, t.offset, target, t.layout)
     # + ALIGN: the VNNI kernel reads input channels 4 at a time, up to 3 bytes past a tensor
     arena = -(-max((e for o, e, f, l in placed), default=0) // ALIGN) * ALIGN + ALIGN
-    last = steps[-1]
-    deq = last if last.kind == "dequantize" else next(s for s in steps if s.output == last.inputs[0])
-    if deq.kind != "dequantize":
-        raise CodegenError(f"the network must end in a dequantized integer layer (optionally then softmax), "
-                           f"not {deq.node.name} ({deq.kind})")
-    int_out = deq.inputs[0]
-    int_in = next(s.output for s in steps if s.kind == "quantize")
     classes = int(np.prod(nodes[q.output].shape))
-    return Program(prefix, tuple(steps), final, arena, in_name, out_name, int_out, int_in, classes)
+    return Program(prefix, tuple(steps), final, arena, in_name, out_name, int_out, _int_input(steps, in_name),
+                   classes)
+
+
+def _int_input(steps: list, in_name: str) -> Optional[str]:
+    """The buffer where the int8-input entry point starts: the first quantize step, when the steps
+    before it and the network input are read by nothing after it (so skipping them and writing
+    that buffer is the same network); None otherwise (the input also feeds float layers)."""
+    k = next((i for i, s in enumerate(steps) if s.kind == "quantize"), None)
+    if k is None:
+        return None
+    early = {in_name} | {s.output for s in steps[:k]}
+    if any(b in early for s in steps[k + 1:] for b in s.inputs):
+        return None
+    return steps[k].output

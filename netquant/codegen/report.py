@@ -1,7 +1,8 @@
 """The code generation report: one self-contained HTML page (no scripts, no external assets).
 
 Per layer: its kernel, integer types, weight bytes and output buffer bytes (and arena offset);
-the generated files with line counts; the compiler command, time and warnings.
+the layers that run in float (or from a lookup table), how and why; the generated files with line
+counts; the compiler command, time and warnings.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def render(gen) -> str:
                      "x".join(map(str, out.shape)), wbytes, out.nbytes, place])
     layers = _table(["Layer", "Network layers", "Kernel", "Output type", "Output shape", "Constant bytes",
                      "Buffer bytes", "Placement"], rows)
+    float_rows = [[s.node.name, "+".join(s.node.layers), gen.kernels.get(s.node.name, s.kind),
+                   s.node.reason or "kept in floating point"] for s in p.float_steps()]
+    floats = (_table(["Layer", "Network layers", "How it runs", "Why it is not int8"], float_rows) if float_rows
+              else "<p>None: every layer runs in integers.</p>")
     files = _table(["File", "Lines"], sorted(gen.files.items()))
     b = gen.build
     build = ("<p>Not built yet.</p>" if not b else
@@ -49,6 +54,11 @@ code, pre {{ background: #f7f7f7; padding: 2px 4px; }}
 (per thread)</li><li>Input: {html.escape(p.input)} float32 {'x'.join(map(str, p.buffer(p.input).shape))};
 output: {p.classes} scores; integer output checked bit for bit: {html.escape(p.int_output)}</li></ul>
 <h2>Layers</h2>{layers}
+<h2>Layers in float</h2>
+<p>A lookup table replaces a chain of elementwise float ops on an 8-bit tensor (computed with the
+reference executor's kernels: bit-exact). Float kernels compute in float32; only the quantize after
+them can turn a last-bit float difference from the reference into an integer one
+(docs/NUMERICS.md).</p>{floats}
 <h2>Generated files</h2>{files}
 <h2>Build</h2>{build}
 </body></html>

@@ -8,7 +8,8 @@ Layout of one binary record (``cifar-10-batches-bin``): 1 label byte, then 3072 
 10,000 records is 30,730,000 bytes, and ``records[:, 1:].reshape(n, 3, 32, 32)`` is NCHW.
 
 Images are returned as ``uint8`` arrays of shape (N, 3, 32, 32) (NCHW, RGB), labels as ``int64``
-(N,). Conversion to float and normalisation belong to the network (see ``netquant.data.transforms``).
+(N,), in :class:`~netquant.data.imageset.ImageSet` values named by :data:`CLASSES`. Conversion
+to float and normalisation belong to the network (see ``netquant.data.transforms``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .imageset import DataError, ImageSet, Splits
 
 log = logging.getLogger(__name__)
 
@@ -57,49 +60,9 @@ BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 DATA_ENV = "NETQUANT_DATA"
 
 
-class DataError(ValueError):
-    """A dataset file is missing, truncated, corrupt or of an unexpected format."""
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    """Images with labels and a description of where they came from.
-
-    ``images``: uint8 (N, 3, 32, 32) NCHW RGB; ``labels``: int64 (N,); ``source``: a
-    human-readable provenance line printed next to every result computed from this set.
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    source: str
-
-    def __post_init__(self):
-        if self.images.ndim != 4 or self.images.shape[1:] != (3, 32, 32):
-            raise ValueError(f"ImageSet.images: expected shape (N, 3, 32, 32), got {self.images.shape}")
-        if self.images.dtype != np.uint8:
-            raise ValueError(f"ImageSet.images: expected dtype uint8, got {self.images.dtype}")
-        if self.labels.shape != (len(self.images),):
-            raise ValueError(f"ImageSet.labels: expected shape ({len(self.images)},), got {self.labels.shape}")
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __repr__(self) -> str:
-        return f"ImageSet({len(self)} images, {self.source})"
-
-    def take(self, index: np.ndarray, what: str) -> "ImageSet":
-        """A new set of the images at ``index``; ``what`` is appended to the provenance."""
-        if not isinstance(index, slice):
-            index = np.asarray(index)
-        return ImageSet(self.images[index], self.labels[index], f"{self.source}, {what}")
-
-
-@dataclass(frozen=True)
-class Cifar10:
+@dataclass(frozen=True, repr=False)
+class Cifar10(Splits):
     """The two splits of CIFAR-10 and where they were read from."""
-
-    train: ImageSet
-    test: ImageSet
 
     def __repr__(self) -> str:
         return f"Cifar10(train={self.train!r}, test={self.test!r})"
@@ -237,8 +200,8 @@ def read_cifar10(path: str | os.PathLike) -> Cifar10:
     log.info("reading CIFAR-10 (%s version) from %s", kind, path)
     train = _read_split(files, names[0], sums, parse, str(path))
     test = _read_split(files, names[1], sums, parse, str(path))
-    return Cifar10(ImageSet(*train, f"CIFAR-10 training set ({kind}, {path})"),
-                   ImageSet(*test, f"CIFAR-10 test set ({kind}, {path})"))
+    return Cifar10(ImageSet(*train, f"CIFAR-10 training set ({kind}, {path})", CLASSES),
+                   ImageSet(*test, f"CIFAR-10 test set ({kind}, {path})", CLASSES))
 
 
 # --- the embedded sample --------------------------------------------------------------------
@@ -255,7 +218,7 @@ def read_sample() -> Cifar10:
         data = gzip.decompress((SAMPLE_DIR / name).read_bytes())
         images, labels = parse_binary_batch(data, name)
         sets[split] = ImageSet(images, labels, f"embedded sample: first {len(labels)} CIFAR-10 "
-                                               f"{'training' if split == 'train' else 'test'} images")
+                                               f"{'training' if split == 'train' else 'test'} images", CLASSES)
     return Cifar10(sets["train"], sets["test"])
 
 

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cifar10 import CLASSES, ImageSet
+from .imageset import ImageSet
 
 
 def tile(images: np.ndarray, columns: int = 5, scale: int = 2, border: int = 2) -> np.ndarray:
-    """Arrange uint8 NCHW images in a grid; returns a uint8 HWC RGB array.
+    """Arrange uint8 NCHW images (RGB, or grey with one channel) in a grid; returns a uint8 HWC
+    RGB array.
 
     With 20 images, 5 columns, scale 2 and border 2: 4 rows of 64x64 pictures, so the tile is
     4*64 + 5*2 = 266 pixels high and 5*64 + 6*2 = 332 wide.
     """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"tile: expected images of shape (N, 3, H, W), got {images.shape}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"tile: expected images of shape (N, 3, H, W) or (N, 1, H, W), got {images.shape}")
+    if images.shape[1] == 1:
+        images = images.repeat(3, axis=1)   # grey -> RGB, so the tile is one PNG kind
     n, _, h, w = images.shape
     rows = -(-n // columns)
     hs, ws = h * scale, w * scale
@@ -28,9 +31,10 @@ def tile(images: np.ndarray, columns: int = 5, scale: int = 2, border: int = 2) 
 
 
 def random_tile_png(data: ImageSet, path, count: int = 20, seed: int = 0, columns: int = 5) -> list[str]:
-    """Write a PNG tile of ``count`` random images to ``path``; return their class names."""
+    """Write a PNG tile of ``count`` random images to ``path``; return their class names (the
+    class numbers as text when the set has no names)."""
     from PIL import Image
 
     index = np.random.default_rng(seed).choice(len(data), size=min(count, len(data)), replace=False)
     Image.fromarray(tile(data.images[index], columns)).save(path)
-    return [CLASSES[data.labels[i]] for i in index]
+    return [data.class_name(data.labels[i]) for i in index]

@@ -21,6 +21,10 @@ FLOAT_OPS = {
     "elu": (lambda x, alpha=1.0: F.elu(x, alpha), "ELU has no int8 kernel"),
     "exp": (lambda x: torch.exp(x), "exp has no int8 kernel"),
     "mul": (lambda a, b: a * b, "elementwise product of two activations has no int8 kernel"),
+    # size: the output (H, W); mode "bilinear" (nearest is captured as an exact gather)
+    "interpolate": (lambda x, size, mode="bilinear", align_corners=False:
+                    F.interpolate(x, size=tuple(size), mode=mode, align_corners=align_corners),
+                    "bilinear resampling has no int8 kernel"),
 }
 
 

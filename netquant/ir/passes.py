@@ -1,4 +1,5 @@
-"""Graph -> Graph passes: merge affine chains, fold batch norm, fuse activations, merge gathers.
+"""Graph -> Graph passes: drop dead nodes, merge affine chains, fold batch norm, fuse activations,
+merge gathers.
 
 Each pass returns a new Graph. Fusing keeps MATLAB's naming: conv + batch norm + ReLU become one
 node named ``convInp_reluInp`` (the batch norm disappears into the weights, the activation is
@@ -49,6 +50,20 @@ def _merge(graph: Graph, match: Callable[[Node, Node], bool], combine: Callable[
             changed = True
             break
     return graph
+
+
+def remove_dead(graph: Graph) -> Graph:
+    """Drop the nodes whose values never reach the output (a debugging ``x.view(...)`` a
+    published forward computes and throws away). The input node always stays. Walking the
+    nodes backwards from the output marks what is read: in ``input -> conv -> {flatten, relu};
+    relu -> output`` the flatten is dropped."""
+    live = {graph.output}
+    for n in reversed(graph.nodes):
+        if n.name in live:
+            live.update(n.inputs)
+    if len(live) + (graph.input.name not in live) == len(graph.nodes):
+        return graph
+    return graph.replace_nodes(n for n in graph.nodes if n.name in live or n.op == "input")
 
 
 def merge_affines(graph: Graph) -> Graph:
@@ -109,7 +124,8 @@ def merge_gathers(graph: Graph) -> Graph:
 
 
 def optimize(graph: Graph) -> Graph:
-    """The standard pipeline: merge affines, fold batch norm, fuse activations, merge gathers."""
-    for p in (merge_affines, fold_batchnorm, fuse_activations, merge_gathers):
+    """The standard pipeline: drop dead nodes, merge affines, fold batch norm, fuse activations,
+    merge gathers."""
+    for p in (remove_dead, merge_affines, fold_batchnorm, fuse_activations, merge_gathers):
         graph = p(graph)
     return graph

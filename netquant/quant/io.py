@@ -3,6 +3,7 @@
 A quantizer file (format ``netquant.quantizer``, version 1) holds:
 
 - ``manifest.json``: format and version, the network name, target, config, layers kept float,
+  the input spec (``input_spec``, None or absent: the model takes netquant's images as they are),
   provenance (calibration data, its md5, netquant/torch/numpy versions), the graph structure and
   the statistics' scalars;
 - ``graph.safetensors``: the float graph's parameters (after batch-norm folding);
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..calib.stats import RangeStats, RangeTable
 from ..ir.graph import Graph, Node
+from ..ir.input_spec import InputSpec
 from .config import QuantConfig
 
 FORMAT, FORMAT_VERSION = "netquant.quantizer", 1
@@ -139,6 +141,7 @@ def save_quantizer(q, path) -> None:
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": q.name, "target": q.target,
                 "config": q.config.to_dict(), "float_layers": sorted(q.user_float),
                 "float_learnable_bytes": getattr(q, "float_learnable_bytes", None),
+                "input_spec": q.input_spec.to_json() if q.input_spec is not None else None,
                 "provenance": {**q.provenance, "versions": _versions()}, "graph": gmeta, "ranges": None}
     if q.ranges is not None:
         rmeta, rarrays = ranges_to_json(q.ranges)
@@ -157,6 +160,9 @@ def load_quantizer(path):
         graph = graph_from_json(manifest["graph"], _tensors_load(z.read("graph.safetensors")))
         q = Quantizer(graph=graph, target=manifest["target"], config=QuantConfig.from_dict(manifest["config"]),
                       name=manifest["name"])
+        # the stored graph already holds the spec's nodes: record the spec, do not apply it again
+        spec = manifest.get("input_spec")   # files written before input specs have none
+        q.input_spec = InputSpec.from_json(spec) if spec is not None else None
         if manifest["ranges"] is not None:
             q.ranges = ranges_from_json(manifest["ranges"], _tensors_load(z.read("stats.safetensors")))
     except (KeyError, ValueError, TypeError) as e:

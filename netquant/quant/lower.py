@@ -6,10 +6,16 @@ Decisions made here, per tensor and per layer:
   signed (-128..127, scale T/127); with ``scale="pow2"`` rounded up to a power of two;
 - weight scales per output channel (or per tensor): T/127, int8 weights, int32 bias at scale
   s_x * s_w[o], and the requantization multiplier s_x * s_w[o] / s_y as (M, shift);
-- which layers stay float, and why; quantize/dequantize nodes at every float <-> int edge.
+- the scale floors of docs/NUMERICS.md ("Scale floors"): degenerate channels and tensors
+  (all-zero or near-zero weights, dead ReLUs, constant tensors) get scales that keep every bias,
+  accumulator and multiplier in range, so they quantize with no manual step;
+- which layers stay float, and why; quantize/dequantize nodes at every float <-> int edge. A layer
+  whose integer lowering is impossible (an accumulator that can reach 2^31, an op with no integer
+  kernel) stays float automatically, with the reason in its ``QNode.reason``; never an exception.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from typing import Optional
@@ -24,8 +30,11 @@ from . import numerics as nx
 from .config import QuantConfig
 from .qgraph import QGraph, QNode
 
+log = logging.getLogger(__name__)
+
 QUANTIZABLE = ("conv", "linear", "add", "concat", "gather", "maxpool", "avgpool", "act")
 USER_FLOAT = "kept in floating point by the user (set_quantize)"
+CANNOT = "cannot be quantized"   # the start of the reason of a layer lowering kept float automatically
 
 
 def float_reasons(graph: Graph, user_float: frozenset = frozenset()) -> dict:
@@ -48,29 +57,34 @@ def float_reasons(graph: Graph, user_float: frozenset = frozenset()) -> dict:
     return out
 
 
-def activation_qparams(stats: RangeStats, cfg: QuantConfig, act=None) -> tuple[float, str]:
-    """(scale, dtype) of an activation tensor."""
+def activation_qparams(stats: RangeStats, cfg: QuantConfig, act=None, floor: float = 0.0) -> tuple[float, str]:
+    """(scale, dtype) of an activation tensor. ``floor``: the smallest scale the tensor may take
+    (the step of what produces it / MULTIPLIER_CAP, see ``numerics``), and never below SCALE_MIN;
+    a power-of-two scale is rounded up after the floor, so it keeps it."""
     unsigned = cfg.unsigned_activations and ((act is not None and act[0] >= 0) or stats.min >= 0)
     levels = 255 if unsigned else 127
     t = threshold(stats, cfg.activation_range, levels, cfg.percentile)
-    scale = t / levels
+    scale = max(t / levels, floor, nx.SCALE_MIN)
     if cfg.scale == "pow2":
         scale = nx.pow2_scale(scale)
     return scale, ("uint8" if unsigned else "int8")
 
 
 def weight_scales(w: np.ndarray, cfg: QuantConfig, key: str) -> np.ndarray:
-    """Per output channel (or one, broadcast) weight scales T/127."""
+    """The range method's weight scales T/127, per output channel (or one, broadcast), before the
+    floors of :func:`~netquant.quant.numerics.floor_weight_scales`; 0 for an all-zero channel."""
     if cfg.weight_granularity == "per_tensor":
         groups = [w]
     else:
         groups = [w[o] for o in range(len(w))]
     scales = []
     for g in groups:
+        if not np.any(g):
+            scales.append(0.0)  # all zero: the floors choose its scale
+            continue
         t = threshold(RangeStats("Weights", key, key).update(g, channel_axis=None), cfg.weight_range, 127,
                       cfg.percentile)
-        s = t / 127.0
-        scales.append(nx.pow2_scale(s) if cfg.scale == "pow2" else s)
+        scales.append(t / 127.0)
     return np.broadcast_to(np.array(scales, dtype=np.float64), (len(w),)).copy()
 
 
@@ -120,13 +134,18 @@ def k_chunks(wq: np.ndarray, xmax: int) -> list:
 
 
 def _weighted(n: Node, x: QNode, ranges: RangeTable, cfg: QuantConfig) -> QNode:
-    s_y, dtype = activation_qparams(ranges[n.name], cfg, n.attrs.get("act"))
     w, b = n.params["weight"], n.params["bias"]
-    s_w = weight_scales(w, cfg, n.name)
+    xmax = max(abs(v) for v in nx.dtype_range(x.dtype))
+    s_w = nx.floor_weight_scales(weight_scales(w, cfg, n.name), w, b, x.scale, xmax,
+                                 cfg.weight_granularity == "per_tensor")
+    if cfg.scale == "pow2":
+        s_w = np.array([nx.pow2_scale(float(v)) for v in s_w])
+    # the output scale is at least one accumulator step of the widest channel / MULTIPLIER_CAP
+    s_y, dtype = activation_qparams(ranges[n.name], cfg, n.attrs.get("act"),
+                                    floor=x.scale * float(s_w.max()) / nx.MULTIPLIER_CAP)
     wq = nx.quantize_weights(w, s_w)
     bq = nx.quantize_bias(b, x.scale * s_w, n.name)
     M, sh = _multipliers(x.scale * s_w / s_y)
-    xmax = max(abs(v) for v in nx.dtype_range(x.dtype))
     bound = nx.accumulator_bound(wq, xmax, bq).max()
     if bound >= nx.ACC_LIMIT:
         raise ValueError(f"{n.name}: accumulator bound {bound} reaches 2^31")
@@ -137,6 +156,41 @@ def _weighted(n: Node, x: QNode, ranges: RangeTable, cfg: QuantConfig) -> QNode:
     attrs.update(clamp=_clamp(dtype, s_y, n.attrs.get("act")), k_chunks=chunks, acc_bound=int(bound))
     return QNode(n.name, n.op, (x.name,), n.shape, True, s_y, dtype, attrs,
                  {"weight": wq, "bias": bq, "multiplier": M, "shift": sh, "weight_scale": s_w}, n.layers)
+
+
+def _int_node(n: Node, xs: list, ranges: RangeTable, cfg: QuantConfig) -> QNode:
+    """The integer node for ``n`` reading the integer tensors ``xs``; a ValueError says why it
+    cannot be quantized. Every output scale keeps the floor of numerics.MULTIPLIER_CAP: at least
+    the step of what produces it / 2^16, so each requantization multiplier is at most 2^16."""
+    x = xs[0]
+    if n.op in ("conv", "linear"):
+        return _weighted(n, x, ranges, cfg)
+    if n.op in ("gather", "maxpool"):
+        return QNode(n.name, n.op, (x.name,), n.shape, True, x.scale, x.dtype, dict(n.attrs), dict(n.params),
+                     n.layers)
+    if n.op == "act":
+        return QNode(n.name, "act", (x.name,), n.shape, True, x.scale, x.dtype,
+                     {"clamp": _clamp(x.dtype, x.scale, n.attrs["act"])}, {}, n.layers)
+    if n.op == "avgpool":
+        kh, kw = n.attrs["kernel"]
+        s_y, dtype = activation_qparams(ranges[n.name], cfg, floor=x.scale / (kh * kw) / nx.MULTIPLIER_CAP)
+        M, sh = nx.quantize_multiplier(x.scale / (s_y * kh * kw))
+        return QNode(n.name, "avgpool", (x.name,), n.shape, True, s_y, dtype,
+                     {**n.attrs, "clamp": nx.dtype_range(dtype)},
+                     {"multiplier": np.array([M], np.int32), "shift": np.array([sh], np.int32)}, n.layers)
+    if n.op in ("add", "concat"):
+        s_y, dtype = activation_qparams(ranges[n.name], cfg, n.attrs.get("act"),
+                                        floor=max(xi.scale for xi in xs) / nx.MULTIPLIER_CAP)
+        ratios = [xi.scale / s_y for xi in xs]
+        if n.op == "add":
+            M, sh = _shared_shift(ratios)
+            shifts = np.full(len(xs), sh, np.int32)
+        else:
+            M, shifts = _multipliers(ratios)
+        return QNode(n.name, n.op, tuple(xi.name for xi in xs), n.shape, True, s_y, dtype,
+                     {"clamp": _clamp(dtype, s_y, n.attrs.get("act"))}, {"multiplier": M, "shift": shifts},
+                     n.layers)
+    raise ValueError(f"op {n.op} has no integer lowering")
 
 
 def _score_node(graph: Graph) -> str:
@@ -192,34 +246,24 @@ def lower(graph: Graph, ranges: RangeTable, config: QuantConfig, user_float: fro
             emit(QNode(n.name, n.op, ins, n.shape, False, None, None, dict(n.attrs), dict(n.params), n.layers,
                        reasons.get(n.name)))
             continue
-        if n.op not in QUANTIZABLE:
-            raise ValueError(f"{n.name}: op {n.op} has no integer lowering")
-        xs = [as_int(i, cfg) for i in n.inputs]
-        x = xs[0]
-        if n.op in ("conv", "linear"):
-            emit(_weighted(n, x, ranges, cfg))
-        elif n.op in ("gather", "maxpool"):
-            emit(QNode(n.name, n.op, (x.name,), n.shape, True, x.scale, x.dtype, dict(n.attrs), dict(n.params), n.layers))
-        elif n.op == "act":
-            emit(QNode(n.name, "act", (x.name,), n.shape, True, x.scale, x.dtype,
-                       {"clamp": _clamp(x.dtype, x.scale, n.attrs["act"])}, {}, n.layers))
-        elif n.op == "avgpool":
-            s_y, dtype = activation_qparams(ranges[n.name], cfg)
-            kh, kw = n.attrs["kernel"]
-            M, sh = nx.quantize_multiplier(x.scale / (s_y * kh * kw))
-            emit(QNode(n.name, "avgpool", (x.name,), n.shape, True, s_y, dtype,
-                       {**n.attrs, "clamp": nx.dtype_range(dtype)},
-                       {"multiplier": np.array([M], np.int32), "shift": np.array([sh], np.int32)}, n.layers))
-        elif n.op in ("add", "concat"):
-            s_y, dtype = activation_qparams(ranges[n.name], cfg, n.attrs.get("act"))
-            ratios = [xi.scale / s_y for xi in xs]
-            if n.op == "add":
-                M, sh = _shared_shift(ratios)
-                shifts = np.full(len(xs), sh, np.int32)
-            else:
-                M, shifts = _multipliers(ratios)
-            emit(QNode(n.name, n.op, tuple(xi.name for xi in xs), n.shape, True, s_y, dtype,
-                       {"clamp": _clamp(dtype, s_y, n.attrs.get("act"))}, {"multiplier": M, "shift": shifts},
-                       n.layers))
+        mark, saved = len(out), dict(converted)
+        try:
+            if n.op not in QUANTIZABLE:
+                raise ValueError(f"op {n.op} has no integer lowering")
+            xs = [as_int(i, cfg) for i in n.inputs]
+            emit(_int_node(n, xs, ranges, cfg))
+        except ValueError as e:
+            # this layer cannot be quantized: undo the conversions made for it and keep it float,
+            # with the reason in the tables (the rest of the network is still quantized)
+            for q in out[mark:]:
+                del by_name[q.name]
+            del out[mark:]
+            converted.clear()
+            converted.update(saved)
+            why = str(e).removeprefix(f"{n.name}: ")
+            log.warning("%s stays in floating point: it cannot be quantized (%s)", n.name, why)
+            ins = tuple(as_float(i).name for i in n.inputs)
+            emit(QNode(n.name, n.op, ins, n.shape, False, None, None, dict(n.attrs), dict(n.params), n.layers,
+                       f"{CANNOT}: {why}"))
     output = as_float(graph.output).name
     return QGraph(tuple(out), output, graph.input.name)

@@ -46,6 +46,11 @@ ACC_LIMIT = 2 ** 31             # |accumulator| must stay below this
 FLOAT32_EXACT = 2 ** 24         # integers below this in magnitude are exact in float32
 MULTIPLIER_BITS = 31            # M in [2^30, 2^31)
 MAX_SHIFT = 62
+# scale floors (docs/NUMERICS.md, "Scale floors"): degenerate tensors (all-zero or near-zero weight
+# channels, dead ReLUs, constant tensors) get scales that keep every integer in range
+WEIGHT_SCALE_FLOOR = 2.0 ** -16  # a weight channel's scale >= this times the layer's largest channel scale
+MULTIPLIER_CAP = 2.0 ** 16       # an activation's scale >= the step of what produces it / this (m <= 2^16)
+SCALE_MIN = 2.0 ** -64           # every activation scale (1/s and s stay normal float32 numbers)
 
 
 def dtype_range(dtype: str) -> tuple[int, int]:
@@ -105,6 +110,44 @@ def quantize_weights(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     s = np.asarray(scale, dtype=np.float64).reshape(-1, *([1] * (w.ndim - 1)))
     q = np.sign(w) * np.floor(np.abs(w.astype(np.float64) / s) + 0.5)
     return np.clip(q, *WEIGHT_RANGE).astype(np.int8)
+
+
+def floor_weight_scales(raw: np.ndarray, w: np.ndarray, bias: np.ndarray, s_x: float, xmax: int,
+                        per_tensor: bool = False) -> np.ndarray:
+    """The weight scales of one layer after the floors of docs/NUMERICS.md ("Scale floors").
+
+    ``raw`` (O,) are the range method's scales T/127 (0 for an all-zero channel), ``w`` the float
+    weights (O, ...), ``bias`` (O,), ``s_x`` the input scale, ``xmax`` 255 or 128 (the input type).
+
+    1. relative floor: s[o] >= WEIGHT_SCALE_FLOOR * max(raw) (a channel 2^16 times narrower than
+       the widest one is quantized at that step; its weights round to 0 or a few steps);
+    2. bias floor: with A[o] = xmax * sum_k |round(w[o,k] / s[o])| the weights' share of the
+       accumulator bound, s[o] >= |bias[o]| / (s_x * (2^31 - 2 - A[o])), so the int32 bias
+       round(bias / (s_x * s)) and the accumulator bound A + |bias| both stay below 2^31. Raising
+       s only lowers A, so one pass suffices, and the bias stays exact to one step of its scale;
+    3. a channel left at 0 (its weights and bias all zero, in a layer with no other weights)
+       takes 1/127, as an all-zero tensor does: any scale represents it exactly.
+    Per tensor (``per_tensor``), the one scale is the largest of the floored ones.
+
+    Worked example (a pruned channel, the ShuffleNetV2 case): weights 1e-12, bias 0.05,
+    s_x = 0.02, the layer's widest channel T = 0.3. raw = 7.9e-15 would need the bias
+    0.05 / (0.02 * 7.9e-15) = 3.2e11 > 2^31; the relative floor gives 0.3/127 * 2^-16 = 3.6e-8,
+    the bias becomes 0.05 / (0.02 * 3.6e-8) = 69,358,933 (fits) and the weights round to 0: the
+    channel outputs its bias, exactly as the float network does to within 1e-12 * sum |x|.
+    """
+    raw = np.asarray(raw, np.float64)
+    s = np.maximum(raw, WEIGHT_SCALE_FLOOR * raw.max(initial=0.0))
+    safe = np.where(s > 0, s, 1.0)  # a zero scale belongs to an all-zero channel: its weights stay 0
+    acc_w = accumulator_bound(quantize_weights(w, safe), xmax, np.zeros(len(s), np.int64))
+    room = float(ACC_LIMIT - 2) - acc_w.astype(np.float64)
+    if (room <= 0).any():
+        o = int(np.argmin(room))
+        raise ValueError(f"the weights alone reach the int32 accumulator bound 2^31 (output channel {o}: "
+                         f"{int(acc_w[o])} from {w[o].size} terms)")
+    s = np.maximum(s, np.abs(np.asarray(bias, np.float64)) / (s_x * room))
+    if per_tensor:
+        s = np.full_like(s, s.max(initial=0.0))
+    return np.where(s > 0, s, 1.0 / 127)
 
 
 def quantize_bias(b: np.ndarray, scale: np.ndarray, where: str) -> np.ndarray:

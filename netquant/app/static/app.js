@@ -41,11 +41,75 @@ async function init() {
   } catch (e) { setStatus(e.message, true); }
 }
 
+function specText(spec) {
+  if (!spec) return "input: RGB in [0, 1] as is";
+  const parts = [`input: ${spec.channel_order}`, `pixels ${spec.value_range[0]} .. ${spec.value_range[1]}`];
+  if (spec.mean) parts.push(`mean ${spec.mean.join(", ")}`);
+  if (spec.std) parts.push(`std ${spec.std.join(", ")}`);
+  return parts.join(", ");
+}
+
 function showSession(s, calibrated) {
   session = s;
-  $("session-info").textContent = `Session ${s.id}: ${s.network}, scheme ${JSON.stringify(s.config)}`;
+  datasets = [];
+  $("results").innerHTML = ""; $("per-class").innerHTML = ""; $("sqnr").innerHTML = "";
+  $("session-info").textContent = `Session ${s.id}: ${s.network}, input ${s.input_shape.join("x")}, ` +
+    `${s.outputs} outputs; ${specText(s.input_spec)}; scheme ${JSON.stringify(s.config)}`;
   $("step-calibrate").hidden = false;
+  showDatasets(s.datasets, null);
   if (calibrated) afterCalibration();
+}
+
+// --- data sets ---------------------------------------------------------------------------------
+let datasets = [];       // [{id, name, train, test, same, shape, class_names, source}]
+
+function classesText(names) {
+  if (!names || !names.length) return "classes by label number";
+  const shown = names.slice(0, 12).join(", ");
+  return `${names.length} classes: ${shown}${names.length > 12 ? ", ..." : ""}`;
+}
+
+function fitCount(input, n) {
+  // a count larger than the chosen set would be refused: offer the whole set instead
+  const v = input.value.trim();
+  if (v !== "all" && Number(v) > n) input.value = String(n);
+}
+
+function showDatasets(list, select) {
+  datasets = list;
+  const ul = $("datasets");
+  ul.innerHTML = "";
+  if (!list.length) {
+    const li = document.createElement("li");
+    li.className = "warn";
+    li.textContent = `No data set yet: this network takes ${session.input_shape.join("x")} images; add one above.`;
+    ul.appendChild(li);
+  }
+  for (const d of list) {
+    const li = document.createElement("li");
+    li.dataset.id = d.id;
+    const split = d.same ? `${d.test} images` : `${d.train} training / ${d.test} validation images`;
+    li.textContent = `${d.name} (${d.id}): ${split} of ${d.shape.join("x")}, ${classesText(d.class_names)}`;
+    ul.appendChild(li);
+  }
+  for (const id of ["cal-data", "val-data"]) {
+    const sel = $(id), keep = select || sel.value;
+    sel.innerHTML = "";
+    for (const d of list) {
+      const o = document.createElement("option");
+      o.value = d.id; o.textContent = d.name; sel.appendChild(o);
+    }
+    if (list.some((d) => d.id === keep)) sel.value = keep;
+  }
+  onDataChoice();
+}
+
+function chosen(id) { return datasets.find((d) => d.id === $(id).value); }
+
+function onDataChoice() {
+  const c = chosen("cal-data"), v = chosen("val-data");
+  if (c) fitCount($("cal-count"), c.train);
+  if (v) fitCount($("val-count"), v.test);
 }
 
 async function waitJob(label) {
@@ -243,6 +307,15 @@ async function showValidation() {
     t.dataset.metric = name;
     box.appendChild(t);
   }
+  const pc = $("per-class"); pc.innerHTML = "";
+  if (v.per_class && v.per_class.length) {
+    const h = document.createElement("h3");
+    h.textContent = `Per class (${v.data ? v.data.name : "validation data"})`;
+    pc.appendChild(h);
+    const t = table(["Class", "Name", "Images", "Float top-1 %", "Int8 top-1 %", "Changed"], v.per_class);
+    t.id = "per-class-table";
+    pc.appendChild(t);
+  }
   const s = $("sqnr"); s.innerHTML = ""; s.appendChild(sqnrChart(v.layer_errors));
 }
 
@@ -268,21 +341,57 @@ function readFile(input) {
 }
 
 // --- wiring ------------------------------------------------------------------------------------
+function inputSpec() {
+  // only what differs from the default ([0, 1] RGB taken as is) makes a spec
+  const spec = { channel_order: $("spec-order").value, value_range: $("spec-range").value.split(",").map(Number),
+                 mean: $("spec-mean").value.trim(), std: $("spec-std").value.trim() };
+  const plain = spec.channel_order === "RGB" && spec.value_range[1] === 1 && !spec.mean && !spec.std;
+  return plain ? null : spec;
+}
+
 $("btn-new").addEventListener("click", async () => {
   try {
+    setStatus("loading the network...");
     const opts = { network: $("network").value, target: $("target").value, activation_range: $("range").value };
+    const spec = inputSpec(), shape = $("input-shape").value.trim();
     let s;
-    if ($("model-file").files.length) {   // a .safetensors model (weights + card) uploaded from this browser
-      const q = new URLSearchParams({ target: opts.target, activation_range: opts.activation_range });
+    if ($("model-file").files.length) {   // an .onnx or .safetensors model uploaded from this browser
+      const f = $("model-file").files[0];
+      const q = new URLSearchParams({ target: opts.target, activation_range: opts.activation_range, filename: f.name });
+      if (spec) q.set("input_spec", JSON.stringify(spec));
+      if (shape) q.set("input_shape", shape);
       s = await api("POST", "/api/sessions?" + q, undefined, await readFile($("model-file")));
     } else {
       if ($("model-path").value.trim()) opts.model_path = $("model-path").value.trim();
+      if (spec) opts.input_spec = spec;
+      if (shape) opts.input_shape = shape;
       s = await api("POST", "/api/sessions", opts);
     }
     showSession(s, false);
     setStatus("session " + s.id);
   } catch (e) { setStatus(e.message, true); }
 });
+$("btn-data").addEventListener("click", async () => {
+  try {
+    setStatus("reading the data set...");
+    const classes = $("data-classes").value.trim();
+    let d;
+    if ($("data-file").files.length) {
+      const f = $("data-file").files[0];
+      const q = new URLSearchParams({ filename: f.name });
+      if (classes) q.set("class_names", classes);
+      d = await api("POST", `/api/sessions/${session.id}/data?` + q, undefined, await readFile($("data-file")));
+    } else if ($("data-path").value.trim()) {
+      const body = { path: $("data-path").value.trim() };
+      if (classes) body.class_names = classes;
+      d = await api("POST", `/api/sessions/${session.id}/data`, body);
+    } else throw new Error("choose a .zip or .npz file, or type a path");
+    showDatasets(d.datasets, d.id);
+    setStatus(`data set ${d.name}: ${d.test} images`);
+  } catch (e) { setStatus(e.message, true); }
+});
+$("cal-data").addEventListener("change", onDataChoice);
+$("val-data").addEventListener("change", onDataChoice);
 $("btn-import").addEventListener("click", async () => {
   try {
     const s = await api("POST", "/api/import", undefined, await readFile($("import-file")));
@@ -291,8 +400,9 @@ $("btn-import").addEventListener("click", async () => {
   } catch (e) { setStatus(e.message, true); }
 });
 $("btn-calibrate").addEventListener("click", async () => {
+  const count = $("cal-count").value.trim() === "all" ? "all" : Number($("cal-count").value);
   if (await runJob("Calibrate", () => api("POST", `/api/sessions/${session.id}/calibrate`,
-      { count: Number($("cal-count").value), seed: Number($("cal-seed").value) }))) await afterCalibration();
+      { data: $("cal-data").value, count, seed: Number($("cal-seed").value) }))) await afterCalibration();
 });
 $("btn-cal-upload").addEventListener("click", async () => {
   let data;
@@ -307,7 +417,7 @@ $("btn-validate").addEventListener("click", async () => {
   for (const m of $("m-custom").value.split(",").map((x) => x.trim()).filter(Boolean)) metrics.push(m);
   const count = $("val-count").value.trim() === "all" ? "all" : Number($("val-count").value);
   if (await runJob("Validate", () => api("POST", `/api/sessions/${session.id}/validate`,
-      { count, seed: Number($("val-seed").value), metrics }))) await showValidation();
+      { data: $("val-data").value, count, seed: Number($("val-seed").value), metrics }))) await showValidation();
 });
 $("btn-export-q").addEventListener("click", () => download(`/api/sessions/${session.id}/export/quantizer`, "quantizer.nq"));
 $("btn-export-onnx").addEventListener("click", () => download(`/api/sessions/${session.id}/export/onnx`, "network_int8.onnx"));
