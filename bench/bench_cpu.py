@@ -1,7 +1,24 @@
 """CPU throughput of the generated C library against baselines and peer int8 engines, same run.
 
-    python bench/bench_cpu.py [--data PATH] [--batches 1 32 256] [--threads 1 2] [--isa native avx512 avx2]
+    python bench/bench_cpu.py [--model cifarnet-20-16|resnet18|resnet50|mobilenetv2] [--data PATH]
+                              [--batches 1 32 256] [--threads 1 2] [--isa native avx512 avx2]
                               [--engines c ort openvino pt2e] [--python-executor] [--rounds 3] [--seconds 0.5]
+                              [--calibration 200] [--c-timeout 900] [--c-memory-gb 8]
+
+``--model``: the shipped ResNet-20 (``cifarnet-20-16``, 32x32 CIFAR-10, the default), or one of
+torchvision's ImageNet networks written in plain torch in bench/models.py (``resnet18``,
+``resnet50``, ``mobilenetv2``: 224x224, 1000 classes, seeded random weights with non-trivial batch
+norms), fed real CIFAR-10 images upsampled bilinearly to 224x224. Their "top-1" column is against
+CIFAR-10 labels and means nothing for a random 1000-class network; "= fp32" (agreement with the
+float model) is low for every int8 engine there too (a random network's top scores are nearly
+tied: MobileNetV2's spread is about 0.15), so a broken engine shows only as agreement far below
+the peers'. For them ``--isa`` defaults to ``native`` alone (one generation and compile per
+instruction set, each taking longer on a large network).
+
+The generated C is generated and compiled in a child process, with a time limit (``--c-timeout``
+seconds) and an address-space limit (``--c-memory-gb``, which binds the compiler too); when it
+fails or runs out of either, each of its rows says so and the peers are timed as usual. A line
+before the tables gives its source size, generation and build times and peak memory.
 
 Every engine runs the same network with the same weights on the same test images:
 
@@ -37,8 +54,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
+import resource
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,9 +68,12 @@ import warnings
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
-from netquant.codegen import generate, load  # noqa: E402
+import models as bench_models  # noqa: E402  (bench/models.py)
+from netquant.codegen import CompiledNetwork, build, generate, plan  # noqa: E402
 from netquant.data import calibration_set, load_cifar10, to_float  # noqa: E402
 from netquant.models.analyze import analyze  # noqa: E402
 from netquant.models.pretrained import load_pretrained  # noqa: E402
@@ -62,6 +86,8 @@ PEERS = {
     "pt2e": ("PyTorch PT2E x86 int8", ("torchao",), "pip install torchao"),
 }
 ENGINES = ["c", "python", *PEERS]
+CIFAR_MODEL = "cifarnet-20-16"
+MODELS = [CIFAR_MODEL, *bench_models.MODELS]
 
 
 def cpu_ghz() -> float:
@@ -91,6 +117,55 @@ def measured_peak(threads: int, tmp: str):
         return float(out.split()[-1])
     except (BuildError, OSError, subprocess.CalledProcessError, ValueError, IndexError):
         return None
+
+
+# --- netquant C: generated and built in a child process, so that a network too large for the
+# generator or the compiler costs its own rows, not the run ---
+
+def build_c_child(qpath: str, folder: str, isa: str, name: str) -> int:
+    """In the child: load the saved quantizer, generate and build; print one JSON line."""
+    q = Quantizer.load(qpath)
+    t0 = time.perf_counter()
+    gen = generate(q.quantize(), folder, name=name, isa=isa)
+    t1 = time.perf_counter()
+    library = build(gen)
+    t2 = time.perf_counter()
+    sizes = sum(os.path.getsize(os.path.join(folder, f)) for f in gen.files)
+    print(json.dumps({"library": str(library), "generate_s": t1 - t0, "build_s": t2 - t1, "source_bytes": sizes,
+                      "python_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "compiler_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}))
+    return 0
+
+
+def build_c_isolated(qpath: str, folder: str, isa: str, name: str, timeout: float, memory_gb: float) -> dict:
+    """Generate and build in a child process (its own process group, so the compiler is stopped
+    with it), under ``timeout`` seconds and ``memory_gb`` GiB of address space (0: no limit).
+    Returns the child's JSON; raises RuntimeError saying what went wrong."""
+    def limit():
+        if memory_gb > 0:
+            cap = int(memory_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_build-c", qpath, folder, isa, name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)   # the child's group: it and the compiler it started
+        proc.communicate()
+        raise RuntimeError(f"generate + build did not finish in {timeout:.0f} s (stopped)") from None
+    if proc.returncode != 0:
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        if proc.returncode < 0:
+            why = f"killed by {signal.Signals(-proc.returncode).name}"
+        else:
+            why = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+        if memory_gb > 0 and (proc.returncode < 0 or any(m in err for m in ("MemoryError", "out of memory",
+                                                                             "Cannot allocate memory"))):
+            why = f"{why} (out of memory? the limit is {memory_gb:g} GiB of address space: --c-memory-gb)"
+        raise RuntimeError(f"generate + build failed: {why[:300]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def timeit(fn, x, min_seconds: float = 1.0) -> float:
@@ -236,13 +311,25 @@ def pt2e_engine(net: torch.nn.Module, calib: np.ndarray):
 
 
 def main() -> int:
+    if len(sys.argv) == 6 and sys.argv[1] == "--_build-c":   # the child of build_c_isolated
+        return build_c_child(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=CIFAR_MODEL, choices=MODELS,
+                    help="network to time (default: %(default)s, the shipped ResNet-20; the others are "
+                         "torchvision's at 224x224, bench/models.py)")
     ap.add_argument("--data")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--isa", nargs="+", default=["native", "avx512", "avx2"],
+    ap.add_argument("--isa", nargs="+", choices=("native", "avx512", "avx2", "scalar"),
                     help="C builds to time (native: this CPU's best, AMX where present; avx512: VNNI; "
-                         "avx2: the kernels for x86 CPUs without AVX-512)")
+                         "avx2: the kernels for x86 CPUs without AVX-512; default: native avx512 avx2 for "
+                         "the shipped network, native for the others)")
+    ap.add_argument("--calibration", type=int, default=200,
+                    help="training images every int8 engine is calibrated on (default: %(default)s)")
+    ap.add_argument("--c-timeout", type=float, default=900,
+                    help="seconds the generation and build of one C library may take (default: %(default)s)")
+    ap.add_argument("--c-memory-gb", type=float, default=8,
+                    help="address space of the generation and the compiler, GiB (0: no limit; default: %(default)s)")
     ap.add_argument("--engines", nargs="+", choices=ENGINES,
                     help="engines to time besides torch fp32 (default: every available one; "
                          "'python' only with --python-executor)")
@@ -262,17 +349,43 @@ def main() -> int:
             engines.remove(key)
 
     data = load_cifar10(args.data)
-    net = load_pretrained().eval()
-    macs = analyze(net).macs
-    calib_set = calibration_set(data)
-    calib = to_float(calib_set.images)
-    q = Quantizer(net)
-    q.calibrate(calib_set)
+    cifar = args.model == CIFAR_MODEL
+    isas = args.isa or (["native", "avx512", "avx2"] if cifar else ["native"])
+    name = args.model.replace("-", "_")
+    t0 = time.perf_counter()
+    if cifar:
+        net = load_pretrained().eval()
+        calib_set = calibration_set(data, args.calibration)
+        calib, calib_source = to_float(calib_set.images), calib_set.source
+        test_x = to_float(data.test.images[:max(args.batches)])
+    else:
+        net = bench_models.MODELS[args.model]()
+        calib, _, calib_source = bench_models.calibration_images(data, args.calibration)
+        test_x = bench_models.upsampled(data.test.images[:max(args.batches)])
+    size = test_x.shape[-1]
+    macs = analyze(net, (3, size, size)).macs
+    q = Quantizer(net, example=torch.from_numpy(calib[:2]))
+    q.calibrate(calib, batch_size=100 if cifar else 20)   # 20 images at 224: a few hundred MB per tensor
     qnet = q.quantize()
+    print(f"{args.model}: {sum(p.numel() for p in net.parameters()):,} parameters, {macs / 1e9:.2f}G MACs per "
+          f"{size}x{size} image; made, captured and calibrated in {time.perf_counter() - t0:.0f} s")
     with tempfile.TemporaryDirectory() as tmp:
         makers: dict = {}   # label -> make(threads, batch) -> fn(images) -> scores
-        for isa in (args.isa if "c" in engines else []):
-            cnet = load(generate(qnet, os.path.join(tmp, isa), name="resnet20", isa=isa))
+        failed: dict = {}   # label -> why it has no rows
+        if "c" in engines:
+            qpath = os.path.join(tmp, "quantizer.nq")
+            q.save(qpath)
+        for isa in (isas if "c" in engines else []):
+            try:
+                info = build_c_isolated(qpath, os.path.join(tmp, isa), isa, name, args.c_timeout, args.c_memory_gb)
+                cnet = CompiledNetwork(info["library"], plan(qnet.qgraph, name))
+            except Exception as e:  # noqa: BLE001  # a network the generator cannot take yet must not stop the peers
+                failed[f"netquant C ({isa})"] = f"{type(e).__name__}: {e}"
+                print(f"failed netquant C ({isa}): {type(e).__name__}: {e}")
+                continue
+            print(f"netquant C ({isa}, {cnet.kernels} kernels): sources {info['source_bytes'] / 1e6:.1f} MB, "
+                  f"generated in {info['generate_s']:.1f} s (Python peak RSS {info['python_rss_gb']:.2f} GB), "
+                  f"built in {info['build_s']:.1f} s (compiler peak RSS {info['compiler_rss_gb']:.2f} GB)")
 
             def make_c(threads, batch, cnet=cnet):
                 cnet.set_num_threads(threads)
@@ -284,7 +397,7 @@ def main() -> int:
         onnx_path = None
         if {"ort", "openvino"} & set(engines):
             from netquant.export import export_float_onnx
-            onnx_path = os.path.join(tmp, "resnet20_float.onnx")
+            onnx_path = os.path.join(tmp, f"{name}_float.onnx")
             export_float_onnx(q.graph, onnx_path)
         builders = {"ort": lambda: onnxruntime_engine(onnx_path, calib, tmp),
                     "openvino": lambda: openvino_engine(onnx_path, calib),
@@ -296,7 +409,8 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001  # a broken peer must not stop the others
                 print(f"failed {label} (quantization): {type(e).__name__}: {e}")
 
-        print(f"data: {data.test.source}; calibration: {calib_set.source}")
+        print(f"data: {data.test.source}" + ("" if cifar else f", upsampled bilinearly to {size}x{size}") +
+              f"; calibration: {calib_source}")
         print(f"CPU: {os.cpu_count()} cores at ~{cpu_ghz():.2f} GHz; engines: {', '.join(['torch fp32 eager', *makers])}")
         for threads in args.threads:
             torch.set_num_threads(threads)
@@ -309,7 +423,7 @@ def main() -> int:
             print(f"{'engine':24s} {'batch':>5s} {'threads':>7s} {'img/s':>9s} {'vs torch fp32':>13s} {'% int8 peak':>11s}"
                   f" {'top-1':>6s} {'= fp32':>6s}")
             for b in args.batches:
-                x = to_float(data.test.images[:b])
+                x = test_x[:b]
                 labels = data.test.labels[:b]
                 xt = torch.from_numpy(x)
                 with torch.no_grad():
@@ -331,10 +445,12 @@ def main() -> int:
                         with torch.no_grad():
                             best[name] = max(best[name], timeit(fn, x, args.seconds))
                 base = best["torch fp32 eager"]
-                for name, ips in best.items():
-                    print(f"{name:24s} {len(x):5d} {threads:7d} {ips:9.0f} {ips / base:12.2f}x "
-                          f"{100 * ips * macs / peak:10.1f}% {100 * np.mean(preds[name] == labels):5.1f}% "
-                          f"{100 * np.mean(preds[name] == ref):5.1f}%")
+                for label, ips in best.items():
+                    print(f"{label:24s} {len(x):5d} {threads:7d} {ips:9.0f} {ips / base:12.2f}x "
+                          f"{100 * ips * macs / peak:10.1f}% {100 * np.mean(preds[label] == labels):5.1f}% "
+                          f"{100 * np.mean(preds[label] == ref):5.1f}%")
+                for label, why in failed.items():
+                    print(f"{label:24s} {len(x):5d} {threads:7d} {'failed':>9s}  {why[:160]}")
                 sys.stdout.flush()
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,8 +26,7 @@ DEFAULT_CALIBRATION, DEFAULT_VALIDATION = 200, 50   # MATLAB's datastore sizes
 SPEC_FLAGS = {"mean": "--mean", "std": "--std", "channel_order": "--channel-order", "value_range": "--value-range"}
 
 
-class ArgumentError(ValueError):
-    """A command-line argument that cannot work (reported before any work starts)."""
+from .errors import ArgumentError, NetquantError  # noqa: E402  (arguments are checked before any work starts)
 
 
 # --- arguments ----------------------------------------------------------------------------------
@@ -74,6 +74,55 @@ def _check_args(args) -> None:
         args.class_name_list = _read_class_names(names)
     if getattr(args, "calibration", None) is not None and args.calibration <= 0:
         raise ArgumentError(f"--calibration: expected a positive number of images, got {args.calibration}")
+    _check_late_args(args)
+
+
+# commands whose --out is one file (the others take a folder)
+OUT_FILE_COMMANDS = ("calibrate", "quantize", "export-onnx", "tile")
+
+
+def _check_late_args(args) -> None:
+    """The checks of arguments that are otherwise used only after the long part of a command
+    (calibration, inference): metrics, counts and output paths."""
+    if args.command == "tile" and args.count <= 0:
+        raise ArgumentError(f"--count: expected a positive number of images, got {args.count}")
+    metrics = getattr(args, "metric", None)
+    if metrics:
+        from .metrics import resolve_metric
+
+        for m in metrics:
+            resolve_metric(m)   # MetricError naming the metric, before any work
+    if args.command == "demo" or args.command == "codegen" and args.codegen_target == "c":
+        from .codegen.build import find_compiler
+
+        find_compiler()   # BuildError naming what to install, before calibrating or generating
+    out = getattr(args, "out", None)
+    if args.command == "quantize" and out is None:
+        out = "quantizer.nq"
+    if out is not None:
+        _check_out(out, args.command in OUT_FILE_COMMANDS)
+
+
+def _check_out(out, is_file: bool) -> None:
+    """--out must be writable: a file's folder exists and is a folder (the file itself not a
+    folder); a folder, or its nearest existing parent, is a writable folder."""
+    p = Path(out)
+    if is_file:
+        if p.is_dir():
+            raise ArgumentError(f"--out {out}: is a folder, expected a file name")
+        parent = p.parent if str(p.parent) else Path(".")
+        if not parent.is_dir():
+            raise ArgumentError(f"--out {out}: {parent} is not an existing folder")
+    else:
+        if p.exists() and not p.is_dir():
+            raise ArgumentError(f"--out {out}: is a file, expected a folder")
+        parent = p
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ArgumentError(f"--out {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArgumentError(f"--out {out}: the folder {parent} is not writable")
 
 
 def _read_class_names(path) -> tuple:
@@ -422,6 +471,10 @@ def _scheme(args):
     cfg = target_config(args.target)
     changes = {k: v for k, v in {"scale": args.scale, "weight_granularity": args.granularity,
                                  "activation_range": args.range_method}.items() if v}
+    # the accuracy tools (netquant.accuracy), applied while calibrating
+    changes.update({k: True for k in ("cle", "bias_correction", "adaround") if getattr(args, k, False)})
+    if getattr(args, "weight_bits", None):
+        changes["weight_bits"] = args.weight_bits
     return replace(cfg, **changes) if changes else cfg
 
 
@@ -506,25 +559,41 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _validate(q, data, count, seed, metrics, label):
+def _validate(q, data, count, seed, metrics, label, engine="python"):
     from .data import validation_set
     from .progress import bar
 
     val = data.sized(validation_set(data, count, seed))
-    result = q.validate(val, metrics=metrics, progress=bar(f"validate {label}"))
+    result = q.validate(val, metrics=metrics, progress=bar(f"validate {label}"), engine=engine)
     return result
 
 
 def cmd_validate(args) -> int:
     q, data = _quantizer(args)
     count = _count_of(args.validation, DEFAULT_VALIDATION, data.test)
-    result = _validate(q, data, count, args.seed, args.metric or ["top1", "top5"], "")
+    result = _validate(q, data, count, args.seed, args.metric or ["top1", "top5"], "", args.engine)
     if args.json:
-        _print_json({"num_samples": result.num_samples, "source": result.source, "agreement": result.agreement,
+        _print_json({"num_samples": result.num_samples, "source": result.source, "engine": result.engine,
+                     "agreement": result.agreement,
                      "top1_difference": result.top1_difference, "mcnemar_p": result.mcnemar_p,
                      "metrics": {k: json.loads(v.to_json(orient="records")) for k, v in result.metrics.items()}})
     else:
         print(result)
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    from .accuracy.sensitivity import format_table
+    from .data import validation_set
+    from .progress import bar
+
+    q, data = _quantizer(args)
+    val = data.sized(validation_set(data, _count_of(args.validation, DEFAULT_VALIDATION, data.test), args.seed))
+    table = q.sensitivity(val, metric=args.sensitivity_metric, progress=bar("sensitivity"))
+    if args.json:
+        _print_json({**table.attrs, "layers": json.loads(table.to_json(orient="records"))})
+    else:
+        print(format_table(table))
     return 0
 
 
@@ -696,6 +765,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                        f"{DEFAULT_CALIBRATION}, or all of a smaller set)")
         c.add_argument("--float", dest="float", action="append", metavar="LAYER",
                        help="keep LAYER in float (repeatable)")
+        c.add_argument("--cle", action="store_true", help="cross-layer equalisation of conv pairs joined by ReLU")
+        c.add_argument("--bias-correction", dest="bias_correction", action="store_true",
+                       help="shift each layer's bias by its mean output error on the calibration images")
+        c.add_argument("--adaround", action="store_true", help="learn each weight's rounding (AdaRound) on the "
+                                                               "calibration images")
+        c.add_argument("--weight-bits", dest="weight_bits", type=int, choices=range(2, 9), metavar="2..8",
+                       help="weight bit width (default 8; 4: -7..7, stored in int8)")
         if validation:
             c.add_argument("--validation", type=_count,
                            help=f"validation images from the test set: a number or 'all' (default: "
@@ -711,6 +787,18 @@ def build_parser() -> argparse.ArgumentParser:
     quant_options(c, validation=True)
     c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
     c.add_argument("--metric", action="append", help="top1, top5 or module:function (repeatable)")
+    c.add_argument("--engine", choices=("python", "c"), default="python",
+                   help="what runs the int8 side: python, the integer reference executor (default), or c, the "
+                        "generated C library built for this CPU (needs a C compiler; bit-exact with it, and much "
+                        "faster on large networks and sets)")
+    c.add_argument("--json", action="store_true")
+
+    c = command("sensitivity", cmd_sensitivity, "per layer: the metric with only it quantized and with only it "
+                                                 "float, and its SQNR against float; most harmful first")
+    quant_options(c, validation=True)
+    c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
+    c.add_argument("--metric", dest="sensitivity_metric", default="top1",
+                   help="top1, top5 or module:function, higher is better (default: %(default)s)")
     c.add_argument("--json", action="store_true")
 
     c = command("quantize", cmd_quantize, "calibrate, quantize, print the details and save the quantizer")
@@ -764,16 +852,50 @@ def _count(text: str):
     return n
 
 
+def _deliberate(e: BaseException) -> bool:
+    """True for an error the user can fix: a NetquantError; an OSError (a file or folder that is
+    missing, unreadable or full: its message names the path); a ValueError or KeyError raised by a
+    ``raise`` statement in netquant's own code (the messages written for users before
+    NetquantError existed). A ValueError raised inside numpy or torch (a broadcast error, say) is
+    a bug in netquant, which should have checked first."""
+    if isinstance(e, (NetquantError, OSError)):
+        return True
+    if not isinstance(e, (ValueError, KeyError)):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    import linecache
+
+    code = tb.tb_frame.f_code
+    package = str(Path(__file__).parent)
+    return code.co_filename.startswith(package) and \
+        linecache.getline(code.co_filename, tb.tb_lineno).strip().startswith("raise")
+
+
 def main(argv=None) -> int:
+    """Run one command. Exit status: 0 done; 2 a user-fixable error, printed as one line; 1 a bug
+    in netquant (the traceback is printed, and says so); 130 interrupted (Ctrl-C), one line; a
+    quantizer, calibration, ONNX, weights or tile file being saved is left as it was (atomic writes)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .data.cifar10 import DataError
-
     try:
         _check_args(args)
         return args.func(args)
-    except (DataError, ValueError, KeyError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        print(f"\nnetquant {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _deliberate(e):
+            import traceback
+
+            traceback.print_exc()
+            print(f"netquant {args.command}: internal error ({type(e).__name__}); this is a bug in netquant, "
+                  f"please report it with the traceback above", file=sys.stderr)
+            return 1
         text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"netquant {args.command}: error: {' '.join(str(text).split())}", file=sys.stderr)   # one line
         return 2

@@ -29,7 +29,8 @@ import torch
 from .calib.calibrate import calibrate as _calibrate
 from .calib.calibrate import check_images, graph_fingerprint
 from .calib.stats import HALF_BINS, RangeTable
-from .ir.capture import capture
+from .errors import ArgumentError, InputError, MetricError
+from .ir.capture import CaptureError, capture
 from .ir.float_exec import run_float
 from .ir.graph import WEIGHTED_OPS, Graph
 from .ir.input_spec import InputSpec, apply_input_spec
@@ -51,11 +52,56 @@ def _as_images(images, what: str):
 
     if isinstance(images, ImageSet):
         return images.images, images.labels, images.source
+    labels, source = None, "images given as an array"
     if isinstance(images, tuple) and len(images) == 2:
-        return images[0], np.asarray(images[1]), f"{len(images[0])} images given as arrays"
+        images, labels = images
+        labels, source = _labels(labels, what), "images given as arrays"
+    images = _image_array(images, what)
+    return images, labels, f"{len(images)} {source}"
+
+
+def _image_array(images, what: str) -> np.ndarray:
+    """``images`` (an array or a tensor, detached) as a numpy array; float images must be in
+    [0, 1]: a float array whose largest value is above 2 holds 0..255 pixels (a CIFAR image has a
+    maximum near 255), which would saturate every layer, so it is refused with the fix."""
+    if images is None:
+        raise InputError(f"{what}: expected images (an ImageSet, an (N, C, H, W) array or a tensor), got None")
     if isinstance(images, torch.Tensor):
-        images = images.numpy()
-    return images, None, f"{len(images)} images given as an array"
+        images = images.detach().cpu().numpy()   # requires_grad or not: the values are what count
+    try:
+        images = np.asarray(images)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{what}: not an array of images ({e})") from e
+    if images.dtype == object or images.dtype.kind not in "uif" or images.dtype.kind in "ui" and \
+            images.dtype != np.uint8:
+        raise InputError(f"{what}: expected uint8 images (0..255) or float images in [0, 1], got dtype "
+                         f"{images.dtype} (convert {images.dtype} pixels with .astype(np.uint8) or / 255)")
+    if images.dtype.kind == "f" and images.size and np.isfinite(images).all() and float(images.max()) > 2.0:
+        raise InputError(f"{what}: float images with values up to {float(images.max()):g}: netquant takes float "
+                         f"images in [0, 1] (divide by 255) or uint8 pixels; a model that expects 0..255 "
+                         f"declares it with input_spec=InputSpec(..., value_range=(0, 255))")
+    return images
+
+
+def _labels(labels, what: str) -> np.ndarray:
+    """Labels as int64 class numbers >= 0 (integers, or floats that are whole numbers)."""
+    if labels is None:
+        raise InputError(f"{what}: labels are None; pass (images, labels) with one class number per image")
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.dtype.kind not in "uif" or y.dtype.kind == "f" and not (
+            np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise InputError(f"{what}: expected labels as a 1-D array of class numbers, got {y.dtype} {y.shape}")
+    if y.size and y.min() < 0:
+        raise InputError(f"{what}: label {y.min():g} is negative; labels are class numbers 0, 1, ...")
+    return y.astype(np.int64)
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise ArgumentError(f"batch_size: expected a positive number of images, got {batch_size!r}")
+    return int(batch_size)
 
 
 @dataclass(frozen=True)
@@ -67,6 +113,7 @@ class QuantizedNetwork:
 
     def run(self, images, batch_size: int = 500, progress: Optional[Progress] = None) -> np.ndarray:
         """Scores (N, classes) for float images in [0, 1] (or uint8), computed in integers."""
+        batch_size = _check_batch_size(batch_size)
         x = check_images(_as_images(images, "images")[0], self.qgraph.node(self.qgraph.input).shape)
         outs = []
         for start in range(0, len(x), batch_size):
@@ -93,9 +140,11 @@ class ValidationResult:
     mcnemar_p: float
     layer_errors: object   # DataFrame: per quantized layer SQNR (dB) against the float activation
     source: str
+    engine: str = "python"  # what ran the int8 side: "python" (reference executor) or "c" (compiled library)
 
     def __str__(self) -> str:
-        parts = [f"Validation on {self.num_samples} images ({self.source})"]
+        on = "" if self.engine == "python" else "; int8 on the compiled C library"
+        parts = [f"Validation on {self.num_samples} images ({self.source}){on}"]
         for name, table in self.metrics.items():
             parts.append(f"-- {name}\n{table.to_string(index=False)}")
         d, lo, hi = self.top1_difference
@@ -125,11 +174,21 @@ class Quantizer:
         self.target = target
         self.config = config if config is not None else target_config(target)
         if graph is None:
-            model = model.eval()
+            if not isinstance(model, torch.nn.Module):
+                raise ArgumentError(f"Quantizer: expected a torch.nn.Module, got {type(model).__name__}")
+            if model.training:   # quantizing a network means its inference behaviour (batch norm statistics)
+                log.warning("%s is in train mode: it is captured in eval mode (batch norm uses its running "
+                            "statistics, dropout is off) and left in train mode", type(model).__name__)
             if example is None and input_spec is not None:
                 # netquant-style random images, converted to what the model takes
                 example = input_spec.apply(torch.rand(2, *input_spec.shape, generator=torch.Generator().manual_seed(0)))
-            graph = capture(model, example)
+            if example is None:
+                _check_default_example(model)
+            was_training = model.training
+            try:
+                graph = capture(model.eval(), example)
+            finally:
+                model.train(was_training)   # the user's module keeps its mode
             self.float_learnable_bytes = FLOAT_BYTES * sum(p.numel() for p in model.parameters())
             name = name or getattr(getattr(model, "spec", None), "name", type(model).__name__)
         self.graph = apply_input_spec(graph, input_spec)
@@ -144,10 +203,16 @@ class Quantizer:
     def calibrate(self, images, batch_size: int = 100, progress: Optional[Progress] = None):
         """Run the float network over ``images`` (an ImageSet or an (N, 3, H, W) array, uint8
         or float in [0, 1]) and return the calibration table (see :meth:`calibration_table`)."""
+        batch_size = _check_batch_size(batch_size)
         x, _, source = _as_images(images, "calibration images")
         if len(x) == 0:
             raise ValueError("calibration images: no images (an empty set)")
-        self.ranges = _calibrate(self.graph, x, batch_size, progress, source)
+        from .accuracy import applied, calibrate_graph
+
+        # CLE, AdaRound and bias correction (config flags) are applied while calibrating
+        self.graph, self.ranges = calibrate_graph(self.graph, x, self.config, self.user_float, batch_size, progress,
+                                                  source)
+        self.provenance["accuracy"] = applied(self.config)
         self.provenance["calibration"] = {"source": source, "images": int(len(x)),
                                           "md5": _md5(np.ascontiguousarray(x))}
         self._qnet = None
@@ -211,6 +276,9 @@ class Quantizer:
     def quantize(self) -> QuantizedNetwork:
         """The integer network for the current calibration, config and layer choices."""
         if self._qnet is None:
+            from .accuracy import check_applied
+
+            check_applied(self.config, self.provenance)
             self._qnet = QuantizedNetwork(lower(self.graph, self._require_ranges(), self.config, self.user_float),
                                           self.config)
         return self._qnet
@@ -253,37 +321,99 @@ class Quantizer:
 
     # --- validate -------------------------------------------------------------------------
     def validate(self, images, metrics: Sequence = ("top1", "top5"), batch_size: int = 500,
-                 progress: Optional[Progress] = None, error_images: int = 100):
-        """Run float and int8 on labelled ``images`` and compare them on each metric."""
+                 progress: Optional[Progress] = None, error_images: int = 100, engine: str = "python",
+                 c_folder=None):
+        """Run float and int8 on labelled ``images`` and compare them on each metric.
+
+        ``engine`` runs the int8 side: "python", the integer reference executor, or "c", the C
+        library generated and built for this CPU (:meth:`compiled`; ``c_folder`` keeps its sources
+        and build there, default a private temporary folder). The C library computes the same
+        integers, bit for bit (tests/test_engine_c.py), many times faster on a large network (the
+        reference executor takes seconds per ResNet-50 image): its integer class scores go through
+        the same float tail (dequantize, softmax) as the reference executor's, so the scores, and
+        every table, are identical. The float side is the float executor either way, and the
+        per-layer errors (on the first ``error_images`` images) always come from the reference
+        executor, the only one that keeps every intermediate tensor."""
         import pandas as pd
 
+        if engine not in ("python", "c"):
+            raise ValueError(f"validate: engine must be 'python' (the reference executor) or 'c' (the compiled C "
+                             f"library), got {engine!r}")
         x, labels, source = _as_images(images, "validation images")
         if labels is None:
             raise ValueError("validation needs labels: pass an ImageSet or (images, labels)")
         x = check_images(x, self.graph.input.shape, f"validation images ({source})")
         if len(labels) != len(x):
             raise ValueError(f"validation: {len(x)} images but {len(labels)} labels")
-        fns = [resolve_metric(m) for m in metrics]
+        batch_size = _check_batch_size(batch_size)
+        out_shape = tuple(self.graph.node(self.graph.output).shape)
+        if len(out_shape) != 1:
+            raise InputError(f"validate compares class scores (N, classes), but {self.name}'s output "
+                             f"{self.graph.output} is (N, {', '.join(map(str, out_shape))}) per image; quantize "
+                             f"and run it with quantize().run, or end the network in class scores")
+        if labels.size and labels.max() >= out_shape[0]:
+            raise InputError(f"validation labels ({source}): label {labels.max()} but the network has {out_shape[0]} "
+                             f"outputs (classes 0..{out_shape[0] - 1})")
+        fns = _named_metrics(metrics)
+        _probe_metrics(fns, run_float(self.graph, torch.from_numpy(x[:4]), keep=())[self.graph.output].numpy(),
+                       labels[:4])
         qnet = self.quantize()
+        if engine == "c":
+            cnet = self.compiled(c_folder)
+
+            def int8_scores(xb):
+                return _compiled_scores(cnet, qnet.qgraph, xb.numpy())
+        else:
+            def int8_scores(xb):
+                return run_int8(qnet.qgraph, xb, keep=())[qnet.qgraph.output].numpy()
         f_scores, q_scores = [], []
         for start in range(0, len(x), batch_size):
             xb = torch.from_numpy(x[start:start + batch_size])
             f_scores.append(run_float(self.graph, xb, keep=())[self.graph.output].numpy())
-            q_scores.append(run_int8(qnet.qgraph, xb, keep=())[qnet.qgraph.output].numpy())
-            report(progress, min(start + batch_size, len(x)), len(x), "validating float and int8")
+            q_scores.append(int8_scores(xb))
+            report(progress, min(start + batch_size, len(x)), len(x), f"validating float and int8 ({engine})")
         fs, qs = np.concatenate(f_scores), np.concatenate(q_scores)
         fmem, qmem = self.learnable_memory()
         tables = {}
-        for fn in fns:
-            name = getattr(fn, "__name__", "metric")
+        for name, fn in fns.items():
             tables[name] = pd.DataFrame({
                 "NetworkImplementation": ["Floating-Point", "Quantized"],
-                "MetricOutput": [float(fn(fs, labels)), float(fn(qs, labels))],
+                "MetricOutput": [_call_metric(name, fn, fs, labels), _call_metric(name, fn, qs, labels)],
                 "LearnableParameterMemory(bytes)": [fmem, qmem]})
         fc, qc = fs.argmax(1) == labels, qs.argmax(1) == labels
         errors = self.layer_errors(x[:error_images])
         return ValidationResult(len(x), tables, agreement(fs, qs), paired_bootstrap(fc, qc), mcnemar(fc, qc),
-                                errors, source)
+                                errors, source, engine)
+
+    def compiled(self, folder=None):
+        """The int8 network as a C library built for this CPU (:func:`netquant.codegen.generate`
+        and :func:`~netquant.codegen.load`): a :class:`~netquant.codegen.CompiledNetwork`, kept
+        with the quantizer until its network changes (calibration, config, layer choices).
+        ``folder``: where the sources and the build go (an unchanged network there is not
+        rebuilt: the build is cached by the hash of its sources); None: a private temporary
+        folder, removed with the quantizer. Raises :class:`~netquant.codegen.BuildError` naming
+        what to install when there is no C compiler."""
+        from .codegen import generate, load
+        from .codegen.build import find_compiler
+
+        qnet = self.quantize()
+        key = (id(qnet), None if folder is None else str(folder))
+        cached = getattr(self, "_c_engine", None)
+        if cached is not None and cached[0] == key and cached[1] is qnet:
+            return cached[2]
+        find_compiler()  # no compiler: say so before generating anything
+        tmp = None
+        if folder is None:
+            import tempfile
+
+            tmp = tempfile.TemporaryDirectory(prefix="netquant-c-")  # removed when the cache entry goes
+            folder = tmp.name
+        prov = f"network {self.name}; calibration: {self.provenance.get('calibration', {}).get('source', 'n/a')}"
+        gen = generate(qnet, folder, name="net", provenance=prov)
+        net = load(gen)
+        log.info("int8 engine: the C library %s (%s kernels)", gen.build.get("library"), net.kernels)
+        self._c_engine = (key, qnet, net, tmp)
+        return net
 
     def layer_errors(self, images):
         """Per integer layer: SQNR (dB) of its dequantized output against the float network's
@@ -302,6 +432,23 @@ class Quantizer:
                 rows.append({"Layer": n.name, "Op": n.op, "SQNR_dB": sqnr_db(ref, deq),
                              "MaxErrorLSB": float(np.abs(ref - deq).max() / n.scale)})
         return pd.DataFrame(rows)
+
+    # --- sensitivity ----------------------------------------------------------------------
+    def sensitivity(self, images, metric="top1", batch_size: int = 100, progress: Optional[Progress] = None):
+        """Per layer that requantizes: ``metric`` (higher is better) with only that layer
+        quantized and with only that layer kept float, and its SQNR against float; a pandas
+        DataFrame, most harmful layer first (:mod:`netquant.accuracy.sensitivity`)."""
+        from .accuracy.sensitivity import sensitivity
+
+        x, labels, source = _as_images(images, "sensitivity images")
+        if labels is None:
+            raise ValueError("sensitivity needs labels: pass an ImageSet or (images, labels)")
+        x = check_images(x, self.graph.input.shape, f"sensitivity images ({source})")
+        if len(labels) != len(x):
+            raise ValueError(f"sensitivity: {len(x)} images but {len(labels)} labels")
+        self.quantize()   # the checks of the current config and calibration
+        return sensitivity(self.graph, self._require_ranges(), self.config, x, labels, resolve_metric(metric),
+                           self.user_float, batch_size, progress)
 
     # --- save / load ----------------------------------------------------------------------
     def save(self, path) -> None:
@@ -339,6 +486,89 @@ class Quantizer:
         spec = f", input: {self.input_spec!r}" if self.input_spec is not None else ""
         return (f"Quantizer({self.name}, target={self.target}{spec}, {state}, "
                 f"float layers: {sorted(self.user_float) or 'none'})")
+
+
+def _float_tail(q: QGraph) -> Optional[QGraph]:
+    """The part of ``q`` after its integer output (``q.int_output()``: the class scores before
+    dequantize and softmax) as a QGraph whose input is that integer tensor; None where the tail
+    also reads other tensors (a float branch from earlier in the network)."""
+    start = q.int_output()
+    nodes = {n.name: n for n in q.nodes}
+    need, stack = set(), [q.output]
+    while stack:
+        name = stack.pop()
+        if name == start or name in need:
+            continue
+        if nodes[name].op == "input":
+            return None
+        need.add(name)
+        stack.extend(nodes[name].inputs)
+    head = nodes[start].with_(op="input", inputs=())
+    return QGraph((head, *(n for n in q.nodes if n.name in need)), q.output, start)
+
+
+def _compiled_scores(cnet, q: QGraph, x: np.ndarray) -> np.ndarray:
+    """Scores (N, classes) of the compiled library ``cnet`` for float images ``x``, made as the
+    reference executor makes them: the library's integer output (``predict_int``, bit-exact with
+    the reference executor) through the graph's float tail run by the reference executor, so the
+    scores equal ``run_int8``'s bit for bit. Where the tail reads more than the integer output,
+    the library's own float scores (they differ by float rounding only: its softmax uses expf,
+    the reference torch.exp; below 1e-6)."""
+    tail = _float_tail(q)
+    ints = None if tail is None else cnet.predict_int(x)       # (N, elements) int32, NCHW order
+    if ints is None or ints.shape[1] != math.prod(tail.node(tail.input).shape):
+        return cnet.predict(x)
+    ints = ints.reshape(len(x), *tail.node(tail.input).shape)
+    return run_int8(tail, torch.from_numpy(ints), keep=())[tail.output].numpy()
+
+
+def _check_default_example(model: torch.nn.Module) -> None:
+    """Without ``example`` a network is captured on 3x32x32 images; one whose first convolution
+    takes another number of channels gets told to pass ``example=`` (instead of torch's errors)."""
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    if first is not None and first.in_channels != 3:
+        raise CaptureError(f"{type(model).__name__}: its first convolution takes {first.in_channels} channel(s), "
+                           f"and without example= netquant captures it on (N, 3, 32, 32) images; pass "
+                           f"example=torch.rand(1, {first.in_channels}, H, W) with the input size it takes, "
+                           f"or input_spec=InputSpec(({first.in_channels}, H, W))")
+
+
+def _named_metrics(metrics) -> dict:
+    """Metric name (the function's ``__name__``) -> callable; the same function given twice
+    counts once, and a repeated name of another function gets a suffix (two lambdas: "<lambda>"
+    and "<lambda> (2)"), so no metric's table overwrites another's."""
+    if isinstance(metrics, (str, bytes)) or callable(metrics):
+        metrics = [metrics]
+    out = {}
+    for m in metrics:
+        fn = resolve_metric(m)
+        if any(fn is f for f in out.values()):
+            continue   # the same function named twice ("top1" and "netquant.metrics:top1"): one table
+        base = getattr(fn, "__name__", None) or (m if isinstance(m, str) else "metric")
+        name, k = base, 2
+        while name in out:
+            name, k = f"{base} ({k})", k + 1
+        out[name] = fn
+    return out
+
+
+def _call_metric(name: str, fn, scores: np.ndarray, labels: np.ndarray) -> float:
+    """fn(scores, labels) as a float; a metric that raises or returns no number is a MetricError
+    naming it."""
+    try:
+        v = fn(scores, labels)
+        return float(v)
+    except Exception as e:   # the user's code: any failure is reported as the metric's
+        raise MetricError(f"metric {name}: failed on scores {scores.shape} and labels {labels.shape} "
+                          f"({type(e).__name__}: {e}); a metric is fn(scores (N, classes), labels (N,)) -> float") \
+            from e
+
+
+def _probe_metrics(fns: dict, scores: np.ndarray, labels: np.ndarray) -> None:
+    """Call every metric on the first images' float scores, so a metric that fails does so
+    before the inference over the whole set, not after it."""
+    for name, fn in fns.items():
+        _call_metric(name, fn, scores, labels)
 
 
 def _md5(a: np.ndarray) -> str:

@@ -22,30 +22,50 @@ application/octet-stream and their options in the query string):
                                               (?filename=images.zip&class_names=a,b,c)
     POST /api/sessions/ID/calibrate          {data, count, seed}; or an uploaded .npy array
     POST /api/sessions/ID/layers             {layer, quantize}
+    POST /api/sessions/ID/config             the scheme: {weight_granularity, scale, activation_range,
+                                              weight_range, percentile, overrides}
     POST /api/sessions/ID/validate           {data, count, seed, metrics}
-    POST /api/sessions/ID/codegen
+    POST /api/sessions/ID/codegen            {target: "c" | "cuda" (gpu sessions)}
     GET  /api/sessions/ID/job | calibration | validation | export/{quantizer,onnx,code,report}
 
 Security: it binds to 127.0.0.1 unless told otherwise (with a warning); every request, pages
 and assets included, must carry the random access token printed with the URL (query ``token``
-or header ``X-Token``); uploads are size-limited (archives also by what they expand to), parsed
+or header ``X-Token``) and a Host header naming this server (against DNS rebinding; 421
+otherwise); a body's size is decided from its Content-Length before a byte is read (missing:
+411, negative: 400, over the limit: 413); uploads are size-limited (archives also by what they expand to), parsed
 without pickle and written only into the session's temporary folder under names the server
 makes up; uploaded ONNX models are read from memory, so they cannot reach other files through
 external data; static files come from a fixed list (no paths from the request reach the file
-system); custom metrics are importable ``module:function`` names only. Every failure, expected
-or not, is answered with a JSON ``{"error": message}``.
+system); custom metrics are importable ``module:function`` names only (looked up in the
+directory the app was started from first). Every failure, expected or not, is answered with a
+JSON ``{"error": message}``: 400 bad input, 404, 409 not now (busy, not calibrated), 413, 429
+(as many sessions as the server keeps), and 500 for anything unforeseen, with an id that the
+server log shows next to the traceback.
+
+Sessions: the page keeps the session id in its address, so a reload finds it again; a session
+unused for ``idle_timeout`` seconds (an hour by default) expires and its files are deleted; all
+files are deleted when the server stops, SIGINT and SIGTERM included. An exported quantizer
+file carries the last validation results, so importing it restores them with the calibration.
 """
 from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
+import os
 import re
 import secrets
+import signal
+import socket
 import sys
 import threading
+import time
+import traceback
+import uuid
 import webbrowser
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -57,8 +77,8 @@ import numpy as np
 from .inputs import (DATA_SUFFIXES, MODEL_SUFFIXES, HttpError, check_archive, data_kind, load_npy,
                      make_input_spec, model_kind, parse_class_names, parse_count, safe_name, shape_arg,
                      spec_fields, to_int)
-from .sessions import (Busy, DataSet, PredictionRecorder, Registry, calibration_json, per_class_json,
-                       validation_json, zip_folder)
+from .sessions import (Busy, DataSet, Full, PredictionRecorder, Registry, calibration_json, metric_unit,
+                       per_class_json, validation_json, zip_folder)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +90,13 @@ CIFAR, CIFAR_SHAPE = "cifar10", (3, 32, 32)
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/static/app.css": ("app.css", "text/css; charset=utf-8")}
+IDLE_TIMEOUT = 3600.0             # seconds a session may go unused before it expires with its files
+MAX_SESSIONS = 100
+BACKLOG = 128                     # queued connections: a burst of 64 at once is answered, not reset
+RESULTS = "app-session.json"      # the page's results, stored in an exported quantizer file
+CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
+# the code generation report styles itself inline and runs no script
+REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 METRIC_NAME = re.compile(r"^(top1|top5|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 
 
@@ -77,9 +104,12 @@ class App:
     """State shared by the request handlers: token, sessions, the default data set (CIFAR-10)."""
 
     def __init__(self, data_spec=None, token: Optional[str] = None, max_upload: int = MAX_UPLOAD,
-                 max_expanded: int = MAX_EXPANDED):
+                 max_expanded: int = MAX_EXPANDED, idle_timeout: float = IDLE_TIMEOUT,
+                 max_sessions: int = MAX_SESSIONS, workdir=None):
         self.token = token or secrets.token_urlsafe(24)
-        self.registry = Registry()
+        self.registry = Registry(idle_timeout=idle_timeout, max_sessions=max_sessions)
+        # custom metrics ("mymetrics:accuracy") are looked up here first, as `python -c` would
+        self.workdir = str(Path(workdir or os.getcwd()).resolve())
         self.data_spec = data_spec
         self.max_upload = max_upload
         self.max_expanded = max_expanded
@@ -108,8 +138,11 @@ class App:
     def networks(self) -> dict:
         from ..models.pretrained import list_pretrained
 
+        from ..quant.config import GRANULARITIES, SCALES
+
         return {"networks": list_pretrained(), "targets": list(TARGETS),
-                "range_methods": ["minmax", "percentile", "entropy", "mse"], "data": self.data.test.source,
+                "range_methods": ["minmax", "percentile", "entropy", "mse"], "granularities": list(GRANULARITIES),
+                "scales": list(SCALES), "data": self.data.test.source,
                 "model_files": list(MODEL_SUFFIXES), "data_files": list(DATA_SUFFIXES),
                 "channel_orders": ["RGB", "BGR"], "value_ranges": [[0.0, 1.0], [0.0, 255.0]]}
 
@@ -134,7 +167,7 @@ class App:
             raise HttpError(400, f"scheme: {e}")
         input_shape = shape_arg(body.get("input_shape"))
         spec = spec_fields(body.get("input_spec"))
-        s = self.registry.create(None, "", None)  # its folder receives the upload
+        s = self.registry.create()  # its folder receives the upload; listed once it has a quantizer
         try:
             if model_blob is not None:
                 filename = str(body.get("filename") or "")
@@ -156,35 +189,55 @@ class App:
                 kind, source, name, label = "shipped", network, network, f"network {network}"
             s.quantizer = _make_quantizer(kind, source, name, label, target, config, input_shape, spec)
         except BaseException:
-            self.registry.discard(s.id)
+            self.registry.discard(s)
             raise
         s.network = s.quantizer.name
-        return self.session_json(s)
+        out = self.session_json(s)  # first: it may load CIFAR-10, longer than a short idle timeout
+        self.registry.register(s)
+        return out
 
     def import_quantizer(self, blob: bytes) -> dict:
         from ..quantizer import Quantizer
 
-        s = self.registry.create(None, "", None)
+        s = self.registry.create()
         path = s.folder / "imported.nq"
-        path.write_bytes(blob)
         try:
-            s.quantizer = Quantizer.load(path)
-        except (ValueError, KeyError) as e:
-            self.registry.discard(s.id)
-            raise HttpError(400, f"not a quantizer file: {e}")
+            path.write_bytes(blob)
+            try:
+                s.quantizer = Quantizer.load(path)
+            except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+                # the message names the server's file; the user knows it as the upload
+                raise HttpError(400, "not a quantizer file: " + str(e).replace(str(path), "the upload"))
+            s.validation = _saved_results(path)
         except BaseException:
-            self.registry.discard(s.id)
+            self.registry.discard(s)
             raise
         s.network = s.quantizer.name
-        return self.session_json(s)
+        out = self.session_json(s)  # first: it may load CIFAR-10, longer than a short idle timeout
+        self.registry.register(s)
+        return out
+
+    def export_quantizer(self, s) -> bytes:
+        """The session's quantizer file, with the page's last validation in it (``RESULTS``), so
+        importing it restores the results as well as the calibration."""
+        path = s.folder / "export.nq"
+        s.quantizer.save(path)
+        if s.validation is not None:
+            with zipfile.ZipFile(path, "a") as z:
+                z.writestr(RESULTS, json.dumps(s.validation, allow_nan=False))
+        return path.read_bytes()
 
     def session_json(self, s) -> dict:
         q = s.quantizer
         spec = getattr(q, "input_spec", None)
-        return {"id": s.id, "network": s.network, "target": getattr(q, "target", ""),
-                "calibrated": q.ranges is not None, "config": q.config.to_dict(),
+        out = {"id": s.id, "network": s.network, "target": getattr(q, "target", ""),
+                "calibrated": q.ranges is not None, "validated": s.validation is not None,
+                "codegen": s.codegen_target if s.codegen is not None else "",
+                "float_layers": sorted(q.user_float), "config": q.config.to_dict(),
                 "input_shape": list(q.graph.input.shape), "outputs": _outputs(q.graph),
                 "input_spec": spec.to_json() if spec is not None else None, "datasets": self.datasets(s)}
+        s.last_used = time.monotonic()  # building the reply can take long (the first CIFAR-10 load)
+        return out
 
     # --- data sets ------------------------------------------------------------------------
     def datasets(self, s) -> list:
@@ -226,7 +279,7 @@ class App:
         kw = {"size": size, "class_names": parse_class_names(body.get("class_names")),
               "channels": 1 if shape[0] == 1 else 3}
         with s.lock:  # two uploads at once get different numbers
-            n = len(s.datasets) + 1
+            n = max([int(k[4:]) for k in s.datasets] + [0]) + 1
             did = f"data{n}"
             s.datasets[did] = None  # reserved
         try:
@@ -280,7 +333,7 @@ class App:
 
         def work(progress):
             s.quantizer.calibrate(images, progress=progress)
-            s.validation = None
+            s.results_changed()
 
         s.run("calibrate", work)
         return {"started": "calibrate", "source": source}
@@ -293,7 +346,37 @@ class App:
             raise HttpError(400, str(e).strip("'\""))
         except ValueError as e:
             raise HttpError(400, str(e))
-        return {"float_layers": sorted(s.quantizer.user_float)}
+        # the results shown were measured on the network as it was: they go, and the page says so
+        return {"float_layers": sorted(s.quantizer.user_float), "results_cleared": s.results_changed()}
+
+    def set_config(self, sid: str, body: dict) -> dict:
+        """Change the quantization scheme: any of weight_granularity, scale, activation_range,
+        weight_range, percentile and per-layer ``overrides`` ({layer: {activation_range: ...}});
+        the results measured with the old scheme are cleared."""
+        from dataclasses import replace
+
+        s = self.registry.get(sid)
+        fields = ("weight_granularity", "scale", "activation_range", "weight_range", "percentile", "overrides")
+        unknown = set(body) - set(fields)
+        if unknown:
+            raise HttpError(400, f"scheme: unknown field(s) {sorted(unknown)}; expected {', '.join(fields)}")
+        overrides = body.get("overrides", s.quantizer.config.overrides)
+        if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+            raise HttpError(400, f"scheme overrides: expected {{layer: {{field: value}}}}, got {overrides!r}")
+        for layer in overrides:
+            try:
+                s.quantizer.graph.find_layer(layer)
+            except KeyError as e:
+                raise HttpError(400, f"scheme overrides: {str(e).strip(chr(39) + chr(34))}")
+        try:
+            config = replace(s.quantizer.config, **{**body, "overrides": overrides})
+        except (TypeError, ValueError) as e:
+            raise HttpError(400, f"scheme: {e}")
+        with s.lock:
+            if s.job.state == "running":
+                raise Busy(f"session {s.id} is busy: {s.job.kind} is running")
+            s.quantizer.set_config(config)
+        return {"config": config.to_dict(), "results_cleared": s.results_changed()}
 
     def validate(self, sid: str, body: dict) -> dict:
         from ..data import validation_set
@@ -301,15 +384,21 @@ class App:
 
         s = self.registry.get(sid)
         metrics = [str(m) for m in body.get("metrics", ["top1", "top5"])]
+        if not isinstance(body.get("metrics", []), list):
+            raise HttpError(400, f"metrics: expected a list of names, got {body.get('metrics')!r}")
+        units = {}
         for m in metrics:
             if not METRIC_NAME.match(m):
                 raise HttpError(400, f"metric {m!r}: use top1, top5 or an importable module:function name")
             if ":" in m and m.split(".")[0].split(":")[0] in sys.stdlib_module_names | {"builtins"}:
                 raise HttpError(400, f"metric {m!r}: a metric must come from your own module, not the standard library")
             try:
-                resolve_metric(m)
+                fn = self._metric(m)
             except ValueError as e:
-                raise HttpError(400, str(e))
+                raise HttpError(400, f"{e}; custom metrics are imported from {self.workdir} (where the app "
+                                     f"was started) or PYTHONPATH")
+            # the result table is named by the metric's text or its function's name
+            units[m] = units[getattr(fn, "__name__", m)] = metric_unit(fn)
         data = self.dataset(s, body.get("data"))
         images = validation_set(data, parse_count(body.get("count", 50)), to_int(body.get("seed", 0), "seed"))
         if s.quantizer.ranges is None:
@@ -318,25 +407,51 @@ class App:
         def work(progress):
             recorder = PredictionRecorder()
             result = s.quantizer.validate(images, metrics=metrics + [recorder], progress=progress)
-            per_class = per_class_json(images.labels, *recorder.runs, data) if len(recorder.runs) == 2 else []
-            s.validation = validation_json(result, s.quantizer, per_class, data)
+            # the last two calls score the whole set, float then int8 (a first call may probe a few images)
+            runs = [r for r in recorder.runs if len(r) == len(images.labels)][-2:]
+            per_class = per_class_json(images.labels, *runs, data) if len(runs) == 2 else []
+            s.validation = validation_json(result, s.quantizer, per_class, data, units)
 
         s.run("validate", work)
         return {"started": "validate", "source": images.source}
 
-    def codegen(self, sid: str) -> dict:
+    def _metric(self, name: str):
+        """The metric function for ``name``; ``module:function`` is looked up in the app's
+        working directory first (the console script does not put it on sys.path)."""
+        from ..metrics import resolve_metric
+
+        if ":" in name and self.workdir not in sys.path:
+            sys.path.insert(0, self.workdir)
+        return resolve_metric(name)
+
+    def codegen(self, sid: str, body: dict) -> dict:
+        """Generate code for ``target`` "c" (built and loaded here, so it is known to compile)
+        or "cuda" (sessions for the "gpu" environment; built when nvcc is on PATH)."""
+        import shutil
+
         from ..codegen import generate, load
 
         s = self.registry.get(sid)
-        folder = s.folder / "codegen"
+        target = str(body.get("target") or "c")
+        if target not in ("c", "cuda"):
+            raise HttpError(400, f"code generation target {target!r}: expected c or cuda")
+        if target == "cuda" and s.quantizer.target != "gpu":
+            raise HttpError(400, f"CUDA code is for the gpu environment; this session's is {s.quantizer.target}")
+        if s.quantizer.ranges is None:
+            raise HttpError(409, "calibrate first: code is generated from the quantized network")
+        folder = s.folder / f"codegen-{target}"
 
         def work(progress):
-            gen = generate(s.quantizer.quantize(), folder, name="net", progress=progress)
-            load(gen)
-            s.codegen = folder
+            shutil.rmtree(folder, ignore_errors=True)
+            gen = generate(s.quantizer.quantize(), folder, name="net", target=target, progress=progress)
+            built = target == "c" or shutil.which("nvcc") is not None
+            if built:
+                load(gen)
+            s.codegen, s.codegen_target = folder, target
+            s.codegen_built = built
 
         s.run("codegen", work)
-        return {"started": "codegen"}
+        return {"started": "codegen", "target": target}
 
 
 def _make_quantizer(kind, source, name, label, target, config, input_shape, spec):
@@ -354,15 +469,17 @@ def _make_quantizer(kind, source, name, label, target, config, input_shape, spec
             raise HttpError(400, f"{label}: {e}")
         extra = {"input_spec": make_input_spec(spec, graph.input.shape)} if spec is not None else {}
         return Quantizer(graph=graph, target=target, config=config, name=name or None, **extra)
+    # a card that does not fit the architecture (an extra or missing field) is bad input too
     if kind == ".safetensors":
         try:
             net = load_model_file(source)
-        except (ValueError, KeyError) as e:
-            raise HttpError(400, f"{label}: {e}")
+        except (ValueError, KeyError, TypeError) as e:
+            what = "" if isinstance(e, ValueError) else f"its model card does not fit the network ({type(e).__name__}) "
+            raise HttpError(400, f"{label}: {what}{e}")
     else:
         try:
             net = load_pretrained(source)
-        except (ValueError, KeyError, FileNotFoundError) as e:
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
             raise HttpError(400, f"{label}: {e}")
     q = Quantizer(net, target=target, config=config, name=net.card["name"])
     if spec is None:
@@ -370,6 +487,20 @@ def _make_quantizer(kind, source, name, label, target, config, input_shape, spec
     # the spec needs the captured input shape; capture again with it (a few hundred ms)
     return Quantizer(net, target=target, config=config, name=net.card["name"],
                      input_spec=make_input_spec(spec, q.graph.input.shape))
+
+
+def _saved_results(path: Path) -> Optional[dict]:
+    """The validation results an exported quantizer file carries (``RESULTS``), if any."""
+    with zipfile.ZipFile(path) as z:
+        if RESULTS not in z.namelist():
+            return None
+        try:
+            saved = json.loads(z.read(RESULTS))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HttpError(400, f"quantizer file: its {RESULTS} is not JSON ({e})")
+    if not isinstance(saved, dict) or not isinstance(saved.get("metrics"), dict):
+        raise HttpError(400, f"quantizer file: its {RESULTS} is not a validation result")
+    return saved
 
 
 def _input_shape(s) -> tuple:
@@ -392,7 +523,10 @@ def _named(load, name: str, hide: tuple = ()):
         raise HttpError(400, f"data set {name}: {message}")
 
 
-def make_handler(app: App):
+def make_handler(app: App, allowed_hosts: frozenset = frozenset()):
+    """The request handler class. ``allowed_hosts``: the Host header values (lower case, with
+    the port) this server answers; empty: any (a test's bare handler)."""
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "netquant"
         protocol_version = "HTTP/1.1"
@@ -401,14 +535,15 @@ def make_handler(app: App):
             log.debug("%s %s", self.address_string(), fmt % args)
 
         # --- plumbing -----------------------------------------------------------------------
-        def _send(self, status: int, body: bytes, ctype: str, extra: Optional[dict] = None):
+        def _send(self, status: int, body: bytes, ctype: str, extra: Optional[dict] = None, csp: str = CSP):
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
-                                                        "style-src 'self'; script-src 'self'")
+            self.send_header("Content-Security-Policy", csp)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             for k, v in (extra or {}).items():
                 self.send_header(k, v)
             self.end_headers()
@@ -421,20 +556,45 @@ def make_handler(app: App):
             given = self.headers.get("X-Token") or (query.get("token") or [""])[0]
             return hmac.compare_digest(given.encode(), app.token.encode())
 
+        def _host_ok(self) -> bool:
+            """The Host header names this server (DNS rebinding: a page on evil.example whose
+            name now resolves to 127.0.0.1 sends Host: evil.example:PORT)."""
+            return not allowed_hosts or (self.headers.get("Host") or "").strip().lower() in allowed_hosts
+
         def _body(self, limit: int) -> bytes:
+            """The request body, its size decided from Content-Length before a byte is read:
+            missing (411), not a number or negative (400) and over ``limit`` (413) are refused."""
+            given = self.headers.get("Content-Length")
+            if self.headers.get("Transfer-Encoding"):
+                self.close_connection = True
+                raise HttpError(411, "send the body with a Content-Length, not chunked")
+            if given is None:
+                if self.command == "POST":
+                    self.close_connection = True  # whatever follows is not a request we can read
+                    raise HttpError(411, "a POST needs a Content-Length header")
+                return b""
             try:
-                n = int(self.headers.get("Content-Length", "0"))
+                n = int(given.strip())
             except ValueError:
-                raise HttpError(400, "bad Content-Length")
+                n = -1
+            if n < 0 or not given.strip().isdigit():
+                self.close_connection = True
+                raise HttpError(400, f"Content-Length {given!r}: expected a byte count (0 or more)")
             if n > limit:
-                if n <= 8 * limit:  # read and discard it, so the client sees the answer, not a reset
+                if n <= 8 * limit and n <= 64 * 1024 * 1024:
+                    # nothing is kept: read and drop it, so the client sees the answer, not a reset
                     while n > 0:
-                        n -= len(self.rfile.read(min(n, 1 << 20)) or b"x" * n)
-                else:
-                    self.close_connection = True
-                raise HttpError(413, f"upload of {self.headers.get('Content-Length')} bytes is over the limit of "
-                                     f"{limit} bytes")
-            return self.rfile.read(n) if n else b""
+                        chunk = self.rfile.read(min(n, 1 << 20))
+                        if not chunk:
+                            break
+                        n -= len(chunk)
+                self.close_connection = True
+                raise HttpError(413, f"upload of {given} bytes is over the limit of {limit} bytes")
+            data = self.rfile.read(n) if n else b""
+            if len(data) != n:
+                self.close_connection = True
+                raise HttpError(400, f"the body ended after {len(data)} of the {n} bytes Content-Length announced")
+            return data
 
         def _json_body(self) -> dict:
             raw = self._body(MAX_JSON)
@@ -442,7 +602,7 @@ def make_handler(app: App):
                 return {}
             try:
                 body = json.loads(raw)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise HttpError(400, f"request body is not JSON ({e})")
             if not isinstance(body, dict):
                 raise HttpError(400, "request body must be a JSON object")
@@ -459,26 +619,67 @@ def make_handler(app: App):
             url = urlparse(self.path)
             query = parse_qs(url.query)
             try:
+                if not self._host_ok():
+                    self.close_connection = True
+                    raise HttpError(421, f"Host {self.headers.get('Host')!r} is not this server; "
+                                         f"use {sorted(allowed_hosts)[0] if allowed_hosts else 'its address'}")
+                if method == "GET" and url.path == "/favicon.ico":  # browsers ask without the token
+                    return self._send(204, b"", "image/x-icon")
                 if not self._authorised(query):
                     raise HttpError(401, "missing or wrong access token")
                 self._route(method, url.path)
             except HttpError as e:
-                self._json(e.status, {"error": str(e)})
+                self._error(e.status, str(e))
             except Busy as e:
-                self._json(409, {"error": str(e)})
+                self._error(409, str(e))
+            except Full as e:
+                self._error(429, str(e))
             except KeyError as e:
-                self._json(404, {"error": str(e).strip("'\"")})
+                self._error(404, str(e).strip("'\""))
             except (ValueError, RuntimeError, OSError) as e:
-                self._json(400, {"error": str(e)})
-            except Exception as e:  # a bug or an unforeseen input: still a JSON answer, never a dropped connection
-                log.exception("%s %s failed", method, url.path)
-                self._json(500, {"error": f"{type(e).__name__}: {e}"})
+                self._error(400, str(e))
+            except Exception as e:  # a bug or an unforeseen input: a JSON answer, never a dropped connection
+                eid = uuid.uuid4().hex[:8]
+                log.error("error %s: %s %s failed\n%s", eid, method, url.path, traceback.format_exc())
+                self._error(500, f"internal error {eid} (the server log has its traceback): {type(e).__name__}: {e}")
+
+        def _error(self, status: int, message: str) -> None:
+            # the server's temporary folder is nobody's business: name it as the session's files
+            message = message.replace(str(app.registry.root), "<session files>")
+            try:
+                self._json(status, {"error": message})
+                if self.close_connection and self.command == "POST":
+                    self._linger()
+            except OSError:  # the client went away
+                self.close_connection = True
+
+        def _linger(self, seconds: float = 2.0, most: int = 64 * 1024 * 1024) -> None:
+            """After refusing a body unread: stop sending, then read and drop what the client
+            still sends for a moment, so closing does not reset the connection before the client
+            has read the answer (a lingering close, as Apache does)."""
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(seconds)
+            try:
+                while most > 0:
+                    chunk = self.connection.recv(1 << 20)
+                    if not chunk:
+                        break
+                    most -= len(chunk)
+            except OSError:  # the timeout: enough
+                pass
 
         def do_GET(self):
             self._dispatch("GET")
 
         def do_POST(self):
             self._dispatch("POST")
+
+        def do_PUT(self):
+            self._dispatch("PUT")
+
+        def do_DELETE(self):
+            self._dispatch("DELETE")
 
         # --- routes ---------------------------------------------------------------------------
         def _route(self, method: str, path: str):
@@ -503,7 +704,7 @@ def make_handler(app: App):
             if method == "POST" and parts == ["import"]:
                 return self._json(200, app.import_quantizer(self._body(app.max_upload)))
             if len(parts) < 2 or parts[0] != "sessions" or not re.fullmatch(r"[0-9a-f]{12}", parts[1]):
-                raise HttpError(404, f"no API route {path}")
+                raise HttpError(404, f"no API route {method} {path}")
             sid, rest = parts[1], parts[2:]
             s = app.registry.get(sid)
             if method == "GET" and rest == []:
@@ -515,29 +716,31 @@ def make_handler(app: App):
                     return self._json(200, app.add_data(sid, self._query(), self._body(app.max_upload)))
                 return self._json(200, app.add_data(sid, self._json_body()))
             if method == "GET" and rest == ["job"]:
-                return self._json(200, s.job.to_json())
+                job = s.job.to_json()  # a failed job's message may name the server's files
+                job["error"] = job["error"].replace(str(app.registry.root), "<session files>")
+                return self._json(200, job)
             if method == "GET" and rest == ["calibration"]:
                 if s.quantizer.ranges is None:
                     raise HttpError(409, "not calibrated yet")
                 return self._json(200, calibration_json(s.quantizer))
             if method == "GET" and rest == ["validation"]:
                 if s.validation is None:
-                    raise HttpError(409, "not validated yet")
+                    raise HttpError(409, "not validated yet (or the layer choices changed since)")
                 return self._json(200, s.validation)
             if method == "POST" and rest == ["calibrate"]:
                 if self._is_upload():
                     return self._json(200, app.calibrate(sid, {}, self._body(app.max_upload)))
                 return self._json(200, app.calibrate(sid, self._json_body(), None))
+            if method == "POST" and rest == ["config"]:
+                return self._json(200, app.set_config(sid, self._json_body()))
             if method == "POST" and rest == ["layers"]:
                 return self._json(200, app.set_layer(sid, self._json_body()))
             if method == "POST" and rest == ["validate"]:
                 return self._json(200, app.validate(sid, self._json_body()))
             if method == "POST" and rest == ["codegen"]:
-                return self._json(200, app.codegen(sid))
+                return self._json(200, app.codegen(sid, self._json_body()))
             if method == "GET" and rest == ["export", "quantizer"]:
-                path = s.folder / "export.nq"
-                s.quantizer.save(path)
-                return self._send(200, path.read_bytes(), "application/octet-stream",
+                return self._send(200, app.export_quantizer(s), "application/octet-stream",
                                   {"Content-Disposition": 'attachment; filename="quantizer.nq"'})
             if method == "GET" and rest == ["export", "onnx"]:
                 from ..export.onnx import export_quantized_onnx
@@ -549,33 +752,78 @@ def make_handler(app: App):
             if method == "GET" and rest == ["export", "code"]:
                 if s.codegen is None:
                     raise HttpError(409, "generate code first")
+                name = f"netquant-{s.codegen_target}.zip"
                 return self._send(200, zip_folder(s.codegen), "application/zip",
-                                  {"Content-Disposition": 'attachment; filename="netquant-c.zip"'})
+                                  {"Content-Disposition": f'attachment; filename="{name}"'})
             if method == "GET" and rest == ["export", "report"]:
                 if s.codegen is None:
                     raise HttpError(409, "generate code first")
-                return self._send(200, (s.codegen / "report.html").read_bytes(), "text/html; charset=utf-8")
-            raise HttpError(404, f"no API route {path}")
+                return self._send(200, (s.codegen / "report.html").read_bytes(), "text/html; charset=utf-8",
+                                  csp=REPORT_CSP)
+            raise HttpError(404, f"no API route {method} {path}")
 
     return Handler
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = BACKLOG   # socketserver's default of 5 resets a burst of requests
+    daemon_threads = True
+
+
+def allowed_hosts(host: str, port: int) -> frozenset:
+    """The Host header values a server bound to ``host``:``port`` answers: its own address and,
+    for a loopback bind, localhost/127.0.0.1/[::1]; for a wildcard bind (0.0.0.0, ::) this
+    machine's names and any IP address (an address, unlike a name, cannot be rebound)."""
+    names = {host}
+    if host in ("127.0.0.1", "localhost", "::1"):
+        names |= {"127.0.0.1", "localhost", "::1"}
+    if host in ("0.0.0.0", "::", ""):
+        names |= {"127.0.0.1", "localhost", "::1", socket.gethostname(), socket.getfqdn()}
+        try:
+            names |= {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
+        except OSError:
+            pass
+    out = set()
+    for n in names:
+        n = n.lower()
+        try:
+            bracketed = f"[{n}]" if ipaddress.ip_address(n).version == 6 else n
+        except ValueError:
+            bracketed = n
+        out |= {f"{bracketed}:{port}"} | ({bracketed} if port == 80 else set())
+    return frozenset(out)
+
+
 class Server:
-    """A running app: ``url`` carries the token; ``close()`` stops it and removes its files."""
+    """A running app: ``url`` carries the token; ``close()`` stops it and removes its files.
+    ``idle_timeout``: seconds after which an unused session expires with its files."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, data=None, token: Optional[str] = None,
-                 max_upload: int = MAX_UPLOAD, max_expanded: int = MAX_EXPANDED):
+                 max_upload: int = MAX_UPLOAD, max_expanded: int = MAX_EXPANDED,
+                 idle_timeout: float = IDLE_TIMEOUT, max_sessions: int = MAX_SESSIONS, workdir=None):
         if host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("binding the app to %s: anyone who can reach this address and has the token can use it", host)
-        self.app = App(data, token, max_upload, max_expanded)
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(self.app))
-        self.httpd.daemon_threads = True
+        self.app = App(data, token, max_upload, max_expanded, idle_timeout, max_sessions, workdir)
+        self.httpd = _HTTPServer((host, port), make_handler(self.app))
         self.host, self.port = host, self.httpd.server_address[1]
+        self.httpd.RequestHandlerClass = make_handler(self.app, allowed_hosts(host, self.port))
         self.thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._expire, name="netquant-expiry", daemon=True)
+        self._reaper.start()
+        self._closed = False
+        log.info("netquant app: session files under %s", self.app.registry.root)
+
+    def _expire(self) -> None:
+        # check a few times per idle period, at least every minute
+        every = min(60.0, max(0.05, self.app.registry.idle_timeout / 4))
+        while not self._stop.wait(every):
+            self.app.registry.expire()
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/?token={self.app.token}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/?token={self.app.token}"
 
     def start(self) -> "Server":
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="netquant-app", daemon=True)
@@ -586,14 +834,36 @@ class Server:
         self.httpd.serve_forever()
 
     def close(self) -> None:
-        self.httpd.shutdown()
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self.thread is not None:
+            self.httpd.shutdown()
         self.httpd.server_close()
         self.app.registry.close()
 
 
-def serve(host: str = "127.0.0.1", port: int = 0, open_browser: bool = True, data=None) -> None:
-    """Run the app until interrupted (the CLI's ``netquant app``)."""
-    server = Server(host, port, data)
+def serve(host: str = "127.0.0.1", port: int = 0, open_browser: bool = True, data=None,
+          idle_timeout: Optional[float] = None) -> None:
+    """Run the app until interrupted (the CLI's ``netquant app``); SIGINT and SIGTERM stop it
+    and delete its temporary files. ``idle_timeout``: seconds before an unused session expires
+    (default: $NETQUANT_APP_IDLE_TIMEOUT, else an hour)."""
+    if idle_timeout is None:
+        text = os.environ.get("NETQUANT_APP_IDLE_TIMEOUT", "")
+        try:
+            idle_timeout = float(text) if text else IDLE_TIMEOUT
+        except ValueError:
+            raise ValueError(f"NETQUANT_APP_IDLE_TIMEOUT={text!r}: expected seconds, a positive number") from None
+    server = Server(host, port, data, idle_timeout=idle_timeout)
+
+    def stop(signum, frame):
+        log.info("netquant app: %s, stopping", signal.Signals(signum).name)
+        # shutdown() waits for serve_forever, which runs on this thread: ask from another one
+        threading.Thread(target=server.httpd.shutdown, daemon=True).start()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     print(f"netquant app: {server.url}", flush=True)
     if open_browser:
         webbrowser.open(server.url)

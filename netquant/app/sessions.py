@@ -10,6 +10,7 @@ sets and folder, so several tabs and several sessions at once don't touch each o
 from __future__ import annotations
 
 import io
+import logging
 import math
 import shutil
 import tempfile
@@ -23,9 +24,15 @@ from typing import Callable, Optional
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 
 class Busy(RuntimeError):
-    """A session is already running a job."""
+    """A session is already running a job (HTTP 409)."""
+
+
+class Full(RuntimeError):
+    """The server holds as many sessions as it keeps (HTTP 429)."""
 
 
 @dataclass(frozen=True)
@@ -78,11 +85,14 @@ class Session:
     folder: Path
     data: object = None                 # Cifar10 (shared, read-only)
     calibration_images: object = None   # the ImageSet or array calibrated on
-    validation: Optional[dict] = None   # JSON of the last validation
+    validation: Optional[dict] = None   # JSON of the last validation, None once the network changed
     datasets: dict = field(default_factory=dict)  # id -> DataSet added to this session
-    codegen: Optional[Path] = None      # folder of the last generated code
+    codegen: Optional[Path] = None      # folder of the last generated code, None once the network changed
+    codegen_target: str = ""            # "c" or "cuda": what ``codegen`` holds
+    codegen_built: bool = False         # compiled here (C always; CUDA when nvcc is on PATH)
     job: Job = field(default_factory=Job)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    last_used: float = field(default_factory=time.monotonic)  # for expiry after an idle time
 
     def run(self, kind: str, work: Callable[[Callable], None]) -> None:
         """Start ``work(progress)`` in a thread; Busy if a job is running."""
@@ -100,44 +110,88 @@ class Session:
                 work(progress)
                 job.state = "done"
             except Exception as e:  # reported to the page, never lost
+                log.warning("session %s: %s failed", self.id, kind, exc_info=True)
                 job.state, job.error = "error", f"{type(e).__name__}: {e}"
             job.finished = time.time()
+            self.last_used = time.monotonic()
 
         threading.Thread(target=target, name=f"netquant-{kind}-{self.id}", daemon=True).start()
 
+    def results_changed(self) -> bool:
+        """Forget the results computed for the network as it was (after a new calibration or a
+        layer choice); True if there were any, so the page can say they were cleared."""
+        had = self.validation is not None or self.codegen is not None
+        self.validation, self.codegen, self.codegen_target = None, None, ""
+        return had
+
 
 class Registry:
-    """All sessions of one server."""
+    """All sessions of one server. A session is created in two steps: :meth:`create` makes its
+    folder (uploads land there), :meth:`register` lists it once its quantizer exists, so a failed
+    import or upload never leaves a session without one. Sessions idle for ``idle_timeout``
+    seconds (no request, no job running) are dropped with their files by :meth:`expire`."""
 
-    def __init__(self, root: Optional[Path] = None):
+    def __init__(self, root: Optional[Path] = None, idle_timeout: float = 3600.0, max_sessions: int = 100):
+        if not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be positive seconds, got {idle_timeout!r}")
         self.root = Path(tempfile.mkdtemp(prefix="netquant-app-", dir=root))
+        self.idle_timeout = float(idle_timeout)
+        self.max_sessions = int(max_sessions)
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
 
-    def create(self, quantizer, network: str, data) -> Session:
+    def create(self) -> Session:
+        """A new session, not listed yet: its folder exists, its quantizer is None."""
+        self.expire()
+        with self.lock:
+            if len(self.sessions) >= self.max_sessions:
+                raise Full(f"{len(self.sessions)} sessions are open, the most this server keeps; "
+                           f"one expires after {self.idle_timeout:g} s unused")
         sid = uuid.uuid4().hex[:12]
         folder = self.root / sid
         folder.mkdir()
-        s = Session(sid, quantizer, network, folder, data)
+        return Session(sid, None, "", folder)
+
+    def register(self, s: Session) -> Session:
+        if s.quantizer is None:
+            raise ValueError(f"session {s.id}: no quantizer, not registered")
+        s.last_used = time.monotonic()
         with self.lock:
-            self.sessions[sid] = s
+            self.sessions[s.id] = s
         return s
 
     def get(self, sid: str) -> Session:
         with self.lock:
             s = self.sessions.get(sid)
         if s is None:
-            raise KeyError(f"no session {sid!r}")
+            raise KeyError(f"no session {sid!r} (sessions unused for {self.idle_timeout:g} s expire; "
+                           f"start a new one or import a saved quantizer)")
+        s.last_used = time.monotonic()
         return s
 
-    def discard(self, sid: str) -> None:
-        """Forget a session whose creation failed, with its folder."""
+    def discard(self, s: Session) -> None:
+        """Forget a session (listed or not) and delete its folder."""
         with self.lock:
-            s = self.sessions.pop(sid, None)
-        if s is not None:
+            self.sessions.pop(s.id, None)
+        shutil.rmtree(s.folder, ignore_errors=True)
+
+    def expire(self, now: Optional[float] = None) -> list:
+        """Drop the sessions idle for longer than ``idle_timeout`` (never one running a job),
+        with their files; their ids."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            old = [s for s in self.sessions.values()
+                   if now - s.last_used > self.idle_timeout and s.job.state != "running"]
+            for s in old:
+                del self.sessions[s.id]
+        for s in old:
             shutil.rmtree(s.folder, ignore_errors=True)
+            log.info("session %s expired after %.0f s unused; its files are deleted", s.id, now - s.last_used)
+        return [s.id for s in old]
 
     def close(self) -> None:
+        with self.lock:
+            self.sessions.clear()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -158,7 +212,11 @@ def histogram_json(stats, scale: Optional[float], dtype: str) -> dict:
     """The log2-magnitude histogram of one tensor and which bins the integer type represents.
 
     Bin e holds the values with 2^e <= |x| < 2^(e+1). With scale s and qmax (127 or 255), values
-    below s/2 round to zero (underflow) and values above qmax*s saturate (overflow)."""
+    below s/2 round to zero (underflow) and values above qmax*s saturate (overflow). A bin whose
+    upper edge 2^(e+1) is at most s/2 underflows whole; ``underflow_pct`` is the share of all
+    values (zeros included) in those bins, the same bins the page greys, and the number the
+    calibration table shows. Worked example: s = 2^-10, 16 bias values, one in the bin
+    [2^-13, 2^-12): 2^-12 <= 2^-11 = s/2, so that bin underflows: 1/16 = 6.25 %."""
     from ..calib.stats import LOG2_MIN
 
     counts = stats.log2_hist.astype(np.int64)
@@ -167,31 +225,53 @@ def histogram_json(stats, scale: Optional[float], dtype: str) -> dict:
     lo, hi = max(0, lo - 2), min(len(counts) - 1, hi + 2)
     exps = list(range(LOG2_MIN + lo, LOG2_MIN + hi + 1))
     out = {"exponents": exps, "counts": counts[lo:hi + 1].tolist(), "zeros": int(stats.zeros),
-           "total": int(stats.count), "underflow_below": None, "overflow_above": None}
-    if scale and math.isfinite(scale):
+           "total": int(stats.count), "underflow_below": None, "overflow_above": None,
+           "underflow_pct": None, "overflow_pct": None}
+    if scale and math.isfinite(scale) and scale > 0:
         qmax = {"int8": 127, "uint8": 255, "int32": 2 ** 31 - 1}.get(dtype, 127)
-        out["underflow_below"] = math.log2(scale / 2)
-        out["overflow_above"] = math.log2(qmax * scale)
+        under, over = math.log2(scale / 2), math.log2(qmax * scale)
+        e = np.arange(LOG2_MIN, LOG2_MIN + len(counts))
+        total = max(int(stats.count), 1)
+        out.update(underflow_below=under, overflow_above=over,
+                   underflow_pct=100.0 * float(counts[e + 1 <= under].sum()) / total,
+                   overflow_pct=100.0 * float(counts[e >= over].sum()) / total)
     return out
 
 
 def calibration_json(q) -> dict:
-    table = q.calibration_table()
-    ranges = q.ranges
-    rows = []
-    for (_, r), s in zip(table.iterrows(), ranges):
-        row = {k: _num(v) for k, v in r.items()}
-        row["histogram"] = histogram_json(s, row.get("Scale"), row.get("Type"))
-        rows.append(row)
-    reasons = {}
+    """The calibration table for the page: one row per weight, bias and activation tensor (the
+    network input itself, which is never quantized, left out), each with its histogram, and one
+    entry per layer saying whether it is quantized, whether the user can change that, and why
+    not. Which layers are quantized comes from the lowered network, so a layer the quantizer
+    keeps in float by itself (a degenerate channel, say) shows as float with its reason."""
     from ..quant.lower import float_reasons
 
-    for node, why in float_reasons(q.graph, frozenset()).items():
-        reasons[node] = why
-    layers = [{"name": n.name, "layers": list(n.layers), "op": n.op, "can_quantize": n.name not in reasons,
-               "reason": reasons.get(n.name, ""), "quantized": n.name not in q.user_float and n.name not in reasons}
-              for n in q.graph.nodes if n.op != "input"]
-    return {"rows": rows, "layers": layers, "images": ranges.images, "source": ranges.source}
+    table = q.calibration_table()
+    ranges = q.ranges
+    qg = q.quantize().qgraph
+    inputs = {n.name for n in q.graph.nodes if n.op == "input"}
+    rows = []
+    for (_, r), s in zip(table.iterrows(), ranges):
+        if s.node in inputs:
+            continue
+        row = {k: _num(v) for k, v in r.items()}
+        row["histogram"] = h = histogram_json(s, row.get("Scale"), row.get("Type"))
+        if row.get("Quantize") and h["underflow_pct"] is not None:
+            row["Underflow %"] = h["underflow_pct"]  # the bins the histogram greys (see histogram_json)
+        rows.append(row)
+    fixed = float_reasons(q.graph, frozenset())  # float whatever the user picks
+    layers = []
+    for n in q.graph.nodes:
+        if n.op == "input":
+            continue
+        qn = qg.node(n.name)
+        user = n.name in q.user_float
+        reason = fixed.get(n.name) or ("" if qn.quantized else (qn.reason or ("kept in float by you" if user else "")))
+        layers.append({"name": n.name, "layers": list(n.layers), "op": n.op,
+                       "can_quantize": n.name not in fixed and (bool(qn.quantized) or user),
+                       "reason": reason, "quantized": bool(qn.quantized)})
+    return {"rows": rows, "layers": layers, "images": ranges.images, "source": ranges.source,
+            "float_layers": sorted(q.user_float)}
 
 
 PREDICTIONS = "_netquant_predictions"   # the name of the recorder's metric table, never shown
@@ -200,8 +280,9 @@ PREDICTIONS = "_netquant_predictions"   # the name of the recorder's metric tabl
 class PredictionRecorder:
     """A validation metric that keeps the predicted class of every image instead of scoring.
 
-    ``Quantizer.validate`` calls each metric on the float scores, then on the int8 scores, so
-    after one validation ``runs`` holds [float predictions, int8 predictions]; the page's
+    ``Quantizer.validate`` calls each metric on the float scores, then on the int8 scores (after,
+    perhaps, a probe on a few images), so after one validation the last two of ``runs`` are
+    [float predictions, int8 predictions] of the whole set; the page's
     per-class table comes from them without running the network a second time. Its table is
     left out of the metrics shown (:func:`validation_json`)."""
 
@@ -231,13 +312,34 @@ def per_class_json(labels: np.ndarray, float_pred: np.ndarray, int8_pred: np.nda
     return rows
 
 
-def validation_json(result, q, per_class: Optional[list] = None, data: Optional[DataSet] = None) -> dict:
+def metric_unit(fn) -> str:
+    """How a metric's value reads: "%" for the built-in top-1/top-5 (they return percent), else
+    the function's own ``unit`` attribute ("%", "fraction" for a share in [0, 1], which the page
+    shows as percent, or any label), else "" (shown as the function returns it)."""
+    from ..metrics.metrics import METRICS
+
+    if fn in METRICS.values():
+        return "%"
+    return str(getattr(fn, "unit", "") or "")
+
+
+def validation_json(result, q, per_class: Optional[list] = None, data: Optional[DataSet] = None,
+                    units: Optional[dict] = None) -> dict:
+    """The page's view of a validation. ``metrics`` keeps each metric's table; ``metric_units``
+    names each one's unit (:func:`metric_unit`). ``top1_difference`` is (int8 - float, 95 %
+    low, high) in percentage points; with every image agreeing the bootstrap interval is
+    (0, 0), which says nothing about a difference smaller than one image can show, so
+    ``unseen_below`` gives the rule-of-three bound 300/N % (50 images: 6 %) under which a
+    disagreement rate could go unseen."""
     fmem, qmem = q.learnable_memory()
     d, lo, hi = result.top1_difference
-    return {"num_samples": result.num_samples, "source": result.source,
-            "metrics": {k: [{kk: _num(vv) for kk, vv in r.items()} for r in v.to_dict("records")]
-                        for k, v in result.metrics.items() if k != PREDICTIONS},
-            "agreement": result.agreement, "top1_difference": [d, lo, hi], "mcnemar_p": result.mcnemar_p,
+    n = result.num_samples
+    metrics = {k: [{kk: _num(vv) for kk, vv in r.items()} for r in v.to_dict("records")]
+               for k, v in result.metrics.items() if k != PREDICTIONS}
+    return {"num_samples": n, "source": result.source, "metrics": metrics,
+            "metric_units": {k: (units or {}).get(k, "") for k in metrics},
+            "agreement": result.agreement, "top1_difference": [d, lo, hi], "mcnemar_p": _num(result.mcnemar_p),
+            "unseen_below": 300.0 / n if n else None,
             "memory": {"float": fmem, "quantized": qmem, "reduction": 100 * (1 - qmem / fmem)},
             "layer_errors": [{k: _num(v) for k, v in r.items()} for r in result.layer_errors.to_dict("records")],
             "data": data.to_json() if data is not None else None, "per_class": per_class or []}

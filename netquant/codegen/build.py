@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import CompiledNetworkError, NetquantError
 from ..progress import Progress, report
 from .c import CPrinter
 from .program import Program, plan
@@ -37,7 +38,7 @@ ISA_FLAGS = {
 COMMON_FLAGS = "-std=c11 -fPIC -fopenmp -ffp-contract=off -Wall -Wextra -Wno-unused-parameter"
 
 
-class BuildError(RuntimeError):
+class BuildError(NetquantError, RuntimeError):
     """The compiler is missing or failed; the message says what to install or what went wrong."""
 
 
@@ -52,6 +53,11 @@ class Generated:
     cflags: str
     build: dict = field(default_factory=dict)   # filled by build(): command, seconds, warnings, library
     kernels: dict = field(default_factory=dict)  # layer -> the kernel printed for it
+    sizes: dict = field(default_factory=dict)    # file name -> bytes written
+    profile: str = ""                            # the instruction set the kernels were printed for
+    const_bytes: int = 0                         # bytes of the constants the source holds (compiled)
+    seconds: float = 0.0                         # time to plan, print and write
+    layer_bytes: dict = field(default_factory=dict)  # layer -> bytes of the constants compiled for it
 
     @property
     def name(self) -> str:
@@ -59,6 +65,32 @@ class Generated:
 
 
 CUDA_FLAGS = "-O3 --fmad=false -Xcompiler -fPIC -std=c++17 -Werror all-warnings"
+
+# the kernels printed for each isa (c.PROFILES); "native" asks the compiler what -march=native targets
+ISA_PROFILE = {"avx512": "vnni", "avx2": "avx2", "scalar": "scalar"}
+
+
+def native_profile(cc: Optional[str] = None) -> str:
+    """The best kernels for this machine as the compiler sees it with -march=native: "amx"
+    (__AMX_INT8__ and AVX-512 VNNI), "vnni", "avx2" or "scalar"; from /proc/cpuinfo's flags
+    where no compiler is found. Example: a Sapphire Rapids Xeon with gcc 12 gives "amx"."""
+    try:
+        compiler = find_compiler(cc)
+        out = subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c", os.devnull], capture_output=True,
+                             text=True, timeout=60).stdout
+        macros = {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
+        has = {"amx": {"__AMX_INT8__", "__AMX_TILE__"} <= macros, "vnni": {"__AVX512VNNI__", "__AVX512BW__"} <= macros,
+               "avx2": "__AVX2__" in macros}
+    except (BuildError, OSError, subprocess.SubprocessError):
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")), set())
+        except OSError:
+            flags = set()
+        has = {"amx": "amx_int8" in flags, "vnni": {"avx512_vnni", "avx512bw"} <= flags, "avx2": "avx2" in flags}
+    if has["vnni"]:
+        return "amx" if has["amx"] else "vnni"
+    return "avx2" if has["avx2"] else "scalar"
 
 
 def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c", isa: str = "native",
@@ -71,24 +103,36 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
     if target == "c" and isa not in ISA_FLAGS:
         raise ValueError(f"unknown isa {isa!r}; choose from {', '.join(ISA_FLAGS)}")
     qgraph = getattr(qnet, "qgraph", qnet)
+    t0 = time.time()
     report(progress, 0, 3, "planning")
     program = plan(qgraph, name)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    report(progress, 1, 3, "printing")
     if target == "cuda":
         from .cuda import CudaPrinter
 
         printer = CudaPrinter(program, provenance or "netquant integer network", arch=arch, tensor_cores=tensor_cores)
         cflags = f"{CUDA_FLAGS} -arch={arch}"
+        files = printer.files(cflags)
+        for fname, text in files.items():
+            (folder / fname).write_text(text)
+        sizes = {k: (v.count("\n"), len(v.encode())) for k, v in files.items()}
+        profile, const_bytes, layer_bytes = "cuda", program.weight_bytes(), {}
     else:
-        printer = CPrinter(program, provenance or "netquant integer network")
+        # only the instruction set being built is printed (with the portable kernels as its fallback)
+        profile = ISA_PROFILE.get(isa) or native_profile()
+        printer = CPrinter(program, provenance or "netquant integer network", profile=profile)
         cflags = f"{ISA_FLAGS[isa]} {COMMON_FLAGS}"
-    report(progress, 1, 3, "printing")
-    files = printer.files(cflags)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    for fname, text in files.items():
-        (folder / fname).write_text(text)
-    gen = Generated(folder, program, target, {k: v.count("\n") for k, v in files.items()}, cflags,
-                    kernels={s.node.name: printer.kernel_label(s) for s in program.steps})
+        sizes = printer.write(folder, cflags)
+        const_bytes = printer.compiled_const_bytes()
+        layer_bytes = {s.node.name: printer.step_const_bytes(s) for s in program.steps}
+    gen = Generated(folder, program, target, {k: v[0] for k, v in sizes.items()}, cflags,
+                    kernels={s.node.name: printer.kernel_label(s) for s in program.steps},
+                    sizes={k: v[1] for k, v in sizes.items()}, profile=profile, const_bytes=const_bytes,
+                    seconds=round(time.time() - t0, 2), layer_bytes=layer_bytes)
+    log.info("generated %s for %s in %.1f s: %s bytes of source and constants", name, profile, gen.seconds,
+             f"{sum(gen.sizes.values()):,}")
     report(progress, 2, 3, "writing the report")
     write_report(gen)
     report(progress, 3, 3, "done")
@@ -173,27 +217,54 @@ class CompiledNetwork:
         self.input_shape = tuple(program.buffer(program.input).shape)
 
     def set_num_threads(self, threads: int) -> int:
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+            raise CompiledNetworkError(f"set_num_threads: expected a thread count >= 0 (0: all cores), got {threads!r}")
         return self._threads(int(threads))
 
-    def _images(self, images) -> np.ndarray:
+    # The C entry points read n * prod(input_shape) elements and write n * classes: every array is
+    # checked here (type, rank, shape, dtype, count) and made C-contiguous, so no shape, dtype or
+    # stride can make the C read or write out of bounds. E.g. input (3, 32, 32): (20000, 1) int8 is
+    # refused instead of letting the C read 20000 * 3072 bytes from a 20000-byte buffer.
+    _MAX_BATCH = 2 ** 31 - 1   # the C count is an int
+
+    def _array(self, images, what: str) -> np.ndarray:
+        if images is None:
+            raise CompiledNetworkError(f"{what}: expected an array of images, got None")
+        if hasattr(images, "detach") and hasattr(images, "numpy"):   # a torch tensor
+            images = images.detach().cpu().numpy()
         x = np.asarray(images)
-        if x.ndim != 4 or x.shape[1:] != self.input_shape:
-            raise ValueError(f"predict: expected images of shape (N, {', '.join(map(str, self.input_shape))}), "
-                             f"got {x.shape}")
+        shape = ", ".join(map(str, self.input_shape))
+        if x.dtype == object or x.ndim != 4 or x.shape[1:] != self.input_shape:
+            raise CompiledNetworkError(f"{what}: expected images of shape (N, {shape}), got {x.shape} {x.dtype}")
+        if len(x) > self._MAX_BATCH:
+            raise CompiledNetworkError(f"{what}: {len(x)} images in one call, at most {self._MAX_BATCH}")
+        return x
+
+    def _images(self, images, what: str = "predict") -> np.ndarray:
+        """Float32 C-contiguous (N, C, H, W) images in [0, 1] from uint8 or float images."""
+        x = self._array(images, what)
         if x.dtype == np.uint8:
             x = x.astype(np.float32) / np.float32(255)
+        elif x.dtype.kind != "f":
+            raise CompiledNetworkError(f"{what}: expected uint8 images (0..255) or float images in [0, 1], got "
+                                       f"dtype {x.dtype} (convert them: uint8 for 0..255 pixels, x / 255 for floats)")
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
-            raise ValueError("predict: images hold NaN or inf values")
+            raise CompiledNetworkError(f"{what}: images hold NaN or inf values")
         return x
 
     def _check(self, rc: int) -> None:
         if rc != 0:
             raise RuntimeError(f"{self.program.name}_predict failed: {self._error(rc).decode()} (code {rc})")
 
+    def _live(self):
+        if self.lib is None:
+            raise CompiledNetworkError(f"{self.program.name}: the library was closed (CompiledNetwork.close)")
+
     def predict(self, images) -> np.ndarray:
         """Scores (N, classes) for float images in [0, 1] (or uint8), NCHW."""
-        x = self._images(images)
+        self._live()
+        x = self._images(images, "predict")
         out = np.empty((len(x), self.program.classes), np.float32)
         self._check(self._predict(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(x),
                                   out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))))
@@ -203,7 +274,8 @@ class CompiledNetwork:
 
     def predict_int(self, images) -> np.ndarray:
         """The integer output tensor (before dequantization), for bit-exact comparison."""
-        x = self._images(images)
+        self._live()
+        x = self._images(images, "predict_int")
         size = self.program.buffer(self.program.int_output).elements
         out = np.empty((len(x), size), np.int32)
         self._check(self._predict_int(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(x),
@@ -211,15 +283,40 @@ class CompiledNetwork:
         return out
 
     def predict_int8(self, qimages) -> np.ndarray:
-        """Scores from already quantized input (N, C, H, W) int8."""
-        q = np.ascontiguousarray(qimages, dtype=np.int8)
+        """Scores from already quantized input (N, C, H, W) int8 (no other dtype: a float array
+        would be truncated to garbage integers, so it is refused)."""
+        self._live()
+        q = self._array(qimages, "predict_int8")
+        if q.dtype != np.int8:
+            raise CompiledNetworkError(f"predict_int8: expected int8 images (already quantized with the input's "
+                                       f"scale and zero point), got dtype {q.dtype}; use predict for images")
+        q = np.ascontiguousarray(q)
         out = np.empty((len(q), self.program.classes), np.float32)
         self._check(self._predict_int8(q.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)), len(q),
                                        out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))))
         return out
 
+    def close(self) -> None:
+        """Unload the library (dlclose); the network cannot be called afterwards. Building and
+        loading many networks in one process without closing them keeps every library mapped."""
+        lib, self.lib = self.lib, None
+        self._predict = self._predict_int = self._predict_int8 = self._threads = self._error = None
+        if lib is not None:
+            import _ctypes
+
+            dlclose = getattr(_ctypes, "dlclose", None)   # POSIX; Windows has FreeLibrary
+            if dlclose is not None:
+                dlclose(lib._handle)
+
+    def __enter__(self) -> "CompiledNetwork":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def raw_call(self, images_ptr, n: int, scores_ptr) -> int:
         """The C entry point itself (for tests of its own argument checks)."""
+        self._live()
         return self._predict(images_ptr, n, scores_ptr)
 
 

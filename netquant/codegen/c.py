@@ -1,14 +1,24 @@
-"""The C printer: a Program -> self-contained C sources (a library, its header, a test bench,
-a Makefile), deterministic (no timestamps) with a provenance header.
+"""The C printer: a Program -> self-contained C sources (a library, its header, the binary
+weights file it includes, a test bench, a Makefile), deterministic (no timestamps) with a
+provenance header.
 
-Kernels are specialised to the network: every shape is a compile-time constant in an ``enum``,
-so the compiler unrolls and vectorises the channel loops (``-O3 -march=native``) or keeps them
-scalar (``-O2 -fno-tree-vectorize``, the portable path). Convolutions over 8-bit input use AMX
-tiles where the compiler targets them and Linux grants the tile state (``k_conv_amx``), else
-register tiles on AVX-512 VNNI or AVX2 (``c_conv_simd.py``), else portable C; residual adds of
-8-bit tensors use AVX-512 16 lanes at a time. Every integer step follows ``netquant_rt.h``,
-which mirrors ``netquant/quant/numerics.py`` (or an exactly equivalent form, docs/NUMERICS.md). Images of a batch run in
-parallel with OpenMP, each thread in its own static arena.
+Only the instruction set being built is printed (``profile``: "amx", "vnni", "avx2" or "scalar",
+resolved by ``build.generate`` from the isa asked for, "native" asking the compiler), each fast
+kernel under its build macro with the portable loop nest as the other branch, reading the same
+weights. Convolutions over 8-bit input use AMX tiles where the compiler targets them and Linux
+grants the tile state (``k_conv_amx``), else register tiles on AVX-512 VNNI or AVX2
+(``c_conv_simd.py``), depthwise convs channels-in-lanes kernels (``c_conv_dw.py``), else
+portable C; residual adds of 8-bit tensors use AVX-512 16 lanes at a time. Kernel text depends
+on a conv's shape class, not its spatial size: runtime loops over output rows, channel blocks and
+input channel groups, shapes in a per-kernel ``enum``. Example: ResNet-50 at 224x224 prints 0.4 MB
+of C (AMX) beside its 26 MB of weights, against 2.56 GB when every tile was unrolled.
+
+Constants of BLOB_MIN_BYTES or more (the weights) are written once, in the layout of the kernel
+compiled, to ``<name>_weights.bin`` and included with ``.incbin``; the small tables stay C arrays.
+Every integer step follows ``netquant_rt.h``, which mirrors ``netquant/quant/numerics.py`` (or an
+exactly equivalent form, docs/NUMERICS.md). Images of a batch run in parallel with OpenMP, each
+thread in its own static arena, when the batch has an image per thread; otherwise images run one
+after the other and each large conv splits its output rows across the threads (``NQ_SPLIT``).
 
 The CUDA printer subclasses :class:`CPrinter` and overrides only what differs.
 """
@@ -20,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
+from . import c_conv_dw
 from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv
 from .program import ADD_PAIR_SHIFTS, ELEMENTWISE_FNS, LUT_SIZE, Buffer, Program, Step
 
@@ -68,6 +79,12 @@ def c_array(ctype: str, name: str, values: np.ndarray, qualifier: str = "static 
     return f"{qualifier} {ctype} {name}[{len(flat)}] = {{\n" + "\n".join(lines) + "\n};\n"
 
 
+# The instruction set a source is printed for: its kernels and weight layouts only, each under
+# the #if of its build macro with the portable kernel (reading the same weights) as the other branch.
+PROFILES = ("amx", "vnni", "avx2", "scalar")
+# constants of at least this many bytes go to the binary weights file (.incbin), the rest stay C arrays
+BLOB_MIN_BYTES = 256
+
 CTYPE = {np.dtype("int8"): "int8_t", np.dtype("int32"): "int32_t", np.dtype("float32"): "float",
          np.dtype("int64"): "int32_t", np.dtype("uint8"): "uint8_t", np.dtype("int16"): "int16_t"}
 
@@ -79,9 +96,14 @@ class CPrinter:
     file_suffix = ".c"
     const_qualifier = "static const"
 
-    def __init__(self, program: Program, provenance: str = ""):
+    def __init__(self, program: Program, provenance: str = "", profile: str = "scalar"):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown instruction set profile {profile!r}: one of {', '.join(PROFILES)}")
         self.p = program
         self.provenance = provenance
+        self.profile = profile    # the instruction set whose kernels are printed (PROFILES)
+        self.blob = bytearray()   # the large constants, in the layouts the printed kernels read
+        self.blob_offsets: dict = {}
         self.kernels: dict[str, Callable] = {
             "affine": self.k_affine, "quantize": self.k_quantize, "conv": self.k_conv, "linear": self.k_linear,
             "add": self.k_add, "concat": self.k_concat, "gather": self.k_gather, "maxpool": self.k_maxpool,
@@ -104,13 +126,55 @@ class CPrinter:
         """What the report calls the kernel printed for ``s`` (the paths in k_conv's order)."""
         if self.is_element_step(s):
             return self.float_label(s)
-        vnni = []
-        if "wv" in s.consts:
-            vnni = [f"{SimdConv(self, isa).label(s)} where built with it" for isa in (VNNI, AVX2)]
-        if s.kind == "add" and all(self.buf(b).dtype in ("int8", "uint8") for b in (*s.inputs, s.output)):
-            vnni = ["AVX-512, 16 lanes at a time, where built with it"]
-        paths = (["AMX tiles where built with them and granted"] if "wa" in s.consts else []) + vnni
+        path = self.conv_path(s) if s.kind == "conv" else "scalar"
+        paths = []
+        if path == "amx":
+            paths = ["AMX tiles where built with them and granted"]
+        elif path in ("vnni", "avx2"):
+            paths = [f"{SimdConv(self, VNNI if path == 'vnni' else AVX2).label(s)} where built with it"]
+        elif path == "dw":
+            paths = [f"depthwise {self.dw_isa().upper()}, {c_conv_dw.BLOCK[self.dw_isa()]} channels in vector lanes, "
+                     "where built with it"]
+        if (s.kind == "add" and self.profile in ("amx", "vnni")
+                and all(self.buf(b).dtype in ("int8", "uint8") for b in (*s.inputs, s.output))):
+            paths = ["AVX-512, 16 lanes at a time, where built with it"]
         return f"{s.kind}: " + ", else ".join(paths + ["portable C"])
+
+    def conv_path(self, s: Step) -> str:
+        """The kernel printed for conv ``s`` under this profile: "amx", "vnni", "avx2" or
+        "scalar" (the portable loop nest, e.g. grouped convs or a scalar profile)."""
+        if self.profile == "amx" and "wa" in s.consts:
+            return "amx"
+        if self.profile in ("amx", "vnni") and "wv" in s.consts:
+            return "vnni"
+        if self.profile == "avx2" and "ww" in s.consts:
+            return "avx2"
+        if self.profile != "scalar" and s.node.quantized:
+            w = s.node.params["weight"]
+            if c_conv_dw.dw_eligible("conv", s.node.attrs["groups"], w.shape[1] * s.node.attrs["groups"], w.shape[0],
+                                     self.buf(s.inputs[0]).dtype, True):
+                return "dw"
+        return "scalar"
+
+    def dw_isa(self) -> str:
+        """The depthwise kernels' instruction set for this profile (c_conv_dw.DW_ISAS)."""
+        return "avx2" if self.profile == "avx2" else "avx512"
+
+    def step_consts(self, s: Step) -> dict:
+        """The constants of ``s`` for this printer: the Program's, plus the depthwise layout
+        ("wd", c_conv_dw.pack_dw) on the depthwise path."""
+        if s.kind == "conv" and s.node.quantized and self.conv_path(s) == "dw":
+            # bias and requantization padded to whole channel blocks: the kernel's masked vector
+            # loads then never point past a table (padded lanes are never stored)
+            isa = self.dw_isa()
+            pad = -len(s.consts["bias"]) % c_conv_dw.BLOCK[isa]
+            padded = {f"{k}d": np.concatenate([np.asarray(s.consts[k], np.int32), np.full(pad, v, np.int32)])
+                      for k, v in (("bias", 0), ("mult", 1 << 30), ("shift", 31))}
+            return {**s.consts, "wd": c_conv_dw.pack_dw(s.node.params["weight"], isa), **padded}
+        return s.consts
+
+    WEIGHTS = {"amx": "wa", "vnni": "wv", "avx2": "ww", "scalar": "w"}
+    MACRO = {"amx": "NQ_AMX", "vnni": "NQ_VNNI", "avx2": "NQ_AVX2"}
 
     def fn_name(self, step: Step) -> str:
         return f"step_{step.output}"
@@ -153,23 +217,34 @@ class CPrinter:
           f"{lo}, {hi});").close().close()
 
     def k_conv(self, s: Step, o: Source):
-        if "wa" in s.consts:
+        """The conv of the profile's instruction set under its build macro; the portable loop nest
+        (reading the same weight layout) where the build lacks it or Linux refuses AMX tiles."""
+        path = self.conv_path(s)
+        if path == "amx":
             o("#if NQ_AMX")
             o.open("if (nq_amx_state == 1)")
             self.k_conv_amx(s, o)
             o("return;")
             o.close()
             o("#endif")
-        if "wv" in s.consts:
-            o("#if NQ_VNNI")
-            SimdConv(self, VNNI).print(s, o)
-            o("#elif NQ_AVX2")
-            SimdConv(self, AVX2).print(s, o)
+            o.open()
+            self.k_conv_scalar(s, o, "wa")
+            o.close()
+        elif path in ("vnni", "avx2"):
+            o(f"#if {self.MACRO[path]}")
+            SimdConv(self, VNNI if path == "vnni" else AVX2).print(s, o)
             o("#else")
-            self.k_conv_scalar(s, o)
+            self.k_conv_scalar(s, o, self.WEIGHTS[path])
             o("#endif")
+        elif path == "dw":
+            self.k_conv_dw(s, o)
         else:
             self.k_conv_scalar(s, o)
+
+    def conv_macs(self, s: Step) -> int:
+        """Multiply-adds of conv ``s`` per image: OH * OW * O * KH * KW * C / groups."""
+        oc, oh, ow = self.hwc(self.buf(s.output).shape)
+        return int(oh * ow * np.prod(s.node.params["weight"].shape))
 
     def amx_geometry(self, s: Step) -> dict:
         """Shapes of the AMX kernel of ``s`` (see k_conv_amx)."""
@@ -187,7 +262,7 @@ class CPrinter:
 
     def amx_buffers(self) -> tuple[int, int]:
         """Bytes of the per-thread padded input and int32 accumulator tiles of the AMX kernels."""
-        geos = [self.amx_geometry(s) for s in self.p.steps if "wa" in s.consts]
+        geos = [self.amx_geometry(s) for s in self.p.steps if s.kind == "conv" and self.conv_path(s) == "amx"]
         return (max([g["PAD"] for g in geos], default=64), max([16 * 16 * g["NB"] for g in geos], default=16))
 
     def k_conv_amx(self, s: Step, o: Source):
@@ -210,7 +285,6 @@ class CPrinter:
         dp = "_tile_dpbusd" if self.buf(s.inputs[0]).dtype == "uint8" else "_tile_dpbssd"
         yt = self.buf(s.output).ctype
         o("enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };")
-        o("nq_amx_config(MR);")
         o("uint8_t *xp = nq_pad;")
         o("/* copy the rows in; zero only what lies around them (top, the side pads between rows, and")
         o(" * the bottom with the slack that the last tile rows read past the image) */")
@@ -222,33 +296,49 @@ class CPrinter:
         o.close()
         o("memset(xp + ((H - 1 + PH) * WP + PW + W) * C, 0, PAD - ((H - 1 + PH) * WP + PW + W) * C);")
         stride1 = g["SH"] == 1 and g["SW"] == 1
+        # strips of MR output pixels split across threads (one image of a small batch): each
+        # thread configures its own tiles and puts back what it found (the caller's or none)
+        strips = "((OH - 1) * WP + OW + MR - 1) / MR" if stride1 else "OH * ((OW + MR - 1) / MR)"
+        o(f"#pragma omp parallel if (NQ_SPLIT({strips}, {self.conv_macs(s)}L))")
+        o.open()
+        o("nq_tilecfg saved;")
+        o("_tile_storeconfig(&saved);")
+        o("nq_amx_config(MR);")
+        o("#pragma omp for schedule(static)")
         if stride1:
             o("/* virtual rows: pixel v = oh * WP + ow, ow < OW kept */")
-            o.open("for (int v0 = 0; v0 < (OH - 1) * WP + OW; v0 += MR)")
-            base = "xp + (v0 + {kh} * DH * WP) * C + {j} * 64"
+            o.open(f"for (int i = 0; i < {strips}; ++i)")
+            o("const int v0 = i * MR;")
+            base = "xp + (v0 + kh * DH * WP) * C + j * 64"
             stride = "C"
         else:
-            o.open("for (int oh = 0; oh < OH; ++oh)")
-            o.open("for (int v0 = 0; v0 < OW; v0 += MR)")
-            base = "xp + ((oh * SH + {kh} * DH) * WP + v0 * SW) * C + {j} * 64"
+            o.open(f"for (int i = 0; i < {strips}; ++i)")
+            o("const int oh = i / ((OW + MR - 1) / MR), v0 = i % ((OW + MR - 1) / MR) * MR;")
+            base = "xp + ((oh * SH + kh * DH) * WP + v0 * SW) * C + j * 64"
             stride = "SW * C"
         nb = g["NB"]
-        for g0 in range(0, nb, 4):
-            tiles = list(range(min(4, nb - g0)))
-            for t in tiles:
+        groups = [("g0", 4)] if nb // 4 else []
+        if nb % 4:
+            groups.append((str(nb - nb % 4), nb % 4))
+        for g0, nt in groups:
+            if g0 == "g0" and nb // 4 > 1:
+                o.open(f"for (int g0 = 0; g0 < {nb // 4 * 4}; g0 += 4)")
+            elif g0 == "g0":
+                g0 = "0"
+                o.open()
+            else:
+                o.open()
+            for t in range(nt):
                 o(f"_tile_zero({t});")
-            step = 0
-            for kh in range(g["KH"]):
-                for j in range(g["J"]):
-                    at = 4 if step % 2 == 0 else 7
-                    o(f"_tile_loadd({at}, {base.format(kh=kh, j=j)}, {stride});")
-                    for t in tiles:
-                        bt = 5 if (step * len(tiles) + t) % 2 == 0 else 6
-                        o(f"_tile_loadd({bt}, {WA} + {((kh * g['J'] + j) * nb + g0 + t) * 1024}, 64);")
-                        o(f"{dp}({t}, {at}, {bt});")
-                    step += 1
-            for t in tiles:
-                o(f"_tile_stored({t}, nq_acc + {(g0 + t) * 16}, NB * 64);")
+            o.open("for (int kh = 0; kh < KH; ++kh)").open("for (int j = 0; j < J; ++j)")
+            o(f"_tile_loadd(4, {base}, {stride});")
+            for t in range(nt):
+                o(f"_tile_loadd({5 + t % 2}, {WA} + ((kh * J + j) * NB + {g0} + {t}) * 1024, 64);")
+                o(f"{dp}({t}, 4, {5 + t % 2});")
+            o.close().close()
+            for t in range(nt):
+                o(f"_tile_stored({t}, nq_acc + ({g0} + {t}) * 16, NB * 64);")
+            o.close()
         o.open("for (int r = 0; r < MR; ++r)")
         if stride1:
             o("const int v = v0 + r, oh = v / WP, ow = v % WP;")
@@ -263,8 +353,8 @@ class CPrinter:
         self._requantize_store16(s, o, "acc")
         o.close().close()
         o.close()
-        if not stride1:
-            o.close()
+        o("nq_amx_restore(&saved);")
+        o.close()
 
     def _requantize_store16(self, s: Step, o: Source, acc: str):
         """Output channels 16*b .. 16*b+15 of one pixel: requantize the int32 sums ``acc`` (bias
@@ -307,10 +397,52 @@ class CPrinter:
         o("const int iw = ow * SW - PW + kw * DW;")
         o("if ((unsigned)iw >= (unsigned)W) continue;")
 
-    def k_conv_scalar(self, s: Step, o: Source):
+    def k_conv_dw(self, s: Step, o: Source):
+        """A depthwise conv on c_conv_dw's kernel (channels in vector lanes, unpadded input), one
+        call per output row so the rows split across threads; the portable loop nest on the same
+        weights where the build lacks the ISA."""
+        isa = self.dw_isa()
+        lo, hi = s.node.attrs["clamp"]
+        wd, b, m, sh = (self.const_name(s, k) for k in ("wd", "biasd", "multd", "shiftd"))
+        signed = [int(self.buf(n).dtype == "int8") for n in (s.inputs[0], s.output)]
+        o(f"#if {'NQ_DW_AVX2' if isa == 'avx2' else 'NQ_DW_AVX512'}")
+        o.open()
+        o(self.conv_enum(s))
+        o(f"#pragma omp parallel for schedule(static) if (NQ_SPLIT(OH, {self.conv_macs(s)}L))")
+        o(f"for (int r = 0; r < OH; ++r) {c_conv_dw.fn_name(isa)}(x0, H, W, C, KH, KW, SH, SW, PH, PW, DH, DW, "
+          f"{wd}, {b}, {m}, {sh}, {lo}, {hi}, y, OH, OW, r, r + 1, {signed[0]}, {signed[1]});")
+        o.close()
+        o("#else")
+        o.open()
+        self.k_conv_scalar(s, o, "wd")
+        o.close()
+        o("#endif")
+
+    def weight_index(self, s: Step, layout: str) -> str:
+        """The offset of weight (o, kh, kw, k) (k: input channel within the group) in the
+        ``layout`` the printed kernels read: "w" (O, KH, KW, CG); "wv" [KH][KW][CP/4][OB][16][4]
+        and "ww" [KH][KW][CP/2][OB][8][2] (program.pack_vnni, pack_avx2); "wa" [KH][J][NB][16][64]
+        with byte b = kw * C + k of filter row kh at [b / 64][o / 16][b % 64 / 4][4 (o % 16) + b % 4]
+        (program.pack_amx). The portable kernel reads the one layout the source holds."""
+        if layout == "w":
+            return "((o * KH + kh) * KW + kw) * CG + k"
+        if layout == "wd":   # c_conv_dw.pack_dw: [CB][NP][2][B], lane order of _lane_channels (k = 0)
+            blk, npairs = c_conv_dw.BLOCK[self.dw_isa()], self.step_consts(s)["wd"].shape[1]
+            return (f"(((o / {blk}) * {npairs} + (kh * KW + kw) / 2) * 2 + o % 8 / 4) * {blk} "
+                    f"+ 2 * (4 * (o % {blk} / 8) + o % 4) + (kh * KW + kw) % 2")
+        if layout in ("wv", "ww"):
+            ck, ob, lanes, kk = s.consts[layout].shape[2:]
+            return (f"((((kh * KW + kw) * {ck} + k / {kk}) * {ob} + o / {lanes}) * {lanes} + o % {lanes}) * {kk} "
+                    f"+ k % {kk}")
+        j, nb = s.consts["wa"].shape[1:3]
+        return (f"(((kh * {j} + (kw * C + k) / 64) * {nb} + o / 16) * 16 + (kw * C + k) % 64 / 4) * 64 "
+                f"+ o % 16 * 4 + (kw * C + k) % 4")
+
+    def k_conv_scalar(self, s: Step, o: Source, layout: str = "w"):
         a = s.node.attrs
         lo, hi = a["clamp"]
-        W, B, M, S = (self.const_name(s, k) for k in ("w", "bias", "mult", "shift"))
+        tables = ("biasd", "multd", "shiftd") if layout == "wd" else ("bias", "mult", "shift")
+        W, B, M, S = (self.const_name(s, k) for k in (layout, *tables))
         o(self.conv_enum(s))
         o("/* |acc| <= %d < 2^31 (lowering checked the bound on these weights) */" % a["acc_bound"])
         o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
@@ -320,8 +452,13 @@ class CPrinter:
         o(f"int32_t acc = {B}[o];")
         self.open_taps(o)
         o(f"const {self.buf(s.inputs[0]).ctype} *xp = x0 + (ih * W + iw) * C + cg;")
-        o(f"const int8_t *wp = {W} + ((o * KH + kh) * KW + kw) * CG;")
-        o("for (int k = 0; k < CG; ++k) acc += (int32_t)xp[k] * (int32_t)wp[k];")
+        if layout == "wd":
+            o(f"acc += (int32_t)xp[0] * (int32_t){W}[{self.weight_index(s, layout)}];  /* one channel per group */")
+        elif layout == "w":
+            o(f"const int8_t *wp = {W} + ((o * KH + kh) * KW + kw) * CG;")
+            o("for (int k = 0; k < CG; ++k) acc += (int32_t)xp[k] * (int32_t)wp[k];")
+        else:
+            o(f"for (int k = 0; k < CG; ++k) acc += (int32_t)xp[k] * (int32_t){W}[{self.weight_index(s, layout)}];")
         o.close().close()
         o(f"yp[o] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
         o.close().close().close()
@@ -345,10 +482,12 @@ class CPrinter:
         sh = int(s.node.params["shift"][0])
         o(f"enum {{ N = {n} }};")
         o("int i = 0;")
-        o("#if NQ_VNNI")
         widen = {"uint8": "_mm512_cvtepu8_epi32", "int8": "_mm512_cvtepi8_epi32"}
         t0, t1 = (self.buf(i).dtype for i in s.inputs)
         out_t = self.buf(s.output).dtype
+        if self.profile not in ("amx", "vnni"):
+            widen = {}   # only the profile's instruction set is printed
+        o("#if NQ_VNNI")
         if t0 in widen and t1 in widen and out_t in widen and ADD_PAIR_SHIFTS[0] <= sh <= ADD_PAIR_SHIFTS[1]:
             pieces = [[(int(mi) >> k) & 0x7FFF for mi in m] for k in (0, 15, 30)]   # l, u, h of m0 and m1
             o.open()
@@ -721,55 +860,94 @@ class CPrinter:
     SIMD_ONLY = ("wv", "ww", "biasv", "multv", "shiftv", "wa", "biasx", "rqv", "tv")
 
     def simd_tables(self, s: Step) -> dict:
-        """{build macro: the tables of ``s`` its kernel there reads}: the weights of their layout,
-        the multipliers, the bias of their input type, the shift tables of their requantization
-        (the high-half ones where every shift allows them; AVX2 falls back to the scalar ones)."""
+        """{build macro: the tables of ``s`` its kernel there reads} for the conv path of this
+        profile (conv_path): its weight layout, the multipliers, the bias of its input type, the
+        shift tables of its requantization (the high-half ones where every shift allows them;
+        AVX2 falls back to the scalar ones), and the portable kernel's under the negated macro
+        (it reads the same weights)."""
+        if s.kind != "conv" or not s.node.quantized:
+            return {}
+        path = self.conv_path(s)
+        if path == "scalar":
+            return {}
+        if path == "dw":
+            return {"": {"wd", "biasd", "multd", "shiftd"}}
         shifts = {"rqv", "tv"} if "rqv" in s.consts else {"shiftv"}
-        out = {}
-        if "wv" in s.consts:
-            out["NQ_VNNI"] = {"wv", "multv", "biasx" if "biasx" in s.consts else "biasv"} | shifts
-            out["NQ_AVX2"] = {"ww", "biasv"} | ({"multv", "rqv", "tv"} if "rqv" in s.consts else {"mult", "shift"})
-            out["!NQ_VNNI && !NQ_AVX2"] = {"w", "bias", "mult", "shift"}
-        if "wa" in s.consts:
-            out["NQ_AMX"] = {"wa", "multv", "biasv"} | shifts
-        return out
+        w = self.WEIGHTS[path]
+        fallback = {w, "bias", "mult", "shift"}
+        if path == "vnni":
+            fast = {w, "multv", "biasx" if "biasx" in s.consts else "biasv"} | shifts
+        elif path == "avx2":
+            fast = {w, "biasv"} | ({"multv", "rqv", "tv"} if "rqv" in s.consts else {"mult", "shift"})
+        else:   # AMX: the portable kernel runs too where Linux refuses the tiles
+            fast = {w, "multv", "biasv"} | shifts
+            return {"NQ_AMX": fast - fallback, "": fallback}
+        return {self.MACRO[path]: fast, f"!{self.MACRO[path]}": fallback}
 
     def const_guard(self, s: Step, key: str):
         """The preprocessor condition under which constant ``key`` of ``s`` is used ("" always,
-        None never: not printed). VNNI convs fall back to VNNI when the OS refuses AMX, other AMX
-        convs to portable C. NQ_AMX implies NQ_VNNI."""
+        None never: not printed)."""
         tables = self.simd_tables(s)
         if not tables:
             return None if key in self.SIMD_ONLY else ""
         used = [m for m, keys in tables.items() if key in keys]
-        if "NQ_VNNI" in used and "NQ_AMX" in used:
-            used.remove("NQ_AMX")
         if not used:
             return None
-        return " || ".join(f"({m})" if "&&" in m and len(used) > 1 else m for m in used)
+        return "" if len(used) > 1 or "" in used else used[0]
 
     def constants(self) -> str:
+        """The constant tables the printed kernels read: those of BLOB_MIN_BYTES or more appended to
+        ``self.blob`` (the binary weights file, 64-byte aligned, included by .incbin) and named by
+        a macro; the small ones as C arrays under their build guard."""
         out = []
         for s in self.p.steps:
-            for key, arr in s.consts.items():
+            for key, arr in self.step_consts(s).items():
                 guard = self.const_guard(s, key)
                 if guard is None:
                     continue
-                text = c_array(CTYPE[np.asarray(arr).dtype], self.const_name(s, key), arr, self.const_qualifier)
+                arr = np.asarray(arr)
+                ctype = CTYPE[arr.dtype]
+                name = self.const_name(s, key)
+                if arr.nbytes >= BLOB_MIN_BYTES and self.file_suffix == ".c":
+                    data = arr.astype({"int32_t": np.int32, "float": np.float32}.get(ctype, arr.dtype)).tobytes()
+                    self.blob += bytes(-len(self.blob) % 64)
+                    self.blob_offsets[name] = len(self.blob)
+                    out.append(f"#define {name} ((const {ctype} *)({self.p.name}_blob + {len(self.blob)}))"
+                               f"  /* {arr.size} x {ctype} */")
+                    self.blob += data
+                    continue
+                text = c_array(ctype, name, arr, self.const_qualifier)
                 if key in self.SIMD_ONLY:  # vector loads
                     text = text.replace("] = {", "] __attribute__((aligned(64))) = {", 1)
                 out.append(f"#if {guard}\n{text}#endif\n" if guard else text)
         return "\n".join(out)
 
+    def blob_file(self) -> str:
+        return f"{self.p.name}_weights.bin"
+
+    def blob_decl(self) -> str:
+        """The binary weights file as a read-only symbol of the library (GNU as .incbin, found in the
+        compiler's working directory: the folder of the sources)."""
+        n = self.p.name
+        return f"""/* ---- the large constants: {len(self.blob):,} bytes in {self.blob_file()}, in the layouts the kernels read ---- */
+__asm__(".section .rodata\\n\\t.balign 64\\n\\t.globl {n}_blob\\n\\t.hidden {n}_blob\\n{n}_blob:\\n\\t"
+        ".incbin \\"{self.blob_file()}\\"\\n\\t.byte 0\\n\\t.previous");
+extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
+"""
+
     def step_functions(self) -> str:
-        o = Source()
+        return "".join(self.step_function_texts())
+
+    def step_function_texts(self):
+        """The step functions one at a time (the source is written as it is printed)."""
         for s in self.p.steps:
+            o = Source()
             o(f"/* {s.node.name} = {s.kind}({', '.join(s.node.inputs)}) [{'+'.join(s.node.layers)}] */")
             o.open(self.signature(s))
             self.emit_kernel(s, o)
             o.close()
             o()
-        return o.text()
+            yield o.text()
 
     def ptr(self, name: str) -> str:
         b = self.buf(name)
@@ -847,11 +1025,15 @@ const char *{n}_kernels(void);
 """
 
     def source(self) -> str:
+        return "".join(self.source_chunks())
+
+    def source_chunks(self):
+        """The library source in pieces, in order (constants first: they fill ``self.blob``)."""
         p = self.p
         n = p.name
         in_size = self.buf(p.input).elements
         q_size = self.buf(p.int_input).elements if p.int_input else 0
-        return f"""{self.header_comment()}#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
+        yield f"""{self.header_comment()}#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
 #define _DEFAULT_SOURCE  /* syscall() under -std=c11, to ask Linux for the AMX tile state */
 #endif
 #include <stddef.h>
@@ -886,6 +1068,16 @@ const char *{n}_kernels(void);
 #include "{RUNTIME_HEADER}"
 #ifdef _OPENMP
 #include <omp.h>
+/* split a kernel's n pieces of work (macs multiply-adds in all) across threads: only outside a
+ * parallel region (images of a batch already run in parallel), where there is more than one
+ * piece, and where the work outweighs waking the threads (a ResNet-20 conv of 2.4M MACs runs in
+ * about 10 us on one core: not split; a ResNet-50 conv of 100M+ MACs is) */
+#ifndef NQ_SPLIT_MIN_MACS
+#define NQ_SPLIT_MIN_MACS 16000000L
+#endif
+#define NQ_SPLIT(n, macs) ((macs) >= NQ_SPLIT_MIN_MACS && (n) > 1 && !omp_in_parallel() && omp_get_max_threads() > 1)
+#else
+#define NQ_SPLIT(n, macs) 0
 #endif
 
 #define ARENA_BYTES {max(p.arena_bytes, 64)}
@@ -894,15 +1086,20 @@ const char *{n}_kernels(void);
 #define CLASSES {p.classes}
 #define INT_OUT {self.buf(p.int_output).elements}
 
-/* ---- constants: int8 weights (O, KH, KW, I), int32 bias, requantization (M, shift) ---- */
-{self.constants()}
-{self.amx_runtime()}
-{self.simd_runtime()}
-/* ---- kernels, one per layer, shapes fixed ---- */
-{self.step_functions()}
-/* ---- one image ---- */
-{self.run_one()}
-static _Thread_local uint8_t nq_arena[ARENA_BYTES] __attribute__((aligned(64)));
+/* ---- constants: int8 weights in the layout of each kernel, int32 bias, requantization (M, shift) ---- */
+"""
+        yield self.constants() + "\n"
+        yield self.blob_decl()
+        yield self.amx_runtime() + "\n"
+        yield self.simd_runtime() + "\n"
+        if any(s.kind == "conv" and self.conv_path(s) == "dw" for s in self.p.steps):
+            yield "/* ---- depthwise convs: channels in vector lanes (c_conv_dw.py) ---- */\n"
+            yield c_conv_dw.print_dw_kernel(self.dw_isa()) + "\n"
+        yield "/* ---- kernels, one per layer, shapes fixed ---- */\n"
+        yield from self.step_function_texts()
+        yield "\n/* ---- one image ---- */\n"
+        yield self.run_one() + "\n"
+        yield f"""static _Thread_local uint8_t nq_arena[ARENA_BYTES] __attribute__((aligned(64)));
 
 static int run_batch(const float *images, const int8_t *qimages, int n, float *scores, int32_t *int_out) {{
     if (n < 0 || (!images && !qimages) || (!scores && !int_out)) return NQ_ERR_ARGUMENT;
@@ -917,7 +1114,14 @@ static int run_batch(const float *images, const int8_t *qimages, int n, float *s
 #if NQ_AMX
     nq_amx_request();
 #endif
-#pragma omp parallel for schedule(static) if (n > 1)
+    /* images in parallel where the batch has one for each thread; else one image after the
+     * other, each kernel splitting its rows across the threads (NQ_SPLIT) */
+#ifdef _OPENMP
+    const int by_image = n > 1 && n >= omp_get_max_threads();
+#else
+    const int by_image = 0;
+#endif
+#pragma omp parallel for schedule(static) if (by_image)
     for (int i = 0; i < n; ++i) {{
         float local[CLASSES];
 #if NQ_AMX
@@ -977,8 +1181,11 @@ const char *{n}_kernels(void) {{
 """
 
     def simd_runtime(self) -> str:
-        convs = [s for s in self.p.steps if "wv" in s.consts]
-        staged = max([SimdConv(self, isa).staged_bytes(s) for s in convs for isa in (VNNI, AVX2)], default=0)
+        convs = [s for s in self.p.steps if s.kind == "conv" and self.conv_path(s) in ("vnni", "avx2")]
+        staged = max([SimdConv(self, VNNI if self.conv_path(s) == "vnni" else AVX2).staged_bytes(s) for s in convs],
+                     default=0)
+        if not convs:
+            return ""
         return f"""#if NQ_VNNI || NQ_AVX2
 /* the padded input of the register-tiled conv kernels, one per thread (c_conv_simd.py) */
 static _Thread_local uint8_t nq_vpad[{-(-max(staged, 64) // 64) * 64}] __attribute__((aligned(64)));
@@ -1055,13 +1262,45 @@ int main(int argc, char **argv) {{
 CC ?= cc
 CFLAGS ?= {cflags}
 all: lib{n}.so {n}_bench
-lib{n}.so: {n}.c {n}.h {RUNTIME_HEADER}
+lib{n}.so: {n}.c {n}.h {RUNTIME_HEADER} {n}_weights.bin
 \t$(CC) $(CFLAGS) -shared -o $@ {n}.c -lm
 {n}_bench: main.c lib{n}.so
 \t$(CC) $(CFLAGS) -o $@ main.c {n}.c -lm
 clean:
 \trm -f lib{n}.so {n}_bench
 """
+
+    def write(self, folder, cflags: str) -> dict:
+        """Write every file into ``folder`` (a pathlib.Path), the library source piece by piece as
+        it is printed and the binary weights file after it; returns {file name: (lines, bytes)}."""
+        n = self.p.name
+        sizes = {}
+        src = f"{n}{self.file_suffix}"
+        lines = size = 0
+        with open(folder / src, "w") as f:
+            for chunk in self.source_chunks():
+                f.write(chunk)
+                lines += chunk.count("\n")
+                size += len(chunk.encode())
+        sizes[src] = (lines, size)
+        (folder / self.blob_file()).write_bytes(bytes(self.blob))
+        sizes[self.blob_file()] = (0, len(self.blob))
+        runtime = resources.files("netquant.codegen").joinpath("runtime", RUNTIME_HEADER).read_text()
+        for name, text in {f"{n}.h": self.header(), RUNTIME_HEADER: runtime, "main.c": self.bench(),
+                           "Makefile": self.makefile(cflags)}.items():
+            (folder / name).write_text(text)
+            sizes[name] = (text.count("\n"), len(text.encode()))
+        return sizes
+
+    def step_const_bytes(self, s: Step) -> int:
+        """Bytes of the constants of step ``s`` that the source holds (the kernels printed read them)."""
+        return sum(int(np.asarray(a).nbytes) for k, a in self.step_consts(s).items() if self.const_guard(s, k) is not None)
+
+    def compiled_const_bytes(self) -> int:
+        """Bytes of the constants the source holds (after ``write``): the weights file and the C arrays."""
+        small = sum(int(np.asarray(a).nbytes) for s in self.p.steps for k, a in self.step_consts(s).items()
+                    if self.const_guard(s, k) is not None and self.const_name(s, k) not in self.blob_offsets)
+        return len(self.blob) + small
 
     def files(self, cflags: str) -> dict:
         n = self.p.name

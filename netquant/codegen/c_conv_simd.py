@@ -22,12 +22,18 @@ tile       OBT <= 4, OBT * P <= 24                  OBT <= 2, OBT * P <= 10
 Sums are exact int32 (lowering bounds |acc| < 2^31; vpmaddwd's pair sums of 8-bit values by
 8-bit weights are far inside int32). The reduction of a tile is one asm statement (AT&T
 syntax): compilers otherwise fold the constant weights into per-instruction memory operands,
-hoist the broadcasts and spill accumulators. The epilogue is C with intrinsics: requantization
+hoist the broadcasts and spill accumulators. Inside it a loop runs over the CK groups of K input
+channels (``unroll`` groups per iteration for 1x1 convs), each iteration every filter tap with
+constant displacements from the tile's input and weight pointers, which then advance by K
+channels and by one group of weights; output channel blocks and pixel tiles are runtime loops.
+So the text of a conv is at most two tile widths x two block counts of KH*KW taps, whatever its
+image size or channel count (ResNet-50's layer4 3x3 conv: 31 KB of source; it compiled to 2.9 MB
+of code when every tile was unrolled). The epilogue is C with intrinsics: requantization
 from the high half of the product where every shift allows it (netquant_rt.h), saturating packs
 into whole-vector stores where the tile's bytes are contiguous.
 
 Example: S1U1_conv1 (C = O = 16, 32x32, 3x3) on VNNI: OBT = 1, P = 16, two tiles per row, each
-9 taps x 4 channel groups x 16 vpdpbusd = 576 against 9 x 4 x 17 loads.
+4 iterations over the channel groups of 9 taps x 16 vpdpbusd = 576 against 9 x 4 x 17 loads.
 """
 from __future__ import annotations
 
@@ -117,20 +123,36 @@ class SimdConv:
         tiles = " and ".join(f"{self.isa.lanes * g['OBT']} channels x {w} pixels" for w, _ in self.widths(g))
         return f"{self.isa.label} ({tiles} in registers)"
 
+    def unroll(self, g: dict) -> int:
+        """Channel groups per iteration of the reduction loop: more where a tap loop body is short
+        (1x1 convs), so the loop's own instructions stay a small share."""
+        return next((u for u in (4, 2) if g["CK"] % u == 0 and g["KH"] * g["KW"] * u <= 9), 1)
+
     def print(self, s: Step, o):
+        """The kernel of ``s``: rows of output pixels split across threads (when called outside a
+        parallel region: one image of a small batch), each row covered by register tiles; blocks
+        of OBT output channels in a runtime loop, so the text is a few tile bodies per conv
+        whatever its spatial size or channel count."""
         g = self.geometry(s)
         o("enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };")
         if g["STAGED"]:
             self.stage(s, o, g)
         else:
             o("const uint8_t *xp = (const uint8_t *)x0;  /* no padding to add: read the input as it is */")
-        tiles = [(b0, min(g["OBT"], g["OB"] - b0)) for b0 in range(0, g["OB"], g["OBT"])]
+        full, rest = g["OB"] // g["OBT"], g["OB"] % g["OBT"]
+        o(f"#pragma omp parallel for schedule(static) if (NQ_SPLIT(OH, {self.pr.conv_macs(s)}L))")
         o.open("for (int oh = 0; oh < OH; ++oh)")
         start = 0
         for width, count in self.widths(g):
             o.open(f"for (int ow0 = {start}; ow0 < {start + width * count}; ow0 += {width})")
-            for b0, nb in tiles:
-                self.tile(s, o, g, width, b0, nb)
+            if full == 1:
+                self.tile(s, o, g, width, "0", g["OBT"])
+            elif full:
+                o.open(f"for (int b0 = 0; b0 < {full * g['OBT']}; b0 += OBT)")
+                self.tile(s, o, g, width, "b0", g["OBT"])
+                o.close()
+            if rest:
+                self.tile(s, o, g, width, str(full * g["OBT"]), rest)
             o.close()
             start += width * count
         o.close()
@@ -162,8 +184,11 @@ class SimdConv:
             o(f"    row[(PW + w) * CP + c] = c < C ? ({e})src[w * C + c] : 0;")
         o.close()
 
-    def tile(self, s: Step, o, g: dict, npix: int, b0: int, nb: int):
-        """One register tile: output blocks b0 .. b0+nb-1 of pixels (oh, ow0 .. ow0+npix-1)."""
+    def tile(self, s: Step, o, g: dict, npix: int, b0: str, nb: int):
+        """One register tile: output blocks b0 .. b0+nb-1 (``b0`` a C expression) of pixels
+        (oh, ow0 .. ow0+npix-1). One asm statement: the bias into the accumulators, then a loop
+        over the CK groups of K input channels (unrolled by ``unroll``), each iteration every
+        filter tap with constant displacements from the tile's input and weight pointers."""
         isa = self.isa
         esize = 2 if isa.elem == "int16_t" else 1
         vbytes = 4 * isa.lanes
@@ -171,45 +196,55 @@ class SimdConv:
         B = self.pr.const_name(s, "biasx" if isa is VNNI and "biasx" in s.consts else "biasv")
         acc = [[f"a{b}_{p}" for p in range(npix)] for b in range(nb)]
         operand = {v: i for i, v in enumerate(v for row in acc for v in row)}
+        u = self.unroll(g)
         o.open()
         o(f"const {isa.elem} *xt = xp + (oh * SH * WP + ow0 * SW) * CP;")
+        o(f"const char *wt = (const char *){WT} + ({b0}) * {vbytes};")
+        o(f"const int32_t *bt = {B} + ({b0}) * {isa.lanes};")
+        o(f"const char *wend = wt + {g['CK'] * g['OB'] * vbytes};  /* the weights past the last channel group */")
         o(f"{isa.vtype} {', '.join(operand)};")
         o("__asm__(")
         o.level += 1
         for b in range(nb):
             for p in range(npix):
-                o(f'"{isa.load} {vbytes * (b0 + b)}(%[b]), %{operand[acc[b][p]]}\\n\\t"  /* the bias */')
+                o(f'"{isa.load} {vbytes * b}(%[b]), %{operand[acc[b][p]]}\\n\\t"  /* the bias */')
+        o('"1:\\n\\t"')
         k = 0
-        for kh in range(g["KH"]):
-            for kw in range(g["KW"]):
-                xk = (kh * g["DH"] * g["WP"] + kw * g["DW"]) * g["CP"]
-                for ck in range(g["CK"]):
-                    wk = ((kh * g["KW"] + kw) * g["CK"] + ck) * g["OB"] + b0
-                    o(f"/* tap ({kh}, {kw}), channels {isa.k * ck}..{isa.k * ck + isa.k - 1} */")
+        for j in range(u):
+            for kh in range(g["KH"]):
+                for kw in range(g["KW"]):
+                    xk = (kh * g["DH"] * g["WP"] + kw * g["DW"]) * g["CP"]
+                    wk = (kh * g["KW"] + kw) * g["CK"] * g["OB"] + j * g["OB"]
+                    o(f"/* tap ({kh}, {kw}), channels {isa.k * j}..{isa.k * j + isa.k - 1} of the group */")
                     for b in range(nb):
                         o(f'"{isa.load} {(wk + b) * vbytes}(%[w]), %%{isa.reg}{isa.w_regs[b]}\\n\\t"')
                     for p in range(npix):
                         x = isa.x_regs[p % 2]
-                        off = (xk + p * g["SW"] * g["CP"] + isa.k * ck) * esize
+                        off = (xk + p * g["SW"] * g["CP"] + isa.k * j) * esize
                         o(f'"vpbroadcastd {off}(%[x]), %%{isa.reg}{x}\\n\\t"')
                         for b in range(nb):
                             t = isa.t_regs[k % 2] if isa.t_regs else 0
                             k += 1
                             for line in isa.macs(isa.w_regs[b], x, f"%{operand[acc[b][p]]}", t):
                                 o(f'"{line}\\n\\t"')
-        o(": " + ", ".join(f'"=v"({v})' for v in operand))
-        o(f': [x] "r"(xt), [w] "r"({WT}), [b] "r"({B})')
-        o(": " + ", ".join(f'"{c}"' for c in isa.clobbers) + ', "memory");')
+        o(f'"add ${isa.k * u * esize}, %[x]\\n\\t"')
+        o(f'"add ${u * g["OB"] * vbytes}, %[w]\\n\\t"')
+        o('"cmp %[e], %[w]\\n\\t"')
+        o('"jne 1b\\n\\t"')
+        # at most 30 operands: 24 accumulators, x and w (read and written: 2 each), b and e
+        o(": " + ", ".join(f'"=&v"({v})' for v in operand) + ', [x] "+r"(xt), [w] "+r"(wt)')
+        o(': [b] "r"(bt), [e] "r"(wend)')
+        o(": " + ", ".join(f'"{c}"' for c in isa.clobbers) + ', "cc", "memory");')
         o.level -= 1
         self.epilogue(s, o, g, acc, b0, nb)
         o.close()
 
-    def _tables(self, s: Step, o, b0: int, nb: int, load: str, vtype: str):
+    def _tables(self, s: Step, o, b0: str, nb: int, load: str, vtype: str):
         """Per block b: m<b> (multipliers) and, for the high-half requantization, r<b> / t<b>."""
         pr, lanes = self.pr, self.isa.lanes
         M = pr.const_name(s, "multv")
         for b in range(nb):
-            off = lanes * (b0 + b)
+            off = f"{lanes} * ({b0} + {b})"
             if "rqv" in s.consts:
                 o(f"const {vtype} m{b} = {load}((const void *)({M} + {off})), "
                   f"r{b} = {load}((const void *)({pr.const_name(s, 'rqv')} + {off})), "
@@ -218,7 +253,7 @@ class SimdConv:
                 o(f"const {vtype} m{b} = {load}((const void *)({M} + {off})), "
                   f"t{b} = {load}((const void *)({pr.const_name(s, 'shiftv')} + {off}));")
 
-    def epilogue(self, s: Step, o, g: dict, acc: list, b0: int, nb: int):
+    def epilogue(self, s: Step, o, g: dict, acc: list, b0: str, nb: int):
         """Requantize a tile and store it. Where the tile spans every output channel (O a multiple
         of LANES), its bytes are contiguous: four vectors are packed (saturating) into one
         whole-vector store, a last group of fewer into a shorter one. Otherwise each vector stores
@@ -230,14 +265,18 @@ class SimdConv:
         yt = self.pr.buf(s.output).ctype
         L = isa.lanes
         pixels = [(p, b, acc[b][p]) for p in range(len(acc[0])) for b in range(nb)]
-        dst = {(p, b): f"y + (oh * OW + ow0 + {p}) * O + {L * (b0 + b)}" for p, b, _ in pixels}
+        dst = {(p, b): f"y + (oh * OW + ow0 + {p}) * O + {L} * ({b0} + {b})" for p, b, _ in pixels}
+        # channels of block b that exist (O - L * (b0 + b), at most L)
+        count = {b: f"(O - {L} * ({b0} + {b}) < {L} ? O - {L} * ({b0} + {b}) : {L})" for b in range(nb)}
+        if g["O"] % L == 0:
+            count = {b: str(L) for b in range(nb)}
         if "rqv" not in s.consts and isa is AVX2:
             M, S = self.pr.const_name(s, "mult"), self.pr.const_name(s, "shift")
             o("int32_t lane[8];")
             for p, b, a in pixels:
-                c0 = L * (b0 + b)
+                c0 = f"{L} * ({b0} + {b})"
                 o(f"_mm256_storeu_si256((__m256i *)lane, {a});")
-                o(f"for (int l = 0; l < {min(L, g['O'] - c0)}; ++l) ({dst[p, b]})[l] = "
+                o(f"for (int l = 0; l < {count[b]}; ++l) ({dst[p, b]})[l] = "
                   f"({yt})nq_requantize(lane[l], {M}[{c0} + l], {S}[{c0} + l], {lo}, {hi});")
             return
         self._tables(s, o, b0, nb, f"{v}_load_si{32 * L}", isa.vtype)
@@ -253,14 +292,18 @@ class SimdConv:
             o(f"{a} = {q};")
         if not contiguous:
             for p, b, a in pixels:
-                n = min(L, g["O"] - L * (b0 + b))
                 if isa is VNNI:
-                    o(f"_mm512_mask_cvtepi32_storeu_epi8({dst[p, b]}, (__mmask16){hex((1 << n) - 1)}, {a});"
+                    mask = "0xffff" if g["O"] % L == 0 else f"(1u << {count[b]}) - 1"
+                    o(f"_mm512_mask_cvtepi32_storeu_epi8({dst[p, b]}, (__mmask16)({mask}), {a});"
                       "  /* in range already: the low byte */")
+                elif g["O"] % L == 0:
+                    o(f"_mm_storel_epi64((__m128i *)({dst[p, b]}), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32("
+                      f"_mm256_pack{'us' if out_t == 'uint8' else 's'}_epi16(_mm256_packs_epi32({a}, {a}), _mm256_setzero_si256()), "
+                      f"_mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))));  /* in range already: the 8 low bytes */")
                 else:
                     o("{ int32_t lane[8];")
                     o(f"  _mm256_storeu_si256((__m256i *)lane, {a});")
-                    o(f"  for (int l = 0; l < {n}; ++l) ({dst[p, b]})[l] = ({yt})lane[l]; }}  /* in range already */")
+                    o(f"  for (int l = 0; l < {count[b]}; ++l) ({dst[p, b]})[l] = ({yt})lane[l]; }}  /* in range already */")
             return
         pack = f"{isa.pack}_{'u8' if out_t == 'uint8' else 's8'}"
         for i in range(0, len(pixels), 4):

@@ -30,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import NetquantError
 from ..ir.float_ops import FLOAT_OPS
 from ..quant import numerics as nx
 from ..quant.qgraph import QGraph, QNode
@@ -46,7 +47,7 @@ ELEMENTWISE_FNS = ("sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid"
 LUT_SIZE = 256
 
 
-class CodegenError(ValueError):
+class CodegenError(NetquantError, ValueError):
     """The network holds something this target cannot generate; the message names the layer."""
 
 

@@ -22,7 +22,9 @@ def render(gen) -> str:
     rows = []
     for s in p.steps:
         out = p.buffer(s.output)
-        wbytes = sum(int(a.nbytes) for a in s.consts.values())
+        wbytes = (getattr(gen, "layer_bytes", None) or {}).get(s.node.name)
+        if wbytes is None:
+            wbytes = sum(int(a.nbytes) for a in s.consts.values())
         place = "caller's array" if out.offset < 0 else f"arena +{out.offset}"
         rows.append([s.node.name, "+".join(s.node.layers), gen.kernels.get(s.node.name, f"{gen.target}:{s.kind}"), out.dtype,
                      "x".join(map(str, out.shape)), wbytes, out.nbytes, place])
@@ -32,7 +34,8 @@ def render(gen) -> str:
                    s.node.reason or "kept in floating point"] for s in p.float_steps()]
     floats = (_table(["Layer", "Network layers", "How it runs", "Why it is not int8"], float_rows) if float_rows
               else "<p>None: every layer runs in integers.</p>")
-    files = _table(["File", "Lines"], sorted(gen.files.items()))
+    sizes = getattr(gen, "sizes", {}) or {}
+    files = _table(["File", "Lines", "Bytes"], [(f, n, f"{sizes.get(f, 0):,}") for f, n in sorted(gen.files.items())])
     b = gen.build
     build = ("<p>Not built yet.</p>" if not b else
              f"<p>Command: <code>{html.escape(b['command'])}</code><br>Time: {b['seconds']} s"
@@ -50,7 +53,8 @@ code, pre {{ background: #f7f7f7; padding: 2px 4px; }}
 <h1>Code generation report: {html.escape(p.name)}</h1>
 <p>netquant {__version__}, target <b>{html.escape(gen.target)}</b>, flags <code>{html.escape(gen.cflags)}</code></p>
 <h2>Summary</h2>
-<ul><li>{len(p.steps)} kernels; constants {p.weight_bytes():,} bytes; arena {p.arena_bytes:,} bytes per image
+<ul><li>{len(p.steps)} kernels ({html.escape(getattr(gen, "profile", "") or gen.target)}); constants compiled
+{(getattr(gen, "const_bytes", 0) or p.weight_bytes()):,} bytes; arena {p.arena_bytes:,} bytes per image
 (per thread)</li><li>Input: {html.escape(p.input)} float32 {'x'.join(map(str, p.buffer(p.input).shape))};
 output: {p.classes} scores; integer output checked bit for bit: {html.escape(p.int_output)}</li></ul>
 <h2>Layers</h2>{layers}

@@ -126,12 +126,18 @@ def parse_python_batch(data: bytes, name: str = "batch") -> tuple[np.ndarray, np
     except Exception as e:  # a pickle that is not a CIFAR batch
         raise DataError(f"{name}: not a CIFAR-10 python batch ({e})") from e
     try:
-        flat = np.asarray(d[b"data"], dtype=np.uint8)
-        labels = np.asarray(d[b"labels"], dtype=np.int64)
-    except (KeyError, TypeError) as e:
-        raise DataError(f"{name}: expected keys b'data' and b'labels'") from e
+        flat = np.asarray(d[b"data"])
+        labels = np.asarray(d[b"labels"])
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise DataError(f"{name}: expected a dict with keys b'data' and b'labels'") from e
+    if flat.dtype != np.uint8 or flat.ndim != 2 or flat.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{name}: b'data' should be uint8 (N, 3072), got {flat.dtype} {flat.shape}")
+    if labels.ndim != 1 or len(labels) != len(flat) or labels.dtype.kind not in "iu":
+        raise DataError(f"{name}: b'labels' should be {len(flat)} integers, got {labels.dtype} {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{name}: label {labels.max() if labels.max() > 9 else labels.min()} out of range 0..9")
     # (N, 3072) -> (N, 3, 32, 32), the same plane order as the binary version
-    return flat.reshape(-1, 3, 32, 32).copy(), labels
+    return flat.reshape(-1, 3, 32, 32).copy(), labels.astype(np.int64)
 
 
 class _Files:
@@ -141,9 +147,12 @@ class _Files:
         self.path = path
         self.members: dict[str, object] = {}
         if path.is_dir():
-            for p in path.rglob("*"):
-                if p.is_file():
-                    self.members.setdefault(p.name, p)
+            try:
+                for p in path.rglob("*"):
+                    if p.is_file():
+                        self.members.setdefault(p.name, p)
+            except OSError as e:   # an unreadable sub-folder: say which, not a traceback
+                raise DataError(f"{path}: cannot read the folder ({e})") from e
             self.tar = None
         else:
             try:
@@ -151,7 +160,7 @@ class _Files:
                 for m in self.tar.getmembers():
                     if m.isfile():
                         self.members.setdefault(os.path.basename(m.name), m)
-            except (tarfile.TarError, OSError, EOFError) as e:
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
                 raise DataError(f"{path}: not a readable CIFAR-10 archive ({e})") from e
 
     def has(self, name: str) -> bool:
@@ -160,7 +169,10 @@ class _Files:
     def read(self, name: str) -> bytes:
         m = self.members[name]
         if self.tar is None:
-            return Path(m).read_bytes()
+            try:
+                return Path(m).read_bytes()
+            except OSError as e:
+                raise DataError(f"{m}: cannot read it ({e})") from e
         try:
             return self.tar.extractfile(m).read()
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -247,6 +259,21 @@ def download(cache: str | os.PathLike) -> Path:
     return target
 
 
+def data_spec(data=None):
+    """``data`` when given, else ``$NETQUANT_DATA``, else None; an empty value (``--data ""`` or
+    ``NETQUANT_DATA=``) is an error, not the current folder (which would be walked recursively)."""
+    if data is not None:
+        if not str(data).strip():
+            raise DataError("--data is empty: give a CIFAR-10 archive or folder, an image folder, a .zip, a .npz, "
+                            "'sample' or 'download'")
+        return data
+    env = os.environ.get(DATA_ENV)
+    if env is not None and not env.strip():
+        raise DataError(f"{DATA_ENV} is set but empty: set it to a CIFAR-10 archive or folder, an image folder, a "
+                        f".zip, a .npz, 'sample' or 'download', or unset it to use the embedded sample")
+    return env
+
+
 def load_cifar10(data: str | os.PathLike | None = None, allow_sample: bool = True) -> Cifar10:
     """Resolve where the data lives and read it.
 
@@ -254,7 +281,7 @@ def load_cifar10(data: str | os.PathLike | None = None, allow_sample: bool = Tru
     ``download`` in either (fetch into ``~/.cache/netquant``); otherwise the embedded sample
     (if ``allow_sample``). ``data="sample"`` asks for the embedded sample explicitly.
     """
-    spec = data if data is not None else os.environ.get(DATA_ENV)
+    spec = data_spec(data)
     if spec is None or str(spec) == "sample":
         if spec is None and not allow_sample:
             raise DataError(f"no CIFAR-10 data given: pass --data PATH or set {DATA_ENV}")

@@ -27,6 +27,7 @@ import os
 import stat
 import threading
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional, Sequence
@@ -301,7 +302,45 @@ def _decode_all(tree: _Tree, files: list, channels, size, resize, progress) -> l
 
 # --- .npz -----------------------------------------------------------------------------------------
 
+# An .npz member may inflate to NPZ_MEMBER_FLOOR bytes, or NPZ_MEMBER_RATIO times the file's size
+# when that is more (images compress about 2:1; a 1000:1 member is a zip bomb), and its array
+# must fit in the bytes the member holds: both checked before anything is inflated or allocated.
+NPZ_MEMBER_FLOOR, NPZ_MEMBER_RATIO = 1 << 30, 50
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse an .npz whose members inflate past the limits, or whose .npy headers declare arrays
+    larger than the member (a 3 GB shape on 12 KB of data), before numpy allocates them."""
+    try:
+        limit = max(NPZ_MEMBER_FLOOR, NPZ_MEMBER_RATIO * path.stat().st_size)
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.file_size > limit:
+                    raise DataError(f"{path}: member {info.filename} inflates to {info.file_size:,} bytes, more than "
+                                    f"the {limit:,} allowed for this file (a zip bomb?)")
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=10000)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=10000)
+                    else:
+                        continue   # numpy reads other versions itself; its own checks apply
+                nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if nbytes > info.file_size:
+                    raise DataError(f"{path}: member {info.filename} declares a {dtype} array of shape {shape} "
+                                    f"({nbytes:,} bytes) but holds {info.file_size:,} bytes")
+    except DataError:
+        raise
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error, RuntimeError, NotImplementedError,
+            SyntaxError, TypeError) as e:   # a corrupt header: numpy's parser raises several kinds
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+
+
 def _read_npz(path: Path, class_names, size, resize) -> ImageSet:
+    _check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
@@ -315,8 +354,8 @@ def _read_npz(path: Path, class_names, size, resize) -> ImageSet:
         raise
     except ValueError as e:   # object arrays need pickle, which is never used on data files
         raise DataError(f"{path}: cannot be read without unpickling ({e}); store plain uint8/int arrays") from e
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, RuntimeError, NotImplementedError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
     if images.dtype != np.uint8:
         raise DataError(f"{path}: images: expected dtype uint8 (pixels 0..255), got {images.dtype}")
     if images.ndim == 3:                       # (N, H, W) grey
@@ -415,9 +454,9 @@ def open_data(path=None, *, size: Optional[Sequence[int]] = None, resize: Option
     ``resize``, ``class_names`` and ``channels`` as in :func:`load_images`; CIFAR-10 is resized
     only when ``size`` differs from 32x32.
     """
-    from .cifar10 import DATA_ENV, load_cifar10, read_cifar10
+    from .cifar10 import DATA_ENV, data_spec, load_cifar10, read_cifar10
 
-    spec = path if path is not None else os.environ.get(DATA_ENV)
+    spec = data_spec(path)
     if size is not None:
         size = _check_size(size)
     kw = dict(size=size, resize=resize, channels=channels, progress=progress)
@@ -451,9 +490,9 @@ def open_data(path=None, *, size: Optional[Sequence[int]] = None, resize: Option
 def reads_image_files(path=None) -> bool:
     """True when :func:`open_data` would decode image files for ``path`` (an image folder or a
     zip), which it resizes as it decodes them; False for CIFAR-10 and .npz (arrays)."""
-    from .cifar10 import DATA_ENV
+    from .cifar10 import data_spec
 
-    spec = path if path is not None else os.environ.get(DATA_ENV)
+    spec = data_spec(path)
     if spec is None or str(spec) in ("sample", "download"):
         return False
     p = Path(spec)

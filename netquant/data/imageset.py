@@ -12,9 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """A dataset file is missing, truncated, corrupt or of an unexpected format."""
+from ..errors import DataError  # noqa: F401  (re-exported: a data set that cannot be read)
 
 
 @dataclass(frozen=True, eq=False)

@@ -35,6 +35,12 @@ def random_tile_png(data: ImageSet, path, count: int = 20, seed: int = 0, column
     class numbers as text when the set has no names)."""
     from PIL import Image
 
-    index = np.random.default_rng(seed).choice(len(data), size=min(count, len(data)), replace=False)
-    Image.fromarray(tile(data.images[index], columns)).save(path)
+    from ..errors import ArgumentError
+    from ..fileio import atomic_write
+
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 < count <= len(data):
+        raise ArgumentError(f"tile count: expected 1..{len(data)} (the images in {data.source}), got {count!r}")
+    index = np.random.default_rng(seed).choice(len(data), size=int(count), replace=False)
+    with atomic_write(path, "wb") as f:   # the old tile or the whole new one
+        Image.fromarray(tile(data.images[index], columns)).save(f, format="PNG")
     return [data.class_name(data.labels[i]) for i in index]

@@ -68,6 +68,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from ..errors import NetquantError
 from ..ir.graph import Graph
 from ..quant import numerics as nx
 from ..quant.qgraph import QGraph
@@ -90,7 +91,7 @@ _RESIZE = {"nearest": ("nearest", "asymmetric", "floor"),
            "bicubic": ("cubic", "half_pixel", None)}
 
 
-class OnnxExportError(ValueError):
+class OnnxExportError(NetquantError, ValueError):
     """A graph that cannot be written as ONNX (names the node and why)."""
 
 
@@ -573,9 +574,9 @@ def _compute(b: _Builder, n, xs: list, in_shapes: list, weights: Optional[tuple]
 
 
 def _write(model, path) -> None:
-    data = model.SerializeToString()
-    with open(os.fspath(path), "wb") as f:
-        f.write(data)
+    from ..fileio import write_bytes
+
+    write_bytes(os.fspath(path), model.SerializeToString())   # atomic: the old file or the whole new one
 
 
 # --- float network --------------------------------------------------------------------------

@@ -50,6 +50,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import NetquantError
 from .float_exec import run_float
 from .float_ops import FLOAT_OPS
 from .graph import Graph, Node
@@ -103,7 +104,7 @@ _STDLIB_DIR = os.path.join(os.path.abspath(sysconfig.get_paths()["stdlib"]), "")
 _SITE_DIRS = tuple(os.path.join(os.path.abspath(sysconfig.get_paths()[k]), "") for k in ("purelib", "platlib"))
 
 
-class CaptureError(ValueError):
+class CaptureError(NetquantError, ValueError):
     """The model holds something netquant cannot represent; the message names the node and
     the line of the model's code."""
 

@@ -41,6 +41,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from ..errors import NetquantError
 from .float_ops import FLOAT_OPS
 from .graph import Graph, Node, rename_inputs
 from .passes import optimize
@@ -52,7 +53,7 @@ FLT_MAX = float(np.finfo(np.float32).max)
 CHECK_RTOL = 1e-4   # self-check: max |onnxruntime - netquant| <= 1e-4 * max |onnxruntime| (+1e-6)
 
 
-class OnnxImportError(ValueError):
+class OnnxImportError(NetquantError, ValueError):
     """The ONNX model holds something netquant cannot represent; the message names the node."""
 
 

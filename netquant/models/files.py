@@ -15,15 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..errors import ModelFileError  # noqa: F401  (a model argument naming no readable network)
+
 log = logging.getLogger(__name__)
 
 ONNX_SUFFIXES = (".onnx",)
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".tar", ".bin", ".mar")
-
-
-class ModelFileError(ValueError):
-    """A model argument names no readable network (missing file, unknown kind, refused pickle)."""
 
 
 @dataclass(frozen=True)

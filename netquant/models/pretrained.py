@@ -80,7 +80,9 @@ def load_pretrained(name: str = "cifarnet-20-16") -> ResNet:
 
 def save_pretrained(net: ResNet, folder: str | Path, card_extra: dict) -> Path:
     """Write ``<name>.safetensors`` and ``<name>.json`` for ``net`` into ``folder``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from ..fileio import write_bytes, write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,7 @@ def save_pretrained(net: ResNet, folder: str | Path, card_extra: dict) -> Path:
                                         "std": net.input.std.flatten().tolist()}},
             **card_extra}
     # the card travels inside the weights file too, so one file is a complete model
-    save_file(state, str(folder / f"{name}.safetensors"), metadata={"name": name, "netquant_card": json.dumps(card)})
-    (folder / f"{name}.json").write_text(json.dumps(card, indent=1) + "\n")
+    # atomic writes: an interrupted save leaves the old files, never a truncated one
+    write_bytes(folder / f"{name}.safetensors", save(state, metadata={"name": name, "netquant_card": json.dumps(card)}))
+    write_text(folder / f"{name}.json", json.dumps(card, indent=1) + "\n")
     return folder / f"{name}.json"

@@ -102,9 +102,9 @@ def evaluate(model: ResNet, data: ImageSet, batch_size: int = 500, bf16: bool = 
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from ..fileio import write_bytes
+
+    write_bytes(path, data)   # temp file + fsync + os.replace
 
 
 def save_checkpoint(folder: Path, model: ResNet, opt: torch.optim.Optimizer, meta: dict) -> None:

@@ -17,7 +17,7 @@ from ..calib.methods import METHODS
 CONFIG_VERSION = 1
 GRANULARITIES = ("per_channel", "per_tensor")
 SCALES = ("float", "pow2")
-OVERRIDE_KEYS = ("activation_range", "weight_granularity", "percentile")
+OVERRIDE_KEYS = ("activation_range", "weight_granularity", "percentile", "weight_bits")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,11 @@ class QuantConfig:
     weight_range: str = "minmax"              # range method for weights
     percentile: float = 99.99                 # used by the percentile method
     unsigned_activations: bool = True         # non-negative tensors use 0..255
+    weight_bits: int = 8                      # weights take -(2^(b-1)-1)..2^(b-1)-1 (4: -7..7), stored in int8
+    cle: bool = False                         # cross-layer equalisation of conv pairs before calibration
+    bias_correction: bool = False             # shift biases by the mean output error on the calibration images
+    adaround: bool = False                    # learned up/down rounding of the weights (AdaRound)
+    adaround_iterations: int = 300            # optimisation steps per layer of AdaRound
     overrides: dict = field(default_factory=dict)
     version: int = CONFIG_VERSION
 
@@ -41,6 +46,13 @@ class QuantConfig:
         _check("weight_range", self.weight_range, METHODS)
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if not (type(self.weight_bits) is int and 2 <= self.weight_bits <= 8):
+            raise ValueError(f"weight_bits must be an integer in 2..8, got {self.weight_bits!r}")
+        if not (type(self.adaround_iterations) is int and 1 <= self.adaround_iterations <= 100_000):
+            raise ValueError(f"adaround_iterations must be an integer in 1..100000, got {self.adaround_iterations!r}")
+        for flag in ("cle", "bias_correction", "adaround"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported (expected {CONFIG_VERSION})")
         for layer, o in self.overrides.items():
@@ -48,6 +60,16 @@ class QuantConfig:
             if bad:
                 raise ValueError(f"override for {layer!r}: unknown keys {sorted(bad)}; allowed: {OVERRIDE_KEYS}")
             replace(self, overrides={}, **o)  # validates the values
+
+    @property
+    def weight_levels(self) -> int:
+        """The largest weight magnitude: 2^(weight_bits-1) - 1 (127 for 8 bits, 7 for 4)."""
+        return 2 ** (self.weight_bits - 1) - 1
+
+    @property
+    def adjusts_weights(self) -> bool:
+        """Does calibration change the graph (CLE) or compute weight/bias adjustments?"""
+        return self.cle or self.bias_correction or self.adaround
 
     def for_layer(self, names) -> "QuantConfig":
         """The config with the overrides of any of ``names`` applied."""

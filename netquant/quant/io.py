@@ -9,19 +9,25 @@ A quantizer file (format ``netquant.quantizer``, version 1) holds:
 - ``graph.safetensors``: the float graph's parameters (after batch-norm folding);
 - ``stats.safetensors``: the calibration histograms and per-channel ranges.
 
-Nothing is pickled. The integer network is not stored: it is rebuilt from these by the same
-deterministic lowering, so a loaded quantizer gives the same integers bit for bit.
+Saving is atomic (the old file or the whole new one, see :mod:`netquant.fileio`). Loading checks
+every member's inflated size before inflating it, the manifest's fields, every statistic
+(:func:`check_stats`) and the fingerprint; any failure is a :class:`QuantizerFileError` naming the
+file and the member (and the layer). Nothing is pickled. The integer network is not stored: it
+is rebuilt from these by the same deterministic lowering, so a loaded quantizer gives the same integers bit for bit.
 """
 from __future__ import annotations
 
-import io
 import json
+import math
 import zipfile
+import zlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from ..calib.stats import RangeStats, RangeTable
+from ..errors import QuantizerFileError
 from ..ir.graph import Graph, Node
 from ..ir.input_spec import InputSpec
 from .config import QuantConfig
@@ -73,9 +79,26 @@ def graph_to_json(graph: Graph) -> tuple[dict, dict]:
     return {"nodes": nodes, "output": graph.output, "source": graph.source}, arrays
 
 
+def _check_node_json(i: int, d) -> None:
+    """One node of a manifest's graph has the fields and types graph_to_json writes."""
+    if not isinstance(d, dict):
+        raise ValueError(f"node {i}: expected a JSON object, got {type(d).__name__}")
+    types = {"name": str, "op": str, "inputs": list, "shape": list, "attrs": dict, "params": list, "layers": list}
+    for key, kind in types.items():
+        if not isinstance(d.get(key), kind):
+            raise ValueError(f"node {i} ({d.get('name')!r}): field {key!r} should be {kind.__name__}, "
+                             f"got {type(d.get(key)).__name__}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 31 for v in d["shape"]):
+        raise ValueError(f"node {d['name']!r}: shape {d['shape']!r} is not a list of positive sizes")
+    for key in ("inputs", "params", "layers"):
+        if not all(isinstance(v, str) for v in d[key]):
+            raise ValueError(f"node {d['name']!r}: {key} should be names")
+
+
 def graph_from_json(meta: dict, arrays: dict) -> Graph:
     nodes = []
     for i, d in enumerate(meta["nodes"]):
+        _check_node_json(i, d)
         nodes.append(Node(d["name"], d["op"], tuple(d["inputs"]), tuple(d["shape"]), _tuples(d["attrs"]),
                           {k: arrays[f"{i}/{k}"] for k in d["params"]}, tuple(d["layers"]), d["reason"]))
     return Graph(tuple(nodes), meta["output"], meta["source"])
@@ -108,31 +131,209 @@ def _versions() -> dict:
 
 
 def _write_zip(path, files: dict) -> None:
-    path = Path(path)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in files.items():
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # deterministic
-            info.compress_type = zipfile.ZIP_DEFLATED
-            z.writestr(info, data)
-    path.write_bytes(buf.getvalue())
+    """Write the members into a zip at ``path`` atomically (temp file, fsync, rename): a save
+    interrupted at any moment (SIGKILL, Ctrl-C, a full disk) leaves the old file whole."""
+    from ..fileio import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, data in files.items():
+                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # deterministic
+                info.compress_type = zipfile.ZIP_DEFLATED
+                z.writestr(info, data)
 
 
-def _read_zip(path, expected_format: str) -> tuple[dict, zipfile.ZipFile]:
+# Inflated size limits, checked against the zip's central directory before anything is inflated
+# (zipfile never inflates past a member's declared size: a lying header fails its CRC). A member
+# may inflate to MEMBER_FLOOR bytes, or to MEMBER_RATIO times the whole file's size when that is
+# more: weights barely compress (ratio ~1.1), histograms compress well but are small. So a
+# 2.1 MB file whose graph member claims 2 GiB is refused (limit 256 MiB), and a 600 MB quantizer
+# may hold members up to 12 GB.
+MANIFEST_MAX_BYTES = 64 << 20
+MEMBER_FLOOR, MEMBER_RATIO = 256 << 20, 20
+
+
+class _Reader:
+    """The members of one netquant zip, each read at most once, with size limits; every failure
+    is a QuantizerFileError naming the file and the member."""
+
+    def __init__(self, path: Path, z: zipfile.ZipFile, what: str):
+        self.path, self.z, self.what = path, z, what
+        self.file_bytes = path.stat().st_size
+
+    def fail(self, member: str, text: str, layer: Optional[str] = None) -> QuantizerFileError:
+        where = f"{self.path}: member {member}" + (f", layer {layer}" if layer else "")
+        return QuantizerFileError(f"{where}: {text} (a corrupt or edited {self.what} file; save it again)")
+
+    def read(self, member: str, limit: Optional[int] = None) -> bytes:
+        try:
+            info = self.z.getinfo(member)
+        except KeyError:
+            raise self.fail(member, "missing") from None
+        limit = limit if limit is not None else max(MEMBER_FLOOR, MEMBER_RATIO * self.file_bytes)
+        if info.file_size > limit:
+            raise self.fail(member, f"inflates to {info.file_size:,} bytes, more than the {limit:,} allowed for a "
+                                    f"{self.file_bytes:,}-byte file (a zip bomb?)")
+        try:
+            return self.z.read(info)
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError,
+                ValueError) as e:
+            raise self.fail(member, f"cannot be inflated ({type(e).__name__}: {e})") from e
+
+    def tensors(self, member: str) -> dict:
+        data = self.read(member)
+        try:
+            arrays = _tensors_load(data)
+        except Exception as e:   # safetensors raises its own SafetensorError (and others) on bad bytes
+            raise self.fail(member, f"not a safetensors blob ({type(e).__name__}: {e})") from e
+        return arrays
+
+
+def _read_zip(path, expected_format: str) -> tuple[dict, _Reader]:
+    """(the manifest, a reader of the other members) of a netquant zip, format and version checked."""
     path = Path(path)
+    what = "quantizer" if expected_format == FORMAT else "calibration"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    if not path.is_file():
+        raise QuantizerFileError(f"{path}: not a file (expected a {what} file written by netquant)")
     try:
         z = zipfile.ZipFile(path)
-        manifest = json.loads(z.read("manifest.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as e:
-        raise ValueError(f"{path}: not a {expected_format} file, or it is corrupt ({e})") from e
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise QuantizerFileError(f"{path}: not a {expected_format} file, or it is corrupt or truncated "
+                                 f"({type(e).__name__}: {e})") from e
+    reader = _Reader(path, z, what)
+    raw = reader.read("manifest.json", MANIFEST_MAX_BYTES)
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise reader.fail("manifest.json", f"not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(manifest, dict):
+        raise reader.fail("manifest.json", f"expected a JSON object, got a {type(manifest).__name__}")
     if manifest.get("format") != expected_format:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {expected_format!r}")
+        raise QuantizerFileError(f"{path}: format {manifest.get('format')!r}, expected {expected_format!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: {expected_format} version {manifest.get('format_version')}, this netquant reads "
-                         f"version {FORMAT_VERSION}")
-    return manifest, z
+        raise QuantizerFileError(f"{path}: {expected_format} version {manifest.get('format_version')!r}, this "
+                                 f"netquant reads version {FORMAT_VERSION}")
+    return manifest, reader
+
+
+def _field(reader: _Reader, d, key: str, kind, where: str = "manifest.json"):
+    """``d[key]``, which must be of ``kind`` (a type or tuple of types)."""
+    if not isinstance(d, dict) or key not in d:
+        raise reader.fail(where, f"the field {key!r} is missing")
+    v = d[key]
+    if not isinstance(v, kind) or isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise reader.fail(where, f"the field {key!r} should be {names}, got {type(v).__name__}")
+    return v
+
+
+def check_stats(s: RangeStats) -> Optional[str]:
+    """What is inconsistent in one tensor's statistics, or None when they hold together.
+
+    Checked: kind; count, zeros and histogram counts (non-negative integers that add up: every
+    value is in one linear bin, and every value is zero or in one log2 bin); min <= max, both
+    finite when count > 0; the histogram limit a power of two (or 0 for no values) with |min|,
+    |max| <= limit; min and max inside the lowest and highest non-empty bins (bin i covers
+    [(i - 1024) w, (i - 1023) w) with w = limit / 1024; e.g. limit 4: a max of 3.1 must be in a bin
+    at or below 3.1 // (1/256) = 793 above the middle, and that bin must not be empty); the
+    per-channel ranges finite, ordered and spanning exactly [min, max]. An edited max of NaN,
+    0, -1 or 1e30 breaks at least one of these."""
+    from ..calib.stats import HALF_BINS, KINDS, LOG2_MAX, LOG2_MIN
+
+    if s.kind not in KINDS:
+        return f"kind {s.kind!r}, expected one of {', '.join(KINDS)}"
+    for name in ("count", "zeros"):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            return f"{name} {v!r}: expected a non-negative integer"
+    for name in ("min", "max", "limit"):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"{name} {v!r}: expected a number"
+    for name, n in (("hist", 2 * HALF_BINS), ("log2_hist", LOG2_MAX - LOG2_MIN + 1)):
+        a = getattr(s, name)
+        if not isinstance(a, np.ndarray) or a.shape != (n,) or a.dtype.kind not in "iu":
+            return f"{name}: expected {n} integer counts, got {getattr(a, 'dtype', type(a).__name__)} " \
+                   f"{getattr(a, 'shape', '')}"
+        if (a < 0).any():
+            return f"{name}: negative counts"
+    if s.zeros > s.count:
+        return f"zeros {s.zeros} > count {s.count}"
+    if int(s.hist.sum()) != s.count:
+        return f"the histogram holds {int(s.hist.sum())} values, count says {s.count}"
+    if int(s.log2_hist.sum()) + s.zeros != s.count:
+        return f"the log2 histogram and zeros hold {int(s.log2_hist.sum()) + s.zeros} values, count says {s.count}"
+    if s.count == 0:
+        return None if s.channel_min is None and s.channel_max is None else "per-channel ranges with no values"
+    if not (math.isfinite(s.min) and math.isfinite(s.max) and s.min <= s.max):
+        return f"range [{s.min!r}, {s.max!r}]: expected finite min <= max"
+    lim = float(s.limit)
+    if not (math.isfinite(lim) and lim > 0 and math.frexp(lim)[0] == 0.5) or max(abs(s.min), abs(s.max)) > lim:
+        return f"histogram limit {lim!r} with range [{s.min:g}, {s.max:g}]: expected a power of two >= |min|, |max|"
+    w = lim / HALF_BINS
+    nz = np.flatnonzero(s.hist)
+    lo_bin, hi_bin = int(nz[0]) - HALF_BINS, int(nz[-1]) - HALF_BINS
+    tol = 1e-6 * lim
+    if not (lo_bin * w - tol <= s.min < (lo_bin + 1) * w + tol):
+        return f"min {s.min:g} is not in the lowest non-empty histogram bin [{lo_bin * w:g}, {(lo_bin + 1) * w:g})"
+    if not (hi_bin * w - tol <= s.max <= (hi_bin + 1) * w + tol):
+        return f"max {s.max:g} is not in the highest non-empty histogram bin [{hi_bin * w:g}, {(hi_bin + 1) * w:g})"
+    if (s.channel_min is None) != (s.channel_max is None):
+        return "only one of channel_min and channel_max"
+    if s.channel_min is not None:
+        cmin, cmax = s.channel_min, s.channel_max
+        if cmin.ndim != 1 or cmin.shape != cmax.shape or cmin.size == 0 or cmin.dtype.kind != "f" \
+                or cmax.dtype.kind != "f":
+            return f"per-channel ranges of shapes {cmin.shape} and {cmax.shape}: expected two equal (C,) float arrays"
+        if not (np.isfinite(cmin).all() and np.isfinite(cmax).all() and (cmin <= cmax).all()):
+            return "per-channel ranges not finite or min > max"
+        if abs(float(cmin.min()) - s.min) > tol or abs(float(cmax.max()) - s.max) > tol:
+            return (f"per-channel ranges span [{float(cmin.min()):g}, {float(cmax.max()):g}] but the tensor's range "
+                    f"is [{s.min:g}, {s.max:g}]")
+    return None
+
+
+def _ranges(reader: _Reader, meta, graph: Optional[Graph]) -> RangeTable:
+    """The RangeTable of ``meta`` (the manifest's ranges) and stats.safetensors, every statistic checked."""
+    where = "manifest.json"
+    stats_meta = _field(reader, meta, "stats", list)
+    images = _field(reader, meta, "images", int)
+    source = _field(reader, meta, "source", str)
+    fingerprint = _field(reader, meta, "fingerprint", str)
+    arrays = reader.tensors("stats.safetensors")
+    groups: dict = {}
+    for k, v in arrays.items():
+        i, _, name = k.partition("/")
+        groups.setdefault(i, {})[name] = v
+    stats = {}
+    fields = ("kind", "node", "layer", "count", "min", "max", "limit", "zeros")
+    for i, d in enumerate(stats_meta):
+        if not isinstance(d, dict) or set(d) != set(fields):
+            raise reader.fail(where, f"statistics entry {i}: expected the fields {', '.join(fields)}")
+        node = d["node"] if isinstance(d["node"], str) else repr(d["node"])
+        if not isinstance(d["node"], str) or not isinstance(d["layer"], str):
+            raise reader.fail(where, f"statistics entry {i}: node and layer must be names")
+        a = groups.get(str(i), {})
+        if "hist" not in a or "log2_hist" not in a:
+            raise reader.fail("stats.safetensors", f"histograms of statistics entry {i} missing", node)
+        try:
+            s = RangeStats.from_saved(d, a)
+        except (TypeError, ValueError) as e:
+            raise reader.fail("stats.safetensors", f"statistics entry {i}: {e}", node) from e
+        problem = check_stats(s)
+        if problem:
+            raise reader.fail("manifest.json" if "hist" not in problem else "stats.safetensors",
+                              f"{s.kind} statistics: {problem}", node)
+        if graph is not None and s.node not in graph.names():
+            raise reader.fail(where, f"statistics of {s.node!r}, which is not a node of the stored network")
+        if s.key in stats:
+            raise reader.fail(where, f"statistics of {s.key!r} appear twice")
+        stats[s.key] = s
+    if isinstance(images, bool) or images < 0:
+        raise reader.fail(where, f"calibration image count {images!r}")
+    return RangeTable(stats, images, source, fingerprint)
 
 
 def save_quantizer(q, path) -> None:
@@ -152,27 +353,54 @@ def save_quantizer(q, path) -> None:
 
 
 def load_quantizer(path):
+    """The Quantizer saved at ``path``; every member is size-capped before it is inflated, and the
+    graph, configuration and statistics are checked: any failure is one QuantizerFileError naming
+    the file and the member (and the layer)."""
     from ..calib.calibrate import graph_fingerprint
     from ..quantizer import Quantizer
 
-    manifest, z = _read_zip(path, FORMAT)
-    try:
-        graph = graph_from_json(manifest["graph"], _tensors_load(z.read("graph.safetensors")))
-        q = Quantizer(graph=graph, target=manifest["target"], config=QuantConfig.from_dict(manifest["config"]),
-                      name=manifest["name"])
+    manifest, reader = _read_zip(path, FORMAT)
+    with reader.z:
+        gmeta = _field(reader, manifest, "graph", dict)
+        garrays = reader.tensors("graph.safetensors")
+        try:
+            graph = graph_from_json(gmeta, garrays)
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+            raise reader.fail("manifest.json", f"the network does not load ({type(e).__name__}: {e})") from e
+        for n in graph.nodes:
+            for k, a in n.params.items():
+                if not isinstance(a, np.ndarray) or (a.dtype.kind == "f" and not np.isfinite(a).all()):
+                    raise reader.fail("graph.safetensors", f"parameter {k} holds NaN or inf values", n.name)
+        target = _field(reader, manifest, "target", str)
+        name = _field(reader, manifest, "name", str)
+        try:
+            config = QuantConfig.from_dict(_field(reader, manifest, "config", dict))
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:   # what an edited value raises
+            raise reader.fail("manifest.json", f"config: {type(e).__name__}: {e}") from e
+        q = Quantizer(graph=graph, target=target, config=config, name=name)
         # the stored graph already holds the spec's nodes: record the spec, do not apply it again
         spec = manifest.get("input_spec")   # files written before input specs have none
-        q.input_spec = InputSpec.from_json(spec) if spec is not None else None
-        if manifest["ranges"] is not None:
-            q.ranges = ranges_from_json(manifest["ranges"], _tensors_load(z.read("stats.safetensors")))
-    except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{path}: corrupt quantizer file ({type(e).__name__}: {e})") from e
+        try:
+            q.input_spec = InputSpec.from_json(spec) if spec is not None else None
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+            raise reader.fail("manifest.json", f"input_spec: {type(e).__name__}: {e}") from e
+        if manifest.get("ranges") is not None:
+            q.ranges = _ranges(reader, manifest["ranges"], graph)
     if q.ranges is not None and q.ranges.fingerprint != graph_fingerprint(graph):
-        raise ValueError(f"{path}: its calibration statistics do not belong to its network")
-    q.user_float = frozenset(manifest["float_layers"])
-    q.provenance = manifest["provenance"]
-    if manifest.get("float_learnable_bytes"):
-        q.float_learnable_bytes = manifest["float_learnable_bytes"]
+        raise QuantizerFileError(f"{path}: its calibration statistics do not belong to its network (fingerprint "
+                                 f"{q.ranges.fingerprint}, the stored network is {graph_fingerprint(graph)})")
+    floats = _field(reader, manifest, "float_layers", list)
+    known = set(graph.names()) | {layer for n in graph.nodes for layer in n.layers}
+    bad = [f for f in floats if not isinstance(f, str) or f not in known]
+    if bad:
+        raise reader.fail("manifest.json", f"float_layers names {bad[0]!r}, not a layer of the stored network")
+    q.user_float = frozenset(floats)
+    q.provenance = _field(reader, manifest, "provenance", dict)
+    fbytes = manifest.get("float_learnable_bytes")
+    if fbytes:
+        if isinstance(fbytes, bool) or not isinstance(fbytes, int) or fbytes < 0:
+            raise reader.fail("manifest.json", f"float_learnable_bytes {fbytes!r}: expected a byte count")
+        q.float_learnable_bytes = fbytes
     return q
 
 
@@ -184,8 +412,8 @@ def save_ranges(r: RangeTable, path) -> None:
 
 
 def load_ranges(path) -> RangeTable:
-    manifest, z = _read_zip(path, RANGES_FORMAT)
-    try:
-        return ranges_from_json(manifest["ranges"], _tensors_load(z.read("stats.safetensors")))
-    except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{path}: corrupt calibration file ({e})") from e
+    """The calibration statistics saved at ``path``, checked like a quantizer's (each statistic
+    finite and consistent); any failure is one QuantizerFileError naming the file and member."""
+    manifest, reader = _read_zip(path, RANGES_FORMAT)
+    with reader.z:
+        return _ranges(reader, _field(reader, manifest, "ranges", dict), None)

@@ -71,8 +71,11 @@ def activation_qparams(stats: RangeStats, cfg: QuantConfig, act=None, floor: flo
 
 
 def weight_scales(w: np.ndarray, cfg: QuantConfig, key: str) -> np.ndarray:
-    """The range method's weight scales T/127, per output channel (or one, broadcast), before the
-    floors of :func:`~netquant.quant.numerics.floor_weight_scales`; 0 for an all-zero channel."""
+    """The range method's weight scales T/L, per output channel (or one, broadcast), before the
+    floors of :func:`~netquant.quant.numerics.floor_weight_scales`; 0 for an all-zero channel.
+    L = ``cfg.weight_levels``: 127 for 8-bit weights, 7 for 4-bit (a channel with T = 0.35 gets
+    0.35/7 = 0.05 and its weights take -7..7)."""
+    levels = cfg.weight_levels
     if cfg.weight_granularity == "per_tensor":
         groups = [w]
     else:
@@ -82,9 +85,9 @@ def weight_scales(w: np.ndarray, cfg: QuantConfig, key: str) -> np.ndarray:
         if not np.any(g):
             scales.append(0.0)  # all zero: the floors choose its scale
             continue
-        t = threshold(RangeStats("Weights", key, key).update(g, channel_axis=None), cfg.weight_range, 127,
+        t = threshold(RangeStats("Weights", key, key).update(g, channel_axis=None), cfg.weight_range, levels,
                       cfg.percentile)
-        scales.append(t / 127.0)
+        scales.append(t / levels)
     return np.broadcast_to(np.array(scales, dtype=np.float64), (len(w),)).copy()
 
 
@@ -133,8 +136,41 @@ def k_chunks(wq: np.ndarray, xmax: int) -> list:
     return chunks
 
 
+def _adjusted_bias(n: Node, cfg: QuantConfig) -> np.ndarray:
+    """The float bias to quantize: with ``cfg.bias_correction``, plus the correction that
+    :mod:`netquant.accuracy.bias_correction` stored in the node (``bias_correction``, (O,))."""
+    b = n.params["bias"]
+    if cfg.bias_correction and "bias_correction" in n.params:
+        corr = n.params["bias_correction"]
+        if corr.shape != b.shape:
+            raise ValueError(f"{n.name}: bias_correction has shape {corr.shape}, expected {b.shape}")
+        return b.astype(np.float64) + corr
+    return b
+
+
+def _adjusted_weights(n: Node, cfg: QuantConfig, w: np.ndarray, s_w: np.ndarray) -> np.ndarray:
+    """The integer weights: round(w / s_w) (half away from zero) clamped to +-cfg.weight_levels,
+    or, with ``cfg.adaround``, the learned rounding :mod:`netquant.accuracy.adaround` stored in
+    the node (``adaround_weight``), valid only for the scales it was learned for
+    (``adaround_scale``): with other scales (the config changed since calibration) it is ignored."""
+    levels = cfg.weight_levels
+    wq = nx.quantize_weights(w, s_w)
+    if levels < nx.WEIGHT_RANGE[1]:
+        wq = np.clip(wq, -levels, levels).astype(np.int8)
+    if cfg.adaround and "adaround_weight" in n.params:
+        aw, ascale = n.params["adaround_weight"], n.params.get("adaround_scale")
+        if aw.shape != w.shape or aw.dtype.kind not in "iu" or ascale is None or ascale.shape != s_w.shape:
+            raise ValueError(f"{n.name}: AdaRound weights of shape {aw.shape} ({aw.dtype}) and scales of shape "
+                             f"{getattr(ascale, 'shape', None)}, expected integers of shape {w.shape} and {s_w.shape}")
+        if np.array_equal(n.params["adaround_scale"], s_w) and np.abs(n.params["adaround_weight"]).max() <= levels:
+            return np.ascontiguousarray(n.params["adaround_weight"], dtype=np.int8)
+        log.warning("%s: the AdaRound weights were learned for other weight scales (the config changed since "
+                    "calibration): rounding to nearest; calibrate again to learn them", n.name)
+    return wq
+
+
 def _weighted(n: Node, x: QNode, ranges: RangeTable, cfg: QuantConfig) -> QNode:
-    w, b = n.params["weight"], n.params["bias"]
+    w, b = n.params["weight"], _adjusted_bias(n, cfg)
     xmax = max(abs(v) for v in nx.dtype_range(x.dtype))
     s_w = nx.floor_weight_scales(weight_scales(w, cfg, n.name), w, b, x.scale, xmax,
                                  cfg.weight_granularity == "per_tensor")
@@ -143,7 +179,7 @@ def _weighted(n: Node, x: QNode, ranges: RangeTable, cfg: QuantConfig) -> QNode:
     # the output scale is at least one accumulator step of the widest channel / MULTIPLIER_CAP
     s_y, dtype = activation_qparams(ranges[n.name], cfg, n.attrs.get("act"),
                                     floor=x.scale * float(s_w.max()) / nx.MULTIPLIER_CAP)
-    wq = nx.quantize_weights(w, s_w)
+    wq = _adjusted_weights(n, cfg, w, s_w)
     bq = nx.quantize_bias(b, x.scale * s_w, n.name)
     M, sh = _multipliers(x.scale * s_w / s_y)
     bound = nx.accumulator_bound(wq, xmax, bq).max()

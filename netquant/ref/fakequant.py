@@ -27,21 +27,26 @@ def _pc(a: np.ndarray, rank: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a, np.float64)).view(-1, *([1] * (rank - 2)))
 
 
+def preactivation(n: QNode, x_int: torch.Tensor, s_x: float) -> torch.Tensor:
+    """The real value of a conv or linear node's int32 accumulator, in float64:
+    s_x * s_w[o] * (sum_k x[k] w[o, k] + bias[o]), before requantization, rounding and clamp.
+    Example: x = 10 at s_x = 0.1, w = 5 at s_w = 0.02, bias 50 gives 0.1 * 0.02 * (50 + 50) = 0.2.
+    (Bias correction and AdaRound measure their errors on this value.)"""
+    s_w = n.params["weight_scale"]
+    x = x_int.to(torch.float64) * s_x
+    wq = n.params["weight"]
+    w = torch.from_numpy(wq.astype(np.float64) * s_w.reshape(-1, *([1] * (wq.ndim - 1))))
+    b = torch.from_numpy(n.params["bias"].astype(np.float64) * s_x * s_w)
+    if n.op == "conv":
+        a = n.attrs
+        return F.conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
+    return F.linear(x.reshape(len(x), -1), w, b)
+
+
 def fake_node(n: QNode, ins: list, srcs: list) -> torch.Tensor:
     """One node in float64 from integer inputs ``ins`` produced by nodes ``srcs``."""
     if n.op in ("conv", "linear"):
-        s_x = srcs[0].scale
-        s_w = n.params["weight_scale"]
-        x = ins[0].to(torch.float64) * s_x
-        wq = n.params["weight"]
-        w = torch.from_numpy(wq.astype(np.float64) * s_w.reshape(-1, *([1] * (wq.ndim - 1))))
-        b = torch.from_numpy(n.params["bias"].astype(np.float64) * s_x * s_w)
-        if n.op == "conv":
-            a = n.attrs
-            y = F.conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
-        else:
-            y = F.linear(x.reshape(len(x), -1), w, b)
-        return _round_clamp(y, n.scale, n.attrs["clamp"])
+        return _round_clamp(preactivation(n, ins[0], srcs[0].scale), n.scale, n.attrs["clamp"])
     if n.op == "add":
         y = sum(q.to(torch.float64) * s.scale for q, s in zip(ins, srcs))
         return _round_clamp(y, n.scale, n.attrs["clamp"])

@@ -1,63 +1,162 @@
 // Deep Network Quantizer: the page side of netquant's local app. No libraries: plain DOM and SVG.
 "use strict";
 
-const TOKEN = new URLSearchParams(location.search).get("token") || "";
+const PARAMS = new URLSearchParams(location.search);
+const TOKEN = PARAMS.get("token") || "";
 const $ = (id) => document.getElementById(id);
-let session = null;      // {id, network, ...}
+const NS = "http://www.w3.org/2000/svg";
+let session = null;      // {id, network, target, config, ...}
 let rows = [];           // calibration table rows
+let layerInfo = [];      // calibration layers: [{name, quantized, can_quantize, reason}]
 let sortKey = null, sortDir = 1;
+let options = {};        // /api/networks: targets, range methods, granularities, scales
 
-function setStatus(text, error) {
+function setStatus(text, error, busy) {
   const s = $("status");
   s.textContent = text;
-  s.className = "status" + (error ? " error" : "");
+  s.className = "status" + (error ? " error" : "") + (busy ? " busy" : "");
 }
 
 async function api(method, path, body, raw) {
   const opts = { method, headers: { "X-Token": TOKEN } };
   if (raw) { opts.body = raw; opts.headers["Content-Type"] = "application/octet-stream"; }
   else if (body !== undefined) { opts.body = JSON.stringify(body); opts.headers["Content-Type"] = "application/json"; }
-  const r = await fetch(path, opts);
+  else if (method === "POST") opts.body = "";  // a Content-Length of 0: the server wants one
+  let r;
+  try { r = await fetch(path, opts); }
+  catch (e) { throw new Error(`the server did not answer (${e.message}); is netquant app still running?`); }
   const ctype = r.headers.get("Content-Type") || "";
   if (!r.ok) {
-    const msg = ctype.includes("json") ? (await r.json()).error : r.statusText;
-    throw new Error(msg);
+    const msg = ctype.includes("json") ? (await r.json()).error : `${r.status} ${r.statusText}`;
+    const err = new Error(msg); err.status = r.status; throw err;
   }
   return ctype.includes("json") ? r.json() : r.blob();
 }
 
-function option(select, values) {
+function option(select, values, labels) {
   select.innerHTML = "";
-  for (const v of values) { const o = document.createElement("option"); o.value = o.textContent = v; select.appendChild(o); }
+  for (const v of values) {
+    const o = document.createElement("option");
+    o.value = v; o.textContent = (labels && labels[v]) || v; select.appendChild(o);
+  }
+}
+
+const LABELS = { per_channel: "per output channel", per_tensor: "one per tensor", float: "any float",
+                 pow2: "powers of two", minmax: "min / max", percentile: "percentile", entropy: "entropy (KL)",
+                 mse: "least squared error" };
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  if (cls) e.className = cls;
+  return e;
+}
+
+function svgEl(tag, attrs, text) {
+  const e = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function kb(bytes) {
+  // memory as people read it: 1089896 bytes -> "1.04 MB"
+  if (bytes >= 1024 * 1024) return (bytes / 1024 / 1024).toFixed(2) + " MB";
+  if (bytes >= 1024) return (bytes / 1024).toFixed(1) + " KB";
+  return bytes + " bytes";
 }
 
 async function init() {
+  setStatus("loading the networks and CIFAR-10...", false, true);
   try {
-    const n = await api("GET", "/api/networks");
-    option($("network"), n.networks);
-    option($("target"), n.targets);
-    option($("range"), n.range_methods);
-    setStatus("data: " + n.data);
-  } catch (e) { setStatus(e.message, true); }
+    options = await api("GET", "/api/networks");
+    option($("network"), options.networks);
+    option($("target"), options.targets);
+    option($("range"), options.range_methods, LABELS);
+    option($("wrange"), options.range_methods, LABELS);
+    option($("granularity"), options.granularities, LABELS);
+    option($("scale"), options.scales, LABELS);
+    setStatus("ready: data " + options.data);
+  } catch (e) { setStatus(e.message, true); return; }
+  const sid = PARAMS.get("session");
+  if (sid) await restore(sid);
+}
+
+async function restore(sid) {
+  // a reload keeps the session: its id is in the address
+  try {
+    setStatus("restoring session " + sid + "...", false, true);
+    const s = await api("GET", `/api/sessions/${sid}`);
+    await showSession(s);
+    setStatus("session " + s.id + " restored");
+  } catch (e) {
+    rememberSession(null);
+    setStatus(`session ${sid}: ${e.message}`, true);
+  }
+}
+
+function rememberSession(id) {
+  const q = new URLSearchParams(location.search);
+  if (id) q.set("session", id); else q.delete("session");
+  history.replaceState(null, "", location.pathname + "?" + q.toString());
 }
 
 function specText(spec) {
-  if (!spec) return "input: RGB in [0, 1] as is";
-  const parts = [`input: ${spec.channel_order}`, `pixels ${spec.value_range[0]} .. ${spec.value_range[1]}`];
+  if (!spec) return "RGB in [0, 1] as is";
+  const parts = [spec.channel_order, `pixels ${spec.value_range[0]} .. ${spec.value_range[1]}`];
   if (spec.mean) parts.push(`mean ${spec.mean.join(", ")}`);
   if (spec.std) parts.push(`std ${spec.std.join(", ")}`);
   return parts.join(", ");
 }
 
-function showSession(s, calibrated) {
+function schemeText(c) {
+  const parts = [`weights ${LABELS[c.weight_granularity] || c.weight_granularity}`,
+                 `scales ${LABELS[c.scale] || c.scale}`,
+                 `activation range ${LABELS[c.activation_range] || c.activation_range}` +
+                   (c.activation_range === "percentile" ? ` ${c.percentile}` : ""),
+                 `weight range ${LABELS[c.weight_range] || c.weight_range}`];
+  const o = Object.entries(c.overrides || {});
+  if (o.length) parts.push(`per layer: ${o.map(([k, v]) => k + " " + Object.entries(v).map(([a, b]) => `${a} ${b}`).join(", ")).join("; ")}`);
+  return parts.join(" · ");
+}
+
+function showSessionInfo(s) {
+  const box = $("session-info");
+  box.innerHTML = "";
+  const dl = el("dl", undefined, "facts");
+  const add = (k, v, id) => { dl.appendChild(el("dt", k)); const d = el("dd", v); if (id) d.id = id; dl.appendChild(d); };
+  add("Session", s.id, "session-id");
+  add("Network", `${s.network}, input ${s.input_shape.join("x")}, ${s.outputs} outputs`);
+  add("Environment", s.target);
+  add("Input", specText(s.input_spec));
+  add("Scheme", schemeText(s.config), "scheme-text");
+  box.appendChild(dl);
+  // the line the tests and users read first
+  box.dataset.summary = `Session ${s.id}: ${s.network}, input ${s.input_shape.join("x")}, ${s.outputs} outputs; ` +
+    `input: ${specText(s.input_spec)}`;
+}
+
+function clearResults(note) {
+  $("results").innerHTML = ""; $("per-class").innerHTML = ""; $("sqnr").innerHTML = "";
+  $("val-msg").textContent = note || ""; $("val-bar").style.width = "0";
+  $("btn-export-code").disabled = true; $("report-link").hidden = true;
+  $("code-msg").textContent = ""; $("code-bar").style.width = "0";
+}
+
+async function showSession(s) {
   session = s;
   datasets = [];
-  $("results").innerHTML = ""; $("per-class").innerHTML = ""; $("sqnr").innerHTML = "";
-  $("session-info").textContent = `Session ${s.id}: ${s.network}, input ${s.input_shape.join("x")}, ` +
-    `${s.outputs} outputs; ${specText(s.input_spec)}; scheme ${JSON.stringify(s.config)}`;
+  rememberSession(s.id);
+  clearResults("");
+  $("step-table").hidden = $("step-validate").hidden = $("step-export").hidden = true;
+  $("hist-detail").hidden = true;
+  showSessionInfo(s);
+  option($("code-target"), s.target === "gpu" ? ["c", "cuda"] : ["c"], { c: "C (CPU)", cuda: "CUDA (GPU)" });
   $("step-calibrate").hidden = false;
   showDatasets(s.datasets, null);
-  if (calibrated) afterCalibration();
+  if (s.calibrated) await afterCalibration();
+  if (s.validated) await showValidation();
+  if (s.codegen) codeReady(s.codegen);
 }
 
 // --- data sets ---------------------------------------------------------------------------------
@@ -112,26 +211,42 @@ function onDataChoice() {
   if (v) fitCount($("val-count"), v.test);
 }
 
-async function waitJob(label) {
+async function waitJob(label, prefix) {
   for (;;) {
     const j = await api("GET", `/api/sessions/${session.id}/job`);
     const pct = j.total ? (100 * j.done / j.total) : 0;
-    $("bar").style.width = pct.toFixed(1) + "%";
-    $("job-msg").textContent = `${label}: ${j.message} ${j.done}/${j.total}`;
-    if (j.state === "done") { $("job-msg").textContent = `${label}: done in ${j.seconds} s`; return j; }
+    $(prefix + "-bar").style.width = pct.toFixed(1) + "%";
+    $(prefix + "-msg").textContent = `${label}: ${j.message} ${j.total ? j.done + "/" + j.total : ""}`;
+    if (j.state === "done") {
+      $(prefix + "-bar").style.width = "100%";
+      $(prefix + "-msg").textContent = `${label}: done in ${j.seconds} s`;
+      return j;
+    }
     if (j.state === "error") throw new Error(j.error);
     await new Promise((r) => setTimeout(r, 250));
   }
 }
 
-async function runJob(label, start) {
+async function runJob(label, prefix, start) {
+  // a job's progress shows in its own step: calibration under 2, validation under 4, code under 5
   try {
-    setStatus(label + "...");
+    setStatus(label + "...", false, true);
+    $(prefix + "-bar").style.width = "0";
     await start();
-    await waitJob(label);
+    await waitJob(label, prefix);
     setStatus(label + " done");
     return true;
-  } catch (e) { setStatus(label + ": " + e.message, true); return false; }
+  } catch (e) {
+    $(prefix + "-msg").textContent = `${label}: ${e.message}`;
+    setStatus(label + ": " + e.message, true);
+    return false;
+  }
+}
+
+function countValue(input) {
+  // sent as typed when it is not a number, so the server's message quotes it ("abc", not null)
+  const v = input.value.trim();
+  return v === "all" ? "all" : (/^\d+$/.test(v) ? Number(v) : v);
 }
 
 // --- calibration table -------------------------------------------------------------------------
@@ -145,38 +260,94 @@ function fmt(v) {
   return String(v);
 }
 
+function pct(v) { return v === null || v === undefined ? "" : v.toFixed(2); }
+
+function binOut(h, e) {
+  // a bin is greyed when all of it lies outside the representable range (as Underflow % counts)
+  return (h.underflow_below !== null && e + 1 <= h.underflow_below) ||
+         (h.overflow_above !== null && e >= h.overflow_above);
+}
+
 function histogramSvg(h) {
-  // log2-magnitude bins; the representable range in blue, underflow/overflow bins greyed
+  // the small one in the table: log2-magnitude bins, representable in blue, out of range greyed
   const W = 160, H = 34, n = h.counts.length, bw = W / Math.max(n, 1);
   const max = Math.max(1, ...h.counts);
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("class", "hist"); svg.setAttribute("width", W); svg.setAttribute("height", H);
-  let under = 0, over = 0;
+  const svg = svgEl("svg", { class: "hist", width: W, height: H });
   h.counts.forEach((c, i) => {
-    const e = h.exponents[i];
-    const out = (h.underflow_below !== null && e + 1 <= h.underflow_below) ||
-                (h.overflow_above !== null && e >= h.overflow_above);
-    if (h.underflow_below !== null && e + 1 <= h.underflow_below) under += c;
-    if (h.overflow_above !== null && e >= h.overflow_above) over += c;
-    const bg = document.createElementNS(ns, "rect");
-    bg.setAttribute("x", i * bw); bg.setAttribute("y", 0); bg.setAttribute("width", bw); bg.setAttribute("height", H);
-    bg.setAttribute("class", out ? "grey" : "none"); if (!out) bg.setAttribute("fill", "none");
-    svg.appendChild(bg);
-    const r = document.createElementNS(ns, "rect");
+    const e = h.exponents[i], out = binOut(h, e);
+    if (out) svg.appendChild(svgEl("rect", { x: i * bw, y: 0, width: bw, height: H, class: "grey" }));
     const bh = c ? Math.max(1, (H - 2) * Math.log1p(c) / Math.log1p(max)) : 0;
-    r.setAttribute("x", i * bw + 0.5); r.setAttribute("y", H - bh); r.setAttribute("width", Math.max(bw - 1, 1));
-    r.setAttribute("height", bh); r.setAttribute("class", out ? "out" : "in");
-    const t = document.createElementNS(ns, "title");
-    t.textContent = `2^${e} <= |x| < 2^${e + 1}: ${c} values`;
-    r.appendChild(t); svg.appendChild(r);
+    const r = svgEl("rect", { x: i * bw + 0.5, y: H - bh, width: Math.max(bw - 1, 1), height: bh, class: out ? "out" : "in" });
+    r.appendChild(svgEl("title", {}, `2^${e} <= |x| < 2^${e + 1}: ${c} values`));
+    svg.appendChild(r);
   });
-  const t = document.createElementNS(ns, "title");
-  const pct = (v) => (100 * v / Math.max(h.total, 1)).toFixed(2);
-  t.textContent = `underflow ${pct(under)}%, overflow ${pct(over)}%, zeros ${pct(h.zeros)}%`;
-  svg.appendChild(t);
-  svg.dataset.underflow = pct(under); svg.dataset.overflow = pct(over);
+  svg.appendChild(svgEl("title", {}, `underflow ${pct(h.underflow_pct)}%, overflow ${pct(h.overflow_pct)}% (click for detail)`));
+  svg.dataset.underflow = pct(h.underflow_pct); svg.dataset.overflow = pct(h.overflow_pct);
   return svg;
+}
+
+function histogramDetail(r) {
+  // the large one: axes, the representable range, the underflow and saturation regions marked
+  const h = r.histogram, box = $("hist-detail");
+  box.innerHTML = "";
+  box.hidden = false;
+  const head = el("div", undefined, "detail-head");
+  head.appendChild(el("strong", `${r["Optimized Layer Name"]} (${r["Learnables / Activations"]})`));
+  const close = el("button", "Close", "small"); close.addEventListener("click", () => { box.hidden = true; });
+  head.appendChild(close);
+  box.appendChild(head);
+  const W = 720, H = 240, L = 60, B = 40, T = 16, n = h.counts.length, pw = W - L - 10, ph = H - B - T;
+  const bw = pw / Math.max(n, 1), max = Math.max(1, ...h.counts);
+  const e0 = h.exponents[0], xOf = (e) => L + (e - e0) * bw;            // x: log2 |x|
+  const yOf = (c) => T + ph - ph * Math.log10(1 + c) / Math.log10(1 + max);  // y: count, log scale
+  const svg = svgEl("svg", { class: "hist-big", width: W, height: H, id: "hist-detail-svg" });
+  const clampX = (x) => Math.min(L + pw, Math.max(L, x));
+  if (h.underflow_below !== null) {   // values below half a step round to zero
+    const x = clampX(xOf(h.underflow_below));
+    svg.appendChild(svgEl("rect", { x: L, y: T, width: x - L, height: ph, class: "region-under" }));
+    svg.appendChild(svgEl("line", { x1: x, x2: x, y1: T, y2: T + ph, class: "edge" }));
+  }
+  if (h.overflow_above !== null) {    // values beyond qmax * scale saturate
+    const x = clampX(xOf(h.overflow_above));
+    svg.appendChild(svgEl("rect", { x, y: T, width: L + pw - x, height: ph, class: "region-over" }));
+    svg.appendChild(svgEl("line", { x1: x, x2: x, y1: T, y2: T + ph, class: "edge" }));
+  }
+  h.counts.forEach((c, i) => {
+    const e = h.exponents[i], y = yOf(c);
+    const rect = svgEl("rect", { x: xOf(e) + 1, y, width: Math.max(bw - 2, 1), height: T + ph - y,
+                                 class: binOut(h, e) ? "out" : "in" });
+    rect.appendChild(svgEl("title", {}, `2^${e} <= |x| < 2^${e + 1}: ${c} values`));
+    svg.appendChild(rect);
+  });
+  // axes with ticks: x every few exponents, y at powers of ten
+  svg.appendChild(svgEl("line", { x1: L, x2: L + pw, y1: T + ph, y2: T + ph, class: "axis" }));
+  svg.appendChild(svgEl("line", { x1: L, x2: L, y1: T, y2: T + ph, class: "axis" }));
+  const step = Math.max(1, Math.ceil(n / 12));
+  for (let i = 0; i <= n; i += step) {
+    const e = e0 + i, x = xOf(e);
+    svg.appendChild(svgEl("line", { x1: x, x2: x, y1: T + ph, y2: T + ph + 4, class: "axis" }));
+    svg.appendChild(svgEl("text", { x, y: T + ph + 15, "text-anchor": "middle", class: "tick" }, `2^${e}`));
+  }
+  for (let p = 1; p <= max * 1.0001; p *= 10) {
+    const y = yOf(p);
+    svg.appendChild(svgEl("text", { x: L - 4, y: y + 3, "text-anchor": "end", class: "tick" }, String(p)));
+    svg.appendChild(svgEl("line", { x1: L - 3, x2: L, y1: y, y2: y, class: "axis" }));
+  }
+  svg.appendChild(svgEl("text", { x: L + pw / 2, y: H - 4, "text-anchor": "middle", class: "axis-label" }, "|x| (log2 bins)"));
+  svg.appendChild(svgEl("text", { x: 12, y: T + ph / 2, transform: `rotate(-90 12 ${T + ph / 2})`, "text-anchor": "middle",
+                                  class: "axis-label" }, "values (log scale)"));
+  box.appendChild(svg);
+  const legend = el("div", undefined, "legend");
+  const item = (cls, text) => { const s = el("span", undefined, "swatch " + cls); const d = el("span"); d.appendChild(s); d.appendChild(document.createTextNode(" " + text)); legend.appendChild(d); };
+  const scale = r.Scale;
+  item("in", "representable by " + (r.Type || "the integer type"));
+  if (h.underflow_below !== null) item("under", `underflow: |x| < scale/2 = ${(2 ** h.underflow_below).toPrecision(3)} rounds to 0 (Underflow % ${pct(r["Underflow %"])})`);
+  if (h.overflow_above !== null) item("over", `saturation: |x| > ${(2 ** h.overflow_above).toPrecision(3)} clips (Saturation % ${pct(r["Saturation %"])})`);
+  box.appendChild(legend);
+  box.appendChild(el("p", `${h.total} values, ${h.zeros} exactly zero; scale ${scale === null ? "none (float)" : scale.toPrecision(4)}. ` +
+    "Greyed bins lie wholly outside the representable range; their share is the table's Underflow %.", "info"));
+  box.dataset.underflow = pct(h.underflow_pct);
+  box.scrollIntoView({ block: "nearest" });
 }
 
 function renderTable() {
@@ -184,8 +355,7 @@ function renderTable() {
   thead.innerHTML = "";
   const tr = document.createElement("tr");
   for (const c of COLUMNS.concat(["Histogram (log2 |x|)"])) {
-    const th = document.createElement("th");
-    th.textContent = c + (sortKey === c ? (sortDir > 0 ? " ▲" : " ▼") : "");
+    const th = el("th", c + (sortKey === c ? (sortDir > 0 ? " ▲" : " ▼") : ""));
     th.addEventListener("click", () => { sortDir = sortKey === c ? -sortDir : 1; sortKey = c; renderTable(); });
     tr.appendChild(th);
   }
@@ -199,13 +369,14 @@ function renderTable() {
     row.className = r.Quantize ? "" : "float";
     row.title = r.Reason || "";
     for (const c of COLUMNS) {
-      const td = document.createElement("td");
-      td.textContent = fmt(r[c]);
+      const td = el("td", fmt(r[c]));
       if (typeof r[c] === "number") td.className = "num";
       row.appendChild(td);
     }
     const td = document.createElement("td");
-    td.appendChild(histogramSvg(r.histogram));
+    const svg = histogramSvg(r.histogram);
+    svg.addEventListener("click", () => histogramDetail(r));
+    td.appendChild(svg);
     row.appendChild(td);
     tbody.appendChild(row);
   }
@@ -214,28 +385,62 @@ function renderTable() {
 function renderLayers(layers) {
   const box = $("layers");
   box.innerHTML = "";
+  const overrides = session.config.overrides || {};
   for (const l of layers) {
-    const lab = document.createElement("label");
+    const lab = el("label");
     const cb = document.createElement("input");
     cb.type = "checkbox"; cb.checked = l.quantized; cb.disabled = !l.can_quantize; cb.dataset.layer = l.name;
     if (!l.can_quantize) { lab.className = "disabled"; lab.title = l.reason; }
-    cb.addEventListener("change", async () => {
-      try {
-        await api("POST", `/api/sessions/${session.id}/layers`, { layer: l.name, quantize: cb.checked });
-        setStatus(`${l.name}: ${cb.checked ? "quantize" : "keep in float"}`);
-      } catch (e) { cb.checked = !cb.checked; setStatus(e.message, true); }
-    });
+    cb.addEventListener("change", () => changeLayer(l.name, cb));
     lab.appendChild(cb);
-    lab.appendChild(document.createTextNode(" " + l.name + (l.can_quantize ? "" : ` (float: ${l.reason})`)));
+    lab.appendChild(document.createTextNode(" " + l.name + (l.can_quantize || !l.reason ? "" : ` (float: ${l.reason})`)));
+    if (l.can_quantize && ["conv", "linear", "add", "pool", "gap"].some((k) => l.op.includes(k))) {
+      const sel = document.createElement("select");
+      sel.className = "override"; sel.dataset.layer = l.name; sel.title = "activation range of this layer";
+      option(sel, [""].concat(options.range_methods || []), Object.assign({ "": "range: scheme" }, LABELS));
+      sel.value = (overrides[l.name] || {}).activation_range || "";
+      sel.addEventListener("change", () => changeOverride(l.name, sel.value));
+      lab.appendChild(sel);
+    }
     box.appendChild(lab);
   }
 }
 
+async function changeLayer(name, cb) {
+  try {
+    const r = await api("POST", `/api/sessions/${session.id}/layers`, { layer: name, quantize: cb.checked });
+    if (r.results_cleared) clearResults("Layer choices changed: the results shown were for the old network, validate again.");
+    await afterCalibration();   // the table's Type and Quantize columns follow the choice
+    setStatus(`${name}: ${cb.checked ? "quantize" : "keep in float"}`);
+  } catch (e) { cb.checked = !cb.checked; setStatus(e.message, true); }
+}
+
+async function changeOverride(name, method) {
+  const overrides = Object.assign({}, session.config.overrides || {});
+  if (method) overrides[name] = Object.assign({}, overrides[name] || {}, { activation_range: method });
+  else if (overrides[name]) { const o = Object.assign({}, overrides[name]); delete o.activation_range; if (Object.keys(o).length) overrides[name] = o; else delete overrides[name]; }
+  await applyScheme({ overrides }, `${name}: activation range ${method || "as the scheme"}`);
+}
+
+async function applyScheme(change, what) {
+  try {
+    const r = await api("POST", `/api/sessions/${session.id}/config`, change);
+    session.config = r.config;
+    $("scheme-text").textContent = schemeText(r.config);
+    if (r.results_cleared) clearResults("The scheme changed: the results shown were for the old scheme, validate again.");
+    if (session.calibrated) await afterCalibration();
+    setStatus(what);
+  } catch (e) { setStatus(e.message, true); }
+}
+
 async function afterCalibration() {
   const c = await api("GET", `/api/sessions/${session.id}/calibration`);
+  session.calibrated = true;
   rows = c.rows;
+  layerInfo = c.layers;
   $("table-info").textContent = `${rows.length} tensors calibrated on ${c.images} images (${c.source}). ` +
-    "Grey histogram bins: values the integer type cannot represent (underflow to zero, or saturation).";
+    "Grey histogram bins: values the integer type cannot represent (underflow to zero, or saturation); " +
+    "click a histogram for its detail.";
   renderTable();
   renderLayers(c.layers);
   $("step-table").hidden = false;
@@ -244,49 +449,67 @@ async function afterCalibration() {
 }
 
 // --- validation --------------------------------------------------------------------------------
-function table(headers, data) {
+function table(headers, data, format) {
   const t = document.createElement("table");
   const h = t.createTHead().insertRow();
-  for (const x of headers) { const th = document.createElement("th"); th.textContent = x; h.appendChild(th); }
+  for (const x of headers) h.appendChild(el("th", x));
   const b = t.createTBody();
   for (const r of data) {
     const tr = b.insertRow();
-    for (const x of headers) { const td = tr.insertCell(); td.textContent = fmt(r[x]); }
+    for (const x of headers) { const td = tr.insertCell(); td.textContent = (format && format[x]) ? format[x](r[x]) : fmt(r[x]); }
   }
   return t;
 }
 
+function metricValue(v, unit) {
+  // one way to read every metric: percent with two decimals when it is a share, else as returned
+  if (v === null || v === undefined) return "";
+  if (unit === "%") return v.toFixed(2) + " %";
+  if (unit === "fraction") return (100 * v).toFixed(2) + " %";
+  return v.toPrecision(4) + (unit ? " " + unit : "");
+}
+
+function metricTitle(name, unit) {
+  if (unit === "%" || unit === "fraction") return `${name} (percent)`;
+  return unit ? `${name} (${unit})` : `${name} (as the function returns it; give it a unit attribute, e.g. "fraction", to show percent)`;
+}
+
 function sqnrChart(errors) {
-  const ns = "http://www.w3.org/2000/svg", bw = 16, H = 170, W = errors.length * bw + 50;
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("class", "chart"); svg.setAttribute("width", W); svg.setAttribute("height", H + 110);
+  const bw = 16, H = 170, L = 44, W = errors.length * bw + L + 10, THRESH = 25;
+  const svg = svgEl("svg", { class: "chart", width: Math.max(W, 420), height: H + 130 });
   const max = Math.max(10, ...errors.map((e) => e.SQNR_dB || 0));
-  const title = document.createElementNS(ns, "text");
-  title.setAttribute("x", 4); title.setAttribute("y", 12); title.textContent = "per-layer SQNR (dB) of int8 against float";
-  svg.appendChild(title);
+  const yOf = (db) => H - (H - 24) * db / max;
+  svg.appendChild(svgEl("text", { x: 4, y: 12, class: "chart-title" }, "Per-layer SQNR of int8 against float (higher is better)"));
   for (let db = 0; db <= max; db += 10) {  // y axis: a grid line and label every 10 dB
-    const y = H - (H - 20) * db / max;
-    const line = document.createElementNS(ns, "line");
-    line.setAttribute("x1", 26); line.setAttribute("x2", W); line.setAttribute("y1", y); line.setAttribute("y2", y);
-    line.setAttribute("stroke", "#d8dde3");
-    svg.appendChild(line);
-    const lab = document.createElementNS(ns, "text");
-    lab.setAttribute("x", 2); lab.setAttribute("y", y + 3); lab.textContent = db + " dB";
-    svg.appendChild(lab);
+    const y = yOf(db);
+    svg.appendChild(svgEl("line", { x1: L - 4, x2: W, y1: y, y2: y, stroke: "#d8dde3" }));
+    svg.appendChild(svgEl("text", { x: L - 6, y: y + 3, "text-anchor": "end" }, db + " dB"));
   }
+  const ty = yOf(THRESH);
+  svg.appendChild(svgEl("line", { x1: L - 4, x2: W, y1: ty, y2: ty, class: "threshold" }));
   errors.forEach((e, i) => {
-    const v = e.SQNR_dB === null ? max : e.SQNR_dB, h = (H - 20) * v / max;
-    const r = document.createElementNS(ns, "rect");
-    r.setAttribute("x", 40 + i * bw); r.setAttribute("y", H - h); r.setAttribute("width", bw - 3); r.setAttribute("height", h);
-    r.setAttribute("class", v < 25 ? "bad" : "");
-    const t = document.createElementNS(ns, "title");
-    t.textContent = `${e.Layer}: ${v.toFixed(1)} dB, max error ${e.MaxErrorLSB.toFixed(2)} LSB`;
-    r.appendChild(t); svg.appendChild(r);
-    const lab = document.createElementNS(ns, "text");
-    lab.setAttribute("transform", `translate(${46 + i * bw},${H + 4}) rotate(60)`); lab.textContent = e.Layer;
-    svg.appendChild(lab);
+    const v = e.SQNR_dB === null ? max : e.SQNR_dB, h = (H - 24) * v / max;
+    const r = svgEl("rect", { x: L + i * bw, y: H - h, width: bw - 3, height: h, class: v < THRESH ? "bad" : "" });
+    r.appendChild(svgEl("title", {}, `${e.Layer}: ${v.toFixed(1)} dB, max error ${e.MaxErrorLSB.toFixed(2)} LSB`));
+    svg.appendChild(r);
+    svg.appendChild(svgEl("text", { transform: `translate(${L + 6 + i * bw},${H + 4}) rotate(60)` }, e.Layer));
   });
+  svg.appendChild(svgEl("line", { x1: L - 4, x2: W, y1: H, y2: H, class: "axis" }));
+  // legend: what the colours and the dashed line mean
+  const ly = H + 118;
+  svg.appendChild(svgEl("rect", { x: 4, y: ly - 9, width: 10, height: 10 }));
+  svg.appendChild(svgEl("text", { x: 18, y: ly }, `${THRESH} dB or more`));
+  svg.appendChild(svgEl("rect", { x: 110, y: ly - 9, width: 10, height: 10, class: "bad" }));
+  svg.appendChild(svgEl("text", { x: 124, y: ly }, `under ${THRESH} dB (dashed line): error above 1/18 of the signal, worth a look`));
   return svg;
+}
+
+function ciText(v) {
+  const [d, lo, hi] = v.top1_difference;
+  if (lo === 0 && hi === 0 && v.agreement === 100)
+    return `no top-1 difference on these ${v.num_samples} images; a disagreement rate under ` +
+           `${v.unseen_below.toFixed(1)}% could go unseen with this many (validate on more for a tighter bound)`;
+  return `top-1 difference int8 - float ${d.toFixed(2)} points (95% CI ${lo.toFixed(2)} .. ${hi.toFixed(2)})`;
 }
 
 async function showValidation() {
@@ -294,25 +517,30 @@ async function showValidation() {
   const box = $("results");
   box.innerHTML = "";
   box.className = "results";
-  const p = document.createElement("p");
-  p.className = "info";
-  const [d, lo, hi] = v.top1_difference;
-  p.textContent = `${v.num_samples} images (${v.source}). Float/int8 top-1 agreement ${v.agreement.toFixed(2)}%; ` +
-    `top-1 difference ${d.toFixed(2)} points (95% CI ${lo.toFixed(2)} .. ${hi.toFixed(2)}); ` +
-    `learnable memory ${v.memory.float} -> ${v.memory.quantized} bytes (${v.memory.reduction.toFixed(1)}% smaller)`;
-  box.appendChild(p);
+  const m = v.memory;
+  const summary = el("dl", undefined, "facts");
+  const add = (k, text, id) => { summary.appendChild(el("dt", k)); const d = el("dd", text); if (id) d.id = id; summary.appendChild(d); };
+  add("Images", `${v.num_samples} (${v.source})`);
+  add("Agreement", `float and int8 predict the same class on ${v.agreement.toFixed(2)}% of images; ${ciText(v)}`, "agreement");
+  add("Learnable memory", `${kb(m.float)} float → ${kb(m.quantized)} quantized (${m.reduction.toFixed(1)}% smaller)`, "memory");
+  box.appendChild(summary);
   for (const [name, data] of Object.entries(v.metrics)) {
-    const h = document.createElement("h3"); h.textContent = name; box.appendChild(h);
-    const t = table(["NetworkImplementation", "MetricOutput", "LearnableParameterMemory(bytes)"], data);
+    const unit = (v.metric_units || {})[name] || "";
+    box.appendChild(el("h3", metricTitle(name, unit)));
+    const t = table(["NetworkImplementation", "MetricOutput", "LearnableParameterMemory(bytes)"], data,
+                    { MetricOutput: (x) => metricValue(x, unit), "LearnableParameterMemory(bytes)": kb });
+    t.tHead.rows[0].cells[0].textContent = "Network";
+    t.tHead.rows[0].cells[1].textContent = name;
+    t.tHead.rows[0].cells[2].textContent = "Learnable memory";
     t.dataset.metric = name;
     box.appendChild(t);
   }
   const pc = $("per-class"); pc.innerHTML = "";
   if (v.per_class && v.per_class.length) {
-    const h = document.createElement("h3");
-    h.textContent = `Per class (${v.data ? v.data.name : "validation data"})`;
-    pc.appendChild(h);
-    const t = table(["Class", "Name", "Images", "Float top-1 %", "Int8 top-1 %", "Changed"], v.per_class);
+    pc.appendChild(el("h3", `Per class (${v.data ? v.data.name : "validation data"})`));
+    const f2 = (x) => x.toFixed(2) + " %";
+    const t = table(["Class", "Name", "Images", "Float top-1 %", "Int8 top-1 %", "Changed"], v.per_class,
+                    { "Float top-1 %": f2, "Int8 top-1 %": f2 });
     t.id = "per-class-table";
     pc.appendChild(t);
   }
@@ -322,12 +550,23 @@ async function showValidation() {
 // --- downloads ---------------------------------------------------------------------------------
 async function download(path, name) {
   try {
+    setStatus(`preparing ${name}...`, false, true);
     const blob = await api("GET", path);
     const a = document.createElement("a");
     a.href = URL.createObjectURL(blob); a.download = name;
     document.body.appendChild(a); a.click(); a.remove();
-    $("export-info").textContent = `downloaded ${name} (${blob.size} bytes)`;
+    $("export-info").textContent = `downloaded ${name} (${kb(blob.size)})`;
+    setStatus(`downloaded ${name}`);
   } catch (e) { setStatus(e.message, true); }
+}
+
+function codeReady(target) {
+  $("btn-export-code").disabled = false;
+  const a = $("report-link");
+  a.hidden = false;
+  a.href = `/api/sessions/${session.id}/export/report?token=${encodeURIComponent(TOKEN)}`;
+  $("code-target").value = target;
+  $("export-info").textContent = target === "cuda" ? "CUDA sources generated" : "C sources generated and compiled";
 }
 
 function readFile(input) {
@@ -349,15 +588,21 @@ function inputSpec() {
   return plain ? null : spec;
 }
 
+function schemeForm() {
+  return { weight_granularity: $("granularity").value, scale: $("scale").value,
+           activation_range: $("range").value, weight_range: $("wrange").value };
+}
+
 $("btn-new").addEventListener("click", async () => {
   try {
-    setStatus("loading the network...");
-    const opts = { network: $("network").value, target: $("target").value, activation_range: $("range").value };
+    setStatus("loading the network...", false, true);
+    const opts = Object.assign({ network: $("network").value, target: $("target").value }, schemeForm());
     const spec = inputSpec(), shape = $("input-shape").value.trim();
     let s;
     if ($("model-file").files.length) {   // an .onnx or .safetensors model uploaded from this browser
       const f = $("model-file").files[0];
-      const q = new URLSearchParams({ target: opts.target, activation_range: opts.activation_range, filename: f.name });
+      const q = new URLSearchParams(Object.assign({}, opts, { filename: f.name }));
+      q.delete("network");
       if (spec) q.set("input_spec", JSON.stringify(spec));
       if (shape) q.set("input_shape", shape);
       s = await api("POST", "/api/sessions?" + q, undefined, await readFile($("model-file")));
@@ -367,13 +612,13 @@ $("btn-new").addEventListener("click", async () => {
       if (shape) opts.input_shape = shape;
       s = await api("POST", "/api/sessions", opts);
     }
-    showSession(s, false);
+    await showSession(s);
     setStatus("session " + s.id);
   } catch (e) { setStatus(e.message, true); }
 });
 $("btn-data").addEventListener("click", async () => {
   try {
-    setStatus("reading the data set...");
+    setStatus("reading the data set...", false, true);
     const classes = $("data-classes").value.trim();
     let d;
     if ($("data-file").files.length) {
@@ -394,43 +639,49 @@ $("cal-data").addEventListener("change", onDataChoice);
 $("val-data").addEventListener("change", onDataChoice);
 $("btn-import").addEventListener("click", async () => {
   try {
+    setStatus("importing...", false, true);
     const s = await api("POST", "/api/import", undefined, await readFile($("import-file")));
-    showSession(s, s.calibrated);
-    setStatus("imported " + s.network);
+    await showSession(s);
+    setStatus("imported " + s.network + (s.validated ? " with its results" : ""));
   } catch (e) { setStatus(e.message, true); }
 });
 $("btn-calibrate").addEventListener("click", async () => {
-  const count = $("cal-count").value.trim() === "all" ? "all" : Number($("cal-count").value);
-  if (await runJob("Calibrate", () => api("POST", `/api/sessions/${session.id}/calibrate`,
-      { data: $("cal-data").value, count, seed: Number($("cal-seed").value) }))) await afterCalibration();
+  if (await runJob("Calibrate", "cal", () => api("POST", `/api/sessions/${session.id}/calibrate`,
+      { data: $("cal-data").value, count: countValue($("cal-count")), seed: countValue($("cal-seed")) }))) {
+    clearResults("");
+    await afterCalibration();
+  }
 });
 $("btn-cal-upload").addEventListener("click", async () => {
   let data;
   try { data = await readFile($("cal-file")); } catch (e) { setStatus(e.message, true); return; }
-  if (await runJob("Calibrate", () => api("POST", `/api/sessions/${session.id}/calibrate`, undefined, data))) await afterCalibration();
+  if (await runJob("Calibrate", "cal", () => api("POST", `/api/sessions/${session.id}/calibrate`, undefined, data))) {
+    clearResults("");
+    await afterCalibration();
+  }
 });
 $("filter").addEventListener("input", renderTable);
+for (const [id, key] of [["granularity", "weight_granularity"], ["scale", "scale"], ["range", "activation_range"], ["wrange", "weight_range"]]) {
+  // with a session open, the scheme form changes its scheme (the table follows)
+  $(id).addEventListener("change", () => {
+    if (session) applyScheme({ [key]: $(id).value }, `scheme: ${key.replace("_", " ")} ${LABELS[$(id).value] || $(id).value}`);
+  });
+}
 $("btn-validate").addEventListener("click", async () => {
   const metrics = [];
   if ($("m-top1").checked) metrics.push("top1");
   if ($("m-top5").checked) metrics.push("top5");
   for (const m of $("m-custom").value.split(",").map((x) => x.trim()).filter(Boolean)) metrics.push(m);
-  const count = $("val-count").value.trim() === "all" ? "all" : Number($("val-count").value);
-  if (await runJob("Validate", () => api("POST", `/api/sessions/${session.id}/validate`,
-      { data: $("val-data").value, count, seed: Number($("val-seed").value), metrics }))) await showValidation();
+  if (await runJob("Validate", "val", () => api("POST", `/api/sessions/${session.id}/validate`,
+      { data: $("val-data").value, count: countValue($("val-count")), seed: countValue($("val-seed")), metrics }))) await showValidation();
 });
 $("btn-export-q").addEventListener("click", () => download(`/api/sessions/${session.id}/export/quantizer`, "quantizer.nq"));
 $("btn-export-onnx").addEventListener("click", () => download(`/api/sessions/${session.id}/export/onnx`, "network_int8.onnx"));
 $("btn-codegen").addEventListener("click", async () => {
-  if (await runJob("Generate code", () => api("POST", `/api/sessions/${session.id}/codegen`))) {
-    $("btn-export-code").disabled = false;
-    const a = $("report-link");
-    a.hidden = false;
-    a.href = `/api/sessions/${session.id}/export/report?token=${encodeURIComponent(TOKEN)}`;
-    $("export-info").textContent = "C sources generated and compiled";
-  }
+  const target = $("code-target").value;
+  if (await runJob(target === "cuda" ? "Generate CUDA code" : "Generate C code", "code",
+                   () => api("POST", `/api/sessions/${session.id}/codegen`, { target }))) codeReady(target);
 });
-$("btn-export-code").addEventListener("click", () => download(`/api/sessions/${session.id}/export/code`, "netquant-c.zip"));
+$("btn-export-code").addEventListener("click", () => download(`/api/sessions/${session.id}/export/code`, `netquant-${$("code-target").value}.zip`));
 
-// assets carry the token too: the server requires it on every request
 init();

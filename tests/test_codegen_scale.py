@@ -1,0 +1,148 @@
+"""Generated C that scales (issue 17): source size set by the convs' shape classes, not by their
+spatial extent; weights as one binary copy in the layout of the kernels compiled; only the
+instruction set being built printed; rows of one image split across threads; the portable
+fallbacks reading those same layouts; ResNet-50 at 224x224 within the size, time and memory
+bounds, bit-exact with the reference executor."""
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from netquant.codegen import build, generate, load
+from netquant.codegen.build import native_profile
+from netquant.data import calibration_set
+from netquant.data.transforms import to_float
+from netquant.models.pretrained import load_pretrained
+from netquant.quantizer import Quantizer
+from netquant.ref.executor import run_int8
+
+pytestmark = pytest.mark.compiler
+
+ROOT = Path(__file__).resolve().parents[1]
+# the ISA whose kernels each isa prints, and text that only that ISA's kernels contain
+MARKS = {"amx": "_tile_loadd(", "vnni": "vpdpbusd", "avx2": "vpmaddwd"}
+
+
+@pytest.fixture(scope="module")
+def qnet(cifar):
+    q = Quantizer(load_pretrained())
+    q.calibrate(calibration_set(cifar))
+    return q.quantize()
+
+
+def _reference_int(qnet, x):
+    name = qnet.qgraph.int_output()
+    return run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
+
+
+def _int8_weight_bytes(qgraph) -> int:
+    return sum(int(n.params["weight"].size) for n in qgraph.nodes
+               if n.op in ("conv", "linear") and n.quantized and "weight" in n.params)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx512", "avx2", "scalar"])
+def test_resnet20_sources_are_small_and_hold_one_isa(isa, qnet, tmp_path):
+    """Without its weights the ResNet-20 source is under 1 MB (it was 19 MB); the weights file holds
+    one layout per conv, and no other instruction set's kernels are printed."""
+    gen = generate(qnet, tmp_path, name="resnet20", isa=isa)
+    text = (tmp_path / "resnet20.c").read_text()
+    blob = gen.sizes["resnet20_weights.bin"]
+    without_weights = sum(v for k, v in gen.sizes.items() if k != "resnet20_weights.bin")
+    assert without_weights < 1_000_000, gen.sizes
+    weights = _int8_weight_bytes(qnet.qgraph)
+    # one copy: int8 (AMX, VNNI, portable) or int16 (the AVX2 kernel's vpmaddwd operands), with the
+    # layouts' channel padding and 64-byte alignment per table
+    per_weight = 2 if gen.profile == "avx2" else 1
+    assert per_weight * weights <= blob <= per_weight * 1.25 * weights + 64 * 64, (blob, weights)
+    assert gen.const_bytes >= blob
+    profile = gen.profile
+    assert profile == (native_profile() if isa == "native" else {"avx512": "vnni"}.get(isa, isa))
+    for other, mark in MARKS.items():
+        assert (mark in text) == (other == profile), (other, profile)
+    assert "nq_add16" in text if profile in ("amx", "vnni") else "nq_add16" not in text
+    assert "_blob + " in text and ".incbin" in text
+
+
+def test_kernel_text_does_not_grow_with_the_image(tmp_path):
+    """The same convs on a 4x larger image (128x128 instead of 64x64, 4x the output pixels) give a
+    source of nearly the same size: loops, not unrolled tiles."""
+    import torch.nn as nn
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
+                             nn.ReLU(), nn.Conv2d(64, 64, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(64, 10)).eval()
+
+    sizes = {}
+    for hw in (64, 128):
+        q = Quantizer(net(), example=torch.zeros(1, 3, hw, hw))
+        q.calibrate(torch.rand(4, 3, hw, hw).numpy())
+        for isa in ("native", "avx512", "avx2"):
+            gen = generate(q.quantize(), tmp_path / f"{hw}{isa}", name="net", isa=isa)
+            sizes[hw, isa] = gen.sizes["net.c"]
+    for isa in ("native", "avx512", "avx2"):
+        assert sizes[128, isa] < 1.1 * sizes[64, isa], sizes
+
+
+def test_portable_fallbacks_read_the_compiled_layouts(qnet, cifar, tmp_path):
+    """Each source holds one weight layout; its portable kernel (built where the flags lack the ISA,
+    or where Linux refuses the AMX tiles) reads that layout: the AMX source built with
+    -DNQ_NO_AMX, the VNNI and AVX2 sources with -DNQ_NO_SIMD, all bit-exact."""
+    x = to_float(cifar.test.images[:8])
+    ref = _reference_int(qnet, x)
+    cases = [("avx512", "-DNQ_NO_SIMD"), ("avx2", "-DNQ_NO_SIMD")]
+    if native_profile() == "amx":
+        cases.append(("native", "-DNQ_NO_AMX"))
+    for isa, flag in cases:
+        gen = generate(qnet, tmp_path / isa, name="resnet20", isa=isa)
+        gen.cflags += f" {flag} -O1"
+        net = load(gen, cache_dir=tmp_path / "cache")
+        assert net.kernels in ("portable", "avx512-vnni"), net.kernels   # AMX off: VNNI macros, portable convs
+        assert np.array_equal(net.predict_int(x), ref), (isa, flag)
+        assert gen.build["warnings"].strip() == "", gen.build["warnings"]
+
+
+def test_one_image_splits_rows_across_threads_bit_exactly(qnet, cifar, tmp_path):
+    """Batch 1 with 2 threads (rows of each conv split, NQ_SPLIT), a batch of 3 images with 2
+    threads (images split) and 1 thread: the same integers as the reference."""
+    gen = generate(qnet, tmp_path, name="resnet20")
+    net = load(gen)
+    x = to_float(cifar.test.images[:3])
+    ref = _reference_int(qnet, x)
+    for threads in (2, 1):
+        net.set_num_threads(threads)
+        assert np.array_equal(net.predict_int(x[:1]), ref[:1]), threads
+        assert np.array_equal(net.predict_int(x), ref), threads
+
+
+@pytest.mark.slow
+def test_resnet50_at_224_is_compact_fast_to_build_and_bit_exact(cifar, tmp_path):
+    """ResNet-50 (torchvision's definition, random weights, non-trivial batch norms) at 224x224:
+    all sources with the weights at most 1.5x the int8 weight bytes + 5 MB, generated in under
+    20 s, built in under 90 s with under 2 GB compiler memory, bit-exact on 2 images."""
+    sys.path.insert(0, str(ROOT))
+    from bench.models import resnet50, upsampled
+
+    q = Quantizer(resnet50(), example=torch.zeros(1, 3, 224, 224))
+    q.calibrate(upsampled(cifar.train.images[:4]))
+    qn = q.quantize()
+    t0 = time.time()
+    gen = generate(qn, tmp_path, name="resnet50")
+    generate_s = time.time() - t0
+    total, weights = sum(gen.sizes.values()), _int8_weight_bytes(qn.qgraph)
+    assert total <= 1.5 * weights + 5e6, (total, weights)
+    assert generate_s < 20, generate_s
+    t0 = time.time()
+    lib = build(gen, cache_dir=tmp_path / "cache")
+    build_s = time.time() - t0
+    rss_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # the largest child so far
+    assert build_s < 90, build_s
+    assert rss_bytes < 2 << 30, rss_bytes
+    net = load(gen, lib)
+    x = upsampled(cifar.test.images[:2])
+    assert np.array_equal(net.predict_int(x), _reference_int(qn, x))
