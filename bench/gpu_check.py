@@ -102,13 +102,15 @@ def main() -> int:
         fns = {}
         for v, cnet in libs.items():
             f = getattr(cnet.lib, f"rn20_{v}_predict_device")
-            f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+            # (d_images, images_len, n, d_scores, scores_len): lengths in elements
+            f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
             fns[v] = f
         for b in (1, 256, 4096):
             xb = np.resize(x, (b,) + x.shape[1:])
             d_in = torch.from_numpy(xb).cuda()
             d_out = torch.empty((b, 10), device="cuda")
-            ours = {v: rate(lambda f=f: f(d_in.data_ptr(), b, d_out.data_ptr()), b, sync) for v, f in fns.items()}
+            ours = {v: rate(lambda f=f: f(d_in.data_ptr(), d_in.numel(), b, d_out.data_ptr(), d_out.numel()), b, sync)
+                    for v, f in fns.items()}
             xc = d_in.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 fp32 = rate(lambda: gpu_net(xc), b, sync)
@@ -122,7 +124,7 @@ def main() -> int:
         for v, f in fns.items():
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
-                    f(d_in.data_ptr(), b, d_out.data_ptr())
+                    f(d_in.data_ptr(), d_in.numel(), b, d_out.data_ptr(), d_out.numel())
                 sync()
             print(f"[{v}] kernels at batch {b}, 5 calls:")
             for key in ("device_time_total", "cuda_time_total"):

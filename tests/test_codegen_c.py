@@ -134,8 +134,8 @@ def test_bad_input(compiled, cifar, tmp_path, qnet):
     # the C entry point itself refuses NaN with error code 2
     out = np.zeros((2, 10), np.float32)
     f = ctypes.POINTER(ctypes.c_float)
-    assert net.raw_call(bad.ctypes.data_as(f), 2, out.ctypes.data_as(f)) == 2
-    assert net.raw_call(bad.ctypes.data_as(f), -1, out.ctypes.data_as(f)) == 1
+    assert net.raw_call(bad.ctypes.data_as(f), bad.size, 2, out.ctypes.data_as(f), out.size) == 2
+    assert net.raw_call(bad.ctypes.data_as(f), bad.size, -1, out.ctypes.data_as(f), out.size) == 1
     with pytest.raises(BuildError, match="no C compiler found.*install"):
         build(generate(qnet, tmp_path / "x", name="resnet20"), cc="no-such-compiler-xyz", cache_dir=tmp_path / "c")
 

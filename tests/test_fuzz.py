@@ -291,3 +291,143 @@ def test_npz_bombs_are_refused_before_allocating(sample, tmp_path):
     with pytest.raises(NetquantError, match="inflates to 3,221,225,472 bytes"):
         load_images(bomb)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300_000   # KB: nothing big allocated
+
+
+# --- the app's upload handlers --------------------------------------------------------------
+# The uploads go through the App's own methods (what the HTTP handler calls after reading the
+# body), no server started: a mutated or oversized upload is accepted or refused with an
+# HttpError (the page's 4xx) or a NetquantError, never anything else (the handler would answer
+# 500 "internal error" for that).
+
+from netquant.app.inputs import HttpError, load_npy   # noqa: E402
+from netquant.app.server import App   # noqa: E402
+
+APP_EXPANDED = 4 << 20   # the app's limit on what an uploaded zip inflates to, small for the test
+
+
+def _app_call(fn, *args):
+    """fn(*args) returns, or raises HttpError / NetquantError; anything else fails the test, and
+    so does a peak memory 300 MB over the one before (a member claiming 4 GiB is never inflated)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        return fn(*args)
+    except (HttpError, NetquantError):
+        return None
+    finally:
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300_000   # KB
+
+
+def _oversize(data: bytes, which: int, size: int) -> bytes:
+    """The zip with member number ``which`` claiming to inflate to ``size`` bytes (its central
+    directory entry edited: what zipfile believes before inflating anything)."""
+    out = bytearray(data)
+    entries = []
+    i = out.find(b"PK\x01\x02")
+    while i >= 0:
+        entries.append(i)
+        i = out.find(b"PK\x01\x02", i + 4)
+    if entries:
+        j = entries[which % len(entries)]
+        out[j + 24:j + 28] = min(size, 2 ** 32 - 1).to_bytes(4, "little")
+    return bytes(out)
+
+
+# a mutation of MUTATION, or ("oversize", member, claimed size), or ("big", -, megabytes): a real
+# member of zeros that inflates past the app's limit (a zip bomb in small)
+UPLOAD_MUTATION = st.one_of(MUTATION, st.tuples(st.just("oversize"), st.integers(0, 20),
+                                               st.sampled_from([APP_EXPANDED + 1, 300 << 20, 2 ** 32 - 1]),
+                                               st.just(b"")),
+                            st.tuples(st.just("big"), st.integers(0, 20), st.integers(5, 8), st.just(b"")))
+
+
+def _mutate_upload(data: bytes, mutation) -> bytes:
+    how, a, b, blob = mutation
+    if how == "oversize":
+        return _oversize(data, a, b)
+    if how == "big":
+        files = _members(data)
+        if "images.npy" in files:   # an .npz: its images array b MiB of zeros (labels then disagree)
+            buf = io.BytesIO()
+            np.save(buf, np.zeros(((b << 20) // 3072, 3, 32, 32), np.uint8))
+            files["images.npy"] = buf.getvalue()
+        else:                       # an image folder: a b MiB "image" of zeros in one class
+            folders = sorted({n.rsplit("/", 1)[0] for n in files if "/" in n})
+            files[f"{folders[a % len(folders)]}/zeros.png"] = bytes(b << 20)
+        return _zip(files)
+    return _mutate(data, how, a, b, blob)
+
+
+@pytest.fixture(scope="module")
+def app(quantizer_bytes, tmp_path_factory):
+    """An App on the embedded CIFAR-10 sample and a session holding the tiny quantizer."""
+    a = App(data_spec="sample", max_expanded=APP_EXPANDED, workdir=tmp_path_factory.mktemp("app"))
+    a.sid = a.import_quantizer(quantizer_bytes)["id"]
+    yield a
+    for sid in list(a.registry.sessions):
+        a.registry.discard(a.registry.sessions[sid])
+
+
+@FUZZ
+@given(mutation=UPLOAD_MUTATION)
+def test_app_import_quantizer(app, quantizer_bytes, mutation):
+    """POST /api/import: a mutated .nq (truncated, flipped, members claiming 300 MiB or 4 GiB)."""
+    before = set(app.registry.sessions)
+    how = mutation[0]
+    data = _mutate_upload(quantizer_bytes, mutation) if how != "big" else _zip(
+        {**_members(quantizer_bytes), "graph.safetensors": bytes(mutation[2] << 20)})
+    out = _app_call(app.import_quantizer, data)
+    if out is not None:
+        assert out["input_shape"] == [3, 32, 32]
+        app.registry.discard(app.registry.get(out["id"]))
+    assert set(app.registry.sessions) == before   # a refused import leaves no session
+
+
+@pytest.fixture(scope="module")
+def app_npz(sample) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, images=sample.test.images[:4], labels=sample.test.labels[:4])
+    return Blob(buf.getvalue())
+
+
+@FUZZ
+@given(kind=st.sampled_from(["zip", "npz"]), named=st.booleans(), mutation=UPLOAD_MUTATION)
+def test_app_data_upload(app, image_zip, app_npz, kind, named, mutation):
+    """POST /api/sessions/ID/data: a mutated image-folder .zip or .npz, with its file name or
+    without (the kind then sniffed from the bytes)."""
+    data = _mutate_upload(image_zip if kind == "zip" else app_npz, mutation)
+    out = _app_call(app.add_data, app.sid, {"filename": f"set.{kind}" if named else ""}, data)
+    if out is not None:
+        assert out["id"].startswith("data")
+        s = app.registry.get(app.sid)
+        d = s.datasets.pop(out["id"])   # keep the session small across examples
+        assert d.train.images.shape[1:] == (3, 32, 32) and len(d.train.images) == len(d.train.labels)
+    if mutation[0] == "big" and kind == "zip" and named:
+        assert out is None   # inflates past the limit: refused (413) before reading an image
+
+
+@pytest.fixture(scope="module")
+def npy_bytes(sample) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, sample.test.images[:4])
+    return Blob(buf.getvalue())
+
+
+@FUZZ
+@given(mutation=st.one_of(MUTATION, st.tuples(st.just("header"), st.integers(1, 2 ** 40), st.integers(0, 3),
+                                                st.just(b""))))
+def test_app_calibration_npy(npy_bytes, tmp_path, mutation):
+    """POST /api/sessions/ID/calibrate with a .npy body: mutated, or its header declaring up to
+    2^40 images on 4 images' bytes (refused before numpy allocates them)."""
+    how, a, b, blob = mutation
+    if how == "header":
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": ["|u1", "<f4", "<f8", "|i1"][b],
+                                                      "fortran_order": False, "shape": (a, 3, 32, 32)})
+        data = header.getvalue() + npy_bytes[len(header.getvalue()):]
+    else:
+        data = _mutate(npy_bytes, how, a, b, blob)
+    arr = _app_call(load_npy, data, tmp_path, (3, 32, 32))
+    if arr is not None:
+        assert arr.shape[1:] == (3, 32, 32) and arr.dtype in (np.uint8, np.float32, np.float64, np.float16)

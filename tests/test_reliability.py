@@ -156,6 +156,27 @@ def test_atomic_write_keeps_mode_and_cleans_up(tmp_path):
 
 # --- quantizer files: corrupt, edited, inflated ---------------------------------------------
 
+def test_interrupted_generate_leaves_the_old_sources(small_q, tmp_path, monkeypatch):
+    """Ctrl-C while the C source is streamed out: every file under its final name is still the
+    old, complete one (each is written to a temporary file and renamed), and no temporary file
+    stays (a plain write would leave the source cut after its first piece)."""
+    from netquant.codegen import generate
+    from netquant.codegen.c import CPrinter
+
+    qnet = small_q.quantize()
+    generate(qnet, tmp_path, name="small", isa="scalar")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    chunks = CPrinter.source_chunks
+
+    def interrupted(self):
+        yield next(iter(chunks(self)))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(CPrinter, "source_chunks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(qnet, tmp_path, name="small", isa="scalar")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def _members(path) -> dict:
     with zipfile.ZipFile(path) as z:
         return {n: z.read(n) for n in z.namelist()}
@@ -339,6 +360,26 @@ PREDICT_SCRIPT = textwrap.dedent('''
             print("ACCEPTED", name)
         except NetquantError as e:
             print("REFUSED", name, "|", e)
+    # the C entry points themselves check the buffer lengths (in elements) before any read/write
+    import ctypes
+    fp, ip, qp = (ctypes.POINTER(t) for t in (ctypes.c_float, ctypes.c_int32, ctypes.c_int8))
+    q8 = np.zeros(4, np.int8)   # 4 bytes, where 2 images need 2 * 3072
+    scores = np.full(20, 7, np.float32)
+    ints = np.zeros(2 * net.program.buffer(net.program.int_output).elements, np.int32)
+    tiny = np.zeros(8, np.float32)
+    raw = {
+        "predict short images": net.raw_call(tiny.ctypes.data_as(fp), tiny.size, 2, scores.ctypes.data_as(fp), 20),
+        "predict short scores": net.raw_call(good.ctypes.data_as(fp), good.size, 2, scores.ctypes.data_as(fp), 19),
+        "predict_int8 short": net.raw_call(q8.ctypes.data_as(qp), q8.size, 2, scores.ctypes.data_as(fp), 20,
+                                           entry="predict_int8"),
+        "predict_int short out": net.raw_call(good.ctypes.data_as(fp), good.size, 2, ints.ctypes.data_as(ip),
+                                              ints.size - 1, entry="predict_int"),
+        "predict huge n": net.raw_call(good.ctypes.data_as(fp), good.size, 2 ** 31 - 1, scores.ctypes.data_as(fp), 20),
+    }
+    for name, rc in raw.items():
+        print("RAW", name, "|", rc, net.error_string(rc))
+    assert (scores == 7).all(), "a refused call wrote to the scores"
+    assert net.raw_call(good.ctypes.data_as(fp), good.size, 2, scores.ctypes.data_as(fp), 20) == 0
     # strided, Fortran-ordered and non-native-endian views are copied, not misread
     x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
     ref = net.predict(x)
@@ -374,6 +415,9 @@ def test_predict_refuses_every_wrong_shape_and_dtype(tmp_path):
     assert "expected uint8 images (0..255) or float images in [0, 1], got dtype int32" in refused["predict int32"]
     assert "NaN or inf" in refused["predict NaN"]
     assert "closed" in refused["after close"]
+    raw = [line for line in lines if line.startswith("RAW")]
+    buffer_error = "| 5 a buffer is shorter than n images or n outputs"
+    assert len(raw) == 5 and all(line.endswith(buffer_error) for line in raw), raw
 
 
 # --- the CLI: one line, a bug's traceback, Ctrl-C -----------------------------------------

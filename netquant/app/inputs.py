@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from .. import fileio
+
 MODEL_SUFFIXES = (".onnx", ".safetensors")
 DATA_SUFFIXES = (".zip", ".npz")
 MAX_MEMBERS = 200_000              # files in an uploaded zip
@@ -180,14 +182,38 @@ def parse_count(v):
     return n
 
 
+def _check_npy_header(blob: bytes) -> None:
+    """Read the .npy header alone and refuse an array the bytes cannot hold, before numpy
+    allocates it: e.g. a header declaring (2**40, 3, 32, 32) uint8 (3 PiB) on 12 KB of data is a
+    400, not a MemoryError (numpy allocates the declared array, then reads into it)."""
+    f = io.BytesIO(blob)
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"format version {version[0]}.{version[1]} (netquant reads 1.0 and 2.0)")
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except Exception as e:   # numpy parses the header with tokenize/ast: TokenError, SyntaxError, ...
+        raise HttpError(400, f"upload: not a .npy array ({type(e).__name__}: {e})")
+    if dtype.hasobject:
+        raise HttpError(400, "upload: a .npy of Python objects; expected uint8 or float images")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held = len(blob) - f.tell()
+    if declared > held:
+        raise HttpError(400, f"upload: the .npy header declares {shape} {dtype} ({declared:,} bytes) "
+                             f"but the file holds {held:,} bytes of data")
+
+
 def load_npy(blob: bytes, folder: Path, shape: tuple) -> np.ndarray:
     """An uploaded .npy array of images (N, C, H, W) of the network's input shape, uint8 or float
     in [0, 1]; parsed without pickle, stored in the session folder under a fixed name."""
     path = folder / "calibration-upload.npy"
-    path.write_bytes(blob)
+    fileio.write_bytes(path, blob)
+    _check_npy_header(blob)
     try:
         arr = np.load(io.BytesIO(blob), allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise HttpError(400, f"upload: not a .npy array ({e})")
     want = "(N, " + ", ".join(map(str, shape)) + ")"
     if not isinstance(arr, np.ndarray) or arr.ndim != len(shape) + 1 or arr.shape[1:] != tuple(shape) or len(arr) == 0:

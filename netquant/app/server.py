@@ -74,6 +74,7 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
+from .. import fileio
 from .inputs import (DATA_SUFFIXES, MODEL_SUFFIXES, HttpError, check_archive, data_kind, load_npy,
                      make_input_spec, model_kind, parse_class_names, parse_count, safe_name, shape_arg,
                      spec_fields, to_int)
@@ -173,7 +174,7 @@ class App:
                 filename = str(body.get("filename") or "")
                 kind = model_kind(filename, model_blob)
                 path = s.folder / f"uploaded-model{kind}"
-                path.write_bytes(model_blob)
+                fileio.write_bytes(path, model_blob)
                 # ONNX from bytes: an upload cannot point the loader at external-data files
                 source, name = (model_blob if kind == ".onnx" else path), safe_name(filename)
                 label = "upload" if filename or kind != ".onnx" else "upload (no filename; not safetensors, so read as ONNX)"
@@ -202,7 +203,7 @@ class App:
         s = self.registry.create()
         path = s.folder / "imported.nq"
         try:
-            path.write_bytes(blob)
+            fileio.write_bytes(path, blob)
             try:
                 s.quantizer = Quantizer.load(path)
             except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
@@ -287,7 +288,7 @@ class App:
                 filename = str(body.get("filename") or "")
                 kind = data_kind(filename, blob)
                 path = s.folder / f"data-{n}{kind}"
-                path.write_bytes(blob)
+                fileio.write_bytes(path, blob)
                 name = safe_name(filename) or path.name
                 check_archive(path, self.max_expanded, name)
                 train = test = _named(lambda: load_images(path, **kw), name, (str(path), filename or path.name))

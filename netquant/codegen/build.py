@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import CompiledNetworkError, NetquantError
+from ..fileio import write_text
 from ..progress import Progress, report
 from .c import CPrinter
 from .program import Program, plan
@@ -115,8 +116,8 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
         printer = CudaPrinter(program, provenance or "netquant integer network", arch=arch, tensor_cores=tensor_cores)
         cflags = f"{CUDA_FLAGS} -arch={arch}"
         files = printer.files(cflags)
-        for fname, text in files.items():
-            (folder / fname).write_text(text)
+        for fname, text in files.items():   # atomically: an interrupted generate leaves no half file
+            write_text(folder / fname, text)
         sizes = {k: (v.count("\n"), len(v.encode())) for k, v in files.items()}
         profile, const_bytes, layer_bytes = "cuda", program.weight_bytes(), {}
     else:
@@ -199,13 +200,15 @@ class CompiledNetwork:
         self.lib = ctypes.CDLL(str(library))
         n = program.name
         f = ctypes.POINTER(ctypes.c_float)
+        size, count = ctypes.c_size_t, ctypes.c_int
+        # (input, input length, n, output, output length): lengths in elements, checked by the C
         self._predict = getattr(self.lib, f"{n}_predict")
-        self._predict.argtypes, self._predict.restype = [f, ctypes.c_int, f], ctypes.c_int
+        self._predict.argtypes, self._predict.restype = [f, size, count, f, size], ctypes.c_int
         self._predict_int8 = getattr(self.lib, f"{n}_predict_int8")
-        self._predict_int8.argtypes = [ctypes.POINTER(ctypes.c_int8), ctypes.c_int, f]
+        self._predict_int8.argtypes = [ctypes.POINTER(ctypes.c_int8), size, count, f, size]
         self._predict_int8.restype = ctypes.c_int
         self._predict_int = getattr(self.lib, f"{n}_predict_int")
-        self._predict_int.argtypes = [f, ctypes.c_int, ctypes.POINTER(ctypes.c_int32)]
+        self._predict_int.argtypes = [f, size, count, ctypes.POINTER(ctypes.c_int32), size]
         self._predict_int.restype = ctypes.c_int
         self._threads = getattr(self.lib, f"{n}_set_num_threads")
         self._threads.argtypes, self._threads.restype = [ctypes.c_int], ctypes.c_int
@@ -266,8 +269,8 @@ class CompiledNetwork:
         self._live()
         x = self._images(images, "predict")
         out = np.empty((len(x), self.program.classes), np.float32)
-        self._check(self._predict(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(x),
-                                  out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))))
+        self._check(self._predict(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), x.size, len(x),
+                                  out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size))
         return out
 
     __call__ = predict
@@ -278,8 +281,8 @@ class CompiledNetwork:
         x = self._images(images, "predict_int")
         size = self.program.buffer(self.program.int_output).elements
         out = np.empty((len(x), size), np.int32)
-        self._check(self._predict_int(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(x),
-                                      out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))))
+        self._check(self._predict_int(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), x.size, len(x),
+                                      out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), out.size))
         return out
 
     def predict_int8(self, qimages) -> np.ndarray:
@@ -292,8 +295,8 @@ class CompiledNetwork:
                                        f"scale and zero point), got dtype {q.dtype}; use predict for images")
         q = np.ascontiguousarray(q)
         out = np.empty((len(q), self.program.classes), np.float32)
-        self._check(self._predict_int8(q.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)), len(q),
-                                       out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))))
+        self._check(self._predict_int8(q.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)), q.size, len(q),
+                                       out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size))
         return out
 
     def close(self) -> None:
@@ -314,10 +317,22 @@ class CompiledNetwork:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def raw_call(self, images_ptr, n: int, scores_ptr) -> int:
-        """The C entry point itself (for tests of its own argument checks)."""
+    def raw_call(self, images_ptr, images_len: int, n: int, scores_ptr, scores_len: int,
+                 entry: str = "predict") -> int:
+        """A C entry point itself, unchecked (for tests of its own argument checks): ``entry`` is
+        "predict", "predict_int8" or "predict_int"; lengths in elements, e.g. n=2 CIFAR images
+        need images_len >= 2 * 3072 = 6144 and scores_len >= 2 * 10 = 20, else the C returns 5
+        (NQ_ERR_BUFFER) without reading or writing either buffer."""
         self._live()
-        return self._predict(images_ptr, n, scores_ptr)
+        fns = {"predict": self._predict, "predict_int8": self._predict_int8, "predict_int": self._predict_int}
+        if entry not in fns:
+            raise CompiledNetworkError(f"raw_call: entry must be one of {sorted(fns)}, got {entry!r}")
+        return fns[entry](images_ptr, images_len, n, scores_ptr, scores_len)
+
+    def error_string(self, code: int) -> str:
+        """The library's message for a return code, e.g. 5: "a buffer is shorter than n images or n outputs"."""
+        self._live()
+        return self._error(int(code)).decode()
 
 
 def load(gen: Generated, library: Optional[str | os.PathLike] = None, **build_args) -> CompiledNetwork:
@@ -329,5 +344,5 @@ def write_report(gen: Generated) -> Path:
     from .report import render
 
     path = gen.folder / "report.html"
-    path.write_text(render(gen))
+    write_text(path, render(gen))
     return path

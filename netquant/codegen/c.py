@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
+from ..fileio import atomic_write, write_bytes, write_text
 from . import c_conv_dw
 from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv
 from .program import ADD_PAIR_SHIFTS, ELEMENTWISE_FNS, LUT_SIZE, Buffer, Program, Step
@@ -993,6 +994,7 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
         in_c, in_h, in_w = self.hwc(self.buf(p.input).shape)
         return f"""{self.header_comment()}#ifndef {n.upper()}_H
 #define {n.upper()}_H
+#include <stddef.h>
 #include <stdint.h>
 #ifdef __cplusplus
 extern "C" {{
@@ -1005,13 +1007,19 @@ extern "C" {{
 #define {n.upper()}_INT_OUTPUT_SIZE {self.buf(p.int_output).elements}
 
 /* images: n float32 images, NCHW, RGB scaled to [0, 1]; scores: n x CLASSES floats.
- * Returns 0, or 1 (bad argument) or 2 (an input value is NaN or infinite). */
-int {n}_predict(const float *images, int n, float *scores);
-/* The same from quantized input: n int8 tensors (NCHW) of the network's quantized input
+ * images_len and scores_len are the buffer lengths in ELEMENTS (floats, not bytes): nothing is
+ * read or written unless images_len >= n * INPUT_C * INPUT_H * INPUT_W and
+ * scores_len >= n * CLASSES (e.g. 2 CIFAR images: images_len >= 2 * 3072 = 6144, scores_len >= 20).
+ * Returns 0, or 1 (bad argument), 2 (an input value is NaN or infinite) or
+ * 5 (a buffer is shorter than n images or n outputs). */
+int {n}_predict(const float *images, size_t images_len, int n, float *scores, size_t scores_len);
+/* The same from quantized input: n int8 tensors (NCHW) of the network's quantized input,
+ * qimages_len >= n x the quantized input size in int8 elements
  * (returns 4 where the input feeds float layers besides its quantization: no such entry). */
-int {n}_predict_int8(const int8_t *qimages, int n, float *scores);
-/* The integer output tensor (before dequantization), n x INT_OUTPUT_SIZE, for bit-exact checks. */
-int {n}_predict_int(const float *images, int n, int32_t *out);
+int {n}_predict_int8(const int8_t *qimages, size_t qimages_len, int n, float *scores, size_t scores_len);
+/* The integer output tensor (before dequantization), n x INT_OUTPUT_SIZE, for bit-exact checks;
+ * out_len >= n * INT_OUTPUT_SIZE int32 elements, else 5. */
+int {n}_predict_int(const float *images, size_t images_len, int n, int32_t *out, size_t out_len);
 /* Threads used over the batch (OpenMP); 0 leaves the default. Returns the number in use. */
 int {n}_set_num_threads(int threads);
 const char *{n}_error_string(int code);
@@ -1101,8 +1109,13 @@ const char *{n}_kernels(void);
         yield self.run_one() + "\n"
         yield f"""static _Thread_local uint8_t nq_arena[ARENA_BYTES] __attribute__((aligned(64)));
 
-static int run_batch(const float *images, const int8_t *qimages, int n, float *scores, int32_t *int_out) {{
+static int run_batch(const float *images, const int8_t *qimages, size_t in_len, int n,
+                     float *scores, int32_t *int_out, size_t out_len) {{
     if (n < 0 || (!images && !qimages) || (!scores && !int_out)) return NQ_ERR_ARGUMENT;
+    /* lengths in elements, checked before any read or write: a short buffer is an error, never
+     * an out-of-bounds access (size_t products: n <= INT_MAX times a tensor size cannot wrap) */
+    if (in_len < (size_t)n * (images ? (size_t)IN_SIZE : (size_t)Q_SIZE) ||
+        out_len < (size_t)n * (scores ? (size_t)CLASSES : (size_t)INT_OUT)) return NQ_ERR_BUFFER;
     if (images) {{
         int bad = 0;
         /* one image runs on the calling thread: waking the others would only cost time */
@@ -1138,17 +1151,17 @@ static int run_batch(const float *images, const int8_t *qimages, int n, float *s
     return NQ_OK;
 }}
 
-int {n}_predict(const float *images, int n, float *scores) {{
-    return images ? run_batch(images, NULL, n, scores, NULL) : NQ_ERR_ARGUMENT;
+int {n}_predict(const float *images, size_t images_len, int n, float *scores, size_t scores_len) {{
+    return images ? run_batch(images, NULL, images_len, n, scores, NULL, scores_len) : NQ_ERR_ARGUMENT;
 }}
 
-int {n}_predict_int8(const int8_t *qimages, int n, float *scores) {{
+int {n}_predict_int8(const int8_t *qimages, size_t qimages_len, int n, float *scores, size_t scores_len) {{
     if (!Q_SIZE) return NQ_ERR_UNSUPPORTED;
-    return qimages ? run_batch(NULL, qimages, n, scores, NULL) : NQ_ERR_ARGUMENT;
+    return qimages ? run_batch(NULL, qimages, qimages_len, n, scores, NULL, scores_len) : NQ_ERR_ARGUMENT;
 }}
 
-int {n}_predict_int(const float *images, int n, int32_t *out) {{
-    return images && out ? run_batch(images, NULL, n, NULL, out) : NQ_ERR_ARGUMENT;
+int {n}_predict_int(const float *images, size_t images_len, int n, int32_t *out, size_t out_len) {{
+    return images && out ? run_batch(images, NULL, images_len, n, NULL, out, out_len) : NQ_ERR_ARGUMENT;
 }}
 
 int {n}_set_num_threads(int threads) {{
@@ -1167,6 +1180,7 @@ const char *{n}_error_string(int code) {{
     case NQ_ERR_ARGUMENT: return "bad argument (null pointer or negative count)";
     case NQ_ERR_NONFINITE: return "an input value is NaN or infinite";
     case NQ_ERR_UNSUPPORTED: return "no int8-input entry point: the network input feeds float layers besides its quantization";
+    case NQ_ERR_BUFFER: return "a buffer is shorter than n images or n outputs";
     default: return "unknown error";
     }}
 }}
@@ -1246,7 +1260,8 @@ int main(int argc, char **argv) {{
     fclose(f);
     long outn = (long)n * (as_int ? {n.upper()}_INT_OUTPUT_SIZE : {n.upper()}_CLASSES);
     void *y = malloc(4 * (outn ? outn : 1));
-    int rc = as_int ? {n}_predict_int(x, n, y) : {n}_predict(x, n, y);
+    int rc = as_int ? {n}_predict_int(x, (size_t)(per * n), n, y, (size_t)outn)
+                    : {n}_predict(x, (size_t)(per * n), n, y, (size_t)outn);
     if (rc) {{ fprintf(stderr, "predict: %s\\n", {n}_error_string(rc)); return 1; }}
     FILE *g = fopen(argv[2], "wb");
     if (!g || fwrite(y, 4, outn, g) != (size_t)outn) {{ perror(argv[2]); return 1; }}
@@ -1272,23 +1287,26 @@ clean:
 
     def write(self, folder, cflags: str) -> dict:
         """Write every file into ``folder`` (a pathlib.Path), the library source piece by piece as
-        it is printed and the binary weights file after it; returns {file name: (lines, bytes)}."""
+        it is printed and the binary weights file after it; returns {file name: (lines, bytes)}.
+        Each file is written atomically (a temporary file beside it, renamed at the end), so an
+        interrupted generate leaves the old file or none under each name, never half a source."""
+
         n = self.p.name
         sizes = {}
         src = f"{n}{self.file_suffix}"
         lines = size = 0
-        with open(folder / src, "w") as f:
+        with atomic_write(folder / src, "w", encoding="utf-8") as f:
             for chunk in self.source_chunks():
                 f.write(chunk)
                 lines += chunk.count("\n")
                 size += len(chunk.encode())
         sizes[src] = (lines, size)
-        (folder / self.blob_file()).write_bytes(bytes(self.blob))
+        write_bytes(folder / self.blob_file(), bytes(self.blob))
         sizes[self.blob_file()] = (0, len(self.blob))
         runtime = resources.files("netquant.codegen").joinpath("runtime", RUNTIME_HEADER).read_text()
         for name, text in {f"{n}.h": self.header(), RUNTIME_HEADER: runtime, "main.c": self.bench(),
                            "Makefile": self.makefile(cflags)}.items():
-            (folder / name).write_text(text)
+            write_text(folder / name, text)
             sizes[name] = (text.count("\n"), len(text.encode()))
         return sizes
 

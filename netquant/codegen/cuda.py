@@ -436,8 +436,12 @@ static int run_device(const float *d_in, const int8_t *qin, int n, float *d_out)
 {run_steps}    return cudaGetLastError() == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
 }}
 
-static int check_host(const float *images, int n) {{
-    if (!images || n < 0) return NQ_ERR_ARGUMENT;
+/* arguments, then buffer lengths (in elements: n * IN_SIZE floats in, n * per_out out), checked
+ * before any read: a short buffer is NQ_ERR_BUFFER, never an out-of-bounds copy */
+static int check_host(const float *images, size_t images_len, int n, const void *out, size_t out_len,
+                      size_t per_out) {{
+    if (!images || !out || n < 0) return NQ_ERR_ARGUMENT;
+    if (images_len < (size_t)n * IN_SIZE || out_len < (size_t)n * per_out) return NQ_ERR_BUFFER;
     for (long i = 0; i < (long)n * IN_SIZE; ++i)
         if (!isfinite(images[i])) return NQ_ERR_NONFINITE;
     return NQ_OK;
@@ -451,28 +455,33 @@ static int run_host(const float *images, int n) {{
     return run_device(d_in_buf, NULL, n, d_out_buf);
 }}
 
-extern "C" int {n}_predict(const float *images, int n, float *scores) {{
-    int rc = check_host(images, n);
-    if (rc || !scores) return rc ? rc : NQ_ERR_ARGUMENT;
+extern "C" int {n}_predict(const float *images, size_t images_len, int n, float *scores, size_t scores_len) {{
+    int rc = check_host(images, images_len, n, scores, scores_len, CLASSES);
+    if (rc) return rc;
     if (n == 0) return NQ_OK;
     if ((rc = run_host(images, n))) return rc;
     return cudaMemcpy(scores, d_out_buf, (size_t)n * CLASSES * sizeof(float), cudaMemcpyDeviceToHost)
         == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
 }}
 
-/* The same on device buffers (no copies): d_images n x IN_SIZE floats, d_scores n x CLASSES. */
-extern "C" int {n}_predict_device(const float *d_images, int n, float *d_scores) {{
+/* The same on device buffers (no copies): d_images n x IN_SIZE floats, d_scores n x CLASSES
+ * (lengths in elements, as the caller allocated them; not checked for finiteness). */
+extern "C" int {n}_predict_device(const float *d_images, size_t images_len, int n, float *d_scores,
+                                  size_t scores_len) {{
     int rc;
     if (!d_images || !d_scores || n < 0) return NQ_ERR_ARGUMENT;
+    if (images_len < (size_t)n * IN_SIZE || scores_len < (size_t)n * CLASSES) return NQ_ERR_BUFFER;
     if (n == 0) return NQ_OK;
     if ((rc = ensure(n))) return rc;
     if ((rc = run_device(d_images, NULL, n, d_scores))) return rc;
     return cudaDeviceSynchronize() == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
 }}
 
-extern "C" int {n}_predict_int8(const int8_t *qimages, int n, float *scores) {{
+extern "C" int {n}_predict_int8(const int8_t *qimages, size_t qimages_len, int n, float *scores,
+                                size_t scores_len) {{
     int rc;
 {no_int8}    if (!qimages || !scores || n < 0) return NQ_ERR_ARGUMENT;
+    if (qimages_len < (size_t)n * {q_elements} || scores_len < (size_t)n * CLASSES) return NQ_ERR_BUFFER;
     if (n == 0) return NQ_OK;
     if ((rc = ensure(n))) return rc;
     cudaMemcpy(d_qin, qimages, (size_t)n * {q_elements}, cudaMemcpyHostToDevice);
@@ -481,9 +490,9 @@ extern "C" int {n}_predict_int8(const int8_t *qimages, int n, float *scores) {{
         == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
 }}
 
-extern "C" int {n}_predict_int(const float *images, int n, int32_t *out) {{
-    int rc = check_host(images, n);
-    if (rc || !out) return rc ? rc : NQ_ERR_ARGUMENT;
+extern "C" int {n}_predict_int(const float *images, size_t images_len, int n, int32_t *out, size_t out_len) {{
+    int rc = check_host(images, images_len, n, out, out_len, {ib.elements});
+    if (rc) return rc;
     if (n == 0) return NQ_OK;
     if ((rc = run_host(images, n))) return rc;
     copy_int_out<<<(unsigned)(((long)n * {ib.elements} + {THREADS - 1}) / {THREADS}), {THREADS}>>>(d_arena, d_int, n);
@@ -507,6 +516,7 @@ extern "C" const char *{n}_error_string(int code) {{
     case NQ_ERR_NONFINITE: return "an input value is NaN or infinite";
     case NQ_ERR_RUNTIME: return cudaGetErrorString(cudaGetLastError());
     case NQ_ERR_UNSUPPORTED: return "no int8-input entry point: the network input feeds float layers besides its quantization";
+    case NQ_ERR_BUFFER: return "a buffer is shorter than n images or n outputs";
     default: return "unknown error";
     }}
 }}
@@ -546,5 +556,6 @@ lib{n}.so: {n}.cu {n}.h netquant_rt.h
             f"int {self.p.name}_set_num_threads(int threads);",
             f"int {self.p.name}_set_num_threads(int threads);\n"
             f"/* Device buffers in and out, no copies (CUDA target only). */\n"
-            f"int {self.p.name}_predict_device(const float *d_images, int n, float *d_scores);")
+            f"int {self.p.name}_predict_device(const float *d_images, size_t images_len, int n, float *d_scores,\n"
+            f"                                 size_t scores_len);")
         return files

@@ -17,7 +17,10 @@
 #define NQ_FN static inline
 #endif
 
-enum { NQ_OK = 0, NQ_ERR_ARGUMENT = 1, NQ_ERR_NONFINITE = 2, NQ_ERR_RUNTIME = 3, NQ_ERR_UNSUPPORTED = 4 };
+/* NQ_ERR_BUFFER: an entry point was given a buffer length (in elements) shorter than n images
+ * or n outputs; nothing was read or written. */
+enum { NQ_OK = 0, NQ_ERR_ARGUMENT = 1, NQ_ERR_NONFINITE = 2, NQ_ERR_RUNTIME = 3, NQ_ERR_UNSUPPORTED = 4,
+       NQ_ERR_BUFFER = 5 };
 
 /* round_half_up(v / 2^shift) = (v + 2^(shift-1)) >> shift, 1 <= shift <= 62 */
 NQ_FN int64_t nq_rounding_shift(int64_t v, int32_t shift) {
