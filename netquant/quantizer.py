@@ -320,6 +320,17 @@ class Quantizer:
         return original, quant
 
     # --- validate -------------------------------------------------------------------------
+    def _labelled_images(self, images, what: str):
+        """(float images checked against the network input, labels, provenance) for ``what``
+        ("validation", "sensitivity"): labels are required and must match the images."""
+        x, labels, source = _as_images(images, f"{what} images")
+        if labels is None:
+            raise ValueError(f"{what} needs labels: pass an ImageSet or (images, labels)")
+        x = check_images(x, self.graph.input.shape, f"{what} images ({source})")
+        if len(labels) != len(x):
+            raise ValueError(f"{what}: {len(x)} images but {len(labels)} labels")
+        return x, labels, source
+
     def validate(self, images, metrics: Sequence = ("top1", "top5"), batch_size: int = 500,
                  progress: Optional[Progress] = None, error_images: int = 100, engine: str = "python",
                  c_folder=None):
@@ -339,12 +350,7 @@ class Quantizer:
         if engine not in ("python", "c"):
             raise ValueError(f"validate: engine must be 'python' (the reference executor) or 'c' (the compiled C "
                              f"library), got {engine!r}")
-        x, labels, source = _as_images(images, "validation images")
-        if labels is None:
-            raise ValueError("validation needs labels: pass an ImageSet or (images, labels)")
-        x = check_images(x, self.graph.input.shape, f"validation images ({source})")
-        if len(labels) != len(x):
-            raise ValueError(f"validation: {len(x)} images but {len(labels)} labels")
+        x, labels, source = self._labelled_images(images, "validation")
         batch_size = _check_batch_size(batch_size)
         out_shape = tuple(self.graph.node(self.graph.output).shape)
         if len(out_shape) != 1:
@@ -440,12 +446,7 @@ class Quantizer:
         DataFrame, most harmful layer first (:mod:`netquant.accuracy.sensitivity`)."""
         from .accuracy.sensitivity import sensitivity
 
-        x, labels, source = _as_images(images, "sensitivity images")
-        if labels is None:
-            raise ValueError("sensitivity needs labels: pass an ImageSet or (images, labels)")
-        x = check_images(x, self.graph.input.shape, f"sensitivity images ({source})")
-        if len(labels) != len(x):
-            raise ValueError(f"sensitivity: {len(x)} images but {len(labels)} labels")
+        x, labels, source = self._labelled_images(images, "sensitivity")
         self.quantize()   # the checks of the current config and calibration
         return sensitivity(self.graph, self._require_ranges(), self.config, x, labels, resolve_metric(metric),
                            self.user_float, batch_size, progress)

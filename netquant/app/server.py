@@ -192,6 +192,10 @@ class App:
         except BaseException:
             self.registry.discard(s)
             raise
+        return self._publish(s)
+
+    def _publish(self, s) -> dict:
+        """Register a session whose quantizer is ready and return its description."""
         s.network = s.quantizer.name
         out = self.session_json(s)  # first: it may load CIFAR-10, longer than a short idle timeout
         self.registry.register(s)
@@ -213,10 +217,7 @@ class App:
         except BaseException:
             self.registry.discard(s)
             raise
-        s.network = s.quantizer.name
-        out = self.session_json(s)  # first: it may load CIFAR-10, longer than a short idle timeout
-        self.registry.register(s)
-        return out
+        return self._publish(s)
 
     def export_quantizer(self, s) -> bytes:
         """The session's quantizer file, with the page's last validation in it (``RESULTS``), so
