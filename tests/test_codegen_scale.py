@@ -131,16 +131,19 @@ def test_resnet50_at_224_is_compact_fast_to_build_and_bit_exact(cifar, tmp_path)
     q = Quantizer(resnet50(), example=torch.zeros(1, 3, 224, 224))
     q.calibrate(upsampled(cifar.train.images[:4]))
     qn = q.quantize()
-    t0 = time.time()
+    # CPU seconds, not wall-clock: the limits are the (generate < 20 s, build < 90 s on the
+    # 2-core machine) and must not fail because other work shares the machine
+    t0 = time.process_time()
     gen = generate(qn, tmp_path, name="resnet50")
-    generate_s = time.time() - t0
+    generate_s = time.process_time() - t0
     total, weights = sum(gen.sizes.values()), _int8_weight_bytes(qn.qgraph)
     assert total <= 1.5 * weights + 5e6, (total, weights)
     assert generate_s < 20, generate_s
-    t0 = time.time()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     lib = build(gen, cache_dir=tmp_path / "cache")
-    build_s = time.time() - t0
-    rss_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # the largest child so far
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    build_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    rss_bytes = after.ru_maxrss * 1024   # the largest child so far
     assert build_s < 90, build_s
     assert rss_bytes < 2 << 30, rss_bytes
     net = load(gen, lib)
