@@ -425,7 +425,7 @@ def test_predict_refuses_every_wrong_shape_and_dtype(tmp_path):
 def test_cli_user_errors_are_one_line_and_checked_before_work(capsys, tmp_path, saved):
     cases = [
         (["tile", "--count", "0"], "--count: expected a positive number of images, got 0"),
-        (["tile", "--count", "100000", "--out", str(tmp_path / "t.png")], "tile count: expected 1..1000"),
+        (["tile", "--data", "sample", "--count", "100000", "--out", str(tmp_path / "t.png")], "tile count: expected 1..1000"),
         (["validate", "--metric", "top3"], "unknown metric 'top3'"),
         (["calibrate", "--out", "/dev/null/x"], "--out /dev/null/x: /dev/null is not an existing folder"),
         (["quantize", "--out", str(tmp_path)], "is a folder, expected a file name"),
