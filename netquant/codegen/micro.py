@@ -362,10 +362,7 @@ def generate_micro(qgraph, folder: Path, name: str, cpu: str, provenance: str = 
                     sizes={k: len(v.encode()) for k, v in files.items()}, profile=cpu,
                     const_bytes=sum(printer.const_bytes(s) for s in mp.program.steps),
                     seconds=round(time.time() - t0, 2),
-                    layer_bytes={s.node.name: printer.const_bytes(s) for s in mp.program.steps})
-    gen.micro = mp
-    gen.cpu = cpu
-    gen.flash = {}
+                    layer_bytes={s.node.name: printer.const_bytes(s) for s in mp.program.steps}, micro=mp)
     write_micro_report(gen)
     return gen
 
@@ -534,7 +531,7 @@ def run_qemu(gen, images: np.ndarray, timeout: float = 600) -> tuple[np.ndarray,
     (folder / "input.bin").write_bytes(np.int32(len(q)).tobytes() + q.tobytes())
     for f in ("scores.bin", "stats.bin"):
         (folder / f).unlink(missing_ok=True)
-    cmd = [qemu, "-M", CPUS[gen.cpu][2], "-nographic", "-monitor", "none", "-serial", "none",
+    cmd = [qemu, "-M", CPUS[gen.profile][2], "-nographic", "-monitor", "none", "-serial", "none",
            "-semihosting-config", "enable=on,target=native", "-kernel", f"{n}.elf"]
     proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not (folder / "stats.bin").exists():
@@ -576,10 +573,10 @@ def write_micro_report(gen) -> Path:
 <style>body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; text-align: left; }} th {{ background: #f0f0f0; }}</style>
 </head><body>
-<h1>Micro target report: {html.escape(p.name)} for {html.escape(gen.cpu)}</h1>
+<h1>Micro target report: {html.escape(p.name)} for {html.escape(gen.profile)}</h1>
 <p>netquant {__version__}; flags <code>{html.escape(gen.cflags)}</code></p>
 <h2>Summary</h2><ul>
-<li>Arm features used: {html.escape(CPUS[gen.cpu][1])}; portable C with -DNQ_NO_SIMD or on a core without them</li>
+<li>Arm features used: {html.escape(CPUS[gen.profile][1])}; portable C with -DNQ_NO_SIMD or on a core without them</li>
 <li>Flash: int8 weights {mp.int8_weight_bytes:,} bytes (exactly the network's), all constants {gen.const_bytes:,} bytes</li>
 <li>RAM: one static arena of {mp.arena_bytes:,} bytes (tensors and column scratch); the largest pair of
 live activations (a layer's largest input and its output) is {mp.largest_pair:,} bytes; {len(mp.fused)} residual adds
@@ -592,8 +589,8 @@ fused into their convs (written over the skip tensor)</li>{built}
 C99 compiler for Arm; CMSIS is not needed) and call <code>{html.escape(p.name)}_run(image, scores)</code>.
 The weights are <code>static const</code> (the linker puts them in flash); the arena is one
 <code>static</code> array in .bss. <code>board_main.c</code> and <code>board.ld</code> are the QEMU test
-bench ({html.escape(CPUS[gen.cpu][2] or '')}, semihosting): <code>make</code>, then
-<code>qemu-system-arm -M {html.escape(CPUS[gen.cpu][2] or '')} -nographic -semihosting-config enable=on,target=native -kernel {html.escape(p.name)}.elf</code>.</p>
+bench ({html.escape(CPUS[gen.profile][2] or '')}, semihosting): <code>make</code>, then
+<code>qemu-system-arm -M {html.escape(CPUS[gen.profile][2] or '')} -nographic -semihosting-config enable=on,target=native -kernel {html.escape(p.name)}.elf</code>.</p>
 <h2>Build</h2>{build}
 </body></html>
 """
