@@ -193,6 +193,8 @@ def micro_plan(p: Program, simd: bool = True) -> MicroPlan:
 class MicroPrinter(CPrinter):
     """Prints a MicroPlan as C99 (see the module docstring)."""
 
+    kernel_qualifier = "__attribute__((noinline)) static void"   # one symbol per layer: its code size in the report
+
     def __init__(self, mp: MicroPlan, in_scale: float, provenance: str = "", cpu: str = "cortex-m4"):
         super().__init__(mp.program, provenance, profile="scalar")
         self.mp = mp
@@ -202,7 +204,7 @@ class MicroPrinter(CPrinter):
     def signature(self, step: Step) -> str:
         if step.output in self.mp.fused:   # x1 (the skip) and y share storage: no restrict on them
             x, skip = (self.buf(i).ctype for i in step.inputs)
-            return (f"static void {self.fn_name(step)}(const {x} *restrict x0, const {skip} *x1, "
+            return (f"{self.kernel_qualifier} {self.fn_name(step)}(const {x} *restrict x0, const {skip} *x1, "
                     f"{self.buf(step.output).ctype} *y)")
         return super().signature(step)
 
@@ -505,8 +507,9 @@ def elf_sizes(elf: Path, gen) -> dict:
     for line in subprocess.run([tool[1], "-S", "--size-sort", str(elf)], capture_output=True, text=True,
                                check=True).stdout.splitlines():
         parts = line.split()
-        if len(parts) == 4:
-            syms[parts[3]] = int(parts[1], 16)
+        if len(parts) == 4:   # a static function specialised by gcc is step_x.constprop.0: count it as step_x
+            base = parts[3].split(".")[0]
+            syms[base] = syms.get(base, 0) + int(parts[1], 16)
     layers = {}
     for s in gen.program.steps:
         code = syms.get(f"step_{s.output}", 0)

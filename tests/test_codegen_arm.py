@@ -1,0 +1,178 @@
+"""Arm targets: the aarch64 build (NEON: SDOT dot product, plain NEON, portable) cross-compiled and
+run under qemu-aarch64, and the Cortex-M micro target cross-compiled with arm-none-eabi-gcc and
+run on QEMU's mps2-an386 (Cortex-M4) / mps3-an547 (Cortex-M55) with semihosting, on real
+CIFAR-10 test images. Tolerance: exact integers against the reference executor. Each test skips,
+naming the tool, where its cross compiler or QEMU is absent (.ci/run installs them)."""
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from netquant.codegen import CodegenError, generate, load
+from netquant.codegen.micro import build_micro, run_qemu
+from netquant.codegen.program import c_name
+from netquant.data import calibration_set
+from netquant.data.transforms import to_float
+from netquant.models.pretrained import load_pretrained
+from netquant.quantizer import Quantizer
+from netquant.ref.executor import run_int8
+
+pytestmark = pytest.mark.compiler
+
+
+def _need(*tools):
+    missing = [t for t in tools if shutil.which(t) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed (.ci/run installs it)")
+
+
+needs_aarch64 = _need("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-objdump", "qemu-aarch64")
+needs_cortex_m = _need("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm")
+CODE_ALLOWANCE = 64 * 1024   # flash beyond the int8 weights: code, bias and requantization tables
+RAM_FACTOR = 1.2             # arena + stack against the largest pair of live activations
+
+
+@pytest.fixture(scope="module")
+def qnet(cifar):
+    q = Quantizer(load_pretrained())
+    q.calibrate(calibration_set(cifar))
+    return q.quantize()
+
+
+def _reference(qgraph, x, program):
+    """The reference executor's quantized input (int8, NCHW) and integer output for images x."""
+    qin = next((n.name for n in qgraph.nodes if c_name(n.name) == program.int_input), None)
+    keep = [qgraph.int_output()] + ([qin] if qin else [])
+    out = run_int8(qgraph, torch.from_numpy(x), keep=keep)
+    ref = out[qgraph.int_output()].numpy().reshape(len(x), -1)
+    return (out[qin].numpy().astype(np.int8) if qin else None), ref
+
+
+# --- aarch64 (Cortex-A) ------------------------------------------------------------------------
+def _neon_bit_exact(qgraph, x, folder, isa="neon"):
+    gen = generate(qgraph, folder, name="net", isa=isa, cross="aarch64-linux-gnu")
+    net = load(gen)
+    assert gen.build["warnings"].strip() == "", gen.build["warnings"]
+    _, ref = _reference(qgraph, x, gen.program)
+    assert np.array_equal(net.predict_int(x), ref), isa
+    return gen
+
+
+@needs_aarch64
+@pytest.mark.parametrize("isa, instruction", [("neon", "sdot"), ("neon-v8", "sadalp"), ("scalar", None)])
+def test_aarch64_builds_are_bit_exact(isa, instruction, qnet, cifar, tmp_path):
+    """Each aarch64 build equals the reference on a few real images, and its binary holds the
+    instructions it claims (SDOT for the dot-product build, SADALP for plain NEON, neither in the
+    portable one)."""
+    gen = _neon_bit_exact(qnet.qgraph, to_float(cifar.test.images[:6]), tmp_path, isa)
+    asm = subprocess.run(["aarch64-linux-gnu-objdump", "-d", gen.build["library"]], capture_output=True,
+                         text=True, check=True).stdout
+    mnemonics = {line.split("\t")[2].strip() for line in asm.splitlines() if line.count("\t") >= 2}
+    for m in ("sdot", "sadalp"):
+        assert (m in mnemonics) == (m == instruction), (isa, m)
+
+
+@needs_aarch64
+@pytest.mark.slow
+def test_aarch64_dotprod_build_on_1000_images(qnet, cifar, tmp_path):
+    _neon_bit_exact(qnet.qgraph, to_float(cifar.test.images[:1000]), tmp_path)
+
+
+@needs_aarch64
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet_a", "resnet_b", "vgg", "mobilenetv2", "shufflenetv2", "biasnet", "lenet"])
+def test_aarch64_zoo_architectures(arch, cifar, tmp_path):
+    import zoo
+
+    q = Quantizer(zoo.make(arch), example=torch.rand(2, 3, 32, 32))
+    q.calibrate(cifar.train.images[:32])
+    _neon_bit_exact(q.quantize().qgraph, to_float(cifar.test.images[:4]), tmp_path)
+
+
+@needs_aarch64
+@pytest.mark.slow
+@pytest.mark.parametrize("cls_name", ["OptionAResNet", "GroupedNet", "ShuffleNet", "PoolNet", "FlattenNet",
+                                      "BiasNet", "InplaceNet"])
+def test_aarch64_c_test_architectures(cls_name, cifar, tmp_path):
+    import test_architectures as arch
+
+    q = Quantizer(arch.build(getattr(arch, cls_name), cifar, images=200, epochs=1))
+    q.calibrate(cifar.train.images[:32])
+    _neon_bit_exact(q.quantize().qgraph, to_float(cifar.test.images[:4]), tmp_path)
+
+
+# --- Cortex-M (micro) --------------------------------------------------------------------------
+def _micro_run(qgraph, x, folder, cpu, extra=""):
+    gen = generate(qgraph, folder, name="resnet20", target="micro", cpu=cpu)
+    build_micro(gen, extra=extra)
+    assert gen.build["warnings"].strip() == "", gen.build["warnings"]
+    qin, ref = _reference(qgraph, x, gen.program)
+    scores, stats = run_qemu(gen, qin)
+    assert np.array_equal(scores.astype(np.int32), ref), cpu
+    return gen, stats
+
+
+def _check_memory(gen, stats):
+    """Flash within the int8 weights + 64 KB, RAM (arena + painted stack) within 1.2x the largest
+    pair of live activations, the arena in the ELF as planned, no heap, no libm."""
+    mp, fl = gen.micro, gen.flash
+    print(f"\n{gen.profile}: flash {fl['flash']:,} B (int8 weights {mp.int8_weight_bytes:,} + code and tables "
+          f"{fl['flash'] - mp.int8_weight_bytes:,}); arena {mp.arena_bytes:,} B + stack {stats['stack']} B "
+          f"= {mp.arena_bytes + stats['stack']:,} B; largest live pair {mp.largest_pair:,} B")
+    assert fl["flash"] <= mp.int8_weight_bytes + CODE_ALLOWANCE
+    assert fl["arena"] == mp.arena_bytes == stats["arena"]
+    assert 0 < stats["stack"] and mp.arena_bytes + stats["stack"] <= RAM_FACTOR * mp.largest_pair
+    assert not fl["malloc"] and "-lm" not in gen.build["command"]
+    # the report gives the same numbers, per layer too
+    report = (gen.folder / "report.html").read_text()
+    assert f"arena of {mp.arena_bytes:,} bytes" in report and f"flash {fl['flash']:,}" in report
+    layer = next(iter(fl["layers"].values()))
+    assert layer["code"] > 0 and layer["const"] > 0
+
+
+@needs_cortex_m
+def test_cortex_m4_bit_exact_on_20_images_within_flash_and_ram(qnet, cifar, tmp_path):
+    """The shipped ResNet-20 on mps2-an386: SMLAD kernels, 20 real test images, bit-exact."""
+    gen, stats = _micro_run(qnet.qgraph, to_float(cifar.test.images[:20]), tmp_path, "cortex-m4")
+    assert gen.flash["shared_code"] > 0
+    asm = subprocess.run(["arm-none-eabi-objdump", "-d", str(gen.folder / "resnet20.elf")], capture_output=True,
+                         text=True, check=True).stdout
+    assert "smlad" in asm and "sxtb16" in asm
+    assert len(gen.micro.fused) == 9   # every residual add of ResNet-20 written over its skip
+    _check_memory(gen, stats)
+
+
+@needs_cortex_m
+@pytest.mark.slow
+def test_cortex_m4_portable_fallback_is_bit_exact(qnet, cifar, tmp_path):
+    gen, stats = _micro_run(qnet.qgraph, to_float(cifar.test.images[:3]), tmp_path, "cortex-m4", "-DNQ_NO_SIMD")
+    asm = subprocess.run(["arm-none-eabi-objdump", "-d", str(gen.folder / "resnet20.elf")], capture_output=True,
+                         text=True, check=True).stdout
+    assert "smlad" not in asm
+
+
+@needs_cortex_m
+@pytest.mark.slow
+def test_cortex_m55_mve_is_bit_exact(qnet, cifar, tmp_path):
+    """mps3-an547: the MVE (Helium) kernels, a few real images."""
+    gen, stats = _micro_run(qnet.qgraph, to_float(cifar.test.images[:3]), tmp_path, "cortex-m55")
+    asm = subprocess.run(["arm-none-eabi-objdump", "-d", "-marmv8.1-m.main", str(gen.folder / "resnet20.elf")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "vmladava.s16" in asm
+    _check_memory(gen, stats)
+
+
+def test_micro_refuses_float_layers(cifar, tmp_path):
+    """A network with a float layer inside (a sigmoid table) is refused, naming the layer."""
+    import zoo
+
+    q = Quantizer(zoo.make("se_hardswish"), example=torch.rand(2, 3, 32, 32))
+    q.calibrate(cifar.train.images[:8])
+    with pytest.raises(CodegenError, match=r"micro target: layer \S+ \(\w+\) runs in float"):
+        generate(q.quantize(), tmp_path, target="micro", cpu="cortex-m4")
+
+
+def test_micro_unknown_cpu(qnet, tmp_path):
+    with pytest.raises(ValueError, match="unknown --cpu 'cortex-m99'"):
+        generate(qnet, tmp_path, target="micro", cpu="cortex-m99")
