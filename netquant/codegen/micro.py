@@ -14,8 +14,9 @@ element at the same position and written over it (netquant_micro.h), so the add 
 The tensors are then placed in one arena by first fit over their lifetimes (the better of two
 orders), with the int16 column scratch of each SIMD conv (2 pixels x KH*KW*C) live during its
 own step only. Example, the shipped ResNet-20: at most two 16 KB tensors of stage 1 are live at
-once (a conv's input and its output, which is also the skip), so the arena is 32 KB plus 2.3 KB
-of column scratch; the x86 plan needs 48 KB for the same steps.
+once (a conv's input and its output, which is also the skip), so the arena is 33,920 bytes:
+32 KB of tensors and 1,152 bytes of column scratch past them (the 2,304-byte scratch of the
+64-channel convs fits beside their 4 KB tensors); the x86 Program's arena is 49,216 bytes.
 
 Kernels (netquant_micro.h): ungrouped convs on SMLAD (Cortex-M4/M7/M33: ``__ARM_FEATURE_DSP``)
 or MVE/Helium VMLADAV (Cortex-M55), else portable C; every other step prints the portable
@@ -321,8 +322,9 @@ extern "C" {{
 #define {n.upper()}_INPUT_W {w}
 #define {n.upper()}_CLASSES {ob.elements}
 #define {n.upper()}_ARENA_BYTES {max(self.mp.arena_bytes, ARENA_ALIGN)}
-/* image: INPUT_C x INPUT_H x INPUT_W int8 (NCHW), the input already quantized:
- * q = clamp(floor(x / {self.in_scale!r} + 0.5), -128, 127) of the normalized image x;
+/* image: INPUT_C x INPUT_H x INPUT_W int8 (NCHW), the input already quantized (netquant_rt.h
+ * nq_quantize: q = clamp(floor(x * float32(1 / {self.in_scale!r}) + 0.5f), -128, 127) of the
+ * normalized image x);
  * scores: CLASSES integers ({ob.dtype}), real score = {ob.dtype} value x output scale.
  * Returns 0, or 1 (a null pointer). Not reentrant: one static arena. */
 int {n}_run(const int8_t *image, {ob.ctype} *scores);
@@ -359,6 +361,8 @@ def generate_micro(qgraph, folder: Path, name: str, cpu: str, provenance: str = 
     for fname, text in files.items():
         write_text(folder / fname, text)
     flags = f"{CPUS[cpu][0]} {MICRO_FLAGS}"
+    log.info("micro %s for %s: arena %d bytes, %d adds fused, %d bytes of constants", name, cpu, mp.arena_bytes,
+             len(mp.fused), sum(printer.const_bytes(s) for s in mp.program.steps))
     gen = Generated(folder, mp.program, "micro", {k: v.count("\n") for k, v in files.items()}, flags,
                     kernels={s.node.name: printer.kernel_label(s) for s in mp.program.steps},
                     sizes={k: len(v.encode()) for k, v in files.items()}, profile=cpu,
