@@ -153,16 +153,18 @@ static void nq_conv_dsp(const nq_conv *k, const void *x, const void *skip, void 
             const int o1 = o + 1 < k->O ? o + 1 : o;
             const int8_t *wa = k->w + (long)o * K, *wb = k->w + (long)o1 * K;
             int32_t a00 = k->bias[o], a01 = k->bias[o1], a10 = a00, a11 = a01;
-            for (int i = 0; i < K4; i += 4) {
+            /* pointers stepped in the loop (post-increment loads), so the 4 accumulators, 4
+             * operands and 4 pointers stay in registers */
+            const int8_t *pa = wa, *pb = wb, *const pend = wa + K4;
+            const int16_t *q0 = col, *q1 = c1;
+            while (pa < pend) {
                 uint32_t va, vb, x0, x1, y0, y1;
-                memcpy(&va, wa + i, 4);
-                memcpy(&vb, wb + i, 4);
+                memcpy(&va, pa, 4); pa += 4;
+                memcpy(&vb, pb, 4); pb += 4;
+                memcpy(&x0, q0, 4); memcpy(&x1, q0 + 2, 4); q0 += 4;
+                memcpy(&y0, q1, 4); memcpy(&y1, q1 + 2, 4); q1 += 4;
                 const int32_t a02 = __sxtb16(va), a13 = nq_sxtb16_ror8(va);
                 const int32_t b02 = __sxtb16(vb), b13 = nq_sxtb16_ror8(vb);
-                memcpy(&x0, col + i, 4);
-                memcpy(&x1, col + i + 2, 4);
-                memcpy(&y0, c1 + i, 4);
-                memcpy(&y1, c1 + i + 2, 4);
                 a00 = __smlad(a02, (int32_t)x0, a00); a00 = __smlad(a13, (int32_t)x1, a00);
                 a01 = __smlad(b02, (int32_t)x0, a01); a01 = __smlad(b13, (int32_t)x1, a01);
                 a10 = __smlad(a02, (int32_t)y0, a10); a10 = __smlad(a13, (int32_t)y1, a10);
@@ -185,7 +187,7 @@ static void nq_conv_dsp(const nq_conv *k, const void *x, const void *skip, void 
 
 #if NQ_MICRO_MVE
 /* MVE kernel: 2 output pixels x 2 output channels, 8 int16 lanes per VMLADAVA (weights widened
- * by VLDRB.S16, the tail predicated with VCTP). */
+ * by VLDRB.S16), the K % 8 tail predicated with VCTP. */
 static void nq_conv_mve(const nq_conv *k, const void *x, const void *skip, void *y, int16_t *col) {
     const int K = k->KH * k->KW * k->C, P = k->OH * k->OW;
     int16_t *col1 = col + ((K + 7) & ~7);
@@ -198,7 +200,16 @@ static void nq_conv_mve(const nq_conv *k, const void *x, const void *skip, void 
             const int o1 = o + 1 < k->O ? o + 1 : o;
             const int8_t *wa = k->w + (long)o * K, *wb = k->w + (long)o1 * K;
             int32_t a00 = k->bias[o], a01 = k->bias[o1], a10 = a00, a11 = a01;
-            for (int i = 0; i < K; i += 8) {
+            int i = 0;
+            for (; i + 8 <= K; i += 8) {   /* whole vectors: no predication */
+                const int16x8_t w0 = vldrbq_s16(wa + i), w1 = vldrbq_s16(wb + i);
+                const int16x8_t x0 = vldrhq_s16(col + i), x1 = vldrhq_s16(c1 + i);
+                a00 = vmladavaq_s16(a00, w0, x0);
+                a01 = vmladavaq_s16(a01, w1, x0);
+                a10 = vmladavaq_s16(a10, w0, x1);
+                a11 = vmladavaq_s16(a11, w1, x1);
+            }
+            if (i < K) {   /* the K % 8 last: lanes past K load as 0 */
                 const mve_pred16_t m = vctp16q((uint32_t)(K - i));
                 const int16x8_t w0 = vldrbq_z_s16(wa + i, m), w1 = vldrbq_z_s16(wb + i, m);
                 const int16x8_t x0 = vldrhq_z_s16(col + i, m), x1 = vldrhq_z_s16(c1 + i, m);
