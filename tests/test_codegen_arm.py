@@ -3,6 +3,8 @@ run under qemu-aarch64, and the Cortex-M micro target cross-compiled with arm-no
 run on QEMU's mps2-an386 (Cortex-M4) / mps3-an547 (Cortex-M55) with semihosting, on real
 CIFAR-10 test images. Tolerance: exact integers against the reference executor. Each test skips,
 naming the tool, where its cross compiler or QEMU is absent (.ci/run installs them)."""
+import html
+import platform
 import shutil
 import subprocess
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from netquant.codegen import CodegenError, generate, load
+from netquant.codegen.arm_neon import ARM_FEATURES
 from netquant.codegen.micro import build_micro, run_qemu
 from netquant.codegen.program import c_name
 from netquant.data import calibration_set
@@ -71,6 +74,16 @@ def test_aarch64_builds_are_bit_exact(isa, instruction, qnet, cifar, tmp_path):
     mnemonics = {line.split("\t")[2].strip() for line in asm.splitlines() if line.count("\t") >= 2}
     for m in ("sdot", "sadalp"):
         assert (m in mnemonics) == (m == instruction), (isa, m)
+    # the report says which Arm features the build uses and how to build it for a board
+    report = html.unescape((gen.folder / "report.html").read_text())
+    assert ARM_FEATURES[isa] in report and "make CC=gcc" in report
+
+
+def test_arm_isa_needs_an_arm_host_or_cross(qnet, tmp_path):
+    if platform.machine() == "aarch64":
+        pytest.skip("this host is aarch64: --isa neon builds natively")
+    with pytest.raises(ValueError, match="give cross='aarch64-linux-gnu'"):
+        generate(qnet, tmp_path, isa="neon")
 
 
 @needs_aarch64

@@ -14,6 +14,7 @@ host is not aarch64 (OpenMP linked statically from the cross toolchain's libgomp
 """
 from __future__ import annotations
 
+import html
 import platform
 import shutil
 import subprocess
@@ -179,6 +180,21 @@ CFLAGS = {cflags}
 clean:
 \trm -f {n}_bench
 """
+
+
+def board_notes(gen) -> str:
+    """The report's section on an aarch64 build: the Arm features its kernels use and how to
+    build and run it on a board."""
+    n, flags = html.escape(gen.name), html.escape(gen.cflags)
+    return (f"<h2>Arm build ({html.escape(gen.cross)}, --isa {html.escape(gen.profile)})</h2>\n"
+            f"<p>Arm features of the conv kernels: {html.escape(ARM_FEATURES[gen.profile])}; every other layer "
+            f"is portable C. <code>{n}_kernels()</code> says which conv kernels the binary runs: "
+            f"\"neon-dotprod\", \"neon\" or \"portable\".</p>\n"
+            f"<p>On the board (Linux, aarch64): copy this folder and run <code>make CC=gcc</code>, or compile "
+            f"<code>{n}.c</code> (beside <code>{n}.h</code>, <code>netquant_rt.h</code>, <code>{NEON_RUNTIME}</code> "
+            f"and <code>{n}_weights.bin</code>) into your program with <code>{flags}</code>. Here, "
+            f"<code>make</code> cross-compiles the test bench <code>{n}_bench</code> and "
+            f"<code>qemu-aarch64 -L {SYSROOT} ./{n}_bench IN OUT --int</code> runs it.</p>\n")
 
 
 def w_row(s: Step) -> int:

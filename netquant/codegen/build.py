@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -111,6 +112,9 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
     arm = cross is not None or isa in ("neon", "neon-v8")
     if target == "c" and isa not in (ARM_ISA_FLAGS if arm else ISA_FLAGS) and not (arm and isa == "native"):
         raise ValueError(f"unknown isa {isa!r}; choose from {', '.join(ARM_ISA_FLAGS if arm else ISA_FLAGS)}")
+    if arm and target == "c" and cross is None and platform.machine() != "aarch64":
+        raise ValueError(f"isa {isa!r} builds for Arm: give cross='aarch64-linux-gnu' (--cross) on this "
+                         f"{platform.machine()} machine")
     qgraph = getattr(qnet, "qgraph", qnet)
     if target == "micro":
         from .micro import generate_micro
