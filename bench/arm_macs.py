@@ -16,7 +16,10 @@ loop with the most MACs per instruction is taken as the conv's steady state (the
 16 to 64 channels spend almost all their time in it). Debian's QEMU ships no TCG plugins (no libinsn.so),
 so this is static, not an executed-instruction count: it leaves out the per-tile set-up,
 reduction and requantization, which run once per KH*KW*C/16 iterations (dot product) or per
-KH*KW*C MACs (portable).
+KH*KW*C MACs (portable). For the Cortex-M4 builds the executed instructions of the whole network
+are counted too: under ``qemu-system-arm -icount shift=0`` QEMU's clock advances 1 ns per
+instruction, and the test bench reads the board's 25 MHz CMSDK timer around ``resnet20_run``
+(40 instructions per tick).
 """
 from __future__ import annotations
 
@@ -97,7 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for the builds (default: a temporary one)")
     args = ap.parse_args(argv)
     from netquant.codegen import build, generate
-    from netquant.codegen.micro import build_micro
+    from netquant.codegen.micro import build_micro, run_qemu
+    from netquant.data.transforms import to_float
     from netquant.data import calibration_set, read_cifar10
     from netquant.models.pretrained import load_pretrained
     from netquant.quantizer import Quantizer
@@ -112,6 +116,7 @@ def main(argv=None) -> int:
         gen = generate(qnet, root / isa, name="resnet20", isa=isa, cross="aarch64-linux-gnu")
         exe = build(gen)
         rows.append((f"aarch64 --isa {isa}", *best_loop(exe, "aarch64-linux-gnu-objdump", fn)))
+    executed = []
     for cpu, extra, label, fn in (("cortex-m4", "", "DSP SMLAD", "nq_conv_dsp"),
                                   ("cortex-m4", "-DNQ_NO_SIMD", "portable", "nq_conv_portable"),
                                   ("cortex-m55", "", "MVE", "nq_conv_mve")):
@@ -119,12 +124,44 @@ def main(argv=None) -> int:
         elf = build_micro(gen, extra=extra)
         rows.append((f"{cpu} {label}", *best_loop(elf, "arm-none-eabi-objdump", fn,
                                                   ["-marmv8.1-m.main"] if cpu == "cortex-m55" else [])))
+        if cpu == "cortex-m4":   # executed instructions of the whole network: the board timer under -icount
+            qin = quantized_input(qnet, gen, to_float(cifar.test.images[:1]))
+            _, stats = run_qemu(gen, qin, icount=True)
+            executed.append((f"{cpu} {label}", stats["instructions"], network_macs(gen.program)))
     print(f"{date.today()}: MACs per instruction of the conv inner loops (static, objdump)")
     print("| build | loop in | instructions / iteration | MACs / iteration | MACs / instruction |")
     print("|---|---|---|---|---|")
     for label, fn, n, macs in rows:
         print(f"| {label} | `{fn}` | {n} | {macs} | {macs / n:.2f} |")
+    print(f"\n{date.today()}: executed instructions of one image (qemu-system-arm -M mps2-an386 -icount shift=0, "
+          "the CMSDK timer read around resnet20_run)")
+    print("| build | instructions / image | MACs / image | MACs / executed instruction |")
+    print("|---|---|---|---|")
+    for label, n, macs in executed:
+        print(f"| {label} | {n:,} | {macs:,} | {macs / n:.3f} |")
     return 0
+
+
+def network_macs(program) -> int:
+    """Multiply-adds of one image: every conv (OH*OW*O*KH*KW*C/groups) and linear (O*K)."""
+    total = 0
+    for s in program.steps:
+        if s.kind in ("conv", "linear") and s.node.quantized:
+            w = s.node.params["weight"]
+            out = program.buffer(s.output).shape
+            total += int(w.size) * (int(out[1] * out[2]) if s.kind == "conv" else 1)
+    return total
+
+
+def quantized_input(qnet, gen, x):
+    """The reference executor's int8 input tensor of images x (what the micro entry point takes)."""
+    import numpy as np
+    import torch
+    from netquant.codegen.program import c_name
+    from netquant.ref.executor import run_int8
+
+    name = next(n.name for n in qnet.qgraph.nodes if c_name(n.name) == gen.program.int_input)
+    return run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy().astype(np.int8)
 
 
 if __name__ == "__main__":

@@ -116,12 +116,12 @@ def test_aarch64_c_test_architectures(cls_name, cifar, tmp_path):
 
 
 # --- Cortex-M (micro) --------------------------------------------------------------------------
-def _micro_run(qgraph, x, folder, cpu, extra=""):
+def _micro_run(qgraph, x, folder, cpu, extra="", icount=False):
     gen = generate(qgraph, folder, name="resnet20", target="micro", cpu=cpu)
     build_micro(gen, extra=extra)
     assert gen.build["warnings"].strip() == "", gen.build["warnings"]
     qin, ref = _reference(qgraph, x, gen.program)
-    scores, stats = run_qemu(gen, qin)
+    scores, stats = run_qemu(gen, qin, icount=icount)
     assert np.array_equal(scores.astype(np.int32), ref), cpu
     return gen, stats
 
@@ -158,11 +158,17 @@ def test_cortex_m4_bit_exact_on_20_images_within_flash_and_ram(qnet, cifar, tmp_
 
 @needs_cortex_m
 @pytest.mark.slow
-def test_cortex_m4_portable_fallback_is_bit_exact(qnet, cifar, tmp_path):
-    gen, stats = _micro_run(qnet.qgraph, to_float(cifar.test.images[:3]), tmp_path, "cortex-m4", "-DNQ_NO_SIMD")
+def test_cortex_m4_portable_fallback_is_bit_exact_and_slower(qnet, cifar, tmp_path):
+    """-DNQ_NO_SIMD: the portable kernels, bit-exact, and (instructions counted by QEMU's
+    -icount clock) executing at least twice the instructions of the SMLAD build per image."""
+    x = to_float(cifar.test.images[:2])
+    gen, portable = _micro_run(qnet.qgraph, x, tmp_path / "p", "cortex-m4", "-DNQ_NO_SIMD", icount=True)
     asm = subprocess.run(["arm-none-eabi-objdump", "-d", str(gen.folder / "resnet20.elf")], capture_output=True,
                          text=True, check=True).stdout
     assert "smlad" not in asm
+    _, dsp = _micro_run(qnet.qgraph, x, tmp_path / "d", "cortex-m4", icount=True)
+    print(f"\ninstructions per image: portable {portable['instructions'] // 2:,}, SMLAD {dsp['instructions'] // 2:,}")
+    assert portable["instructions"] >= 2 * dsp["instructions"] > 0
 
 
 @needs_cortex_m

@@ -61,6 +61,9 @@ CPUS = {
                    "lanes, tail predication (VCTP)", "mps3-an547"),
     "cortex-m3": ("-mcpu=cortex-m3 -mthumb -mfloat-abi=soft", "none (no DSP extension): portable C", "mps2-an385"),
 }
+# the CMSDK APB timer 0 of the MPS2 boards (25 MHz SYSCLK): the bench reads it around each run
+TIMER0 = {"mps2-an385": 0x40000000, "mps2-an386": 0x40000000, "mps2-an500": 0x40000000}
+SYSCLK_HZ = 25_000_000
 # RAM and flash of the QEMU boards: (flash origin, flash bytes, RAM origin, RAM bytes)
 BOARDS = {
     "mps2-an385": (0x00000000, 0x400000, 0x20000000, 0x400000),
@@ -355,7 +358,7 @@ def generate_micro(qgraph, folder: Path, name: str, cpu: str, provenance: str = 
     files = {f"{name}.c": printer.micro_source(), f"{name}.h": printer.micro_header(),
              "netquant_rt.h": runtime.joinpath("netquant_rt.h").read_text(),
              MICRO_RUNTIME: runtime.joinpath(MICRO_RUNTIME).read_text(),
-             "board_main.c": board_main(name, printer), "board.ld": linker_script(board),
+             "board_main.c": board_main(name, printer, TIMER0.get(board, 0)), "board.ld": linker_script(board),
              "Makefile": makefile(name, cpu)}
     folder.mkdir(parents=True, exist_ok=True)
     for fname, text in files.items():
@@ -373,15 +376,19 @@ def generate_micro(qgraph, folder: Path, name: str, cpu: str, provenance: str = 
     return gen
 
 
-def board_main(name: str, printer: MicroPrinter) -> str:
-    """The QEMU test bench: images in and scores out through semihosting, the stack painted."""
+def board_main(name: str, printer: MicroPrinter, timer: int = 0) -> str:
+    """The QEMU test bench: images in and scores out through semihosting, the stack painted, and
+    (``timer``: the address of a CMSDK timer, 0 for none) the timer ticks of each run, which
+    count executed instructions under ``qemu-system-arm -icount shift=0`` (1 ns each)."""
     p = printer.p
     q = printer.buf(p.int_input).elements
     ob = printer.buf(p.int_output)
     return f"""/* Test bench for QEMU (and any board with a debugger that serves semihosting):
  * reads input.bin (int32 n, then n int8 images of {q} bytes), runs {name}_run on each, writes
  * scores.bin (n x {ob.elements} {ob.ctype}) and stats.bin (int32: stack bytes used by the network, arena
- * bytes). The stack below the caller is painted first; the lowest word changed is its depth. */
+ * bytes, timer ticks of all runs). The stack below the caller is painted first; the lowest word
+ * changed is its depth. The timer is the board's CMSDK timer 0 ({timer:#x}; 0: none), counting
+ * down at SYSCLK. */
 #include <stdint.h>
 #include <string.h>
 #include "{name}.h"
@@ -409,15 +416,27 @@ __attribute__((noinline)) static uint32_t stack_pointer(void) {{
     return sp;
 }}
 
+#define TIMER0 {timer:#x}u
+static uint32_t timer_value(void) {{
+    return TIMER0 ? *(volatile uint32_t *)(TIMER0 + 4) : 0;   /* VALUE */
+}}
+
 int main(void) {{
-    int32_t n = 0, stats[2] = {{0, {name.upper()}_ARENA_BYTES}};
+    int32_t n = 0, stats[3] = {{0, {name.upper()}_ARENA_BYTES, 0}};
+    if (TIMER0) {{
+        *(volatile uint32_t *)(TIMER0 + 8) = 0xFFFFFFFFu;   /* RELOAD */
+        *(volatile uint32_t *)(TIMER0 + 4) = 0xFFFFFFFFu;   /* VALUE */
+        *(volatile uint32_t *)(TIMER0 + 0) = 1;             /* CTRL: enable */
+    }}
     const int in = sh_open("input.bin", 1), out = sh_open("scores.bin", 5);   /* "rb", "wb" */
     if (in < 0 || out < 0 || sh_read(in, &n, 4) != 0) return 1;
     for (int32_t i = 0; i < n; ++i) {{
         if (sh_read(in, image, sizeof image) != 0) return 1;
         const uint32_t sp = stack_pointer() - 64;
         for (volatile uint32_t *w = &__bss_end__; (uint32_t)w < sp; ++w) *w = PAINT;
+        const uint32_t t0 = timer_value();
         if ({name}_run(image, scores) != 0) return 1;
+        stats[2] += (int32_t)(t0 - timer_value());   /* counts down */
         const uint32_t *w = &__bss_end__;
         while ((uint32_t)w < sp && *w == PAINT) ++w;
         if ((int32_t)(sp + 64 - (uint32_t)w) > stats[0]) stats[0] = (int32_t)(sp + 64 - (uint32_t)w);
@@ -525,9 +544,12 @@ def elf_sizes(elf: Path, gen) -> dict:
             "malloc": any(k in syms for k in ("malloc", "_malloc_r", "_sbrk", "_sbrk_r"))}
 
 
-def run_qemu(gen, images: np.ndarray, timeout: float = 600) -> tuple[np.ndarray, dict]:
+def run_qemu(gen, images: np.ndarray, timeout: float = 600, icount: bool = False) -> tuple[np.ndarray, dict]:
     """Run the test image on the QEMU board of the cpu with semihosting; ``images`` (N, C, H, W)
-    int8. Returns the scores (N, classes) and {"stack": bytes, "arena": bytes}."""
+    int8. Returns the scores (N, classes) and {"stack": bytes, "arena": bytes, "instructions":
+    executed instructions of all the runs, or None}. ``icount``: QEMU advances its clock 1 ns per
+    instruction (-icount shift=0), so the board timer's ticks (SYSCLK 25 MHz: 40 ns each) count
+    instructions to within 40 per run; only on the MPS2 boards (TIMER0)."""
     from .build import BuildError
 
     qemu = shutil.which("qemu-system-arm")
@@ -540,13 +562,17 @@ def run_qemu(gen, images: np.ndarray, timeout: float = 600) -> tuple[np.ndarray,
         (folder / f).unlink(missing_ok=True)
     cmd = [qemu, "-M", CPUS[gen.profile][2], "-nographic", "-monitor", "none", "-serial", "none",
            "-semihosting-config", "enable=on,target=native", "-kernel", f"{n}.elf"]
+    if icount:
+        cmd[1:1] = ["-icount", "shift=0"]
     proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not (folder / "stats.bin").exists():
         raise BuildError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
     classes = gen.program.buffer(gen.program.int_output)
     scores = np.frombuffer((folder / "scores.bin").read_bytes(), classes.ctype == "int8_t" and np.int8 or np.uint8)
-    stack, arena = np.frombuffer((folder / "stats.bin").read_bytes(), np.int32)
-    return scores.reshape(len(q), -1), {"stack": int(stack), "arena": int(arena)}
+    stack, arena, ticks = np.frombuffer((folder / "stats.bin").read_bytes(), np.uint32).astype(np.int64)
+    board = CPUS[gen.profile][2]
+    instructions = int(ticks) * (10 ** 9 // SYSCLK_HZ) if icount and board in TIMER0 else None
+    return scores.reshape(len(q), -1), {"stack": int(stack), "arena": int(arena), "instructions": instructions}
 
 
 def write_micro_report(gen) -> Path:
