@@ -182,6 +182,20 @@ def test_cortex_m55_mve_is_bit_exact(qnet, cifar, tmp_path):
     _check_memory(gen, stats)
 
 
+@needs_cortex_m
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet_a", "resnet_b", "vgg", "mobilenetv2", "shufflenetv2", "biasnet", "lenet"])
+def test_cortex_m4_zoo_architectures(arch, cifar, tmp_path):
+    """The micro target on the zoo's published-style nets (option-B shortcuts whose add takes the
+    conv as its second operand, depthwise convs on the portable kernel, concat and gathers)."""
+    import zoo
+
+    q = Quantizer(zoo.make(arch), example=torch.rand(2, 3, 32, 32))
+    q.calibrate(cifar.train.images[:32])
+    gen, stats = _micro_run(q.quantize().qgraph, to_float(cifar.test.images[:2]), tmp_path, "cortex-m4")
+    assert gen.micro.arena_bytes + stats["stack"] <= RAM_FACTOR * gen.micro.largest_pair
+
+
 def test_micro_refuses_float_layers(cifar, tmp_path):
     """A network with a float layer inside (a sigmoid table) is refused, naming the layer."""
     import zoo

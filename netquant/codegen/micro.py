@@ -82,7 +82,8 @@ class MicroPlan:
     the scratch offset of each SIMD conv and the numbers the report gives."""
 
     program: Program
-    fused: dict           # step output -> the add QNode fused into the conv that writes it
+    fused: dict           # step output -> (the add QNode fused into the conv that writes it, the conv's
+                          # own output buffer, the conv's operand index in the add)
     scratch: dict         # step output -> (offset, bytes) of its int16 column scratch
     arena_bytes: int
     largest_pair: int     # max over steps of (largest input + output): what any layer-by-layer executor needs
@@ -160,7 +161,7 @@ def micro_plan(p: Program, simd: bool = True) -> MicroPlan:
             if (conv_readers == [i + 1] and max(readers.get(rs, [])) == i + 1 and rs != p.input
                     and bufs[skip].shape == bufs[nxt.output].shape and bufs[skip].dtype in ("int8", "uint8")):
                 step = Step(s.node, (s.inputs[0], skip), nxt.output, s.consts)
-                fused[nxt.output] = (nxt.node, s.output)
+                fused[nxt.output] = (nxt.node, s.output, nxt.inputs.index(s.output))
                 merged[nxt.output] = rs
                 out_steps.append(step)
                 i += 2
@@ -225,9 +226,8 @@ class MicroPrinter(CPrinter):
                 int(self.buf(s.inputs[0]).dtype == "int8"), int(s.node.dtype == "int8"), lo, hi,
                 *(self.const_name(s, k) for k in ("w", "bias", "mult", "shift"))]
         if fused:
-            add, _ = fused
+            add, _, j = fused
             m = add.params["multiplier"]
-            j = list(add.inputs).index(conv_out) if conv_out in add.inputs else 0
             alo, ahi = add.attrs["clamp"]
             vals += [1, int(self.buf(s.inputs[1]).dtype == "int8"), int(m[j]), int(m[1 - j]),
                      int(add.params["shift"][0]), alo, ahi]
