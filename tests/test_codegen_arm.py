@@ -63,7 +63,8 @@ def _neon_bit_exact(qgraph, x, folder, isa="neon"):
 
 
 @needs_aarch64
-@pytest.mark.parametrize("isa, instruction", [("neon", "sdot"), ("neon-v8", "sadalp"), ("scalar", None)])
+@pytest.mark.parametrize("isa, instruction", [("neon", "sdot"), pytest.param("neon-v8", "sadalp", marks=pytest.mark.slow),
+                                              pytest.param("scalar", None, marks=pytest.mark.slow)])
 def test_aarch64_builds_are_bit_exact(isa, instruction, qnet, cifar, tmp_path):
     """Each aarch64 build equals the reference on a few real images, and its binary holds the
     instructions it claims (SDOT for the dot-product build, SADALP for plain NEON, neither in the
