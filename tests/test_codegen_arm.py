@@ -37,10 +37,15 @@ RAM_FACTOR = 1.2             # arena + stack against the largest pair of live ac
 
 
 @pytest.fixture(scope="module")
-def qnet(cifar):
+def quantizer(cifar):
     q = Quantizer(load_pretrained())
     q.calibrate(calibration_set(cifar))
-    return q.quantize()
+    return q
+
+
+@pytest.fixture(scope="module")
+def qnet(quantizer):
+    return quantizer.quantize()
 
 
 def _reference(qgraph, x, program):
@@ -197,6 +202,32 @@ def test_cortex_m4_zoo_architectures(arch, cifar, tmp_path):
     assert gen.micro.arena_bytes + stats["stack"] <= RAM_FACTOR * gen.micro.largest_pair
 
 
+class SelfResidual(torch.nn.Module):
+    """y = relu(x + conv(x)): the add's skip is the conv's own input."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c0(x))
+        return self.fc(torch.relu(x + self.c1(x)).mean([2, 3]))
+
+
+@needs_cortex_m
+def test_cortex_m4_add_over_the_convs_own_input_is_not_fused(cifar, tmp_path):
+    """Writing the add over its skip would overwrite pixels the conv still reads when the skip is
+    the conv's input: that add stays a step of its own, and the result is bit-exact."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = SelfResidual().eval()
+    q = Quantizer(model, example=torch.rand(2, 3, 32, 32))
+    q.calibrate(cifar.train.images[:16])
+    gen, _ = _micro_run(q.quantize().qgraph, to_float(cifar.test.images[:2]), tmp_path, "cortex-m4")
+    assert gen.micro.fused == {} and any(s.kind == "add" for s in gen.program.steps)
+
+
 def test_micro_refuses_float_layers(cifar, tmp_path):
     """A network with a float layer inside (a sigmoid table) is refused, naming the layer."""
     import zoo
@@ -210,3 +241,23 @@ def test_micro_refuses_float_layers(cifar, tmp_path):
 def test_micro_unknown_cpu(qnet, tmp_path):
     with pytest.raises(ValueError, match="unknown --cpu 'cortex-m99'"):
         generate(qnet, tmp_path, target="micro", cpu="cortex-m99")
+
+
+@needs_aarch64
+@needs_cortex_m
+@pytest.mark.slow
+def test_cli_codegen_micro_and_cross(quantizer, tmp_path, capsys):
+    """netquant codegen --target micro --cpu cortex-m4 and --cross aarch64-linux-gnu: sources,
+    the cross-built binaries and the reports, from a saved quantizer."""
+    from netquant.cli import main
+
+    nq = tmp_path / "r20.nq"
+    quantizer.save(nq)
+    assert main(["codegen", "--quantizer", str(nq), "--target", "micro", "--cpu", "cortex-m4", "--out",
+                 str(tmp_path / "m4"), "--name", "r20"]) == 0
+    out = capsys.readouterr().out
+    assert "cortex-m4: flash " in out and "arena 33,920 bytes" in out and (tmp_path / "m4" / "r20.elf").exists()
+    assert main(["codegen", "--quantizer", str(nq), "--cross", "aarch64-linux-gnu", "--isa", "neon", "--out",
+                 str(tmp_path / "a64"), "--name", "r20"]) == 0
+    out = capsys.readouterr().out
+    assert "aarch64-linux-gnu-gcc -O3 -march=armv8.2-a+dotprod" in out and (tmp_path / "a64" / "r20_bench").exists()

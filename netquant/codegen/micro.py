@@ -158,8 +158,10 @@ def micro_plan(p: Program, simd: bool = True) -> MicroPlan:
             skip = next(b for b in nxt.inputs if b != s.output)
             rs = _root(bufs, skip, {})
             conv_readers = readers.get(_root(bufs, s.output, {}), [])
+            # the skip must not be the conv's own input (y = x + conv(x)): writing over it would
+            # change pixels the conv has still to read
             if (conv_readers == [i + 1] and max(readers.get(rs, [])) == i + 1 and rs != p.input
-                    and bufs[skip].shape == bufs[nxt.output].shape and bufs[skip].dtype in ("int8", "uint8")):
+                    and rs != _root(bufs, s.inputs[0], {}) and bufs[skip].shape == bufs[nxt.output].shape and bufs[skip].dtype in ("int8", "uint8")):
                 step = Step(s.node, (s.inputs[0], skip), nxt.output, s.consts)
                 fused[nxt.output] = (nxt.node, s.output, nxt.inputs.index(s.output))
                 merged[nxt.output] = rs
