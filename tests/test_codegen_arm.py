@@ -190,10 +190,10 @@ def test_cortex_m55_mve_is_bit_exact(qnet, cifar, tmp_path):
 
 @needs_cortex_m
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["resnet_a", "resnet_b", "vgg", "mobilenetv2", "shufflenetv2", "biasnet", "lenet"])
+@pytest.mark.parametrize("arch", ["resnet_b", "mobilenetv2", "shufflenetv2"])
 def test_cortex_m4_zoo_architectures(arch, cifar, tmp_path):
-    """The micro target on the zoo's published-style nets (option-B shortcuts whose add takes the
-    conv as its second operand, depthwise convs on the portable kernel, concat and gathers)."""
+    """The micro target on zoo nets that reach its other paths: option-B shortcuts whose add takes
+    the conv as its second operand, depthwise convs on the portable kernel, concat and gathers."""
     import zoo
 
     q = Quantizer(zoo.make(arch), example=torch.rand(2, 3, 32, 32))
