@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for the builds (default: a temporary one)")
     args = ap.parse_args(argv)
     from netquant.codegen import build, generate
-    from netquant.codegen.micro import build_micro, run_qemu
+    from netquant.codegen.micro_board import build_micro, run_qemu
     from netquant.data.transforms import to_float
     from netquant.data import calibration_set, read_cifar10
     from netquant.models.pretrained import load_pretrained

@@ -14,7 +14,7 @@ import torch
 
 from netquant.codegen import CodegenError, generate, load
 from netquant.codegen.arm_neon import ARM_FEATURES
-from netquant.codegen.micro import build_micro, run_qemu
+from netquant.codegen.micro_board import build_micro, run_qemu
 from netquant.codegen.program import c_name
 from netquant.data import calibration_set
 from netquant.data.transforms import to_float

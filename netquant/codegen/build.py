@@ -184,7 +184,7 @@ def build(gen: Generated, cache_dir: Optional[str | os.PathLike] = None, cc: Opt
 
         return build_cross(gen, cc)
     if gen.target == "micro":
-        from .micro import build_micro
+        from .micro_board import build_micro
 
         return build_micro(gen, cc)
     if gen.target == "cuda":
