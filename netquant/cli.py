@@ -92,7 +92,7 @@ def _check_late_args(args) -> None:
 
         for m in metrics:
             resolve_metric(m)   # MetricError naming the metric, before any work
-    if args.command == "demo" or args.command == "codegen" and args.codegen_target == "c":
+    if args.command == "demo" or args.command == "codegen" and args.codegen_target == "c" and not args.cross:
         from .codegen.build import find_compiler
 
         find_compiler()   # BuildError naming what to install, before calibrating or generating
@@ -613,16 +613,18 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _generate_and_build(q, out, name, isa, target="c", arch="sm_90", tensor_cores=False):
-    """Generate and build; the C library is also loaded (a CUDA one needs a GPU to load)."""
+def _generate_and_build(q, out, name, isa, target="c", arch="sm_90", tensor_cores=False, cross=None,
+                        cpu="cortex-m4"):
+    """Generate and build; the C library is also loaded (a CUDA one needs a GPU to load; a cross
+    or micro build runs on its board or under QEMU, not in this process)."""
     from .codegen import build, generate, load
     from .progress import bar
 
     prov = f"network {q.name}; calibration: {q.provenance.get('calibration', {}).get('source', 'n/a')}"
     gen = generate(q.quantize(), out, name=name, target=target, isa=isa, provenance=prov, progress=bar("generate"),
-                   arch=arch, tensor_cores=tensor_cores)
-    if target == "cuda":
-        build(gen, progress=bar("nvcc"))
+                   arch=arch, tensor_cores=tensor_cores, cross=cross, cpu=cpu)
+    if target in ("cuda", "micro") or cross:
+        build(gen, progress=bar("nvcc" if target == "cuda" else "cross-compile"))
         return gen, None
     net = load(gen, progress=bar("compile"))
     return gen, net
@@ -631,9 +633,12 @@ def _generate_and_build(q, out, name, isa, target="c", arch="sm_90", tensor_core
 def cmd_codegen(args) -> int:
     q, _ = _quantizer(args, need_data=False)
     gen, net = _generate_and_build(q, args.out, args.name, args.isa, args.codegen_target, args.arch,
-                                   args.tensor_cores)
+                                   args.tensor_cores, args.cross, args.cpu)
     print(f"generated {args.codegen_target} sources in {gen.folder}: " +
           ", ".join(f"{f} ({n} lines)" for f, n in sorted(gen.files.items())))
+    if gen.micro is not None and gen.flash:
+        print(f"{args.cpu}: flash {gen.flash['flash']:,} bytes (int8 weights {gen.micro.int8_weight_bytes:,}), "
+              f"arena {gen.micro.arena_bytes:,} bytes of RAM (largest live pair {gen.micro.largest_pair:,})")
     print(f"built {gen.build['library']} with: {gen.build['command']}"
           f"{' (cached)' if gen.build.get('cached') else ''}")
     print(f"report: {gen.folder / 'report.html'}")
@@ -810,13 +815,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("codegen", cmd_codegen, "generate C for the int8 network, build it, write the report")
     quant_options(c, env_flag="--environment")
     c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
-    c.add_argument("--target", dest="codegen_target", default="c", choices=("c", "cuda"), help="code generation target")
+    c.add_argument("--target", dest="codegen_target", default="c", choices=("c", "cuda", "micro"),
+                   help="code generation target (micro: Arm Cortex-M, C99 without heap, see --cpu)")
+    c.add_argument("--cpu", default="cortex-m4", choices=("cortex-m3", "cortex-m4", "cortex-m7", "cortex-m55"),
+                   help="--target micro: the Cortex-M core (m4/m7: DSP SMLAD kernels, m55: MVE; default: %(default)s)")
+    c.add_argument("--cross", choices=("aarch64-linux-gnu",),
+                   help="cross-build for Arm Cortex-A (aarch64) with that toolchain; --isa neon (dot product, "
+                        "default), neon-v8 or scalar")
     c.add_argument("--arch", default="sm_90", help="GPU architecture for --target cuda (default: %(default)s)")
     c.add_argument("--tensor-cores", action="store_true",
                    help="--target cuda, sm_80 and newer: convolutions on int8 tensor cores (mma.sync) instead of dp4a")
-    c.add_argument("--isa", default="native", choices=("native", "avx512", "avx2", "scalar"),
+    c.add_argument("--isa", default="native", choices=("native", "avx512", "avx2", "scalar", "neon", "neon-v8"),
                    help="native: this CPU's best kernels (AMX, else AVX-512 VNNI); avx512: VNNI even where AMX "
-                        "is present; scalar: the portable path")
+                        "is present; scalar: the portable path; neon (Armv8.2-A SDOT) and neon-v8 (plain NEON): "
+                        "with --cross aarch64-linux-gnu, or on an Arm host")
     c.add_argument("--name", default="net", help="C prefix of the exported functions (default: %(default)s)")
     c.add_argument("--out", default="codegen", help="folder for the sources (default: %(default)s)")
 

@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -59,6 +60,9 @@ class Generated:
     const_bytes: int = 0                         # bytes of the constants the source holds (compiled)
     seconds: float = 0.0                         # time to plan, print and write
     layer_bytes: dict = field(default_factory=dict)  # layer -> bytes of the constants compiled for it
+    cross: Optional[str] = None                  # the cross target triple (arm_neon.py), None: this machine
+    micro: Optional[object] = None               # the micro target's MicroPlan (micro.py)
+    flash: dict = field(default_factory=dict)    # the micro target's ELF sizes, once built (micro.elf_sizes)
 
     @property
     def name(self) -> str:
@@ -96,14 +100,26 @@ def native_profile(cc: Optional[str] = None) -> str:
 
 def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c", isa: str = "native",
              provenance: str = "", progress: Optional[Progress] = None, arch: str = "sm_90",
-             tensor_cores: bool = False) -> Generated:
+             tensor_cores: bool = False, cross: Optional[str] = None, cpu: str = "cortex-m4") -> Generated:
     """Write the sources of ``qnet`` (a QuantizedNetwork or QGraph) for ``target`` ("c", or
-    "cuda" for GPU ``arch``; ``tensor_cores``: int8 mma convolutions, sm_80 and newer) into ``out``."""
-    if target not in ("c", "cuda"):
-        raise ValueError(f"unknown code generation target {target!r}: c or cuda")
-    if target == "c" and isa not in ISA_FLAGS:
-        raise ValueError(f"unknown isa {isa!r}; choose from {', '.join(ISA_FLAGS)}")
+    "cuda" for GPU ``arch``; ``tensor_cores``: int8 mma convolutions, sm_80 and newer; "micro"
+    for an Arm Cortex-M ``cpu``, micro.py) into ``out``. ``cross`` ("aarch64-linux-gnu"): the Arm
+    Cortex-A build, isa "neon" (dot product), "neon-v8" or "scalar" (arm_neon.py)."""
+    from .arm_neon import ARM_ISA_FLAGS
+
+    if target not in ("c", "cuda", "micro"):
+        raise ValueError(f"unknown code generation target {target!r}: c, cuda or micro")
+    arm = cross is not None or isa in ("neon", "neon-v8")
+    if target == "c" and isa not in (ARM_ISA_FLAGS if arm else ISA_FLAGS) and not (arm and isa == "native"):
+        raise ValueError(f"unknown isa {isa!r}; choose from {', '.join(ARM_ISA_FLAGS if arm else ISA_FLAGS)}")
+    if arm and target == "c" and cross is None and platform.machine() != "aarch64":
+        raise ValueError(f"isa {isa!r} builds for Arm: give cross='aarch64-linux-gnu' (--cross) on this "
+                         f"{platform.machine()} machine")
     qgraph = getattr(qnet, "qgraph", qnet)
+    if target == "micro":
+        from .micro import generate_micro
+
+        return generate_micro(qgraph, Path(out), name, cpu, provenance)
     t0 = time.time()
     report(progress, 0, 3, "planning")
     program = plan(qgraph, name)
@@ -120,6 +136,13 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
             write_text(folder / fname, text)
         sizes = {k: (v.count("\n"), len(v.encode())) for k, v in files.items()}
         profile, const_bytes, layer_bytes = "cuda", program.weight_bytes(), {}
+    elif arm:
+        from .arm_neon import generate_neon
+
+        profile = "neon" if isa == "native" else isa
+        printer, cflags, sizes = generate_neon(program, folder, profile, provenance or "netquant integer network", cross)
+        const_bytes = printer.compiled_const_bytes()
+        layer_bytes = {s.node.name: printer.step_const_bytes(s) for s in program.steps}
     else:
         # only the instruction set being built is printed (with the portable kernels as its fallback)
         profile = ISA_PROFILE.get(isa) or native_profile()
@@ -131,7 +154,7 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
     gen = Generated(folder, program, target, {k: v[0] for k, v in sizes.items()}, cflags,
                     kernels={s.node.name: printer.kernel_label(s) for s in program.steps},
                     sizes={k: v[1] for k, v in sizes.items()}, profile=profile, const_bytes=const_bytes,
-                    seconds=round(time.time() - t0, 2), layer_bytes=layer_bytes)
+                    seconds=round(time.time() - t0, 2), layer_bytes=layer_bytes, cross=cross)
     log.info("generated %s for %s in %.1f s: %s bytes of source and constants", name, profile, gen.seconds,
              f"{sum(gen.sizes.values()):,}")
     report(progress, 2, 3, "writing the report")
@@ -155,7 +178,15 @@ def find_compiler(cc: Optional[str] = None) -> str:
 def build(gen: Generated, cache_dir: Optional[str | os.PathLike] = None, cc: Optional[str] = None,
           progress: Optional[Progress] = None) -> Path:
     """Compile the generated library (reusing a cached build with the same sources and command).
-    Returns the path of the shared library."""
+    Returns the path of the shared library (a cross build: its static test bench; micro: the ELF)."""
+    if gen.cross:
+        from .arm_neon import build_cross
+
+        return build_cross(gen, cc)
+    if gen.target == "micro":
+        from .micro_board import build_micro
+
+        return build_micro(gen, cc)
     if gen.target == "cuda":
         compiler = shutil.which(cc or "nvcc")
         if compiler is None:
@@ -336,7 +367,12 @@ class CompiledNetwork:
 
 
 def load(gen: Generated, library: Optional[str | os.PathLike] = None, **build_args) -> CompiledNetwork:
-    """Build if needed and return the callable network."""
+    """Build if needed and return the callable network (a cross build: its test bench run under
+    qemu-user, or natively on a host of that architecture)."""
+    if gen.cross:
+        from .arm_neon import CrossNetwork
+
+        return CrossNetwork(library or build(gen, **build_args), gen.program)
     return CompiledNetwork(library or build(gen, **build_args), gen.program)
 
 

@@ -1074,7 +1074,7 @@ const char *{n}_kernels(void);
 #endif
 #include "{n}.h"
 #include "{RUNTIME_HEADER}"
-#ifdef _OPENMP
+{self.extra_includes()}#ifdef _OPENMP
 #include <omp.h>
 /* split a kernel's n pieces of work (macs multiply-adds in all) across threads: only outside a
  * parallel region (images of a batch already run in parallel), where there is more than one
@@ -1190,9 +1190,17 @@ const char *{n}_kernels(void) {{
     nq_amx_request();
     if (nq_amx_state == 1) return "amx";
 #endif
-    return NQ_VNNI ? "avx512-vnni" : NQ_AVX2 ? "avx2" : "portable";
+    return {self.kernels_expr()};
 }}
 """
+
+    def extra_includes(self) -> str:
+        """Lines after the runtime header's #include (a subclass's own kernels and build macros)."""
+        return ""
+
+    def kernels_expr(self) -> str:
+        """The C expression that {name}_kernels() returns."""
+        return 'NQ_VNNI ? "avx512-vnni" : NQ_AVX2 ? "avx2" : "portable"'
 
     def simd_runtime(self) -> str:
         convs = [s for s in self.p.steps if s.kind == "conv" and self.conv_path(s) in ("vnni", "avx2")]

@@ -17,6 +17,15 @@ def _table(headers, rows) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _arm_notes(gen) -> str:
+    """The Arm features and board build of an aarch64 build (arm_neon.board_notes); else nothing."""
+    if not getattr(gen, "cross", None):
+        return ""
+    from .arm_neon import board_notes
+
+    return board_notes(gen)
+
+
 def render(gen) -> str:
     p = gen.program
     rows = []
@@ -64,6 +73,6 @@ reference executor's kernels: bit-exact). Float kernels compute in float32; only
 them can turn a last-bit float difference from the reference into an integer one
 (docs/NUMERICS.md).</p>{floats}
 <h2>Generated files</h2>{files}
-<h2>Build</h2>{build}
+{_arm_notes(gen)}<h2>Build</h2>{build}
 </body></html>
 """
