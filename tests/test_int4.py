@@ -134,14 +134,17 @@ def test_quantizer_file_stores_packed_codes_and_round_trips_bit_exactly(resnet_w
 
 
 @pytest.mark.compiler
-@pytest.mark.parametrize("net, isa", [("resnet_a", "avx2"), ("resnet_a", "scalar"), ("mobilenetv2", "avx2")])
+@pytest.mark.parametrize("net, isa", [("resnet_a", "avx2"), ("resnet_a", "scalar"), ("mobilenetv2", "avx2"),
+                                      ("resnet_a", "avx512")])
 def test_generated_c_is_bit_exact_with_packed_weights(net, isa, resnet_w4, cifar, tmp_path):
-    """AVX2 (weights unpacked in the register tiles; the depthwise convs and the fully connected
-    layer per layer) and the portable build (every layer per layer) against the reference executor."""
+    """AVX2 and AVX-512 VNNI (weights unpacked in the register tiles; the depthwise convs and the
+    fully connected layer per layer) and the portable build (every layer per layer) against the
+    reference executor. The VNNI build runs only where the CPU has VNNI (not this project's)."""
     from netquant.codegen import generate, load
 
-    if isa == "avx2" and "avx2" not in _cpu_flags():
-        pytest.skip("this CPU has no AVX2")
+    need = {"avx2": "avx2", "avx512": "avx512_vnni"}.get(isa)
+    if need and need not in _cpu_flags():
+        pytest.skip(f"this CPU has no {need}")
     qn = (resnet_w4 if net == "resnet_a" else _w4(cifar, net)).quantize()
     x = to_float(cifar.test.images[:20])
     ref = _reference_int(qn.qgraph, x)
@@ -157,6 +160,8 @@ def test_generated_c_is_bit_exact_with_packed_weights(net, isa, resnet_w4, cifar
             assert gen.layer_bytes[n.name] == int4.packed_size(w.size) + 12 * len(w), n.name
     if isa == "avx2" and net == "resnet_a":
         assert "vpmovzxbd" in src and "nq_unpack4_s16" in src   # in registers; the fallback per layer
+    if isa == "avx512":
+        assert "vpternlogd" in src
 
 
 def _gcc_knows(march: str) -> bool:
@@ -183,7 +188,8 @@ def test_avx512_and_amx_sources_with_4_bit_weights_compile(profile, march, resne
         pytest.skip(f"the C compiler does not know -march={march}")
     CPrinter(plan(resnet_w4.quantize().qgraph, "net"), profile=profile).write(tmp_path, "")
     src = (tmp_path / "net.c").read_text()
-    assert "nq_unpack4_s8(k_" in src
+    assert "nq_unpack4_s8(k_" in src                              # AMX, the fc layer, the fallbacks: per layer
+    assert ("vpternlogd" in src) == (profile == "vnni")          # the VNNI tiles unpack in registers
     r = subprocess.run([find_compiler(), f"-march={march}", "-O2", *COMMON_FLAGS.split(), "-Werror", "-c", "net.c",
                         "-o", "net.o"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -264,3 +270,57 @@ def test_w4a8_c_bit_exact_on_1000_images(shipped, cifar):
     x = to_float(cifar.test.images[:1000])
     ref = np.concatenate([_reference_int(q.quantize().qgraph, x[i:i + 250]) for i in range(0, len(x), 250)])
     assert np.array_equal(q.compiled().predict_int(x), ref)
+
+
+def _emulate(lines: list, memory: bytes, regs: dict) -> dict:
+    """Run the weight-unpacking asm lines of codegen/int4.PackedIsa (AT&T syntax) on numpy byte
+    vectors: the instructions' semantics from Intel's manual, for the VNNI tile that this CPU
+    cannot run (and the AVX2 one, which it runs in the bit-exact tests)."""
+    def lanes(v, bits, signed=False):
+        return v.view({16: np.int16 if signed else np.uint16, 32: np.uint32}[bits])
+
+    for line in lines:
+        op, args = line.split(None, 1)
+        a = [x.strip() for x in args.split(",")]
+        dst = a[-1].lstrip("%")
+        if op in ("vpmovzxbd", "vpmovzxbw"):     # the source is the weight pointer: ``memory``
+            width = 32 if regs[dst].size == 32 else 64
+            bits = 32 if op == "vpmovzxbd" else 16
+            src = np.frombuffer(memory, np.uint8)[: width * 8 // bits]
+            regs[dst] = src.astype({32: np.uint32, 16: np.uint16}[bits]).view(np.uint8).copy()
+        elif op in ("vpslld", "vpsllw", "vpsraw"):
+            k, src = int(a[0].lstrip("$")), regs[a[1].lstrip("%")]
+            bits = 32 if op == "vpslld" else 16
+            v = lanes(src.copy(), bits, signed=op == "vpsraw")
+            regs[dst] = ((v >> k) if op == "vpsraw" else (v << k)).astype(v.dtype).view(np.uint8)
+        elif op == "vpor":
+            regs[dst] = regs[a[0].lstrip("%")] | regs[a[1].lstrip("%")]
+        elif op == "vpternlogd":      # Intel order A = dst, B = second source, C = first source
+            imm = int(a[0].lstrip("$"), 16)
+            A, B, C = (np.unpackbits(regs[r.lstrip("%")]) for r in (a[3], a[2], a[1]))
+            regs[dst] = np.packbits((imm >> (4 * A + 2 * B + C)) & 1).astype(np.uint8)
+        elif op == "vpshufb":         # AT&T: control, table, dst; per 128-bit lane
+            ctl, table = regs[a[0].lstrip("%")], regs[a[1].lstrip("%")]
+            base = (np.arange(ctl.size) // 16) * 16
+            regs[dst] = np.where(ctl & 0x80, 0, table[base + (ctl & 0x0F)]).astype(np.uint8)
+        else:
+            raise AssertionError(f"unknown instruction {line}")
+    return regs
+
+
+@pytest.mark.parametrize("which", ["AVX2_PACKED", "VNNI_PACKED"])
+def test_in_register_unpacking_sequences_give_the_codes_back(which):
+    from netquant.codegen import int4 as c4
+
+    isa = getattr(c4, which)
+    codes = np.random.default_rng(1).integers(-8, 8, size=2 * isa.wbytes).astype(np.int8)
+    width = 32 if isa.reg == "ymm" else 64
+    reg = lambda r: f"{isa.reg}{r}"   # noqa: E731
+    regs = {reg(r): np.zeros(width, np.uint8) for r in range(32)}
+    regs["[m]"] = np.full(width, 0x0F, np.uint8)                                   # the wsetup operands
+    regs["[l]"] = np.tile(np.array([0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1], np.int8), width // 16).view(np.uint8)
+    lines = [line.replace("%%", "%") for line in isa.wload(0, isa.w_regs[0])]   # the asm text, unescaped
+    out = _emulate(lines, int4.pack(codes).tobytes(), regs)
+    w = out[reg(isa.w_regs[0])]
+    got = w.view(np.int16) if isa.reg == "ymm" else w.view(np.int8)   # AVX2: int16 weights, VNNI: int8
+    assert np.array_equal(got, codes), (got, codes)

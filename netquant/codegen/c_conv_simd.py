@@ -83,6 +83,10 @@ class SimdIsa:
         """asm lines: the weight vector at byte ``off`` from the weight pointer into register ``reg``."""
         return [f"{self.load} {off}(%[w]), %%{self.reg}{reg}"]
 
+    def wsetup(self) -> tuple[list, str]:
+        """(C lines before a tile's asm statement, its extra input operands) that ``wload`` needs."""
+        return [], ""
+
     @property
     def clobbers(self) -> list:
         return [f"xmm{r}" for r in sorted(self.w_regs + self.x_regs + self.t_regs)]
@@ -117,7 +121,7 @@ class SimdConv:
         return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=isa.k * ck, CK=ck, OB=ob,
                     SH=a["stride"][0], SW=a["stride"][1], PH=ph, PW=pw, DH=a["dilation"][0], DW=a["dilation"][1],
                     HP=h + 2 * ph if staged else h, WP=w + 2 * pw if staged else w, STAGED=staged,
-                    ZP=128 if signed and isa is VNNI else 0, OBT=obt, P=max(1, min(ow, isa.max_acc // obt)))
+                    ZP=128 if signed and isa.reg == VNNI.reg else 0, OBT=obt, P=max(1, min(ow, isa.max_acc // obt)))
 
     @staticmethod
     def widths(g: dict) -> list:
@@ -206,7 +210,7 @@ class SimdConv:
         esize = 2 if isa.elem == "int16_t" else 1
         vbytes = 4 * isa.lanes
         WT = isa.wname(self.pr.const_name(s, isa.weights))
-        B = self.pr.const_name(s, "biasx" if isa is VNNI and "biasx" in s.consts else "biasv")
+        B = self.pr.const_name(s, "biasx" if isa.reg == VNNI.reg and "biasx" in s.consts else "biasv")
         acc = [[f"a{b}_{p}" for p in range(npix)] for b in range(nb)]
         operand = {v: i for i, v in enumerate(v for row in acc for v in row)}
         u = self.unroll(g)
@@ -216,6 +220,9 @@ class SimdConv:
         o(f"const int32_t *bt = {B} + ({b0}) * {isa.lanes};")
         o(f"const char *wend = wt + {g['CK'] * g['OB'] * isa.wbytes};  /* the weights past the last channel group */")
         o(f"{isa.vtype} {', '.join(operand)};")
+        setup, inputs = isa.wsetup()
+        for line in setup:
+            o(line)
         o("__asm__(")
         o.level += 1
         for b in range(nb):
@@ -247,7 +254,7 @@ class SimdConv:
         o('"jne 1b\\n\\t"')
         # at most 30 operands: 24 accumulators, x and w (read and written: 2 each), b and e
         o(": " + ", ".join(f'"=&v"({v})' for v in operand) + ', [x] "+r"(xt), [w] "+r"(wt)')
-        o(': [b] "r"(bt), [e] "r"(wend)')
+        o(f': [b] "r"(bt), [e] "r"(wend){inputs}')
         o(": " + ", ".join(f'"{c}"' for c in isa.clobbers) + ', "cc", "memory");')
         o.level -= 1
         self.epilogue(s, o, g, acc, b0, nb)
@@ -306,7 +313,7 @@ class SimdConv:
             o(f"{a} = {q};")
         if not contiguous:
             for p, b, a in pixels:
-                if isa is VNNI:
+                if isa.reg == VNNI.reg:
                     mask = "0xffff" if g["O"] % L == 0 else f"(1u << {count[b]}) - 1"
                     o(f"_mm512_mask_cvtepi32_storeu_epi8({dst[p, b]}, (__mmask16)({mask}), {a});"
                       "  /* in range already: the low byte */")
@@ -326,7 +333,7 @@ class SimdConv:
             vec = f"{pack}({', '.join(group + [f'{v}_setzero_si{32 * L}()'] * (4 - len(group)))})"
             if len(group) == 4:
                 o(f"{v}_storeu_si{32 * L}((void *)({at}), {vec});")
-            elif isa is VNNI:
+            elif isa.reg == VNNI.reg:
                 o(f"_mm512_mask_storeu_epi8({at}, {hex((1 << (16 * len(group))) - 1)}ULL, {vec});")
             else:  # 8, 16 or 24 bytes of the packed vector
                 o(f"const __m256i q{i} = {vec};")
