@@ -776,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--adaround", action="store_true", help="learn each weight's rounding (AdaRound) on the "
                                                                "calibration images")
         c.add_argument("--weight-bits", dest="weight_bits", type=int, choices=range(2, 9), metavar="2..8",
-                       help="weight bit width (default 8; 4: -7..7, stored in int8)")
+                       help="weight bit width (default 8; 4: -7..7 per channel, stored two per byte: W4A8)")
         if validation:
             c.add_argument("--validation", type=_count,
                            help=f"validation images from the test set: a number or 'all' (default: "

@@ -37,6 +37,7 @@ from .ir.input_spec import InputSpec, apply_input_spec
 from .metrics import agreement, mcnemar, paired_bootstrap, resolve_metric, sqnr_db
 from .progress import Progress, report
 from .quant.config import QuantConfig, target_config
+from .quant.int4 import is_int4, packed_size, weight_bits
 from .quant.lower import float_reasons, lower
 from .quant.qgraph import QGraph
 from .ref.executor import run_int8
@@ -247,7 +248,7 @@ class Quantizer:
             quantized = bool(qn is not None and qn.quantized)
             scale, dtype, limit = _row_scale(s, qn, qnodes, node.op)
             sat, under = _saturation(s, scale, limit) if quantized else (math.nan, math.nan)
-            bits = (math.ceil(math.log2(s.absmax / scale + 1)) + (dtype == "int8")) if quantized and s.absmax > 0 else 0
+            bits = (math.ceil(math.log2(s.absmax / scale + 1)) + (dtype == "int8" or s.kind == "Weights")) if quantized and s.absmax > 0 else 0
             name = s.node if s.kind == "Activations" else f"{s.node}_{s.kind}"
             rows.append({"Optimized Layer Name": name, "Network Layer Name": s.layer,
                          "Learnables / Activations": s.kind, "MinValue": s.min, "MaxValue": s.max,
@@ -297,8 +298,12 @@ class Quantizer:
             q = qg.node(n.name)
             float_bytes = sum(p.size for k, p in n.params.items() if k in ("weight", "bias", "scale", "shift")) * FLOAT_BYTES
             if q.quantized and n.op in WEIGHTED_OPS:
-                qbytes = q.params["weight"].size * INT8_BYTES + q.params["bias"].size * INT32_BYTES
-                types = f"weights int8, bias int32, output {q.dtype}"
+                if is_int4(q):   # two weights per byte (quant/int4.py)
+                    wbytes, wtype = packed_size(q.params["weight"].size), f"int{weight_bits(q)} (two per byte)"
+                else:
+                    wbytes, wtype = q.params["weight"].size * INT8_BYTES, "int8"
+                qbytes = wbytes + q.params["bias"].size * INT32_BYTES
+                types = f"weights {wtype}, bias int32, output {q.dtype}"
             else:
                 qbytes = float_bytes
                 types = f"output {q.dtype}" if q.quantized else "float32"
@@ -583,8 +588,8 @@ def _row_scale(s, qn, qnodes, op):
     if qn is None:
         return math.nan, "float32", math.nan
     if s.kind == "Weights" and "weight_scale" in qn.params:
-        ws = qn.params["weight_scale"]
-        return float(ws.max()), "int8", float((ws * 127).max())
+        ws, bits = qn.params["weight_scale"], weight_bits(qn)
+        return float(ws.max()), f"int{bits}", float((ws * (2 ** (bits - 1) - 1)).max())
     if s.kind == "Bias" and "weight_scale" in qn.params:
         src = qnodes[qn.inputs[0]]
         bs = src.scale * qn.params["weight_scale"]

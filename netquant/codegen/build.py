@@ -128,6 +128,9 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
     report(progress, 1, 3, "printing")
     if target == "cuda":
         from .cuda import CudaPrinter
+        from .int4 import refuse_cuda
+
+        refuse_cuda(program)   # no 4-bit weight route on the GPU: a clear error, never wrong code
 
         printer = CudaPrinter(program, provenance or "netquant integer network", arch=arch, tensor_cores=tensor_cores)
         cflags = f"{CUDA_FLAGS} -arch={arch}"

@@ -32,6 +32,7 @@ import numpy as np
 from .. import __version__
 from ..fileio import atomic_write, write_bytes, write_text
 from . import c_conv_dw
+from . import int4 as c_int4
 from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv
 from .program import ADD_PAIR_SHIFTS, ELEMENTWISE_FNS, LUT_SIZE, Buffer, Program, Step
 
@@ -139,7 +140,7 @@ class CPrinter:
         if (s.kind == "add" and self.profile in ("amx", "vnni")
                 and all(self.buf(b).dtype in ("int8", "uint8") for b in (*s.inputs, s.output))):
             paths = ["AVX-512, 16 lanes at a time, where built with it"]
-        return f"{s.kind}: " + ", else ".join(paths + ["portable C"])
+        return f"{s.kind}: " + ", else ".join(paths + ["portable C"]) + c_int4.label(self, s)
 
     def conv_path(self, s: Step) -> str:
         """The kernel printed for conv ``s`` under this profile: "amx", "vnni", "avx2" or
@@ -233,7 +234,7 @@ class CPrinter:
             o.close()
         elif path in ("vnni", "avx2"):
             o(f"#if {self.MACRO[path]}")
-            SimdConv(self, VNNI if path == "vnni" else AVX2).print(s, o)
+            SimdConv(self, c_int4.simd_isa(s, VNNI if path == "vnni" else AVX2)).print(s, o)
             o("#else")
             self.k_conv_scalar(s, o, self.WEIGHTS[path])
             o("#endif")
@@ -849,6 +850,8 @@ class CPrinter:
 
     def emit_kernel(self, s: Step, o: Source):
         """The body of step ``s``'s C function."""
+        for line in c_int4.unpack_lines(self, s):   # 4-bit weights: the table unpacked for the kernel
+            o(line)
         if s.kind == "float" and s.node.attrs["fn"] in ("softmax", "log_softmax"):
             self.k_softmax(s, o)
         elif self.is_element_step(s):
@@ -906,9 +909,8 @@ class CPrinter:
                 guard = self.const_guard(s, key)
                 if guard is None:
                     continue
-                arr = np.asarray(arr)
+                name, arr = c_int4.stored(s, key, self.const_name(s, key), np.asarray(arr))  # 4-bit: two per byte
                 ctype = CTYPE[arr.dtype]
-                name = self.const_name(s, key)
                 if arr.nbytes >= BLOB_MIN_BYTES and self.file_suffix == ".c":
                     data = arr.astype({"int32_t": np.int32, "float": np.float32}.get(ctype, arr.dtype)).tobytes()
                     self.blob += bytes(-len(self.blob) % 64)
@@ -1100,6 +1102,7 @@ const char *{n}_kernels(void);
         yield self.blob_decl()
         yield self.amx_runtime() + "\n"
         yield self.simd_runtime() + "\n"
+        yield c_int4.runtime(self)
         if any(s.kind == "conv" and self.conv_path(s) == "dw" for s in self.p.steps):
             yield "/* ---- depthwise convs: channels in vector lanes (c_conv_dw.py) ---- */\n"
             yield c_conv_dw.print_dw_kernel(self.dw_isa()) + "\n"
@@ -1320,12 +1323,15 @@ clean:
 
     def step_const_bytes(self, s: Step) -> int:
         """Bytes of the constants of step ``s`` that the source holds (the kernels printed read them)."""
-        return sum(int(np.asarray(a).nbytes) for k, a in self.step_consts(s).items() if self.const_guard(s, k) is not None)
+        return sum(int(c_int4.stored(s, k, "", np.asarray(a))[1].nbytes) for k, a in self.step_consts(s).items()
+                   if self.const_guard(s, k) is not None)
 
     def compiled_const_bytes(self) -> int:
         """Bytes of the constants the source holds (after ``write``): the weights file and the C arrays."""
-        small = sum(int(np.asarray(a).nbytes) for s in self.p.steps for k, a in self.step_consts(s).items()
-                    if self.const_guard(s, k) is not None and self.const_name(s, k) not in self.blob_offsets)
+        small = sum(int(arr.nbytes) for s in self.p.steps for k, a in self.step_consts(s).items()
+                    if self.const_guard(s, k) is not None
+                    for name, arr in [c_int4.stored(s, k, self.const_name(s, k), np.asarray(a))]
+                    if name not in self.blob_offsets)
         return len(self.blob) + small
 
     def files(self, cflags: str) -> dict:

@@ -71,6 +71,23 @@ class SimdIsa:
         return [f"vpdpbusd %%{r}{w}, %%{r}{x}, {acc}"]
 
     @property
+    def wbytes(self) -> int:
+        """Bytes of one weight vector as stored (codegen/int4.py stores 4-bit ones packed)."""
+        return 4 * self.lanes
+
+    def wname(self, name: str) -> str:
+        """The C name of the weight table ``name`` the tile reads."""
+        return name
+
+    def wload(self, off: int, reg: int) -> list:
+        """asm lines: the weight vector at byte ``off`` from the weight pointer into register ``reg``."""
+        return [f"{self.load} {off}(%[w]), %%{self.reg}{reg}"]
+
+    def wsetup(self) -> tuple[list, str]:
+        """(C lines before a tile's asm statement, its extra input operands) that ``wload`` needs."""
+        return [], ""
+
+    @property
     def clobbers(self) -> list:
         return [f"xmm{r}" for r in sorted(self.w_regs + self.x_regs + self.t_regs)]
 
@@ -104,7 +121,7 @@ class SimdConv:
         return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=isa.k * ck, CK=ck, OB=ob,
                     SH=a["stride"][0], SW=a["stride"][1], PH=ph, PW=pw, DH=a["dilation"][0], DW=a["dilation"][1],
                     HP=h + 2 * ph if staged else h, WP=w + 2 * pw if staged else w, STAGED=staged,
-                    ZP=128 if signed and isa is VNNI else 0, OBT=obt, P=max(1, min(ow, isa.max_acc // obt)))
+                    ZP=128 if signed and isa.reg == VNNI.reg else 0, OBT=obt, P=max(1, min(ow, isa.max_acc // obt)))
 
     @staticmethod
     def widths(g: dict) -> list:
@@ -192,17 +209,20 @@ class SimdConv:
         isa = self.isa
         esize = 2 if isa.elem == "int16_t" else 1
         vbytes = 4 * isa.lanes
-        WT = self.pr.const_name(s, isa.weights)
-        B = self.pr.const_name(s, "biasx" if isa is VNNI and "biasx" in s.consts else "biasv")
+        WT = isa.wname(self.pr.const_name(s, isa.weights))
+        B = self.pr.const_name(s, "biasx" if isa.reg == VNNI.reg and "biasx" in s.consts else "biasv")
         acc = [[f"a{b}_{p}" for p in range(npix)] for b in range(nb)]
         operand = {v: i for i, v in enumerate(v for row in acc for v in row)}
         u = self.unroll(g)
         o.open()
         o(f"const {isa.elem} *xt = xp + (oh * SH * WP + ow0 * SW) * CP;")
-        o(f"const char *wt = (const char *){WT} + ({b0}) * {vbytes};")
+        o(f"const char *wt = (const char *){WT} + ({b0}) * {isa.wbytes};")
         o(f"const int32_t *bt = {B} + ({b0}) * {isa.lanes};")
-        o(f"const char *wend = wt + {g['CK'] * g['OB'] * vbytes};  /* the weights past the last channel group */")
+        o(f"const char *wend = wt + {g['CK'] * g['OB'] * isa.wbytes};  /* the weights past the last channel group */")
         o(f"{isa.vtype} {', '.join(operand)};")
+        setup, inputs = isa.wsetup()
+        for line in setup:
+            o(line)
         o("__asm__(")
         o.level += 1
         for b in range(nb):
@@ -217,7 +237,8 @@ class SimdConv:
                     wk = (kh * g["KW"] + kw) * g["CK"] * g["OB"] + j * g["OB"]
                     o(f"/* tap ({kh}, {kw}), channels {isa.k * j}..{isa.k * j + isa.k - 1} of the group */")
                     for b in range(nb):
-                        o(f'"{isa.load} {(wk + b) * vbytes}(%[w]), %%{isa.reg}{isa.w_regs[b]}\\n\\t"')
+                        for line in isa.wload((wk + b) * isa.wbytes, isa.w_regs[b]):
+                            o(f'"{line}\\n\\t"')
                     for p in range(npix):
                         x = isa.x_regs[p % 2]
                         off = (xk + p * g["SW"] * g["CP"] + isa.k * j) * esize
@@ -228,12 +249,12 @@ class SimdConv:
                             for line in isa.macs(isa.w_regs[b], x, f"%{operand[acc[b][p]]}", t):
                                 o(f'"{line}\\n\\t"')
         o(f'"add ${isa.k * u * esize}, %[x]\\n\\t"')
-        o(f'"add ${u * g["OB"] * vbytes}, %[w]\\n\\t"')
+        o(f'"add ${u * g["OB"] * isa.wbytes}, %[w]\\n\\t"')
         o('"cmp %[e], %[w]\\n\\t"')
         o('"jne 1b\\n\\t"')
         # at most 30 operands: 24 accumulators, x and w (read and written: 2 each), b and e
         o(": " + ", ".join(f'"=&v"({v})' for v in operand) + ', [x] "+r"(xt), [w] "+r"(wt)')
-        o(': [b] "r"(bt), [e] "r"(wend)')
+        o(f': [b] "r"(bt), [e] "r"(wend){inputs}')
         o(": " + ", ".join(f'"{c}"' for c in isa.clobbers) + ', "cc", "memory");')
         o.level -= 1
         self.epilogue(s, o, g, acc, b0, nb)
@@ -270,7 +291,7 @@ class SimdConv:
         count = {b: f"(O - {L} * ({b0} + {b}) < {L} ? O - {L} * ({b0} + {b}) : {L})" for b in range(nb)}
         if g["O"] % L == 0:
             count = {b: str(L) for b in range(nb)}
-        if "rqv" not in s.consts and isa is AVX2:
+        if "rqv" not in s.consts and isa.reg == AVX2.reg:
             M, S = self.pr.const_name(s, "mult"), self.pr.const_name(s, "shift")
             o("int32_t lane[8];")
             for p, b, a in pixels:
@@ -292,7 +313,7 @@ class SimdConv:
             o(f"{a} = {q};")
         if not contiguous:
             for p, b, a in pixels:
-                if isa is VNNI:
+                if isa.reg == VNNI.reg:
                     mask = "0xffff" if g["O"] % L == 0 else f"(1u << {count[b]}) - 1"
                     o(f"_mm512_mask_cvtepi32_storeu_epi8({dst[p, b]}, (__mmask16)({mask}), {a});"
                       "  /* in range already: the low byte */")
@@ -312,7 +333,7 @@ class SimdConv:
             vec = f"{pack}({', '.join(group + [f'{v}_setzero_si{32 * L}()'] * (4 - len(group)))})"
             if len(group) == 4:
                 o(f"{v}_storeu_si{32 * L}((void *)({at}), {vec});")
-            elif isa is VNNI:
+            elif isa.reg == VNNI.reg:
                 o(f"_mm512_mask_storeu_epi8({at}, {hex((1 << (16 * len(group))) - 1)}ULL, {vec});")
             else:  # 8, 16 or 24 bytes of the packed vector
                 o(f"const __m256i q{i} = {vec};")

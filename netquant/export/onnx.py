@@ -51,6 +51,13 @@ DequantizeLinear; float nodes (input normalisation, softmax, sigmoid, resize, la
 float) are exported as in the float graph. A clamp narrower than the type's range (ReLU on an
 int8 output, ReLU6, a clamp) is a Relu or Clip before the QuantizeLinear.
 
+A network with 4-bit weight layers (W4A8, quant/int4.py) is written at opset 21 (IR version 10),
+the first whose DequantizeLinear takes INT4: those layers' weights are INT4 initializers
+(``<node>.weight_int4``, two per byte, the quantizer file's packing) with a per-channel
+DequantizeLinear (axis 0, INT4 zero point 0); every other op is the same at opset 21. ONNX Runtime
+runs it with the same top-1 class as the reference executor on 100% of 200 CIFAR-10 test images
+for the W4A8 ResNet of ``tests/zoo.py`` (tests/test_int4.py).
+
 ONNX's QuantizeLinear rounds half to even and ONNX Runtime requantizes with a float multiplier,
 where netquant rounds half up with an integer (M, shift) (docs/NUMERICS.md): the exported integer
 network agrees with the reference executor up to those roundings (an LSB here and there), not bit
@@ -71,6 +78,7 @@ import numpy as np
 from ..errors import NetquantError
 from ..ir.graph import Graph
 from ..quant import numerics as nx
+from ..quant.int4 import is_int4, pack
 from ..quant.qgraph import QGraph
 
 OPSET = 17
@@ -114,6 +122,7 @@ class _Builder:
         self.inits: list = []
         self.used: set = {INPUT_NAME, OUTPUT_NAME}
         self.consts: dict = {}   # (dtype, shape, bytes) -> initializer name (shared constants)
+        self.opset, self.ir_version = OPSET, IR_VERSION   # quantized_onnx: opset 21 for 4-bit weights
 
     def unique(self, hint: str) -> str:
         base = "".join(c if c.isalnum() or c in "_.-/:" else "_" for c in hint) or "t"
@@ -154,7 +163,7 @@ class _Builder:
         x = h.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT, ["N", *input_shape])
         y = h.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT, ["N", *output_shape])
         graph = h.make_graph(self.nodes, "netquant", [x], [y], self.inits)
-        model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+        model = h.make_model(graph, opset_imports=[h.make_opsetid("", self.opset)], ir_version=self.ir_version,
                              producer_name="netquant", doc_string=doc)
         from .. import __version__
 
@@ -630,6 +639,8 @@ def quantized_onnx(qnet_or_qgraph):
     qt: dict = {}      # integer node name -> (int tensor, scale const, zero point const)
     nodes = {n.name: n for n in q.nodes}
     live = _live(q.nodes, q.output)
+    if any(is_int4(n) for n in q.nodes if n.name in live):
+        b.opset, b.ir_version = INT4_OPSET, INT4_IR_VERSION
 
     def qparams(n) -> tuple[str, str]:
         if n.dtype not in _ONNX_DTYPE:
@@ -658,12 +669,15 @@ def quantized_onnx(qnet_or_qgraph):
         x = nodes[n.inputs[0]]
         s_w = np.asarray(n.params["weight_scale"], np.float64)
         o = len(n.params["weight"])
-        wq = np.asarray(n.params["weight"], np.int8)
         bq = np.asarray(n.params["bias"], np.int32)
-        w = b.op("DequantizeLinear", [b.const(f"{n.name}.weight_int8", wq, share=False),
-                                      b.const(f"{n.name}.scale_weight", _f32(s_w), share=False),
-                                      b.const(f"const.zero_int8_x{o}", np.zeros(o, np.int8))],
-                 f"{n.name}_weight", axis=0)
+        if is_int4(n):   # 4-bit weights: an INT4 initializer (opset 21)
+            w = int4_weights(b, n)
+        else:
+            w = b.op("DequantizeLinear", [b.const(f"{n.name}.weight_int8", np.asarray(n.params["weight"], np.int8),
+                                                  share=False),
+                                          b.const(f"{n.name}.scale_weight", _f32(s_w), share=False),
+                                          b.const(f"const.zero_int8_x{o}", np.zeros(o, np.int8))],
+                     f"{n.name}_weight", axis=0)
         bias = b.op("DequantizeLinear", [b.const(f"{n.name}.bias_int32", bq, share=False),
                                          b.const(f"{n.name}.scale_bias", _f32(x.scale * s_w), share=False),
                                          b.const(f"const.zero_int32_x{o}", np.zeros(o, np.int32))],
@@ -700,6 +714,25 @@ def quantized_onnx(qnet_or_qgraph):
         if out is not None:   # an integer output: give its float value
             b.op("Identity", [fl[n.name]], "output", out)
     return b.model(nodes[q.input].shape, nodes[q.output].shape, "netquant int8 network (QDQ)")
+
+
+INT4_OPSET, INT4_IR_VERSION = 21, 10   # the first opset whose DequantizeLinear takes INT4 (and its IR version)
+
+
+def int4_weights(b: _Builder, n) -> str:
+    """The float weights of a 4-bit layer: an INT4 initializer ``<node>.weight_int4`` (ONNX packs it
+    two per byte, element 2i in the low nibble: quant/int4.py's order) through a per-channel
+    DequantizeLinear (axis 0, scale ``weight_scale``, INT4 zero point 0)."""
+    onnx = b.onnx
+    wq = np.asarray(n.params["weight"], np.int8)
+    o = len(wq)
+    codes, zeros = b.unique(f"{n.name}.weight_int4"), b.unique(f"{n.name}.zero_int4")
+    # raw bytes: quant/int4.pack's nibble order is ONNX's, so the file holds the same two-per-byte codes
+    b.inits.append(onnx.helper.make_tensor(codes, onnx.TensorProto.INT4, wq.shape, pack(wq).tobytes(), raw=True))
+    b.inits.append(onnx.helper.make_tensor(zeros, onnx.TensorProto.INT4, (o,), pack(np.zeros(o, np.int8)).tobytes(),
+                                           raw=True))
+    return b.op("DequantizeLinear", [codes, b.const(f"{n.name}.scale_weight", _f32(n.params["weight_scale"]),
+                                                    share=False), zeros], f"{n.name}_weight", axis=0)
 
 
 def export_quantized_onnx(qnet_or_qgraph: Union[QGraph, object], path) -> "onnx.ModelProto":

@@ -7,13 +7,16 @@ A quantizer file (format ``netquant.quantizer``, version 1) holds:
   provenance (calibration data, its md5, netquant/torch/numpy versions), the graph structure and
   the statistics' scalars;
 - ``graph.safetensors``: the float graph's parameters (after batch-norm folding);
-- ``stats.safetensors``: the calibration histograms and per-channel ranges.
+- ``stats.safetensors``: the calibration histograms and per-channel ranges;
+- ``int4.safetensors`` (only where the network has 4-bit layers): each 4-bit layer's weight codes
+  two per byte and its weight scales (:func:`int4_weights`), checked on load against lowering.
 
 Saving is atomic (the old file or the whole new one, see :mod:`netquant.fileio`). Loading checks
 every member's inflated size before inflating it, the manifest's fields, every statistic
 (:func:`check_stats`) and the fingerprint; any failure is a :class:`QuantizerFileError` naming the
 file and the member (and the layer). Nothing is pickled. The integer network is not stored: it
-is rebuilt from these by the same deterministic lowering, so a loaded quantizer gives the same integers bit for bit.
+is rebuilt from these by the same deterministic lowering, so a loaded quantizer gives the same integers bit for bit
+(for 4-bit layers the file also holds the codes, and loading checks that lowering gives them).
 """
 from __future__ import annotations
 
@@ -348,8 +351,92 @@ def save_quantizer(q, path) -> None:
         rmeta, rarrays = ranges_to_json(q.ranges)
         manifest["ranges"] = rmeta
         files["stats.safetensors"] = _tensors_bytes(rarrays)
+    int4 = int4_weights(q)
+    if int4:
+        meta, arrays = int4
+        manifest["int4_weights"] = meta
+        files[INT4_MEMBER] = _tensors_bytes(arrays)
     files["manifest.json"] = json.dumps(manifest, indent=1, allow_nan=True).encode()
     _write_zip(path, files)
+
+
+INT4_MEMBER = "int4.safetensors"
+
+
+def int4_weights(q) -> Optional[tuple[dict, dict]]:
+    """(manifest entry, arrays) of the 4-bit layers of ``q``'s integer network: per layer its
+    codes two per byte (``<layer>/codes``, uint8, quant/int4.py) and weight scales
+    (``<layer>/scale``, float64), with the weight shape and bits in the entry; None when ``q``
+    is not calibrated, its config asks for no 4-bit layer, or it does not lower (nothing to
+    store). The integer network is still rebuilt by lowering on load; these make the file say
+    what the deployed 4-bit weights are, and loading checks the two agree bit for bit."""
+    from .int4 import is_int4, pack, weight_bits
+
+    cfg = q.config
+    if q.ranges is None or (cfg.weight_bits > 4 and all(o.get("weight_bits", 8) > 4 for o in cfg.overrides.values())):
+        return None
+    try:
+        qg = q.quantize().qgraph
+    except ValueError:   # a config asking for what calibration did not apply: nothing lowered to store
+        return None
+    layers, arrays = {}, {}
+    for n in qg.nodes:
+        if is_int4(n):
+            w = n.params["weight"]
+            layers[n.name] = {"bits": weight_bits(n), "shape": list(w.shape)}
+            arrays[f"{n.name}/codes"] = pack(w)
+            arrays[f"{n.name}/scale"] = np.asarray(n.params["weight_scale"], np.float64)
+    return ({"member": INT4_MEMBER, "layers": layers}, arrays) if layers else None
+
+
+def _read_int4(reader: _Reader, manifest: dict) -> Optional[dict]:
+    """{layer: (bits, int8 codes in the weight shape, scales)} of the file's 4-bit layers, or
+    None when it has none; a malformed entry is a QuantizerFileError naming the layer."""
+    from .int4 import packed_size, unpack
+
+    meta = manifest.get("int4_weights")
+    if meta is None:
+        return None
+    layers = _field(reader, meta, "layers", dict)
+    arrays = reader.tensors(INT4_MEMBER)
+    out = {}
+    for name, d in layers.items():
+        if not isinstance(d, dict) or not isinstance(d.get("shape"), list) or d.get("bits") not in (2, 3, 4) or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in d["shape"]):
+            raise reader.fail("manifest.json", f"int4_weights entry {d!r}: expected bits 2..4 and a weight shape", name)
+        codes, scale = arrays.get(f"{name}/codes"), arrays.get(f"{name}/scale")
+        count = math.prod(d["shape"])
+        if codes is None or scale is None or codes.dtype != np.uint8 or codes.shape != (packed_size(count),) \
+                or scale.dtype != np.float64 or scale.shape != (d["shape"][0],):
+            raise reader.fail(INT4_MEMBER, f"expected {packed_size(count)} packed bytes (uint8) and "
+                                           f"{d['shape'][0]} scales (float64)", name)
+        out[name] = (d["bits"], unpack(codes, count).reshape(d["shape"]), scale)
+    return out
+
+
+def _check_int4(path, q, stored: dict) -> None:
+    """The 4-bit weights the file stores are those lowering gives for its network (codes and
+    scales bit for bit), else a QuantizerFileError naming the layer."""
+    from .int4 import is_int4, weight_bits
+
+    if q.ranges is None:
+        raise QuantizerFileError(f"{path}: member {INT4_MEMBER}: 4-bit weights but no calibration statistics")
+    try:
+        qg = q.quantize().qgraph
+    except ValueError as e:
+        raise QuantizerFileError(f"{path}: member {INT4_MEMBER}: the stored network does not lower ({e})") from e
+    lowered = {n.name: n for n in qg.nodes if is_int4(n)}
+    if set(lowered) != set(stored):
+        odd = sorted(set(lowered) ^ set(stored))[0]
+        raise QuantizerFileError(f"{path}: member {INT4_MEMBER}, layer {odd}: the file's 4-bit layers "
+                                 f"({len(stored)}) are not those lowering gives ({len(lowered)})")
+    for name, (bits, codes, scale) in stored.items():
+        n = lowered[name]
+        if bits != weight_bits(n) or not np.array_equal(codes, n.params["weight"]) or \
+                not np.array_equal(scale, n.params["weight_scale"]):
+            raise QuantizerFileError(f"{path}: member {INT4_MEMBER}, layer {name}: the stored 4-bit weights differ "
+                                     f"from those lowering gives for the stored network (an edited file, or one "
+                                     f"written by another netquant version; save it again)")
 
 
 def load_quantizer(path):
@@ -386,6 +473,7 @@ def load_quantizer(path):
             raise reader.fail("manifest.json", f"input_spec: {type(e).__name__}: {e}") from e
         if manifest.get("ranges") is not None:
             q.ranges = _ranges(reader, manifest["ranges"], graph)
+        int4 = _read_int4(reader, manifest)
     if q.ranges is not None and q.ranges.fingerprint != graph_fingerprint(graph):
         raise QuantizerFileError(f"{path}: its calibration statistics do not belong to its network (fingerprint "
                                  f"{q.ranges.fingerprint}, the stored network is {graph_fingerprint(graph)})")
@@ -401,6 +489,8 @@ def load_quantizer(path):
         if isinstance(fbytes, bool) or not isinstance(fbytes, int) or fbytes < 0:
             raise reader.fail("manifest.json", f"float_learnable_bytes {fbytes!r}: expected a byte count")
         q.float_learnable_bytes = fbytes
+    if int4 is not None:
+        _check_int4(path, q, int4)
     return q
 
 

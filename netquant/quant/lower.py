@@ -190,6 +190,8 @@ def _weighted(n: Node, x: QNode, ranges: RangeTable, cfg: QuantConfig) -> QNode:
     if n.attrs.get("groups", 1) > 1 and len(chunks) > 1:
         raise ValueError(f"{n.name}: grouped conv whose per-group reduction needs {len(chunks)} float32-exact chunks")
     attrs.update(clamp=_clamp(dtype, s_y, n.attrs.get("act")), k_chunks=chunks, acc_bound=int(bound))
+    if cfg.weight_bits < 8:   # narrower weights (still int8 arrays): quant/int4.py packs <= 4 bits two per byte
+        attrs["weight_bits"] = cfg.weight_bits
     return QNode(n.name, n.op, (x.name,), n.shape, True, s_y, dtype, attrs,
                  {"weight": wq, "bias": bq, "multiplier": M, "shift": sh, "weight_scale": s_w}, n.layers)
 

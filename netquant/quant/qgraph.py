@@ -9,7 +9,8 @@ Integer ops and their parameters (all integer arrays; see ``numerics`` for the a
 ===========  ==================================================================================
 conv/linear  ``weight`` int8 (O, I/g, kh, kw) or (O, I), ``bias`` int32 (O,), ``multiplier``
              int32 (O,), ``shift`` int32 (O,); attrs ``clamp`` (lo, hi), ``k_chunks`` (the
-             float32-exact split of the reduction), kernel geometry
+             float32-exact split of the reduction), kernel geometry; ``weight_bits`` where the
+             weights are narrower than 8 bits (4: codes -7..7, still int8 here; quant/int4.py)
 add/concat   ``multiplier`` and ``shift`` per input (add: one shared shift); attrs ``clamp``
 avgpool      ``multiplier``, ``shift`` for sum/(kh*kw); attrs ``clamp`` and geometry
 maxpool      geometry; output scale = input scale
