@@ -32,7 +32,7 @@ import numpy as np
 from .. import __version__
 from ..fileio import atomic_write, write_bytes, write_text
 from . import c_conv_dw
-from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv
+from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv, tile_order, tile_weight_index
 from .program import ADD_PAIR_SHIFTS, ELEMENTWISE_FNS, LUT_SIZE, Buffer, Program, Step
 
 RUNTIME_HEADER = "netquant_rt.h"
@@ -172,6 +172,13 @@ class CPrinter:
             padded = {f"{k}d": np.concatenate([np.asarray(s.consts[k], np.int32), np.full(pad, v, np.int32)])
                       for k, v in (("bias", 0), ("mult", 1 << 30), ("shift", 31))}
             return {**s.consts, "wd": c_conv_dw.pack_dw(s.node.params["weight"], isa), **padded}
+        if s.kind == "conv" and self.conv_path(s) in ("vnni", "avx2"):
+            # the register tiles' weights in the order they read them (c_conv_simd.tile_order)
+            key, isa = ("wv", VNNI) if self.conv_path(s) == "vnni" else ("ww", AVX2)
+            packed = self.__dict__.setdefault("_tile_weights", {})
+            if s.output not in packed:
+                packed[s.output] = tile_order(s.consts[key], min(s.consts[key].shape[3], isa.max_obt))
+            return {**s.consts, key: packed[s.output]}
         return s.consts
 
     WEIGHTS = {"amx": "wa", "vnni": "wv", "avx2": "ww", "scalar": "w"}
@@ -422,7 +429,8 @@ class CPrinter:
     def weight_index(self, s: Step, layout: str) -> str:
         """The offset of weight (o, kh, kw, k) (k: input channel within the group) in the
         ``layout`` the printed kernels read: "w" (O, KH, KW, CG); "wv" [KH][KW][CP/4][OB][16][4]
-        and "ww" [KH][KW][CP/2][OB][8][2] (program.pack_vnni, pack_avx2); "wa" [KH][J][NB][16][64]
+        and "ww" [KH][KW][CP/2][OB][8][2] (program.pack_vnni, pack_avx2) reordered by
+        c_conv_simd.tile_order; "wa" [KH][J][NB][16][64]
         with byte b = kw * C + k of filter row kh at [b / 64][o / 16][b % 64 / 4][4 (o % 16) + b % 4]
         (program.pack_amx). The portable kernel reads the one layout the source holds."""
         if layout == "w":
@@ -431,10 +439,9 @@ class CPrinter:
             blk, npairs = c_conv_dw.BLOCK[self.dw_isa()], self.step_consts(s)["wd"].shape[1]
             return (f"(((o / {blk}) * {npairs} + (kh * KW + kw) / 2) * 2 + o % 8 / 4) * {blk} "
                     f"+ 2 * (4 * (o % {blk} / 8) + o % 4) + (kh * KW + kw) % 2")
-        if layout in ("wv", "ww"):
-            ck, ob, lanes, kk = s.consts[layout].shape[2:]
-            return (f"((((kh * KW + kw) * {ck} + k / {kk}) * {ob} + o / {lanes}) * {lanes} + o % {lanes}) * {kk} "
-                    f"+ k % {kk}")
+        if layout in ("wv", "ww"):   # c_conv_simd.tile_order
+            shape = s.consts[layout].shape
+            return tile_weight_index(shape, min(shape[3], (VNNI if layout == "wv" else AVX2).max_obt))
         j, nb = s.consts["wa"].shape[1:3]
         return (f"(((kh * {j} + (kw * C + k) / 64) * {nb} + o / 16) * 16 + (kw * C + k) % 64 / 4) * 64 "
                 f"+ o % 16 * 4 + (kw * C + k) % 4")

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .program import Step
 
 
@@ -82,6 +84,29 @@ AVX2 = SimdIsa(8, 2, "int16_t", "ww", "__m256i", "ymm", "vmovdqa", 2, 10,
 FULL_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 
 
+def tile_order(w: np.ndarray, obt: int) -> np.ndarray:
+    """Program weights ``w`` [KH][KW][CK][OB][LANES][K] ("wv", "ww") -> the order one tile reads
+    them, flat: [NBG][CK][KH*KW][nb][LANES][K], NBG groups of OBT output blocks (the last of
+    OB % OBT where that is not 0). A tile's reduction then streams one contiguous run of
+    weights (the program order strides by OB blocks per channel group: on a 512-channel conv
+    every 2 KB, all of a tap's weights in two sets of a 64-set L1). Example: KH = KW = 1, CK = 1,
+    OB = 3, obt = 2: blocks 0, 1 then block 2."""
+    kh, kw, ck, ob = w.shape[:4]
+    t = w.reshape(kh * kw, ck, ob, -1).transpose(2, 1, 0, 3)            # [OB][CK][T][LANES*K]
+    parts = [t[b0:b0 + obt].transpose(1, 2, 0, 3).ravel() for b0 in range(0, ob, obt)]
+    return np.concatenate(parts)
+
+
+def tile_weight_index(shape: tuple, obt: int) -> str:
+    """C expression: the offset of weight (o, kh, kw, k) in tile_order(w of ``shape``, obt)
+    (k: the input channel; KW a C name). Groups before o's are all whole (OBT blocks)."""
+    kh, kw, ck, ob, lanes, kk = shape
+    rest = ob % obt
+    nb = f"(o / {lanes} / {obt} < {ob // obt} ? {obt} : {rest})" if rest else str(obt)
+    return (f"((((o / {lanes} / {obt}) * {obt * ck} + k / {kk} * {nb}) * {kh * kw} + (kh * KW + kw) * {nb} "
+            f"+ o / {lanes} % {obt}) * {lanes} + o % {lanes}) * {kk} + k % {kk}")
+
+
 class SimdConv:
     """Prints the ``isa`` kernel of a conv step for a CPrinter ``pr`` (buffers, constant names)."""
 
@@ -104,7 +129,8 @@ class SimdConv:
         return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=isa.k * ck, CK=ck, OB=ob,
                     SH=a["stride"][0], SW=a["stride"][1], PH=ph, PW=pw, DH=a["dilation"][0], DW=a["dilation"][1],
                     HP=h + 2 * ph if staged else h, WP=w + 2 * pw if staged else w, STAGED=staged,
-                    ZP=128 if signed and isa is VNNI else 0, OBT=obt, P=max(1, min(ow, isa.max_acc // obt)))
+                    ZP=128 if signed and isa is VNNI else 0, OBT=obt, NBG=-(-ob // obt),
+                    P=max(1, min(ow, isa.max_acc // obt)))
 
     @staticmethod
     def widths(g: dict) -> list:
@@ -128,50 +154,76 @@ class SimdConv:
         (1x1 convs), so the loop's own instructions stay a small share."""
         return next((u for u in (4, 2) if g["CK"] % u == 0 and g["KH"] * g["KW"] * u <= 9), 1)
 
+    def blocks_outer(self, g: dict) -> bool:
+        """Whether the tile loops run over output-channel block groups outside rows: the order that
+        streams less through the caches. Rows outside read every weight once per output row
+        (OH * weight bytes); block groups outside read the padded input once per group of OBT
+        blocks (NBG * input bytes). Example: ResNet-18's layer4 3x3 conv (7x7 output, 512
+        channels, int16 weights 4.7 MB, padded input 83 KB): rows outside stream 33 MB per image
+        through an L2 of 512 KB, block groups outside 2.7 MB."""
+        esize = 2 if self.isa.elem == "int16_t" else 1
+        weights = g["KH"] * g["KW"] * g["CP"] * g["OB"] * self.isa.lanes * esize
+        staged = g["HP"] * g["WP"] * g["CP"] * esize
+        return g["NBG"] * staged <= g["OH"] * weights
+
     def print(self, s: Step, o):
-        """The kernel of ``s``: rows of output pixels split across threads (when called outside a
-        parallel region: one image of a small batch), each row covered by register tiles; blocks
-        of OBT output channels in a runtime loop, so the text is a few tile bodies per conv
-        whatever its spatial size or channel count."""
+        """The kernel of ``s``: one parallel region (when called outside one: one image of a small
+        batch) that stages the padded input, rows split across threads, then runs the register
+        tiles of every (block group, output row) pair, the pairs split across threads, so a 7x7
+        output of 512 channels still splits evenly (32 x 7 pairs). Blocks of OBT output channels
+        and pixel tiles are runtime loops, so the text is a few tile bodies per conv whatever its
+        spatial size or channel count."""
         g = self.geometry(s)
         o("enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };")
+        full, rest = g["OB"] // g["OBT"], g["OB"] % g["OBT"]
         if g["STAGED"]:
-            self.stage(s, o, g)
+            e = self.isa.elem
+            o(f"{e} *xs = ({e} *)nq_vpad;  /* the calling thread's buffer, shared by the team */")
+            o(f"const {e} *xp = xs;")
         else:
             o("const uint8_t *xp = (const uint8_t *)x0;  /* no padding to add: read the input as it is */")
-        full, rest = g["OB"] // g["OBT"], g["OB"] % g["OBT"]
-        o(f"#pragma omp parallel for schedule(static) if (NQ_SPLIT(OH, {self.pr.conv_macs(s)}L))")
-        o.open("for (int oh = 0; oh < OH; ++oh)")
+        o(f"#pragma omp parallel if (NQ_SPLIT(NBG * OH, {self.pr.conv_macs(s)}L))")
+        o.open()
+        if g["STAGED"]:
+            self.stage(s, o, g)
+        loops = ("bg", "NBG", "oh", "OH") if self.blocks_outer(g) else ("oh", "OH", "bg", "NBG")
+        o("#pragma omp for collapse(2) schedule(static)")
+        o(f"for (int {loops[0]} = 0; {loops[0]} < {loops[1]}; ++{loops[0]})")
+        o.open(f"for (int {loops[2]} = 0; {loops[2]} < {loops[3]}; ++{loops[2]})")
+        o("const int b0 = bg * OBT;")
         start = 0
         for width, count in self.widths(g):
             o.open(f"for (int ow0 = {start}; ow0 < {start + width * count}; ow0 += {width})")
-            if full == 1:
-                self.tile(s, o, g, width, "0", g["OBT"])
-            elif full:
-                o.open(f"for (int b0 = 0; b0 < {full * g['OBT']}; b0 += OBT)")
+            if not rest:
                 self.tile(s, o, g, width, "b0", g["OBT"])
+            elif not full:
+                self.tile(s, o, g, width, "b0", rest)
+            else:
+                o.open(f"if (bg < {full})")
+                self.tile(s, o, g, width, "b0", g["OBT"])
+                o.close(" else {")
+                o.level += 1
+                self.tile(s, o, g, width, "b0", rest)
                 o.close()
-            if rest:
-                self.tile(s, o, g, width, str(full * g["OBT"]), rest)
             o.close()
             start += width * count
         o.close()
+        o.close()
 
     def stage(self, s: Step, o, g: dict):
-        """Copy the input into nq_vpad with the padding border and channels C..CP-1; int8 to
-        uint8 as x + 128 (VNNI), or 8-bit values widened to int16 (AVX2)."""
+        """Copy the input into nq_vpad (xs) with the padding border and channels C..CP-1, padded
+        rows split across the team; int8 to uint8 as x + 128 (VNNI), or 8-bit values widened to
+        int16 (AVX2). The team waits at the loop's end before any tile reads it."""
         e = self.isa.elem
         xin = self.pr.buf(s.inputs[0]).ctype
-        o(f"{e} *xs = ({e} *)nq_vpad;")
-        o(f"const {e} *xp = xs;")
-        if e == "uint8_t":
-            o("memset(xs, ZP, PH * WP * CP);")
-            o("memset(xs + (PH + H) * WP * CP, ZP, PH * WP * CP);")
-        else:  # zero padding: all bytes 0 in every type
-            o("memset(xs, 0, PH * WP * CP * sizeof *xs);")
-            o("memset(xs + (PH + H) * WP * CP, 0, PH * WP * CP * sizeof *xs);")
-        o.open("for (int h = 0; h < H; ++h)")
-        o(f"{e} *row = xs + (h + PH) * WP * CP;")
+        o("#pragma omp for schedule(static)")
+        o.open("for (int hp = 0; hp < HP; ++hp)")
+        o(f"{e} *row = xs + hp * WP * CP;")
+        o("const int h = hp - PH;")
+        o.open("if (h < 0 || h >= H)")
+        o(f"for (int i = 0; i < WP * CP; ++i) row[i] = ZP;  /* a padding row */")
+        o("continue;")
+        o.close()
         o(f"const {xin} *src = x0 + h * W * C;")
         o(f"for (int i = 0; i < PW * CP; ++i) row[i] = row[(PW + W) * CP + i] = ZP;")
         if g["C"] == g["CP"] and e == xin:
@@ -179,6 +231,8 @@ class SimdConv:
         elif g["ZP"] == 128:
             o("for (int w = 0; w < W; ++w) for (int c = 0; c < CP; ++c)  /* int8 x -> x + 128 */")
             o(f"    row[(PW + w) * CP + c] = c < C ? (uint8_t)(src[w * C + c] ^ 0x80) : ZP;")
+        elif g["C"] == g["CP"]:
+            o(f"for (int i = 0; i < W * C; ++i) row[PW * CP + i] = ({e})src[i];  /* widened */")
         else:
             o("for (int w = 0; w < W; ++w) for (int c = 0; c < CP; ++c)")
             o(f"    row[(PW + w) * CP + c] = c < C ? ({e})src[w * C + c] : 0;")
@@ -199,9 +253,10 @@ class SimdConv:
         u = self.unroll(g)
         o.open()
         o(f"const {isa.elem} *xt = xp + (oh * SH * WP + ow0 * SW) * CP;")
-        o(f"const char *wt = (const char *){WT} + ({b0}) * {vbytes};")
+        taps = g["KH"] * g["KW"]
+        o(f"const char *wt = (const char *){WT} + ({b0}) * {g['CK'] * taps * vbytes};  /* tile_order */")
         o(f"const int32_t *bt = {B} + ({b0}) * {isa.lanes};")
-        o(f"const char *wend = wt + {g['CK'] * g['OB'] * vbytes};  /* the weights past the last channel group */")
+        o(f"const char *wend = wt + {g['CK'] * taps * nb * vbytes};  /* the weights past the last channel group */")
         o(f"{isa.vtype} {', '.join(operand)};")
         o("__asm__(")
         o.level += 1
@@ -214,7 +269,7 @@ class SimdConv:
             for kh in range(g["KH"]):
                 for kw in range(g["KW"]):
                     xk = (kh * g["DH"] * g["WP"] + kw * g["DW"]) * g["CP"]
-                    wk = (kh * g["KW"] + kw) * g["CK"] * g["OB"] + j * g["OB"]
+                    wk = (j * taps + kh * g["KW"] + kw) * nb
                     o(f"/* tap ({kh}, {kw}), channels {isa.k * j}..{isa.k * j + isa.k - 1} of the group */")
                     for b in range(nb):
                         o(f'"{isa.load} {(wk + b) * vbytes}(%[w]), %%{isa.reg}{isa.w_regs[b]}\\n\\t"')
@@ -228,7 +283,7 @@ class SimdConv:
                             for line in isa.macs(isa.w_regs[b], x, f"%{operand[acc[b][p]]}", t):
                                 o(f'"{line}\\n\\t"')
         o(f'"add ${isa.k * u * esize}, %[x]\\n\\t"')
-        o(f'"add ${u * g["OB"] * vbytes}, %[w]\\n\\t"')
+        o(f'"add ${u * taps * nb * vbytes}, %[w]\\n\\t"')
         o('"cmp %[e], %[w]\\n\\t"')
         o('"jne 1b\\n\\t"')
         # at most 30 operands: 24 accumulators, x and w (read and written: 2 each), b and e
