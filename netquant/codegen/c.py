@@ -32,7 +32,8 @@ import numpy as np
 from .. import __version__
 from ..fileio import atomic_write, write_bytes, write_text
 from . import c_conv_dw
-from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv, tile_order, tile_weight_index
+from .c_pool import POOL_RUNTIME
+from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv
 from .program import ADD_PAIR_SHIFTS, ELEMENTWISE_FNS, LUT_SIZE, Buffer, Program, Step
 
 RUNTIME_HEADER = "netquant_rt.h"
@@ -177,7 +178,7 @@ class CPrinter:
             key, isa = ("wv", VNNI) if self.conv_path(s) == "vnni" else ("ww", AVX2)
             packed = self.__dict__.setdefault("_tile_weights", {})
             if s.output not in packed:
-                packed[s.output] = tile_order(s.consts[key], min(s.consts[key].shape[3], isa.max_obt))
+                packed[s.output] = SimdConv(self, isa).packed_weights(s)
             return {**s.consts, key: packed[s.output]}
         return s.consts
 
@@ -413,16 +414,30 @@ class CPrinter:
         lo, hi = s.node.attrs["clamp"]
         wd, b, m, sh = (self.const_name(s, k) for k in ("wd", "biasd", "multd", "shiftd"))
         signed = [int(self.buf(n).dtype == "int8") for n in (s.inputs[0], s.output)]
+        oh = self.hwc(self.buf(s.output).shape)[1]
         o(f"#if {'NQ_DW_AVX2' if isa == 'avx2' else 'NQ_DW_AVX512'}")
-        o.open()
-        o(self.conv_enum(s))
-        o(f"#pragma omp parallel for schedule(static) if (NQ_SPLIT(OH, {self.conv_macs(s)}L))")
-        o(f"for (int r = 0; r < OH; ++r) {c_conv_dw.fn_name(isa)}(x0, H, W, C, KH, KW, SH, SW, PH, PW, DH, DW, "
-          f"{wd}, {b}, {m}, {sh}, {lo}, {hi}, y, OH, OW, r, r + 1, {signed[0]}, {signed[1]});")
-        o.close()
+        o(f"{self.fn_name(s)}_ctx ctx = {{x0, y}};")
+        o(f"nq_run({self.fn_name(s)}_rows, &ctx, {oh}, {self.conv_macs(s)}L);  /* output rows across threads */")
         o("#else")
         o.open()
         self.k_conv_scalar(s, o, "wd")
+        o.close()
+        o("#endif")
+
+    def dw_prelude(self, s: Step, o: Source):
+        """The item function of depthwise conv ``s`` for nq_run (c_pool.py): output row r."""
+        isa = self.dw_isa()
+        lo, hi = s.node.attrs["clamp"]
+        wd, b, m, sh = (self.const_name(s, k) for k in ("wd", "biasd", "multd", "shiftd"))
+        signed = [int(self.buf(n).dtype == "int8") for n in (s.inputs[0], s.output)]
+        fn, xin, yt = self.fn_name(s), self.buf(s.inputs[0]).ctype, self.buf(s.output).ctype
+        o(f"#if {'NQ_DW_AVX2' if isa == 'avx2' else 'NQ_DW_AVX512'}")
+        o(f"typedef struct {{ const {xin} *x0; {yt} *y; }} {fn}_ctx;")
+        o.open(f"static void {fn}_rows(void *arg, int r)")
+        o(f"const {fn}_ctx *c = arg;")
+        o(self.conv_enum(s))
+        o(f"{c_conv_dw.fn_name(isa)}(c->x0, H, W, C, KH, KW, SH, SW, PH, PW, DH, DW, "
+          f"{wd}, {b}, {m}, {sh}, {lo}, {hi}, c->y, OH, OW, r, r + 1, {signed[0]}, {signed[1]});")
         o.close()
         o("#endif")
 
@@ -440,8 +455,7 @@ class CPrinter:
             return (f"(((o / {blk}) * {npairs} + (kh * KW + kw) / 2) * 2 + o % 8 / 4) * {blk} "
                     f"+ 2 * (4 * (o % {blk} / 8) + o % 4) + (kh * KW + kw) % 2")
         if layout in ("wv", "ww"):   # c_conv_simd.tile_order
-            shape = s.consts[layout].shape
-            return tile_weight_index(shape, min(shape[3], (VNNI if layout == "wv" else AVX2).max_obt))
+            return SimdConv(self, VNNI if layout == "wv" else AVX2).weight_index(s)
         j, nb = s.consts["wa"].shape[1:3]
         return (f"(((kh * {j} + (kw * C + k) / 64) * {nb} + o / 16) * 16 + (kw * C + k) % 64 / 4) * 64 "
                 f"+ o % 16 * 4 + (kw * C + k) % 4")
@@ -951,6 +965,12 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
         for s in self.p.steps:
             o = Source()
             o(f"/* {s.node.name} = {s.kind}({', '.join(s.node.inputs)}) [{'+'.join(s.node.layers)}] */")
+            if s.kind == "conv" and self.conv_path(s) in ("vnni", "avx2"):   # its item functions (nq_run)
+                o(f"#if {self.MACRO[self.conv_path(s)]}")
+                SimdConv(self, VNNI if self.conv_path(s) == "vnni" else AVX2).prelude(s, o)
+                o("#endif")
+            elif s.kind == "conv" and self.conv_path(s) == "dw":
+                self.dw_prelude(s, o)
             o.open(self.signature(s))
             self.emit_kernel(s, o)
             o.close()
@@ -1106,6 +1126,7 @@ const char *{n}_kernels(void);
         yield self.constants() + "\n"
         yield self.blob_decl()
         yield self.amx_runtime() + "\n"
+        yield POOL_RUNTIME + "\n"
         yield self.simd_runtime() + "\n"
         if any(s.kind == "conv" and self.conv_path(s) == "dw" for s in self.p.steps):
             yield "/* ---- depthwise convs: channels in vector lanes (c_conv_dw.py) ---- */\n"
@@ -1141,7 +1162,7 @@ static int run_batch(const float *images, const int8_t *qimages, size_t in_len, 
 #else
     const int by_image = 0;
 #endif
-#pragma omp parallel for schedule(static) if (by_image)
+#pragma omp parallel for schedule(dynamic, 1) if (by_image)
     for (int i = 0; i < n; ++i) {{
         float local[CLASSES];
 #if NQ_AMX

@@ -97,14 +97,15 @@ def tile_order(w: np.ndarray, obt: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def tile_weight_index(shape: tuple, obt: int) -> str:
-    """C expression: the offset of weight (o, kh, kw, k) in tile_order(w of ``shape``, obt)
-    (k: the input channel; KW a C name). Groups before o's are all whole (OBT blocks)."""
+def tile_weight_index(shape: tuple, obt: int, tap: str = "(kh * KW + kw)", k: str = "k") -> str:
+    """C expression: the offset of weight (o, tap, k) in tile_order(w of ``shape``, obt) (``k``:
+    the input channel or flat value, ``tap``: the filter tap, C expressions). Groups before o's
+    are all whole (OBT blocks)."""
     kh, kw, ck, ob, lanes, kk = shape
     rest = ob % obt
     nb = f"(o / {lanes} / {obt} < {ob // obt} ? {obt} : {rest})" if rest else str(obt)
-    return (f"((((o / {lanes} / {obt}) * {obt * ck} + k / {kk} * {nb}) * {kh * kw} + (kh * KW + kw) * {nb} "
-            f"+ o / {lanes} % {obt}) * {lanes} + o % {lanes}) * {kk} + k % {kk}")
+    return (f"((((o / {lanes} / {obt}) * {obt * ck} + {k} / {kk} * {nb}) * {kh * kw} + {tap} * {nb} "
+            f"+ o / {lanes} % {obt}) * {lanes} + o % {lanes}) * {kk} + {k} % {kk}")
 
 
 class SimdConv:
@@ -126,11 +127,54 @@ class SimdConv:
         signed = self.pr.buf(s.inputs[0]).dtype == "int8"
         staged = int(bool(ph or pw or c % isa.k or isa.elem != "uint8_t" or signed))
         obt = min(ob, isa.max_obt)
-        return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=isa.k * ck, CK=ck, OB=ob,
+        flat = self.flat(kw, c, a["dilation"][1])
+        if flat:   # the taps of a filter row and the channels as one reduction: see flat()
+            kw, ck = 1, -(-kw * c // isa.k)
+        return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=c if flat else isa.k * ck, CK=ck, OB=ob,
+                    FLAT=int(flat),
                     SH=a["stride"][0], SW=a["stride"][1], PH=ph, PW=pw, DH=a["dilation"][0], DW=a["dilation"][1],
                     HP=h + 2 * ph if staged else h, WP=w + 2 * pw if staged else w, STAGED=staged,
                     ZP=128 if signed and isa is VNNI else 0, OBT=obt, NBG=-(-ob // obt),
                     P=max(1, min(ow, isa.max_acc // obt)))
+
+    def flat(self, kw: int, c: int, dw: int) -> bool:
+        """Whether a conv reduces over the KW taps of a filter row and its C channels as one run
+        of KW * C values (the "flat" form): the input is staged without channel padding, each
+        staged row one array of WP * C values, so the values of taps kw..kw+1 of output pixel ow
+        are adjacent: KH taps of ceil(KW * C / K) groups instead of KH * KW taps of ceil(C / K).
+        For the strided 7x7 stem over RGB (C = 3) on AVX2 (K = 2): 7 x 11 vpmaddwd per pixel
+        and block instead of 7 x 7 x 2 (the channel padded to 4: a third of the work on zeros).
+        The last group reads up to K - 1 values past the window, met by zero weights. AVX2
+        only for now: the VNNI form would gain less (7 x 6 groups of 4 against 7 x 7) and no
+        CPU of this project's CI can run it."""
+        groups = -(-kw * c // self.isa.k)
+        return (self.isa is AVX2 and kw > 1 and dw == 1 and c % self.isa.k != 0
+                and groups < kw * -(-c // self.isa.k))
+
+    def packed_weights(self, s: Step) -> np.ndarray:
+        """The weights of ``s`` in the order its tiles read them (tile_order), from the Program's
+        layout, or for the flat form (flat()) from the conv's int8 weights (O, I, KH, KW):
+        [KH][1][J][OB][LANES][K] with value e = j * K + k of filter row kh being channel e % C of
+        tap e // C (0 past KW * C)."""
+        g, isa = self.geometry(s), self.isa
+        w = s.consts[isa.weights]
+        if g["FLAT"]:
+            wq = np.asarray(s.node.params["weight"])
+            o, c, kh, kw = wq.shape
+            e = np.arange(g["CK"] * isa.k)
+            rows = np.zeros((g["OB"] * isa.lanes, kh, e.size), w.dtype)
+            rows[:o, :, e < kw * c] = wq[:, e[e < kw * c] % c, :, e[e < kw * c] // c].transpose(1, 2, 0)
+            # (OB*LANES, KH, J*K) -> [KH][1][J][OB][LANES][K]
+            w = rows.reshape(g["OB"], isa.lanes, kh, 1, g["CK"], isa.k).transpose(2, 3, 4, 0, 1, 5)
+        return tile_order(np.ascontiguousarray(w), g["OBT"])
+
+    def weight_index(self, s: Step) -> str:
+        """C expression: the offset of weight (o, kh, kw, k) in packed_weights(s)."""
+        g = self.geometry(s)
+        shape = (g["KH"], g["KW"], g["CK"], g["OB"], self.isa.lanes, self.isa.k)
+        if g["FLAT"]:
+            return tile_weight_index(shape, g["OBT"], tap="kh", k="(kw * C + k)")
+        return tile_weight_index(shape, g["OBT"])
 
     @staticmethod
     def widths(g: dict) -> list:
@@ -142,7 +186,8 @@ class SimdConv:
 
     def staged_bytes(self, s: Step) -> int:
         g = self.geometry(s)
-        return g["HP"] * g["WP"] * g["CP"] * (2 if self.isa.elem == "int16_t" else 1) if g["STAGED"] else 0
+        # flat: the last group's reads past a window, K values past the buffer at most
+        return (g["HP"] * g["WP"] * g["CP"] + self.isa.k) * (2 if self.isa.elem == "int16_t" else 1) if g["STAGED"] else 0
 
     def label(self, s: Step) -> str:
         g = self.geometry(s)
@@ -166,31 +211,39 @@ class SimdConv:
         staged = g["HP"] * g["WP"] * g["CP"] * esize
         return g["NBG"] * staged <= g["OH"] * weights
 
-    def print(self, s: Step, o):
-        """The kernel of ``s``: one parallel region (when called outside one: one image of a small
-        batch) that stages the padded input, rows split across threads, then runs the register
-        tiles of every (block group, output row) pair, the pairs split across threads, so a 7x7
-        output of 512 channels still splits evenly (32 x 7 pairs). Blocks of OBT output channels
-        and pixel tiles are runtime loops, so the text is a few tile bodies per conv whatever its
-        spatial size or channel count."""
+    def prelude(self, s: Step, o):
+        """File-scope functions of the kernel of ``s``, run by nq_run (c_pool.py) one item at a
+        time: ``<step>_stage`` copies padded input row ``hp`` (when the input needs padding or
+        widening), ``<step>_tiles`` the register tiles of one (block group, output row) pair. A
+        7x7 output of 512 channels is then 32 x 7 items, split evenly however many threads
+        are awake. Blocks of OBT output channels and pixel tiles are runtime loops, so the text
+        is a few tile bodies per conv whatever its spatial size or channel count."""
         g = self.geometry(s)
-        o("enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };")
-        full, rest = g["OB"] // g["OBT"], g["OB"] % g["OBT"]
+        fn, e = self.pr.fn_name(s), self.isa.elem
+        xin, yt = self.pr.buf(s.inputs[0]).ctype, self.pr.buf(s.output).ctype
+        enum = "enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };"
+        o(f"typedef struct {{ const {xin} *x0; {yt} *y; {e} *xs; }} {fn}_ctx;")
         if g["STAGED"]:
-            e = self.isa.elem
-            o(f"{e} *xs = ({e} *)nq_vpad;  /* the calling thread's buffer, shared by the team */")
-            o(f"const {e} *xp = xs;")
-        else:
-            o("const uint8_t *xp = (const uint8_t *)x0;  /* no padding to add: read the input as it is */")
-        o(f"#pragma omp parallel if (NQ_SPLIT(NBG * OH, {self.pr.conv_macs(s)}L))")
-        o.open()
-        if g["STAGED"]:
+            o.open(f"static void {fn}_stage(void *arg, int hp)")
+            o(f"const {fn}_ctx *c = arg;")
+            o(enum)
+            o(f"const {xin} *restrict x0 = c->x0;")
             self.stage(s, o, g)
-        loops = ("bg", "NBG", "oh", "OH") if self.blocks_outer(g) else ("oh", "OH", "bg", "NBG")
-        o("#pragma omp for collapse(2) schedule(static)")
-        o(f"for (int {loops[0]} = 0; {loops[0]} < {loops[1]}; ++{loops[0]})")
-        o.open(f"for (int {loops[2]} = 0; {loops[2]} < {loops[3]}; ++{loops[2]})")
+            o.close()
+        o.open(f"static void {fn}_tiles(void *arg, int item)")
+        o(f"const {fn}_ctx *c = arg;")
+        o(enum)
+        o(f"{yt} *restrict y = c->y;")
+        if g["STAGED"]:
+            o(f"const {e} *xp = c->xs;")
+        else:
+            o("const uint8_t *xp = (const uint8_t *)c->x0;  /* no padding to add: read the input as it is */")
+        if self.blocks_outer(g):
+            o("const int bg = item / OH, oh = item % OH;")
+        else:
+            o("const int oh = item / NBG, bg = item % NBG;")
         o("const int b0 = bg * OBT;")
+        full, rest = g["OB"] // g["OBT"], g["OB"] % g["OBT"]
         start = 0
         for width, count in self.widths(g):
             o.open(f"for (int ow0 = {start}; ow0 < {start + width * count}; ow0 += {width})")
@@ -208,21 +261,29 @@ class SimdConv:
             o.close()
             start += width * count
         o.close()
-        o.close()
+
+    def print(self, s: Step, o):
+        """The body of the step function of ``s``: the padded input staged (rows split across
+        threads), then the tiles (items split across threads), each by nq_run."""
+        g = self.geometry(s)
+        fn, e = self.pr.fn_name(s), self.isa.elem
+        macs = self.pr.conv_macs(s)
+        xs = f"({e} *)nq_vpad" if g["STAGED"] else "NULL"
+        o(f"{fn}_ctx ctx = {{x0, y, {xs}}};  /* nq_vpad: the calling thread's buffer, shared by the helpers */")
+        if g["STAGED"]:
+            o(f"nq_run({fn}_stage, &ctx, {g['HP']}, {macs}L);")
+        o(f"nq_run({fn}_tiles, &ctx, {g['NBG'] * g['OH']}, {macs}L);")
 
     def stage(self, s: Step, o, g: dict):
-        """Copy the input into nq_vpad (xs) with the padding border and channels C..CP-1, padded
-        rows split across the team; int8 to uint8 as x + 128 (VNNI), or 8-bit values widened to
-        int16 (AVX2). The team waits at the loop's end before any tile reads it."""
+        """Padded input row ``hp`` into ``c->xs`` (nq_vpad): the padding border and channels
+        C..CP-1; int8 to uint8 as x + 128 (VNNI), or 8-bit values widened to int16 (AVX2)."""
         e = self.isa.elem
         xin = self.pr.buf(s.inputs[0]).ctype
-        o("#pragma omp for schedule(static)")
-        o.open("for (int hp = 0; hp < HP; ++hp)")
-        o(f"{e} *row = xs + hp * WP * CP;")
+        o(f"{e} *row = c->xs + hp * WP * CP;")
         o("const int h = hp - PH;")
         o.open("if (h < 0 || h >= H)")
         o(f"for (int i = 0; i < WP * CP; ++i) row[i] = ZP;  /* a padding row */")
-        o("continue;")
+        o("return;")
         o.close()
         o(f"const {xin} *src = x0 + h * W * C;")
         o(f"for (int i = 0; i < PW * CP; ++i) row[i] = row[(PW + W) * CP + i] = ZP;")
@@ -236,7 +297,6 @@ class SimdConv:
         else:
             o("for (int w = 0; w < W; ++w) for (int c = 0; c < CP; ++c)")
             o(f"    row[(PW + w) * CP + c] = c < C ? ({e})src[w * C + c] : 0;")
-        o.close()
 
     def tile(self, s: Step, o, g: dict, npix: int, b0: str, nb: int):
         """One register tile: output blocks b0 .. b0+nb-1 (``b0`` a C expression) of pixels
