@@ -18,7 +18,9 @@ compiled, to ``<name>_weights.bin`` and included with ``.incbin``; the small tab
 Every integer step follows ``netquant_rt.h``, which mirrors ``netquant/quant/numerics.py`` (or an
 exactly equivalent form, docs/NUMERICS.md). Images of a batch run in parallel with OpenMP, each
 thread in its own static arena, when the batch has an image per thread; otherwise images run one
-after the other and each large conv splits its output rows across the threads (``NQ_SPLIT``).
+after the other and each conv splits into items across the threads: the register-tiled and
+depthwise ones through the generated pool (``nq_run``, c_pool.py), which never waits for an
+idle worker, the AMX ones with OpenMP (``NQ_SPLIT``).
 
 The CUDA printer subclasses :class:`CPrinter` and overrides only what differs.
 """

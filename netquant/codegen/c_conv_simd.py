@@ -15,7 +15,8 @@ vector     16 int32 lanes (zmm, 32 registers)       8 int32 lanes (ymm, 16 regis
 K, staged  4 uint8 channels; int8 input read as     2 int16 channels, uint8 or int8 input
            x + 128 (program.vnni_bias)              widened (no offset)
 product    vpdpbusd: 64 u8 x s8 MACs, accumulates   vpmaddwd + vpaddd: 16 s16 x s16 MACs
-weights    "wv": [KH][KW][CP/4][OB][16][4] int8     "ww": [KH][KW][CP/2][OB][8][2] int16
+weights    "wv" [KH][KW][CP/4][OB][16][4] int8,     "ww" [KH][KW][CP/2][OB][8][2] int16,
+           in tile_order                            in tile_order (flat() for the RGB stem)
 tile       OBT <= 4, OBT * P <= 24                  OBT <= 2, OBT * P <= 10
 =========  ======================================  ==========================================
 
@@ -25,7 +26,10 @@ syntax): compilers otherwise fold the constant weights into per-instruction memo
 hoist the broadcasts and spill accumulators. Inside it a loop runs over the CK groups of K input
 channels (``unroll`` groups per iteration for 1x1 convs), each iteration every filter tap with
 constant displacements from the tile's input and weight pointers, which then advance by K
-channels and by one group of weights; output channel blocks and pixel tiles are runtime loops.
+channels and by one group of weights; the weights are stored in the order the tile reads them
+(``tile_order``: one contiguous stream). Output channel blocks and pixel tiles are runtime
+loops; each (group of OBT blocks, output row) pair is one item of the generated thread pool
+(c_pool.py), the padded input copy one item per row, so one image splits across threads.
 So the text of a conv is at most two tile widths x two block counts of KH*KW taps, whatever its
 image size or channel count (ResNet-50's layer4 3x3 conv: 31 KB of source; it compiled to 2.9 MB
 of code when every tile was unrolled). The epilogue is C with intrinsics: requantization
