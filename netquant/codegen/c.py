@@ -576,6 +576,27 @@ class CPrinter:
         o(f"enum {{ C = {c}, H = {h}, W = {w}, OH = {(h + 2 * a['padding'][0] - kh) // a['stride'][0] + 1}, "
           f"OW = {(w + 2 * a['padding'][1] - kw) // a['stride'][1] + 1}, KH = {kh}, KW = {kw},")
         o(f"       SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]} }};")
+        if kind == "max" and self.buf(s.output).dtype in ("uint8", "int8") and len(self.buf(s.output).shape) == 3:
+            # channels innermost, so the compiler vectorises the max over whole pixels (vpmaxub);
+            # a window entirely in the padding (none in torch's pools) stores (type)INT32_MIN as below
+            t = self.buf(s.output).ctype
+            o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
+            o(f"{t} *restrict yp = y + (oh * OW + ow) * C;")
+            o("int first = 1;")
+            o.open("for (int kh = 0; kh < KH; ++kh)")
+            o("const int ih = oh * SH - PH + kh;")
+            o("if ((unsigned)ih >= (unsigned)H) continue;  /* padding: -inf */")
+            o.open("for (int kw = 0; kw < KW; ++kw)")
+            o("const int iw = ow * SW - PW + kw;")
+            o("if ((unsigned)iw >= (unsigned)W) continue;")
+            o(f"const {t} *restrict xp = x0 + (ih * W + iw) * C;")
+            o("if (first) for (int c = 0; c < C; ++c) yp[c] = xp[c];")
+            o("else for (int c = 0; c < C; ++c) yp[c] = xp[c] > yp[c] ? xp[c] : yp[c];")
+            o("first = 0;")
+            o.close().close()
+            o(f"if (first) for (int c = 0; c < C; ++c) yp[c] = ({t})INT32_MIN;")
+            o.close().close()
+            return
         o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
         o.open("for (int c = 0; c < C; ++c)")
         o("int32_t acc = %s;" % ("INT32_MIN" if kind == "max" else "0"))
