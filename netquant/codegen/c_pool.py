@@ -23,8 +23,7 @@ Inside an OpenMP parallel region (the images of a batch already running in paral
 thread, for less than NQ_POOL_MIN_MACS (1M) multiply-adds, or while another caller's job is
 running, the items run in order on the calling thread. Without OpenMP (no -fopenmp) likewise.
 Example: ResNet-18's layer1 conv (115.6M MACs, 4 block groups x 56 rows = 224 items) is split,
-and so are ResNet-20's 2.4M-MAC convs and MobileNetV2's depthwise convs (rows as items); the
-0.9M-MAC 1x1 convs of ResNet-20's downsampling shortcuts are not.
+and so are ResNet-20's 2.4M-MAC convs and MobileNetV2's depthwise convs (rows as items).
 """
 
 POOL_RUNTIME = r"""/* ---- nq_run: one image's kernel items across threads, never waiting for an idle worker (c_pool.py) ---- */
