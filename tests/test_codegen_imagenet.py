@@ -3,7 +3,8 @@ build: ResNet-18 (3x3 convs of 64..512 channels, the strided 7x7 stem, max pool)
 (depthwise 3x3 convs, ReLU6, 1x1 expansions), torchvision's definitions at 224x224 with random
 weights and non-trivial batch norms (bench/models.py), calibrated on upsampled CIFAR-10 images.
 The generated C for this CPU's best kernels must equal the integer reference executor on every
-output integer of two images (ResNet-50 is in test_codegen_scale.py)."""
+output integer of two images (run one per thread), and of one image split across two threads
+(ResNet-50 is in test_codegen_scale.py)."""
 import sys
 from pathlib import Path
 
@@ -38,3 +39,6 @@ def test_imagenet_network_is_bit_exact_at_224(model, cifar, tmp_path):
     got = net.predict_int(x)
     assert got.shape == ref.shape == (2, 1000)
     assert np.array_equal(got, ref), f"{model}: {np.count_nonzero(got != ref)} of {ref.size} integers differ"
+    # one image with 2 threads: its large convs split into items across the pool (c_pool.py)
+    net.set_num_threads(2)
+    assert np.array_equal(net.predict_int(x[:1]), ref[:1]), f"{model}: one image split across 2 threads"

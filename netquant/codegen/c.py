@@ -18,7 +18,9 @@ compiled, to ``<name>_weights.bin`` and included with ``.incbin``; the small tab
 Every integer step follows ``netquant_rt.h``, which mirrors ``netquant/quant/numerics.py`` (or an
 exactly equivalent form, docs/NUMERICS.md). Images of a batch run in parallel with OpenMP, each
 thread in its own static arena, when the batch has an image per thread; otherwise images run one
-after the other and each large conv splits its output rows across the threads (``NQ_SPLIT``).
+after the other and each conv splits into items across the threads: the register-tiled and
+depthwise ones through the generated pool (``nq_run``, c_pool.py), which never waits for an
+idle worker, the AMX ones with OpenMP (``NQ_SPLIT``).
 
 The CUDA printer subclasses :class:`CPrinter` and overrides only what differs.
 """
@@ -33,6 +35,7 @@ from .. import __version__
 from ..fileio import atomic_write, write_bytes, write_text
 from . import c_conv_dw
 from . import int4 as c_int4
+from .c_pool import POOL_RUNTIME
 from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv
 from .program import ADD_PAIR_SHIFTS, ELEMENTWISE_FNS, LUT_SIZE, Buffer, Program, Step
 
@@ -173,6 +176,13 @@ class CPrinter:
             padded = {f"{k}d": np.concatenate([np.asarray(s.consts[k], np.int32), np.full(pad, v, np.int32)])
                       for k, v in (("bias", 0), ("mult", 1 << 30), ("shift", 31))}
             return {**s.consts, "wd": c_conv_dw.pack_dw(s.node.params["weight"], isa), **padded}
+        if s.kind == "conv" and self.conv_path(s) in ("vnni", "avx2"):
+            # the register tiles' weights in the order they read them (c_conv_simd.tile_order)
+            key, isa = ("wv", VNNI) if self.conv_path(s) == "vnni" else ("ww", AVX2)
+            packed = self.__dict__.setdefault("_tile_weights", {})
+            if s.output not in packed:
+                packed[s.output] = SimdConv(self, c_int4.simd_isa(s, isa)).packed_weights(s)
+            return {**s.consts, key: packed[s.output]}
         return s.consts
 
     WEIGHTS = {"amx": "wa", "vnni": "wv", "avx2": "ww", "scalar": "w"}
@@ -407,23 +417,38 @@ class CPrinter:
         lo, hi = s.node.attrs["clamp"]
         wd, b, m, sh = (self.const_name(s, k) for k in ("wd", "biasd", "multd", "shiftd"))
         signed = [int(self.buf(n).dtype == "int8") for n in (s.inputs[0], s.output)]
+        oh = self.hwc(self.buf(s.output).shape)[1]
         o(f"#if {'NQ_DW_AVX2' if isa == 'avx2' else 'NQ_DW_AVX512'}")
-        o.open()
-        o(self.conv_enum(s))
-        o(f"#pragma omp parallel for schedule(static) if (NQ_SPLIT(OH, {self.conv_macs(s)}L))")
-        o(f"for (int r = 0; r < OH; ++r) {c_conv_dw.fn_name(isa)}(x0, H, W, C, KH, KW, SH, SW, PH, PW, DH, DW, "
-          f"{wd}, {b}, {m}, {sh}, {lo}, {hi}, y, OH, OW, r, r + 1, {signed[0]}, {signed[1]});")
-        o.close()
+        o(f"{self.fn_name(s)}_ctx ctx = {{x0, y}};")
+        o(f"nq_run({self.fn_name(s)}_rows, &ctx, {oh}, {self.conv_macs(s)}L);  /* output rows across threads */")
         o("#else")
         o.open()
         self.k_conv_scalar(s, o, "wd")
         o.close()
         o("#endif")
 
+    def dw_prelude(self, s: Step, o: Source):
+        """The item function of depthwise conv ``s`` for nq_run (c_pool.py): output row r."""
+        isa = self.dw_isa()
+        lo, hi = s.node.attrs["clamp"]
+        wd, b, m, sh = (self.const_name(s, k) for k in ("wd", "biasd", "multd", "shiftd"))
+        signed = [int(self.buf(n).dtype == "int8") for n in (s.inputs[0], s.output)]
+        fn, xin, yt = self.fn_name(s), self.buf(s.inputs[0]).ctype, self.buf(s.output).ctype
+        o(f"#if {'NQ_DW_AVX2' if isa == 'avx2' else 'NQ_DW_AVX512'}")
+        o(f"typedef struct {{ const {xin} *x0; {yt} *y; }} {fn}_ctx;")
+        o.open(f"static void {fn}_rows(void *arg, int r)")
+        o(f"const {fn}_ctx *c = arg;")
+        o(self.conv_enum(s))
+        o(f"{c_conv_dw.fn_name(isa)}(c->x0, H, W, C, KH, KW, SH, SW, PH, PW, DH, DW, "
+          f"{wd}, {b}, {m}, {sh}, {lo}, {hi}, c->y, OH, OW, r, r + 1, {signed[0]}, {signed[1]});")
+        o.close()
+        o("#endif")
+
     def weight_index(self, s: Step, layout: str) -> str:
         """The offset of weight (o, kh, kw, k) (k: input channel within the group) in the
         ``layout`` the printed kernels read: "w" (O, KH, KW, CG); "wv" [KH][KW][CP/4][OB][16][4]
-        and "ww" [KH][KW][CP/2][OB][8][2] (program.pack_vnni, pack_avx2); "wa" [KH][J][NB][16][64]
+        and "ww" [KH][KW][CP/2][OB][8][2] (program.pack_vnni, pack_avx2) reordered by
+        c_conv_simd.tile_order; "wa" [KH][J][NB][16][64]
         with byte b = kw * C + k of filter row kh at [b / 64][o / 16][b % 64 / 4][4 (o % 16) + b % 4]
         (program.pack_amx). The portable kernel reads the one layout the source holds."""
         if layout == "w":
@@ -432,10 +457,8 @@ class CPrinter:
             blk, npairs = c_conv_dw.BLOCK[self.dw_isa()], self.step_consts(s)["wd"].shape[1]
             return (f"(((o / {blk}) * {npairs} + (kh * KW + kw) / 2) * 2 + o % 8 / 4) * {blk} "
                     f"+ 2 * (4 * (o % {blk} / 8) + o % 4) + (kh * KW + kw) % 2")
-        if layout in ("wv", "ww"):
-            ck, ob, lanes, kk = s.consts[layout].shape[2:]
-            return (f"((((kh * KW + kw) * {ck} + k / {kk}) * {ob} + o / {lanes}) * {lanes} + o % {lanes}) * {kk} "
-                    f"+ k % {kk}")
+        if layout in ("wv", "ww"):   # c_conv_simd.tile_order
+            return SimdConv(self, c_int4.simd_isa(s, VNNI if layout == "wv" else AVX2)).weight_index(s)
         j, nb = s.consts["wa"].shape[1:3]
         return (f"(((kh * {j} + (kw * C + k) / 64) * {nb} + o / 16) * 16 + (kw * C + k) % 64 / 4) * 64 "
                 f"+ o % 16 * 4 + (kw * C + k) % 4")
@@ -554,6 +577,27 @@ class CPrinter:
         o(f"enum {{ C = {c}, H = {h}, W = {w}, OH = {(h + 2 * a['padding'][0] - kh) // a['stride'][0] + 1}, "
           f"OW = {(w + 2 * a['padding'][1] - kw) // a['stride'][1] + 1}, KH = {kh}, KW = {kw},")
         o(f"       SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]} }};")
+        if kind == "max" and self.buf(s.output).dtype in ("uint8", "int8") and len(self.buf(s.output).shape) == 3:
+            # channels innermost, so the compiler vectorises the max over whole pixels (vpmaxub);
+            # a window entirely in the padding (none in torch's pools) stores (type)INT32_MIN as below
+            t = self.buf(s.output).ctype
+            o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
+            o(f"{t} *restrict yp = y + (oh * OW + ow) * C;")
+            o("int first = 1;")
+            o.open("for (int kh = 0; kh < KH; ++kh)")
+            o("const int ih = oh * SH - PH + kh;")
+            o("if ((unsigned)ih >= (unsigned)H) continue;  /* padding: -inf */")
+            o.open("for (int kw = 0; kw < KW; ++kw)")
+            o("const int iw = ow * SW - PW + kw;")
+            o("if ((unsigned)iw >= (unsigned)W) continue;")
+            o(f"const {t} *restrict xp = x0 + (ih * W + iw) * C;")
+            o("if (first) for (int c = 0; c < C; ++c) yp[c] = xp[c];")
+            o("else for (int c = 0; c < C; ++c) yp[c] = xp[c] > yp[c] ? xp[c] : yp[c];")
+            o("first = 0;")
+            o.close().close()
+            o(f"if (first) for (int c = 0; c < C; ++c) yp[c] = ({t})INT32_MIN;")
+            o.close().close()
+            return
         o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
         o.open("for (int c = 0; c < C; ++c)")
         o("int32_t acc = %s;" % ("INT32_MIN" if kind == "max" else "0"))
@@ -946,6 +990,12 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
         for s in self.p.steps:
             o = Source()
             o(f"/* {s.node.name} = {s.kind}({', '.join(s.node.inputs)}) [{'+'.join(s.node.layers)}] */")
+            if s.kind == "conv" and self.conv_path(s) in ("vnni", "avx2"):   # its item functions (nq_run)
+                o(f"#if {self.MACRO[self.conv_path(s)]}")
+                SimdConv(self, VNNI if self.conv_path(s) == "vnni" else AVX2).prelude(s, o)
+                o("#endif")
+            elif s.kind == "conv" and self.conv_path(s) == "dw":
+                self.dw_prelude(s, o)
             o.open(self.signature(s))
             self.emit_kernel(s, o)
             o.close()
@@ -1101,6 +1151,7 @@ const char *{n}_kernels(void);
         yield self.constants() + "\n"
         yield self.blob_decl()
         yield self.amx_runtime() + "\n"
+        yield POOL_RUNTIME + "\n"
         yield self.simd_runtime() + "\n"
         yield c_int4.runtime(self)
         if any(s.kind == "conv" and self.conv_path(s) == "dw" for s in self.p.steps):
@@ -1137,7 +1188,7 @@ static int run_batch(const float *images, const int8_t *qimages, size_t in_len, 
 #else
     const int by_image = 0;
 #endif
-#pragma omp parallel for schedule(static) if (by_image)
+#pragma omp parallel for schedule(dynamic, 1) if (by_image)
     for (int i = 0; i < n; ++i) {{
         float local[CLASSES];
 #if NQ_AMX

@@ -15,7 +15,8 @@ vector     16 int32 lanes (zmm, 32 registers)       8 int32 lanes (ymm, 16 regis
 K, staged  4 uint8 channels; int8 input read as     2 int16 channels, uint8 or int8 input
            x + 128 (program.vnni_bias)              widened (no offset)
 product    vpdpbusd: 64 u8 x s8 MACs, accumulates   vpmaddwd + vpaddd: 16 s16 x s16 MACs
-weights    "wv": [KH][KW][CP/4][OB][16][4] int8     "ww": [KH][KW][CP/2][OB][8][2] int16
+weights    "wv" [KH][KW][CP/4][OB][16][4] int8,     "ww" [KH][KW][CP/2][OB][8][2] int16,
+           in tile_order                            in tile_order (flat() for the RGB stem)
 tile       OBT <= 4, OBT * P <= 24                  OBT <= 2, OBT * P <= 10
 =========  ======================================  ==========================================
 
@@ -25,7 +26,10 @@ syntax): compilers otherwise fold the constant weights into per-instruction memo
 hoist the broadcasts and spill accumulators. Inside it a loop runs over the CK groups of K input
 channels (``unroll`` groups per iteration for 1x1 convs), each iteration every filter tap with
 constant displacements from the tile's input and weight pointers, which then advance by K
-channels and by one group of weights; output channel blocks and pixel tiles are runtime loops.
+channels and by one group of weights; the weights are stored in the order the tile reads them
+(``tile_order``: one contiguous stream). Output channel blocks and pixel tiles are runtime
+loops; each (group of OBT blocks, output row) pair is one item of the generated thread pool
+(c_pool.py), the padded input copy one item per row, so one image splits across threads.
 So the text of a conv is at most two tile widths x two block counts of KH*KW taps, whatever its
 image size or channel count (ResNet-50's layer4 3x3 conv: 31 KB of source; it compiled to 2.9 MB
 of code when every tile was unrolled). The epilogue is C with intrinsics: requantization
@@ -38,6 +42,8 @@ Example: S1U1_conv1 (C = O = 16, 32x32, 3x3) on VNNI: OBT = 1, P = 16, two tiles
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from .program import Step
 
@@ -99,6 +105,30 @@ AVX2 = SimdIsa(8, 2, "int16_t", "ww", "__m256i", "ymm", "vmovdqa", 2, 10,
 FULL_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 
 
+def tile_order(w: np.ndarray, obt: int) -> np.ndarray:
+    """Program weights ``w`` [KH][KW][CK][OB][LANES][K] ("wv", "ww") -> the order one tile reads
+    them, flat: [NBG][CK][KH*KW][nb][LANES][K], NBG groups of OBT output blocks (the last of
+    OB % OBT where that is not 0). A tile's reduction then streams one contiguous run of
+    weights (the program order strides by OB blocks per channel group: on a 512-channel conv
+    every 2 KB, all of a tap's weights in two sets of a 64-set L1). Example: KH = KW = 1, CK = 1,
+    OB = 3, obt = 2: blocks 0, 1 then block 2."""
+    kh, kw, ck, ob = w.shape[:4]
+    t = w.reshape(kh * kw, ck, ob, -1).transpose(2, 1, 0, 3)            # [OB][CK][T][LANES*K]
+    parts = [t[b0:b0 + obt].transpose(1, 2, 0, 3).ravel() for b0 in range(0, ob, obt)]
+    return np.concatenate(parts)
+
+
+def tile_weight_index(shape: tuple, obt: int, tap: str = "(kh * KW + kw)", k: str = "k") -> str:
+    """C expression: the offset of weight (o, tap, k) in tile_order(w of ``shape``, obt) (``k``:
+    the input channel or flat value, ``tap``: the filter tap, C expressions). Groups before o's
+    are all whole (OBT blocks)."""
+    kh, kw, ck, ob, lanes, kk = shape
+    rest = ob % obt
+    nb = f"(o / {lanes} / {obt} < {ob // obt} ? {obt} : {rest})" if rest else str(obt)
+    return (f"((((o / {lanes} / {obt}) * {obt * ck} + {k} / {kk} * {nb}) * {kh * kw} + {tap} * {nb} "
+            f"+ o / {lanes} % {obt}) * {lanes} + o % {lanes}) * {kk} + {k} % {kk}")
+
+
 class SimdConv:
     """Prints the ``isa`` kernel of a conv step for a CPrinter ``pr`` (buffers, constant names)."""
 
@@ -118,10 +148,54 @@ class SimdConv:
         signed = self.pr.buf(s.inputs[0]).dtype == "int8"
         staged = int(bool(ph or pw or c % isa.k or isa.elem != "uint8_t" or signed))
         obt = min(ob, isa.max_obt)
-        return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=isa.k * ck, CK=ck, OB=ob,
+        flat = self.flat(kw, c, a["dilation"][1])
+        if flat:   # the taps of a filter row and the channels as one reduction: see flat()
+            kw, ck = 1, -(-kw * c // isa.k)
+        return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=c if flat else isa.k * ck, CK=ck, OB=ob,
+                    FLAT=int(flat),
                     SH=a["stride"][0], SW=a["stride"][1], PH=ph, PW=pw, DH=a["dilation"][0], DW=a["dilation"][1],
                     HP=h + 2 * ph if staged else h, WP=w + 2 * pw if staged else w, STAGED=staged,
-                    ZP=128 if signed and isa.reg == VNNI.reg else 0, OBT=obt, P=max(1, min(ow, isa.max_acc // obt)))
+                    ZP=128 if signed and isa.reg == VNNI.reg else 0, OBT=obt, NBG=-(-ob // obt),
+                    P=max(1, min(ow, isa.max_acc // obt)))
+
+    def flat(self, kw: int, c: int, dw: int) -> bool:
+        """Whether a conv reduces over the KW taps of a filter row and its C channels as one run
+        of KW * C values (the "flat" form): the input is staged without channel padding, each
+        staged row one array of WP * C values, so the values of taps kw..kw+1 of output pixel ow
+        are adjacent: KH taps of ceil(KW * C / K) groups instead of KH * KW taps of ceil(C / K).
+        For the strided 7x7 stem over RGB (C = 3) on AVX2 (K = 2): 7 x 11 vpmaddwd per pixel
+        and block instead of 7 x 7 x 2 (the channel padded to 4: a third of the work on zeros).
+        The last group reads up to K - 1 values past the window, met by zero weights. AVX2
+        only for now: the VNNI form would gain less (7 x 6 groups of 4 against 7 x 7) and no
+        CPU of this project's CI can run it."""
+        groups = -(-kw * c // self.isa.k)
+        return (self.isa.reg == AVX2.reg and kw > 1 and dw == 1 and c % self.isa.k != 0
+                and groups < kw * -(-c // self.isa.k))
+
+    def packed_weights(self, s: Step) -> np.ndarray:
+        """The weights of ``s`` in the order its tiles read them (tile_order), from the Program's
+        layout, or for the flat form (flat()) from the conv's int8 weights (O, I, KH, KW):
+        [KH][1][J][OB][LANES][K] with value e = j * K + k of filter row kh being channel e % C of
+        tap e // C (0 past KW * C)."""
+        g, isa = self.geometry(s), self.isa
+        w = s.consts[isa.weights]
+        if g["FLAT"]:
+            wq = np.asarray(s.node.params["weight"])
+            o, c, kh, kw = wq.shape
+            e = np.arange(g["CK"] * isa.k)
+            rows = np.zeros((g["OB"] * isa.lanes, kh, e.size), w.dtype)
+            rows[:o, :, e < kw * c] = wq[:, e[e < kw * c] % c, :, e[e < kw * c] // c].transpose(1, 2, 0)
+            # (OB*LANES, KH, J*K) -> [KH][1][J][OB][LANES][K]
+            w = rows.reshape(g["OB"], isa.lanes, kh, 1, g["CK"], isa.k).transpose(2, 3, 4, 0, 1, 5)
+        return tile_order(np.ascontiguousarray(w), g["OBT"])
+
+    def weight_index(self, s: Step) -> str:
+        """C expression: the offset of weight (o, kh, kw, k) in packed_weights(s)."""
+        g = self.geometry(s)
+        shape = (g["KH"], g["KW"], g["CK"], g["OB"], self.isa.lanes, self.isa.k)
+        if g["FLAT"]:
+            return tile_weight_index(shape, g["OBT"], tap="kh", k="(kw * C + k)")
+        return tile_weight_index(shape, g["OBT"])
 
     @staticmethod
     def widths(g: dict) -> list:
@@ -133,7 +207,8 @@ class SimdConv:
 
     def staged_bytes(self, s: Step) -> int:
         g = self.geometry(s)
-        return g["HP"] * g["WP"] * g["CP"] * (2 if self.isa.elem == "int16_t" else 1) if g["STAGED"] else 0
+        # flat: the last group's reads past a window, K values past the buffer at most
+        return (g["HP"] * g["WP"] * g["CP"] + self.isa.k) * (2 if self.isa.elem == "int16_t" else 1) if g["STAGED"] else 0
 
     def label(self, s: Step) -> str:
         g = self.geometry(s)
@@ -145,50 +220,92 @@ class SimdConv:
         (1x1 convs), so the loop's own instructions stay a small share."""
         return next((u for u in (4, 2) if g["CK"] % u == 0 and g["KH"] * g["KW"] * u <= 9), 1)
 
-    def print(self, s: Step, o):
-        """The kernel of ``s``: rows of output pixels split across threads (when called outside a
-        parallel region: one image of a small batch), each row covered by register tiles; blocks
-        of OBT output channels in a runtime loop, so the text is a few tile bodies per conv
-        whatever its spatial size or channel count."""
+    def blocks_outer(self, g: dict) -> bool:
+        """Whether the tile loops run over output-channel block groups outside rows: the order that
+        streams less through the caches. Rows outside read every weight once per output row
+        (OH * weight bytes); block groups outside read the padded input once per group of OBT
+        blocks (NBG * input bytes). Example: ResNet-18's layer4 3x3 conv (7x7 output, 512
+        channels, int16 weights 4.7 MB, padded input 83 KB): rows outside stream 33 MB per image
+        through an L2 of 512 KB, block groups outside 2.7 MB."""
+        esize = 2 if self.isa.elem == "int16_t" else 1
+        weights = g["KH"] * g["KW"] * g["CP"] * g["OB"] * self.isa.lanes * esize
+        staged = g["HP"] * g["WP"] * g["CP"] * esize
+        return g["NBG"] * staged <= g["OH"] * weights
+
+    def prelude(self, s: Step, o):
+        """File-scope functions of the kernel of ``s``, run by nq_run (c_pool.py) one item at a
+        time: ``<step>_stage`` copies padded input row ``hp`` (when the input needs padding or
+        widening), ``<step>_tiles`` the register tiles of one (block group, output row) pair. A
+        7x7 output of 512 channels is then 32 x 7 items, split evenly however many threads
+        are awake. Blocks of OBT output channels and pixel tiles are runtime loops, so the text
+        is a few tile bodies per conv whatever its spatial size or channel count."""
         g = self.geometry(s)
-        o("enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };")
+        fn, e = self.pr.fn_name(s), self.isa.elem
+        xin, yt = self.pr.buf(s.inputs[0]).ctype, self.pr.buf(s.output).ctype
+        enum = "enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };"
+        o(f"typedef struct {{ const {xin} *x0; {yt} *y; {e} *xs; }} {fn}_ctx;")
         if g["STAGED"]:
+            o.open(f"static void {fn}_stage(void *arg, int hp)")
+            o(f"const {fn}_ctx *c = arg;")
+            o(enum)
+            o(f"const {xin} *restrict x0 = c->x0;")
             self.stage(s, o, g)
+            o.close()
+        o.open(f"static void {fn}_tiles(void *arg, int item)")
+        o(f"const {fn}_ctx *c = arg;")
+        o(enum)
+        o(f"{yt} *restrict y = c->y;")
+        if g["STAGED"]:
+            o(f"const {e} *xp = c->xs;")
         else:
-            o("const uint8_t *xp = (const uint8_t *)x0;  /* no padding to add: read the input as it is */")
+            o("const uint8_t *xp = (const uint8_t *)c->x0;  /* no padding to add: read the input as it is */")
+        if self.blocks_outer(g):
+            o("const int bg = item / OH, oh = item % OH;")
+        else:
+            o("const int oh = item / NBG, bg = item % NBG;")
+        o("const int b0 = bg * OBT;")
         full, rest = g["OB"] // g["OBT"], g["OB"] % g["OBT"]
-        o(f"#pragma omp parallel for schedule(static) if (NQ_SPLIT(OH, {self.pr.conv_macs(s)}L))")
-        o.open("for (int oh = 0; oh < OH; ++oh)")
         start = 0
         for width, count in self.widths(g):
             o.open(f"for (int ow0 = {start}; ow0 < {start + width * count}; ow0 += {width})")
-            if full == 1:
-                self.tile(s, o, g, width, "0", g["OBT"])
-            elif full:
-                o.open(f"for (int b0 = 0; b0 < {full * g['OBT']}; b0 += OBT)")
+            if not rest:
                 self.tile(s, o, g, width, "b0", g["OBT"])
+            elif not full:
+                self.tile(s, o, g, width, "b0", rest)
+            else:
+                o.open(f"if (bg < {full})")
+                self.tile(s, o, g, width, "b0", g["OBT"])
+                o.close(" else {")
+                o.level += 1
+                self.tile(s, o, g, width, "b0", rest)
                 o.close()
-            if rest:
-                self.tile(s, o, g, width, str(full * g["OBT"]), rest)
             o.close()
             start += width * count
         o.close()
 
+    def print(self, s: Step, o):
+        """The body of the step function of ``s``: the padded input staged (rows split across
+        threads), then the tiles (items split across threads), each by nq_run."""
+        g = self.geometry(s)
+        fn, e = self.pr.fn_name(s), self.isa.elem
+        macs = self.pr.conv_macs(s)
+        xs = f"({e} *)nq_vpad" if g["STAGED"] else "NULL"
+        o(f"{fn}_ctx ctx = {{x0, y, {xs}}};  /* nq_vpad: the calling thread's buffer, shared by the helpers */")
+        if g["STAGED"]:
+            o(f"nq_run({fn}_stage, &ctx, {g['HP']}, {macs}L);")
+        o(f"nq_run({fn}_tiles, &ctx, {g['NBG'] * g['OH']}, {macs}L);")
+
     def stage(self, s: Step, o, g: dict):
-        """Copy the input into nq_vpad with the padding border and channels C..CP-1; int8 to
-        uint8 as x + 128 (VNNI), or 8-bit values widened to int16 (AVX2)."""
+        """Padded input row ``hp`` into ``c->xs`` (nq_vpad): the padding border and channels
+        C..CP-1; int8 to uint8 as x + 128 (VNNI), or 8-bit values widened to int16 (AVX2)."""
         e = self.isa.elem
         xin = self.pr.buf(s.inputs[0]).ctype
-        o(f"{e} *xs = ({e} *)nq_vpad;")
-        o(f"const {e} *xp = xs;")
-        if e == "uint8_t":
-            o("memset(xs, ZP, PH * WP * CP);")
-            o("memset(xs + (PH + H) * WP * CP, ZP, PH * WP * CP);")
-        else:  # zero padding: all bytes 0 in every type
-            o("memset(xs, 0, PH * WP * CP * sizeof *xs);")
-            o("memset(xs + (PH + H) * WP * CP, 0, PH * WP * CP * sizeof *xs);")
-        o.open("for (int h = 0; h < H; ++h)")
-        o(f"{e} *row = xs + (h + PH) * WP * CP;")
+        o(f"{e} *row = c->xs + hp * WP * CP;")
+        o("const int h = hp - PH;")
+        o.open("if (h < 0 || h >= H)")
+        o(f"for (int i = 0; i < WP * CP; ++i) row[i] = ZP;  /* a padding row */")
+        o("return;")
+        o.close()
         o(f"const {xin} *src = x0 + h * W * C;")
         o(f"for (int i = 0; i < PW * CP; ++i) row[i] = row[(PW + W) * CP + i] = ZP;")
         if g["C"] == g["CP"] and e == xin:
@@ -196,10 +313,11 @@ class SimdConv:
         elif g["ZP"] == 128:
             o("for (int w = 0; w < W; ++w) for (int c = 0; c < CP; ++c)  /* int8 x -> x + 128 */")
             o(f"    row[(PW + w) * CP + c] = c < C ? (uint8_t)(src[w * C + c] ^ 0x80) : ZP;")
+        elif g["C"] == g["CP"]:
+            o(f"for (int i = 0; i < W * C; ++i) row[PW * CP + i] = ({e})src[i];  /* widened */")
         else:
             o("for (int w = 0; w < W; ++w) for (int c = 0; c < CP; ++c)")
             o(f"    row[(PW + w) * CP + c] = c < C ? ({e})src[w * C + c] : 0;")
-        o.close()
 
     def tile(self, s: Step, o, g: dict, npix: int, b0: str, nb: int):
         """One register tile: output blocks b0 .. b0+nb-1 (``b0`` a C expression) of pixels
@@ -216,9 +334,10 @@ class SimdConv:
         u = self.unroll(g)
         o.open()
         o(f"const {isa.elem} *xt = xp + (oh * SH * WP + ow0 * SW) * CP;")
-        o(f"const char *wt = (const char *){WT} + ({b0}) * {isa.wbytes};")
+        taps = g["KH"] * g["KW"]
+        o(f"const char *wt = (const char *){WT} + ({b0}) * {g['CK'] * taps * isa.wbytes};  /* tile_order */")
         o(f"const int32_t *bt = {B} + ({b0}) * {isa.lanes};")
-        o(f"const char *wend = wt + {g['CK'] * g['OB'] * isa.wbytes};  /* the weights past the last channel group */")
+        o(f"const char *wend = wt + {g['CK'] * taps * nb * isa.wbytes};  /* the weights past the last channel group */")
         o(f"{isa.vtype} {', '.join(operand)};")
         setup, inputs = isa.wsetup()
         for line in setup:
@@ -234,7 +353,7 @@ class SimdConv:
             for kh in range(g["KH"]):
                 for kw in range(g["KW"]):
                     xk = (kh * g["DH"] * g["WP"] + kw * g["DW"]) * g["CP"]
-                    wk = (kh * g["KW"] + kw) * g["CK"] * g["OB"] + j * g["OB"]
+                    wk = (j * taps + kh * g["KW"] + kw) * nb
                     o(f"/* tap ({kh}, {kw}), channels {isa.k * j}..{isa.k * j + isa.k - 1} of the group */")
                     for b in range(nb):
                         for line in isa.wload((wk + b) * isa.wbytes, isa.w_regs[b]):
@@ -249,7 +368,7 @@ class SimdConv:
                             for line in isa.macs(isa.w_regs[b], x, f"%{operand[acc[b][p]]}", t):
                                 o(f'"{line}\\n\\t"')
         o(f'"add ${isa.k * u * esize}, %[x]\\n\\t"')
-        o(f'"add ${u * g["OB"] * isa.wbytes}, %[w]\\n\\t"')
+        o(f'"add ${u * taps * nb * isa.wbytes}, %[w]\\n\\t"')
         o('"cmp %[e], %[w]\\n\\t"')
         o('"jne 1b\\n\\t"')
         # at most 30 operands: 24 accumulators, x and w (read and written: 2 each), b and e
