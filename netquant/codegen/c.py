@@ -185,6 +185,12 @@ class CPrinter:
             return {**s.consts, key: packed[s.output]}
         return s.consts
 
+    def simd(self, s: Step) -> SimdConv:
+        """The register-tile printer of conv ``s`` (VNNI or AVX2 path), in the packed variant of
+        its instruction set for a 4-bit layer (codegen/int4.py): the one geometry and weight
+        order every use (packing, item functions, staging, the tile) must share."""
+        return SimdConv(self, c_int4.simd_isa(s, VNNI if self.conv_path(s) == "vnni" else AVX2))
+
     WEIGHTS = {"amx": "wa", "vnni": "wv", "avx2": "ww", "scalar": "w"}
     MACRO = {"amx": "NQ_AMX", "vnni": "NQ_VNNI", "avx2": "NQ_AVX2"}
 
@@ -244,7 +250,7 @@ class CPrinter:
             o.close()
         elif path in ("vnni", "avx2"):
             o(f"#if {self.MACRO[path]}")
-            SimdConv(self, c_int4.simd_isa(s, VNNI if path == "vnni" else AVX2)).print(s, o)
+            self.simd(s).print(s, o)
             o("#else")
             self.k_conv_scalar(s, o, self.WEIGHTS[path])
             o("#endif")
@@ -415,11 +421,12 @@ class CPrinter:
         weights where the build lacks the ISA."""
         isa = self.dw_isa()
         lo, hi = s.node.attrs["clamp"]
-        wd, b, m, sh = (self.const_name(s, k) for k in ("wd", "biasd", "multd", "shiftd"))
+        b, m, sh = (self.const_name(s, k) for k in ("biasd", "multd", "shiftd"))
         signed = [int(self.buf(n).dtype == "int8") for n in (s.inputs[0], s.output)]
         oh = self.hwc(self.buf(s.output).shape)[1]
         o(f"#if {'NQ_DW_AVX2' if isa == 'avx2' else 'NQ_DW_AVX512'}")
-        o(f"{self.fn_name(s)}_ctx ctx = {{x0, y}};")
+        # the weight table travels in the context: a 4-bit layer's is the caller's unpacked copy
+        o(f"{self.fn_name(s)}_ctx ctx = {{x0, y, {self.const_name(s, 'wd')}}};")
         o(f"nq_run({self.fn_name(s)}_rows, &ctx, {oh}, {self.conv_macs(s)}L);  /* output rows across threads */")
         o("#else")
         o.open()
@@ -431,16 +438,17 @@ class CPrinter:
         """The item function of depthwise conv ``s`` for nq_run (c_pool.py): output row r."""
         isa = self.dw_isa()
         lo, hi = s.node.attrs["clamp"]
-        wd, b, m, sh = (self.const_name(s, k) for k in ("wd", "biasd", "multd", "shiftd"))
+        b, m, sh = (self.const_name(s, k) for k in ("biasd", "multd", "shiftd"))
         signed = [int(self.buf(n).dtype == "int8") for n in (s.inputs[0], s.output)]
         fn, xin, yt = self.fn_name(s), self.buf(s.inputs[0]).ctype, self.buf(s.output).ctype
         o(f"#if {'NQ_DW_AVX2' if isa == 'avx2' else 'NQ_DW_AVX512'}")
-        o(f"typedef struct {{ const {xin} *x0; {yt} *y; }} {fn}_ctx;")
+        wt = np.asarray(self.step_consts(s)["wd"]).dtype
+        o(f"typedef struct {{ const {xin} *x0; {yt} *y; const {'int16_t' if wt == np.int16 else 'int8_t'} *wd; }} {fn}_ctx;")
         o.open(f"static void {fn}_rows(void *arg, int r)")
         o(f"const {fn}_ctx *c = arg;")
         o(self.conv_enum(s))
         o(f"{c_conv_dw.fn_name(isa)}(c->x0, H, W, C, KH, KW, SH, SW, PH, PW, DH, DW, "
-          f"{wd}, {b}, {m}, {sh}, {lo}, {hi}, c->y, OH, OW, r, r + 1, {signed[0]}, {signed[1]});")
+          f"c->wd, {b}, {m}, {sh}, {lo}, {hi}, c->y, OH, OW, r, r + 1, {signed[0]}, {signed[1]});")
         o.close()
         o("#endif")
 
@@ -992,7 +1000,7 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
             o(f"/* {s.node.name} = {s.kind}({', '.join(s.node.inputs)}) [{'+'.join(s.node.layers)}] */")
             if s.kind == "conv" and self.conv_path(s) in ("vnni", "avx2"):   # its item functions (nq_run)
                 o(f"#if {self.MACRO[self.conv_path(s)]}")
-                SimdConv(self, VNNI if self.conv_path(s) == "vnni" else AVX2).prelude(s, o)
+                self.simd(s).prelude(s, o)
                 o("#endif")
             elif s.kind == "conv" and self.conv_path(s) == "dw":
                 self.dw_prelude(s, o)
@@ -1258,7 +1266,7 @@ const char *{n}_kernels(void) {{
 
     def simd_runtime(self) -> str:
         convs = [s for s in self.p.steps if s.kind == "conv" and self.conv_path(s) in ("vnni", "avx2")]
-        staged = max([SimdConv(self, VNNI if self.conv_path(s) == "vnni" else AVX2).staged_bytes(s) for s in convs],
+        staged = max([self.simd(s).staged_bytes(s) for s in convs],
                      default=0)
         if not convs:
             return ""
