@@ -6,7 +6,7 @@ Only the instruction set being built is printed (``profile``: "amx", "vnni", "av
 resolved by ``build.generate`` from the isa asked for, "native" asking the compiler), each fast
 kernel under its build macro with the portable loop nest as the other branch, reading the same
 weights. Convolutions over 8-bit input use AMX tiles where the compiler targets them and Linux
-grants the tile state (``k_conv_amx``), else register tiles on AVX-512 VNNI or AVX2
+grants the tile state (``conv_amx``), else register tiles on AVX-512 VNNI or AVX2
 (``c_conv_simd.py``), depthwise convs channels-in-lanes kernels (``c_conv_dw.py``), else
 portable C; residual adds of 8-bit tensors use AVX-512 16 lanes at a time. Kernel text depends
 on a conv's shape class, not its spatial size: runtime loops over output rows, channel blocks and
@@ -33,9 +33,16 @@ from .. import __version__
 from ..fileio import atomic_write, write_bytes, write_text
 from . import c_conv_dw
 from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv
-from .program import ADD_PAIR_SHIFTS, ELEMENTWISE_FNS, LUT_SIZE, Buffer, Program, Step
+from ..ir.float_ops import ELEMENTWISE_FNS
+from ..ir.ops import FLOAT_KERNEL_OPS, INT_OPS
+from .program import ADD_PAIR_SHIFTS, LUT_SIZE, Buffer, Program, Step
 
 RUNTIME_HEADER = "netquant_rt.h"
+# the op kinds (netquant/ir/ops.py) with a kernel of their own in every printer (C: k_<kind>, CUDA:
+# g_<kind>): the integer ones and the affine (a per-channel float loop). Float layers of the other
+# kinds, float functions and lookup tables print one output element at a time (e_<kind>, e_<fn>).
+KERNEL_KINDS = INT_OPS + ("affine",)
+ELEMENT_KINDS = tuple(k for k in FLOAT_KERNEL_OPS if k not in ("affine", "float")) + ("lut",)
 
 
 class Source:
@@ -105,11 +112,8 @@ class CPrinter:
         self.profile = profile    # the instruction set whose kernels are printed (PROFILES)
         self.blob = bytearray()   # the large constants, in the layouts the printed kernels read
         self.blob_offsets: dict = {}
-        self.kernels: dict[str, Callable] = {
-            "affine": self.k_affine, "quantize": self.k_quantize, "conv": self.k_conv, "linear": self.k_linear,
-            "add": self.k_add, "concat": self.k_concat, "gather": self.k_gather, "maxpool": self.k_maxpool,
-            "avgpool": self.k_avgpool, "act": self.k_act, "dequantize": self.k_dequantize,
-        }
+        # one kernel per op kind of the table (netquant/ir/ops.py) that runs in integers, and the affine
+        self.kernels: dict[str, Callable] = {k: getattr(self, f"k_{k}") for k in KERNEL_KINDS}
 
     # --- helpers --------------------------------------------------------------------------
     def buf(self, name: str) -> Buffer:
@@ -224,23 +228,23 @@ class CPrinter:
         if path == "amx":
             o("#if NQ_AMX")
             o.open("if (nq_amx_state == 1)")
-            self.k_conv_amx(s, o)
+            self.conv_amx(s, o)
             o("return;")
             o.close()
             o("#endif")
             o.open()
-            self.k_conv_scalar(s, o, "wa")
+            self.conv_loops(s, o, "wa")
             o.close()
         elif path in ("vnni", "avx2"):
             o(f"#if {self.MACRO[path]}")
             SimdConv(self, VNNI if path == "vnni" else AVX2).print(s, o)
             o("#else")
-            self.k_conv_scalar(s, o, self.WEIGHTS[path])
+            self.conv_loops(s, o, self.WEIGHTS[path])
             o("#endif")
         elif path == "dw":
-            self.k_conv_dw(s, o)
+            self.conv_dw(s, o)
         else:
-            self.k_conv_scalar(s, o)
+            self.conv_loops(s, o)
 
     def conv_macs(self, s: Step) -> int:
         """Multiply-adds of conv ``s`` per image: OH * OW * O * KH * KW * C / groups."""
@@ -248,7 +252,7 @@ class CPrinter:
         return int(oh * ow * np.prod(s.node.params["weight"].shape))
 
     def amx_geometry(self, s: Step) -> dict:
-        """Shapes of the AMX kernel of ``s`` (see k_conv_amx)."""
+        """Shapes of the AMX kernel of ``s`` (see conv_amx)."""
         a = s.node.attrs
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
         oc, oh, ow = self.hwc(self.buf(s.output).shape)
@@ -266,7 +270,7 @@ class CPrinter:
         geos = [self.amx_geometry(s) for s in self.p.steps if s.kind == "conv" and self.conv_path(s) == "amx"]
         return (max([g["PAD"] for g in geos], default=64), max([16 * 16 * g["NB"] for g in geos], default=16))
 
-    def k_conv_amx(self, s: Step, o: Source):
+    def conv_amx(self, s: Step, o: Source):
         """Convolution on AMX tiles (implicit GEMM, no im2col).
 
         The input is copied into a zero-padded (HP, WP, C) buffer. Output pixels are the rows of
@@ -398,7 +402,7 @@ class CPrinter:
         o("const int iw = ow * SW - PW + kw * DW;")
         o("if ((unsigned)iw >= (unsigned)W) continue;")
 
-    def k_conv_dw(self, s: Step, o: Source):
+    def conv_dw(self, s: Step, o: Source):
         """A depthwise conv on c_conv_dw's kernel (channels in vector lanes, unpadded input), one
         call per output row so the rows split across threads; the portable loop nest on the same
         weights where the build lacks the ISA."""
@@ -415,7 +419,7 @@ class CPrinter:
         o.close()
         o("#else")
         o.open()
-        self.k_conv_scalar(s, o, "wd")
+        self.conv_loops(s, o, "wd")
         o.close()
         o("#endif")
 
@@ -439,7 +443,7 @@ class CPrinter:
         return (f"(((kh * {j} + (kw * C + k) / 64) * {nb} + o / 16) * 16 + (kw * C + k) % 64 / 4) * 64 "
                 f"+ o % 16 * 4 + (kw * C + k) % 4")
 
-    def k_conv_scalar(self, s: Step, o: Source, layout: str = "w"):
+    def conv_loops(self, s: Step, o: Source, layout: str = "w"):
         a = s.node.attrs
         lo, hi = a["clamp"]
         tables = ("biasd", "multd", "shiftd") if layout == "wd" else ("bias", "mult", "shift")
@@ -667,12 +671,10 @@ class CPrinter:
             return self.e_lut(s, o)
         if s.kind == "float":
             fn = s.node.attrs["fn"]
-            if fn in ELEMENTWISE_FNS:
-                return self.e_unary(s, o)
-            return getattr(self, f"e_{fn}")(s, o)
-        return getattr(self, f"e_{'pool' if s.kind in ('maxpool', 'avgpool') else s.kind}")(s, o)
+            return self.unary(s, o) if fn in ELEMENTWISE_FNS else getattr(self, f"e_{fn}")(s, o)
+        return getattr(self, f"e_{s.kind}")(s, o)
 
-    def k_element(self, s: Step, o: Source):
+    def element_loop(self, s: Step, o: Source):
         o(f"enum {{ N = {self.buf(s.output).elements} }};")
         o.open("for (int e = 0; e < N; ++e)")
         self.element(s, o)
@@ -706,7 +708,7 @@ class CPrinter:
     }
     UNARY_DEFAULTS = {"negative_slope": 0.01, "alpha": 1.0}
 
-    def e_unary(self, s: Step, o: Source):
+    def unary(self, s: Step, o: Source):
         fn = s.node.attrs["fn"]
         kw = {**self.UNARY_DEFAULTS, **s.node.attrs.get("kwargs", {})}
         x = s.inputs[0]
@@ -752,7 +754,7 @@ class CPrinter:
             o(f"{'else ' if j else ''}{cond}y[e] = x{j}[{self.off(x, f'{c} - {start}', h, w)}];")
             start += cj
 
-    def e_pool(self, s: Step, o: Source):
+    def pool_element(self, s: Step, o: Source):
         a = s.node.attrs
         x = s.inputs[0]
         c, h, w = self.hwc(self.buf(x).shape)
@@ -769,6 +771,8 @@ class CPrinter:
         o("acc = v > acc ? v : acc;" if s.kind == "maxpool" else "acc += v;")
         o.close().close()
         o("y[e] = acc;" if s.kind == "maxpool" else f"y[e] = acc / {float(kh * kw)!r}f;  /* count includes padding */")
+
+    e_maxpool = e_avgpool = pool_element
 
     def e_conv(self, s: Step, o: Source):
         x = s.inputs[0]
@@ -841,7 +845,7 @@ class CPrinter:
 
     e_log_softmax = e_softmax
 
-    def k_softmax(self, s: Step, o: Source):
+    def softmax_rows(self, s: Step, o: Source):
         o(f"enum {{ N = {self.buf(s.output).elements} }};")
         o.open("for (int e = 0; e < N; ++e)")
         self._softmax_row(s, o, whole_row=True)
@@ -850,9 +854,9 @@ class CPrinter:
     def emit_kernel(self, s: Step, o: Source):
         """The body of step ``s``'s C function."""
         if s.kind == "float" and s.node.attrs["fn"] in ("softmax", "log_softmax"):
-            self.k_softmax(s, o)
+            self.softmax_rows(s, o)
         elif self.is_element_step(s):
-            self.k_element(s, o)
+            self.element_loop(s, o)
         else:
             self.kernels[s.kind](s, o)
 

@@ -7,7 +7,7 @@ batch size is a run-time argument). By default each kernel has one thread per ou
 convolutions use ``dp4a`` (PTX ``dp4a.u32.s32``) four channels at a time: the kernels checked bit
 for bit on a GPU (an H100, bench/gpu_check.py). With ``tensor_cores=True`` (sm_80 and newer),
 convolutions over uint8 activations run on int8 tensor cores instead (``mma.sync.m16n8k32``
-u8 x s8 -> s32, an implicit GEMM, see :meth:`CudaPrinter.g_conv_mma`); they are checked bit for
+u8 x s8 -> s32, an implicit GEMM, see :meth:`CudaPrinter.conv_mma`); they are checked bit for
 bit in the test suite's CPU emulation of a warp and await the same check on a GPU. The
 integer arithmetic is ``netquant_rt.h``'s, shared with C, so outputs are bit-exact with the
 reference executor (nvcc is run with ``--fmad=false`` so no float multiply-add is fused).
@@ -116,7 +116,7 @@ class CudaPrinter(CPrinter):
         for s in self.p.steps:
             o(f"/* {s.node.name} = {s.kind}({', '.join(s.node.inputs)}) [{'+'.join(s.node.layers)}] */")
             if self.mma_eligible(s):
-                self.g_conv_mma(s, o)
+                self.conv_mma(s, o)
                 o()
                 continue
             o.open(self.signature(s))
@@ -185,7 +185,7 @@ class CudaPrinter(CPrinter):
         o.close().close()
         o(f"y[e] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
 
-    def g_conv_mma(self, s, o):
+    def conv_mma(self, s, o):
         """Convolution as an implicit GEMM on int8 tensor cores.
 
         Rows m are the output pixels of every image of the batch (M = n * OH * OW), columns the

@@ -31,19 +31,15 @@ from typing import Optional
 import numpy as np
 
 from ..errors import NetquantError
-from ..ir.float_ops import FLOAT_OPS
+from ..ir.float_ops import ELEMENTWISE_FNS, FLOAT_FNS
+from ..ir.ops import PROGRAM, kinds
 from ..quant import numerics as nx
 from ..quant.qgraph import QGraph, QNode
 
 ALIGN = 64
 C_TYPES = {"int8": "int8_t", "uint8": "uint8_t", "float32": "float"}
 ELEM_BYTES = {"int8": 1, "uint8": 1, "float32": 4}
-SUPPORTED = ("input", "affine", "quantize", "conv", "linear", "add", "concat", "gather", "maxpool", "avgpool",
-             "act", "dequantize", "float")
-FLOAT_FNS = tuple(FLOAT_OPS)   # every float op of the registry
-# float ops whose output element depends on the same input element only (and, for affine, its
-# channel): a chain of them applied to an 8-bit tensor is a function of 256 values (lut_table)
-ELEMENTWISE_FNS = ("sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "leaky_relu", "elu", "exp")
+SUPPORTED = tuple(k for k in kinds(PROGRAM) if k != "lut")   # the QGraph kinds code generation takes (ops.py)
 LUT_SIZE = 256
 
 
