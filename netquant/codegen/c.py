@@ -32,7 +32,8 @@ import numpy as np
 from .. import __version__
 from ..fileio import atomic_write, write_bytes, write_text
 from . import c_conv_dw
-from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv
+from ..quant.numerics import dtype_range
+from .c_conv_simd import AVX2, VNNI, SimdConv
 from ..ir.float_ops import ELEMENTWISE_FNS
 from ..ir.ops import FLOAT_KERNEL_OPS, INT_OPS
 from .program import ADD_PAIR_SHIFTS, LUT_SIZE, Buffer, Program, Step
@@ -504,7 +505,7 @@ class CPrinter:
             for j in range(4):
                 q = (f"nq_add16_pairs({widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i + {16 * j}))), "
                      f"{widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i + {16 * j}))), lu, uu, hu, {sh})")
-                if (lo, hi) != FULL_RANGE[out_t]:
+                if (lo, hi) != dtype_range(out_t):
                     q = f"_mm512_min_epi32(_mm512_max_epi32({q}, _mm512_set1_epi32({lo})), _mm512_set1_epi32({hi}))"
                 o(f"const __m512i q{j} = {q};")
                 qs.append(f"q{j}")

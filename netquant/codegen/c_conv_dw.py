@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..quant.numerics import INT8
+
 DW_ISAS = ("avx512", "avx2")
 BLOCK = {"avx512": 32, "avx2": 16}    # channels per block (two vectors of int32 lanes)
 
@@ -85,7 +87,7 @@ def pack_dw(weight_q: np.ndarray, isa: str) -> np.ndarray:
     w = np.asarray(weight_q)
     if w.ndim != 4 or w.shape[1] != 1:
         raise ValueError(f"pack_dw: expected depthwise weights of shape (C, 1, KH, KW), got {w.shape}")
-    if w.dtype.kind not in "iu" or w.size and (w.min() < -128 or w.max() > 127):
+    if w.dtype.kind not in "iu" or w.size and (w.min() < INT8[0] or w.max() > INT8[1]):
         raise ValueError(f"pack_dw: expected int8 weights, got dtype {w.dtype} with range "
                          f"{w.min() if w.size else 0}..{w.max() if w.size else 0}")
     c, _, kh, kw = w.shape

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .program import Step
+from ..quant.numerics import dtype_range
+from .program import SIGNED_OFFSET, Step
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,6 @@ VNNI = SimdIsa(16, 4, "uint8_t", "wv", "__m512i", "zmm", "vmovdqa64", 4, 24,
               (31, 30, 29, 28), (27, 26), (), "AVX-512 VNNI", "_mm512", "nq_requantize16_hi", "nq_pack4")
 AVX2 = SimdIsa(8, 2, "int16_t", "ww", "__m256i", "ymm", "vmovdqa", 2, 10,
               (15, 14), (13, 12), (11, 10), "AVX2", "_mm256", "nq_requantize8_hi", "nq_pack4x8")
-FULL_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 
 
 class SimdConv:
@@ -104,7 +104,7 @@ class SimdConv:
         return dict(C=c, H=h, W=w, O=oc, OH=oh, OW=ow, KH=kh, KW=kw, CP=isa.k * ck, CK=ck, OB=ob,
                     SH=a["stride"][0], SW=a["stride"][1], PH=ph, PW=pw, DH=a["dilation"][0], DW=a["dilation"][1],
                     HP=h + 2 * ph if staged else h, WP=w + 2 * pw if staged else w, STAGED=staged,
-                    ZP=128 if signed and isa is VNNI else 0, OBT=obt, P=max(1, min(ow, isa.max_acc // obt)))
+                    ZP=SIGNED_OFFSET if signed and isa is VNNI else 0, OBT=obt, P=max(1, min(ow, isa.max_acc // obt)))
 
     @staticmethod
     def widths(g: dict) -> list:
@@ -176,7 +176,7 @@ class SimdConv:
         o(f"for (int i = 0; i < PW * CP; ++i) row[i] = row[(PW + W) * CP + i] = ZP;")
         if g["C"] == g["CP"] and e == xin:
             o("memcpy(row + PW * CP, src, W * C);")
-        elif g["ZP"] == 128:
+        elif g["ZP"] == SIGNED_OFFSET:
             o("for (int w = 0; w < W; ++w) for (int c = 0; c < CP; ++c)  /* int8 x -> x + 128 */")
             o(f"    row[(PW + w) * CP + c] = c < C ? (uint8_t)(src[w * C + c] ^ 0x80) : ZP;")
         else:
@@ -281,7 +281,7 @@ class SimdConv:
             return
         self._tables(s, o, b0, nb, f"{v}_load_si{32 * L}", isa.vtype)
         contiguous = g["O"] % L == 0 and nb == g["OB"]
-        clamp = (lo, hi) != FULL_RANGE[out_t] or not contiguous
+        clamp = (lo, hi) != dtype_range(out_t) or not contiguous
         for p, b, a in pixels:
             if "rqv" in s.consts:
                 q = f"{isa.requant_hi}({a}, m{b}, r{b}, t{b})"

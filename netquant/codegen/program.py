@@ -180,7 +180,7 @@ def pack_avx2(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(ob, 8, ip // 2, 2, kh, kw).transpose(4, 5, 2, 0, 1, 3))
 
 
-SIGNED_OFFSET = 128  # int8 x + 128 is the uint8 that vpdpbusd multiplies
+SIGNED_OFFSET = -nx.INT8[0]  # 128: int8 x + 128 is the uint8 that vpdpbusd multiplies
 
 
 def vnni_bias(bias: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -60,12 +60,13 @@ def activation_qparams(stats: RangeStats, cfg: QuantConfig, act=None, floor: flo
     (the step of what produces it / MULTIPLIER_CAP, see ``numerics``), and never below SCALE_MIN;
     a power-of-two scale is rounded up after the floor, so it keeps it."""
     unsigned = cfg.unsigned_activations and ((act is not None and act[0] >= 0) or stats.min >= 0)
-    levels = 255 if unsigned else 127
+    dtype = "uint8" if unsigned else "int8"
+    levels = nx.dtype_range(dtype)[1]
     t = threshold(stats, cfg.activation_range, levels, cfg.percentile)
     scale = max(t / levels, floor, nx.SCALE_MIN)
     if cfg.scale == "pow2":
         scale = nx.pow2_scale(scale)
-    return scale, ("uint8" if unsigned else "int8")
+    return scale, dtype
 
 
 def weight_scales(w: np.ndarray, cfg: QuantConfig, key: str) -> np.ndarray:
