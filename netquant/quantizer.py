@@ -37,7 +37,7 @@ from .ir.input_spec import InputSpec, apply_input_spec
 from .metrics import agreement, mcnemar, paired_bootstrap, resolve_metric, sqnr_db
 from .progress import Progress, report
 from .quant import numerics as nx
-from .quant.config import QuantConfig, target_config
+from .quant.config import ENGINES, QuantConfig, target_config
 from .quant.lower import float_reasons, lower
 from .quant.qgraph import QGraph
 from .ref.executor import run_int8
@@ -348,7 +348,7 @@ class Quantizer:
         executor, the only one that keeps every intermediate tensor."""
         import pandas as pd
 
-        if engine not in ("python", "c"):
+        if engine not in ENGINES:
             raise ValueError(f"validate: engine must be 'python' (the reference executor) or 'c' (the compiled C "
                              f"library), got {engine!r}")
         x, labels, source = self._labelled_images(images, "validation")

@@ -25,17 +25,12 @@ import numpy as np
 from ..errors import CompiledNetworkError, NetquantError
 from ..fileio import write_text
 from ..progress import Progress, report
+from ..quant.config import CODEGEN_TARGETS, ISA_FLAGS
 from .c import CPrinter
 from .program import Program, plan
 
 log = logging.getLogger(__name__)
 
-ISA_FLAGS = {
-    "native": "-O3 -march=native",                    # this CPU's best: AMX, else AVX-512 VNNI, else portable C
-    "avx512": "-O3 -march=native -DNQ_NO_AMX",        # AVX-512 VNNI even where AMX is present
-    "avx2": "-O3 -mavx2 -mfma",
-    "scalar": "-O2 -fno-tree-vectorize -DNQ_NO_SIMD",  # the portable path
-}
 COMMON_FLAGS = "-std=c11 -fPIC -fopenmp -ffp-contract=off -Wall -Wextra -Wno-unused-parameter"
 
 
@@ -99,8 +94,8 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
              tensor_cores: bool = False) -> Generated:
     """Write the sources of ``qnet`` (a QuantizedNetwork or QGraph) for ``target`` ("c", or
     "cuda" for GPU ``arch``; ``tensor_cores``: int8 mma convolutions, sm_80 and newer) into ``out``."""
-    if target not in ("c", "cuda"):
-        raise ValueError(f"unknown code generation target {target!r}: c or cuda")
+    if target not in CODEGEN_TARGETS:
+        raise ValueError(f"unknown code generation target {target!r}: one of {', '.join(CODEGEN_TARGETS)}")
     if target == "c" and isa not in ISA_FLAGS:
         raise ValueError(f"unknown isa {isa!r}; choose from {', '.join(ISA_FLAGS)}")
     qgraph = getattr(qnet, "qgraph", qnet)
