@@ -91,6 +91,7 @@ EMULATION = r"""
 struct nq_dim3 { unsigned x; };
 static nq_dim3 blockIdx, blockDim;
 enum { cudaSuccess = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
+typedef int cudaError_t;
 static int cudaMalloc(void **p, size_t n) { *p = calloc(1, n ? n : 1); return *p ? 0 : 1; }
 static int cudaFree(void *p) { free(p); return 0; }
 static int cudaMemcpy(void *d, const void *s, size_t n, int) { memcpy(d, s, n); return 0; }
@@ -224,3 +225,15 @@ def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifa
     assert np.abs(net.predict(x) - qnet.run(x)).max() < 1e-6
     qin = run_int8(qnet.qgraph, torch.from_numpy(x), keep=["input_quantize"])["input_quantize"].numpy()
     assert np.array_equal(net.predict_int8(qin.astype(np.int8)), net.predict(x))
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["dp4a", "mma"])
+def test_report_counts_the_device_constants_once(qnet, tmp_path, tensor_cores):
+    """The report's constant bytes are the tables the .cu file holds: one weight layout per conv
+    (the dp4a or tensor-core one), not the CPU layouts of the shared Program."""
+    gen = generate(qnet, tmp_path, name="resnet20", target="cuda", tensor_cores=tensor_cores)
+    weights = sum(int(n.params["weight"].size) for n in qnet.qgraph.nodes
+                  if n.op in ("conv", "linear") and n.quantized)
+    per_channel = sum(12 * len(n.params["bias"]) for n in qnet.qgraph.nodes if n.op in ("conv", "linear") and n.quantized)
+    assert weights <= gen.const_bytes <= 1.25 * weights + per_channel + 64 * 1024, (gen.const_bytes, weights)
+    assert gen.const_bytes == sum(gen.layer_bytes.values())

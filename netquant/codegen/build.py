@@ -114,15 +114,16 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
         for fname, text in files.items():   # atomically: an interrupted generate leaves no half file
             write_text(folder / fname, text)
         sizes = {k: (v.count("\n"), len(v.encode())) for k, v in files.items()}
-        profile, const_bytes, layer_bytes = "cuda", program.weight_bytes(), {}
+        profile = "cuda"
     else:
         # only the instruction set being built is printed (with the portable kernels as its fallback)
         profile = ISA_PROFILE.get(isa) or native_profile()
         printer = CPrinter(program, provenance or "netquant integer network", profile=profile)
         cflags = f"{ISA_FLAGS[isa]} {COMMON_FLAGS}"
         sizes = printer.write(folder, cflags)
-        const_bytes = printer.compiled_const_bytes()
-        layer_bytes = {s.node.name: printer.step_const_bytes(s) for s in program.steps}
+    # the constants compiled for this target and instruction set (one weight layout per conv)
+    const_bytes = printer.compiled_const_bytes()
+    layer_bytes = {s.node.name: printer.step_const_bytes(s) for s in program.steps}
     gen = Generated(folder, program, target, {k: v[0] for k, v in sizes.items()}, cflags,
                     kernels={s.node.name: printer.kernel_label(s) for s in program.steps},
                     sizes={k: v[1] for k, v in sizes.items()}, profile=profile, const_bytes=const_bytes,

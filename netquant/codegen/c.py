@@ -24,21 +24,25 @@ The CUDA printer subclasses :class:`CPrinter` and overrides only what differs.
 """
 from __future__ import annotations
 
-from importlib import resources
 from typing import Callable
 
 import numpy as np
 
 from .. import __version__
 from ..fileio import atomic_write, write_bytes, write_text
-from . import c_conv_dw
-from ..quant.numerics import dtype_range
-from .c_conv_simd import AVX2, VNNI, SimdConv
 from ..ir.float_ops import ELEMENTWISE_FNS
 from ..ir.ops import FLOAT_KERNEL_OPS, INT_OPS
-from .program import ADD_PAIR_SHIFTS, LUT_SIZE, Buffer, Program, Step
+from ..quant.numerics import dtype_range
+from . import c_conv_dw
+from . import x86_pack as x86
+from .c_conv_simd import AVX2, VNNI, SimdConv
+from .program import ADD_PAIR_SHIFTS, LUT_SIZE, Buffer, IntConvPlan, Program, Step
+from .runtime_files import fill, runtime_text
 
 RUNTIME_HEADER = "netquant_rt.h"
+
+
+
 # the op kinds (netquant/ir/ops.py) with a kernel of their own in every printer (C: k_<kind>, CUDA:
 # g_<kind>): the integer ones and the affine (a per-channel float loop). Float layers of the other
 # kinds, float functions and lookup tables print one output element at a time (e_<kind>, e_<fn>).
@@ -71,8 +75,9 @@ class Source:
         return "\n".join(self.lines) + "\n"
 
 
-def c_array(ctype: str, name: str, values: np.ndarray, qualifier: str = "static const") -> str:
-    """A constant table printed exactly (decimal integers, floats as hex), 80 columns."""
+def c_array(ctype: str, name: str, values: np.ndarray, qualifier: str = "static const", attributes: str = "") -> str:
+    """A constant table printed exactly (decimal integers, floats as hex), 80 columns; ``attributes``
+    (e.g. "__attribute__((aligned(64)))") go between the declarator and the initializer."""
     flat = np.asarray(values).reshape(-1)
     if flat.dtype.kind == "f":
         items = [float(v).hex() + "f" for v in flat.astype(np.float32)]
@@ -85,7 +90,8 @@ def c_array(ctype: str, name: str, values: np.ndarray, qualifier: str = "static 
             line = "   "
         line += " " + it + ","
     lines.append(line)
-    return f"{qualifier} {ctype} {name}[{len(flat)}] = {{\n" + "\n".join(lines) + "\n};\n"
+    attrs = f" {attributes}" if attributes else ""
+    return f"{qualifier} {ctype} {name}[{len(flat)}]{attrs} = {{\n" + "\n".join(lines) + "\n};\n"
 
 
 # The instruction set a source is printed for: its kernels and weight layouts only, each under
@@ -113,6 +119,7 @@ class CPrinter:
         self.profile = profile    # the instruction set whose kernels are printed (PROFILES)
         self.blob = bytearray()   # the large constants, in the layouts the printed kernels read
         self.blob_offsets: dict = {}
+        self._tables: dict = {}   # step output -> its constant tables (step_consts)
         # one kernel per op kind of the table (netquant/ir/ops.py) that runs in integers, and the affine
         self.kernels: dict[str, Callable] = {k: getattr(self, f"k_{k}") for k in KERNEL_KINDS}
 
@@ -149,35 +156,64 @@ class CPrinter:
     def conv_path(self, s: Step) -> str:
         """The kernel printed for conv ``s`` under this profile: "amx", "vnni", "avx2" or
         "scalar" (the portable loop nest, e.g. grouped convs or a scalar profile)."""
-        if self.profile == "amx" and "wa" in s.consts:
+        pl = s.plan
+        if not isinstance(pl, IntConvPlan) or self.profile == "scalar":
+            return "scalar"
+        if self.profile == "amx" and pl.amx:
             return "amx"
-        if self.profile in ("amx", "vnni") and "wv" in s.consts:
-            return "vnni"
-        if self.profile == "avx2" and "ww" in s.consts:
-            return "avx2"
-        if self.profile != "scalar" and s.node.quantized:
-            w = s.node.params["weight"]
-            if c_conv_dw.dw_eligible("conv", s.node.attrs["groups"], w.shape[1] * s.node.attrs["groups"], w.shape[0],
-                                     self.buf(s.inputs[0]).dtype, True):
-                return "dw"
-        return "scalar"
+        if pl.simd:
+            return "avx2" if self.profile == "avx2" else "vnni"
+        return "dw" if pl.depthwise else "scalar"
 
     def dw_isa(self) -> str:
         """The depthwise kernels' instruction set for this profile (c_conv_dw.DW_ISAS)."""
         return "avx2" if self.profile == "avx2" else "avx512"
 
     def step_consts(self, s: Step) -> dict:
-        """The constants of ``s`` for this printer: the Program's, plus the depthwise layout
-        ("wd", c_conv_dw.pack_dw) on the depthwise path."""
-        if s.kind == "conv" and s.node.quantized and self.conv_path(s) == "dw":
+        """The constant tables of ``s`` for the kernel this printer prints (made once per step):
+        the plan's tables, plus for a conv on a fast path its weights in that path's x86 layout
+        (x86_pack) with bias and requantization padded to whole vectors, for example "wv",
+        "biasv", "multv" and "rqv"/"tv" (or "shiftv") for AVX-512 VNNI; "wd" and the "...d"
+        tables for a depthwise conv."""
+        if s.output not in self._tables:
+            tables = s.plan.tables()
+            if isinstance(s.plan, IntConvPlan):
+                tables.update(self.conv_tables(s))
+            self._tables[s.output] = tables
+        return self._tables[s.output]
+
+    def conv_tables(self, s: Step) -> dict:
+        """The x86 tables of conv ``s`` on its path (conv_path), in the order the source declares them."""
+        pl, path, w = s.plan, self.conv_path(s), s.node.params["weight"]
+        out = {}
+        if path == "dw":
             # bias and requantization padded to whole channel blocks: the kernel's masked vector
             # loads then never point past a table (padded lanes are never stored)
             isa = self.dw_isa()
-            pad = -len(s.consts["bias"]) % c_conv_dw.BLOCK[isa]
-            padded = {f"{k}d": np.concatenate([np.asarray(s.consts[k], np.int32), np.full(pad, v, np.int32)])
-                      for k, v in (("bias", 0), ("mult", 1 << 30), ("shift", 31))}
-            return {**s.consts, "wd": c_conv_dw.pack_dw(s.node.params["weight"], isa), **padded}
-        return s.consts
+            pad = -len(pl.bias) % c_conv_dw.BLOCK[isa]
+            out["wd"] = c_conv_dw.pack_dw(w, isa)
+            out.update({f"{k}d": np.concatenate([np.asarray(getattr(pl, k), np.int32), np.full(pad, v, np.int32)])
+                        for k, v in (("bias", 0), ("mult", 1 << 30), ("shift", 31))})
+            return out
+        if path == "scalar":
+            return out
+        if path == "amx":
+            out["wa"] = x86.pack_amx(w)
+        pad = np.zeros(-len(pl.bias) % x86.LANES, np.int32)
+        out["biasv"] = np.concatenate([pl.bias, pad])
+        out["multv"] = np.concatenate([pl.mult, pad + (1 << 30)])  # padded lanes are never stored
+        out["shiftv"] = np.concatenate([pl.shift, pad + 31])
+        if path == "vnni":
+            out["wv"] = x86.pack_vnni(w)
+            if pl.signed_input:
+                out["biasx"] = np.concatenate([x86.vnni_bias(pl.bias, w), pad])
+        elif path == "avx2":
+            out["ww"] = x86.pack_avx2(w)
+        if pl.hi_requant:
+            t = np.concatenate([pl.shift - 32, pad + 1]).astype(np.int32)
+            out["rqv"] = (np.int32(1) << (t - 1)).astype(np.int32)   # 2^(t-1): the rounding half
+            out["tv"] = t
+        return out
 
     WEIGHTS = {"amx": "wa", "vnni": "wv", "avx2": "ww", "scalar": "w"}
     MACRO = {"amx": "NQ_AMX", "vnni": "NQ_VNNI", "avx2": "NQ_AVX2"}
@@ -257,7 +293,7 @@ class CPrinter:
         a = s.node.attrs
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
         oc, oh, ow = self.hwc(self.buf(s.output).shape)
-        kh, j, nb = s.consts["wa"].shape[:3]
+        kh, j, nb = self.step_consts(s)["wa"].shape[:3]
         sh, sw = a["stride"]
         ph, pw = a["padding"]
         hp, wp = h + 2 * ph, w + 2 * pw
@@ -369,7 +405,7 @@ class CPrinter:
         (nq_requantize16_hi), else 64-bit lanes (nq_requantize16)."""
         lo, hi = s.node.attrs["clamp"]
         M, S = self.const_name(s, "multv"), self.const_name(s, "shiftv")
-        if "rqv" in s.consts:
+        if s.plan.hi_requant:
             R, T = self.const_name(s, "rqv"), self.const_name(s, "tv")
             o(f"const __m512i q = _mm512_min_epi32(_mm512_max_epi32(nq_requantize16_hi({acc}, "
               f"_mm512_loadu_si512((const void *)({M} + 16 * b)), _mm512_loadu_si512((const void *)({R} + 16 * b)), "
@@ -437,10 +473,10 @@ class CPrinter:
             return (f"(((o / {blk}) * {npairs} + (kh * KW + kw) / 2) * 2 + o % 8 / 4) * {blk} "
                     f"+ 2 * (4 * (o % {blk} / 8) + o % 4) + (kh * KW + kw) % 2")
         if layout in ("wv", "ww"):
-            ck, ob, lanes, kk = s.consts[layout].shape[2:]
+            ck, ob, lanes, kk = self.step_consts(s)[layout].shape[2:]
             return (f"((((kh * KW + kw) * {ck} + k / {kk}) * {ob} + o / {lanes}) * {lanes} + o % {lanes}) * {kk} "
                     f"+ k % {kk}")
-        j, nb = s.consts["wa"].shape[1:3]
+        j, nb = self.step_consts(s)["wa"].shape[1:3]
         return (f"(((kh * {j} + (kw * C + k) / 64) * {nb} + o / 16) * 16 + (kw * C + k) % 64 / 4) * 64 "
                 f"+ o % 16 * 4 + (kw * C + k) % 4")
 
@@ -800,7 +836,7 @@ class CPrinter:
         program.resample_taps, in torch's order: along W within each of the K source rows, then the
         rows weighted along H, each sum left to right."""
         x = s.inputs[0]
-        k = s.consts["hidx"].shape[1]
+        k = s.plan.hidx.shape[1]
         c, oh, ow = self.coords(o, s.output, ("c", "oh", "ow"))
         hi, hw, wi, ww = (self.const_name(s, key) for key in ("hidx", "hwt", "widx", "wwt"))
         o(f"const int32_t *hi = {hi} + {oh} * {k}, *wi = {wi} + {ow} * {k};")
@@ -878,13 +914,13 @@ class CPrinter:
             return {}
         if path == "dw":
             return {"": {"wd", "biasd", "multd", "shiftd"}}
-        shifts = {"rqv", "tv"} if "rqv" in s.consts else {"shiftv"}
+        shifts = {"rqv", "tv"} if s.plan.hi_requant else {"shiftv"}
         w = self.WEIGHTS[path]
         fallback = {w, "bias", "mult", "shift"}
         if path == "vnni":
-            fast = {w, "multv", "biasx" if "biasx" in s.consts else "biasv"} | shifts
+            fast = {w, "multv", "biasx" if s.plan.signed_input else "biasv"} | shifts
         elif path == "avx2":
-            fast = {w, "biasv"} | ({"multv", "rqv", "tv"} if "rqv" in s.consts else {"mult", "shift"})
+            fast = {w, "biasv"} | ({"multv", "rqv", "tv"} if s.plan.hi_requant else {"mult", "shift"})
         else:   # AMX: the portable kernel runs too where Linux refuses the tiles
             fast = {w, "multv", "biasv"} | shifts
             return {"NQ_AMX": fast - fallback, "": fallback}
@@ -922,9 +958,8 @@ class CPrinter:
                                f"  /* {arr.size} x {ctype} */")
                     self.blob += data
                     continue
-                text = c_array(ctype, name, arr, self.const_qualifier)
-                if key in self.SIMD_ONLY:  # vector loads
-                    text = text.replace("] = {", "] __attribute__((aligned(64))) = {", 1)
+                text = c_array(ctype, name, arr, self.const_qualifier,   # vector loads: aligned
+                               "__attribute__((aligned(64)))" if key in self.SIMD_ONLY else "")
                 out.append(f"#if {guard}\n{text}#endif\n" if guard else text)
         return "\n".join(out)
 
@@ -993,49 +1028,17 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
         o.close()
         return o.text()
 
+    def device_entry_declaration(self) -> str:
+        """Declarations the header adds after {name}_set_num_threads (the CUDA target's device entry point)."""
+        return ""
+
     def header(self) -> str:
         p = self.p
         n = p.name
         in_c, in_h, in_w = self.hwc(self.buf(p.input).shape)
-        return f"""{self.header_comment()}#ifndef {n.upper()}_H
-#define {n.upper()}_H
-#include <stddef.h>
-#include <stdint.h>
-#ifdef __cplusplus
-extern "C" {{
-#endif
-
-#define {n.upper()}_INPUT_C {in_c}
-#define {n.upper()}_INPUT_H {in_h}
-#define {n.upper()}_INPUT_W {in_w}
-#define {n.upper()}_CLASSES {p.classes}
-#define {n.upper()}_INT_OUTPUT_SIZE {self.buf(p.int_output).elements}
-
-/* images: n float32 images, NCHW, RGB scaled to [0, 1]; scores: n x CLASSES floats.
- * images_len and scores_len are the buffer lengths in ELEMENTS (floats, not bytes): nothing is
- * read or written unless images_len >= n * INPUT_C * INPUT_H * INPUT_W and
- * scores_len >= n * CLASSES (e.g. 2 CIFAR images: images_len >= 2 * 3072 = 6144, scores_len >= 20).
- * Returns 0, or 1 (bad argument), 2 (an input value is NaN or infinite) or
- * 5 (a buffer is shorter than n images or n outputs). */
-int {n}_predict(const float *images, size_t images_len, int n, float *scores, size_t scores_len);
-/* The same from quantized input: n int8 tensors (NCHW) of the network's quantized input,
- * qimages_len >= n x the quantized input size in int8 elements
- * (returns 4 where the input feeds float layers besides its quantization: no such entry). */
-int {n}_predict_int8(const int8_t *qimages, size_t qimages_len, int n, float *scores, size_t scores_len);
-/* The integer output tensor (before dequantization), n x INT_OUTPUT_SIZE, for bit-exact checks;
- * out_len >= n * INT_OUTPUT_SIZE int32 elements, else 5. */
-int {n}_predict_int(const float *images, size_t images_len, int n, int32_t *out, size_t out_len);
-/* Threads used over the batch (OpenMP); 0 leaves the default. Returns the number in use. */
-int {n}_set_num_threads(int threads);
-const char *{n}_error_string(int code);
-/* The convolution kernels in use: "amx", "avx512-vnni", "avx2" or "portable" (CUDA: "cuda-mma" or "cuda-dp4a"). */
-const char *{n}_kernels(void);
-
-#ifdef __cplusplus
-}}
-#endif
-#endif
-"""
+        return fill("c_header.h.in", header_comment=self.header_comment(), NET=n.upper(), net=n, in_c=in_c, in_h=in_h,
+                    in_w=in_w, classes=p.classes, int_out=self.buf(p.int_output).elements,
+                    device_entry=self.device_entry_declaration())
 
     def source(self) -> str:
         return "".join(self.source_chunks())
@@ -1046,61 +1049,9 @@ const char *{n}_kernels(void);
         n = p.name
         in_size = self.buf(p.input).elements
         q_size = self.buf(p.int_input).elements if p.int_input else 0
-        yield f"""{self.header_comment()}#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
-#define _DEFAULT_SOURCE  /* syscall() under -std=c11, to ask Linux for the AMX tile state */
-#endif
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
-/* the AVX-512 VNNI conv kernels when the compiler targets such a CPU (-march=native there),
- * else the AVX2 ones where it targets AVX2; the portable scalar kernels otherwise, or with
- * -DNQ_NO_SIMD */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(NQ_NO_SIMD)
-#define NQ_VNNI 1
-#include <immintrin.h>
-#else
-#define NQ_VNNI 0
-#endif
-#if !NQ_VNNI && defined(__AVX2__) && !defined(NQ_NO_SIMD)
-#define NQ_AVX2 1
-#include <immintrin.h>
-#else
-#define NQ_AVX2 0
-#endif
-/* AMX tiles (Sapphire Rapids and newer) when the compiler targets them, used once Linux grants
- * this process the tile state (arch_prctl); the VNNI or portable kernels otherwise, or with
- * -DNQ_NO_AMX */
-#if NQ_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__) && !defined(NQ_NO_AMX)
-#define NQ_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define NQ_AMX 0
-#endif
-#include "{n}.h"
-#include "{RUNTIME_HEADER}"
-#ifdef _OPENMP
-#include <omp.h>
-/* split a kernel's n pieces of work (macs multiply-adds in all) across threads: only outside a
- * parallel region (images of a batch already run in parallel), where there is more than one
- * piece, and where the work outweighs waking the threads (a ResNet-20 conv of 2.4M MACs runs in
- * about 10 us on one core: not split; a ResNet-50 conv of 100M+ MACs is) */
-#ifndef NQ_SPLIT_MIN_MACS
-#define NQ_SPLIT_MIN_MACS 16000000L
-#endif
-#define NQ_SPLIT(n, macs) ((macs) >= NQ_SPLIT_MIN_MACS && (n) > 1 && !omp_in_parallel() && omp_get_max_threads() > 1)
-#else
-#define NQ_SPLIT(n, macs) 0
-#endif
-
-#define ARENA_BYTES {max(p.arena_bytes, 64)}
-#define IN_SIZE {in_size}
-#define Q_SIZE {q_size}
-#define CLASSES {p.classes}
-#define INT_OUT {self.buf(p.int_output).elements}
-
-/* ---- constants: int8 weights in the layout of each kernel, int32 bias, requantization (M, shift) ---- */
-"""
+        yield fill("c_prelude.c.in", header_comment=self.header_comment(), net=n, runtime_header=RUNTIME_HEADER,
+                   arena_bytes=max(p.arena_bytes, 64), in_size=in_size, q_size=q_size, classes=p.classes,
+                   int_out=self.buf(p.int_output).elements)
         yield self.constants() + "\n"
         yield self.blob_decl()
         yield self.amx_runtime() + "\n"
@@ -1112,92 +1063,7 @@ const char *{n}_kernels(void);
         yield from self.step_function_texts()
         yield "\n/* ---- one image ---- */\n"
         yield self.run_one() + "\n"
-        yield f"""static _Thread_local uint8_t nq_arena[ARENA_BYTES] __attribute__((aligned(64)));
-
-static int run_batch(const float *images, const int8_t *qimages, size_t in_len, int n,
-                     float *scores, int32_t *int_out, size_t out_len) {{
-    if (n < 0 || (!images && !qimages) || (!scores && !int_out)) return NQ_ERR_ARGUMENT;
-    /* lengths in elements, checked before any read or write: a short buffer is an error, never
-     * an out-of-bounds access (size_t products: n <= INT_MAX times a tensor size cannot wrap) */
-    if (in_len < (size_t)n * (images ? (size_t)IN_SIZE : (size_t)Q_SIZE) ||
-        out_len < (size_t)n * (scores ? (size_t)CLASSES : (size_t)INT_OUT)) return NQ_ERR_BUFFER;
-    if (images) {{
-        int bad = 0;
-        /* one image runs on the calling thread: waking the others would only cost time */
-#pragma omp parallel for schedule(static) reduction(| : bad) if (n > 1)
-        for (long i = 0; i < (long)n * IN_SIZE; ++i)
-            bad |= !isfinite(images[i]);
-        if (bad) return NQ_ERR_NONFINITE;
-    }}
-#if NQ_AMX
-    nq_amx_request();
-#endif
-    /* images in parallel where the batch has one for each thread; else one image after the
-     * other, each kernel splitting its rows across the threads (NQ_SPLIT) */
-#ifdef _OPENMP
-    const int by_image = n > 1 && n >= omp_get_max_threads();
-#else
-    const int by_image = 0;
-#endif
-#pragma omp parallel for schedule(static) if (by_image)
-    for (int i = 0; i < n; ++i) {{
-        float local[CLASSES];
-#if NQ_AMX
-        nq_tilecfg saved;
-        if (nq_amx_state == 1) _tile_storeconfig(&saved);
-#endif
-        run_one(images ? images + (long)i * IN_SIZE : NULL, qimages ? qimages + (long)i * Q_SIZE : NULL,
-                scores ? scores + (long)i * CLASSES : local, int_out ? int_out + (long)i * INT_OUT : NULL,
-                nq_arena);
-#if NQ_AMX
-        if (nq_amx_state == 1) nq_amx_restore(&saved);
-#endif
-    }}
-    return NQ_OK;
-}}
-
-int {n}_predict(const float *images, size_t images_len, int n, float *scores, size_t scores_len) {{
-    return images ? run_batch(images, NULL, images_len, n, scores, NULL, scores_len) : NQ_ERR_ARGUMENT;
-}}
-
-int {n}_predict_int8(const int8_t *qimages, size_t qimages_len, int n, float *scores, size_t scores_len) {{
-    if (!Q_SIZE) return NQ_ERR_UNSUPPORTED;
-    return qimages ? run_batch(NULL, qimages, qimages_len, n, scores, NULL, scores_len) : NQ_ERR_ARGUMENT;
-}}
-
-int {n}_predict_int(const float *images, size_t images_len, int n, int32_t *out, size_t out_len) {{
-    return images && out ? run_batch(images, NULL, images_len, n, NULL, out, out_len) : NQ_ERR_ARGUMENT;
-}}
-
-int {n}_set_num_threads(int threads) {{
-#ifdef _OPENMP
-    if (threads > 0) omp_set_num_threads(threads);
-    return omp_get_max_threads();
-#else
-    (void)threads;
-    return 1;
-#endif
-}}
-
-const char *{n}_error_string(int code) {{
-    switch (code) {{
-    case NQ_OK: return "ok";
-    case NQ_ERR_ARGUMENT: return "bad argument (null pointer or negative count)";
-    case NQ_ERR_NONFINITE: return "an input value is NaN or infinite";
-    case NQ_ERR_UNSUPPORTED: return "no int8-input entry point: the network input feeds float layers besides its quantization";
-    case NQ_ERR_BUFFER: return "a buffer is shorter than n images or n outputs";
-    default: return "unknown error";
-    }}
-}}
-
-const char *{n}_kernels(void) {{
-#if NQ_AMX
-    nq_amx_request();
-    if (nq_amx_state == 1) return "amx";
-#endif
-    return NQ_VNNI ? "avx512-vnni" : NQ_AVX2 ? "avx2" : "portable";
-}}
-"""
+        yield fill("c_entry.c.in", net=n)
 
     def simd_runtime(self) -> str:
         convs = [s for s in self.p.steps if s.kind == "conv" and self.conv_path(s) in ("vnni", "avx2")]
@@ -1213,82 +1079,15 @@ static _Thread_local uint8_t nq_vpad[{-(-max(staged, 64) // 64) * 64}] __attribu
 
     def amx_runtime(self) -> str:
         pad, acc = self.amx_buffers()
-        return f"""#if NQ_AMX
-/* ---- AMX: the tile state is granted per process; tiles are configured per kernel ---- */
-static int nq_amx_state = -1;  /* -1 not asked yet, 0 refused, 1 granted */
-static void nq_amx_request(void) {{
-    if (nq_amx_state < 0)  /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
-        nq_amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-}}
-typedef struct {{ uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; }} nq_tilecfg;
-/* tiles 0-3: 16 int32 accumulators per row; 4, 7: MR activation rows of 64 bytes; 5, 6: 16 weight rows */
-static void nq_amx_config(int mr) {{
-    nq_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; ++t) {{ cfg.colsb[t] = 64; cfg.rows[t] = (uint8_t)(t == 5 || t == 6 ? 16 : mr); }}
-    _tile_loadconfig(&cfg);
-}}
-/* The tile configuration is per thread and other libraries in the process keep theirs across
- * calls (ONNX Runtime's MLAS loads its configuration once per thread): each image saves the
- * caller's configuration and puts it back, or releases the tiles if none was loaded. */
-static void nq_amx_restore(const nq_tilecfg *saved) {{
-    if (saved->palette) _tile_loadconfig(saved);
-    else _tile_release();
-}}
-static _Thread_local uint8_t nq_pad[{pad}] __attribute__((aligned(64)));   /* zero-padded input */
-static _Thread_local int32_t nq_acc[{acc}] __attribute__((aligned(64)));   /* MR x 16*NB sums */
-#endif
-"""
+        return fill("c_amx.c.in", pad=pad, acc=acc)
 
     def bench(self) -> str:
         n = self.p.name
-        return f"""{self.header_comment()}/* Test bench: {n}_bench IN OUT [--int]
- * IN: int32 n, then n float32 images (NCHW); OUT: n x CLASSES float32 scores
- * (with --int: n x INT_OUTPUT_SIZE int32, the integer output). */
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include "{n}.h"
-
-int main(int argc, char **argv) {{
-    if (argc < 3) {{ fprintf(stderr, "usage: %s IN OUT [--int]\\n", argv[0]); return 2; }}
-    int as_int = argc > 3 && strcmp(argv[3], "--int") == 0;
-    FILE *f = fopen(argv[1], "rb");
-    if (!f) {{ perror(argv[1]); return 1; }}
-    int n = 0;
-    const long per = (long){n.upper()}_INPUT_C * {n.upper()}_INPUT_H * {n.upper()}_INPUT_W;
-    if (fread(&n, sizeof n, 1, f) != 1 || n < 0) {{ fprintf(stderr, "%s: bad header\\n", argv[1]); return 1; }}
-    float *x = malloc(sizeof(float) * per * (n ? n : 1));
-    if (!x || fread(x, sizeof(float), per * n, f) != (size_t)(per * n)) {{
-        fprintf(stderr, "%s: expected %d images of %ld floats\\n", argv[1], n, per); return 1; }}
-    fclose(f);
-    long outn = (long)n * (as_int ? {n.upper()}_INT_OUTPUT_SIZE : {n.upper()}_CLASSES);
-    void *y = malloc(4 * (outn ? outn : 1));
-    int rc = as_int ? {n}_predict_int(x, (size_t)(per * n), n, y, (size_t)outn)
-                    : {n}_predict(x, (size_t)(per * n), n, y, (size_t)outn);
-    if (rc) {{ fprintf(stderr, "predict: %s\\n", {n}_error_string(rc)); return 1; }}
-    FILE *g = fopen(argv[2], "wb");
-    if (!g || fwrite(y, 4, outn, g) != (size_t)outn) {{ perror(argv[2]); return 1; }}
-    fclose(g);
-    free(x); free(y);
-    return 0;
-}}
-"""
+        return fill("c_bench.c.in", header_comment=self.header_comment(), net=n, NET=n.upper())
 
     def makefile(self, cflags: str) -> str:
         n = self.p.name
-        return f"""# Generated by netquant {__version__}. make: lib{n}.so and the test bench {n}_bench
-CC ?= cc
-CFLAGS ?= {cflags}
-all: lib{n}.so {n}_bench
-lib{n}.so: {n}.c {n}.h {RUNTIME_HEADER} {n}_weights.bin
-\t$(CC) $(CFLAGS) -shared -o $@ {n}.c -lm
-{n}_bench: main.c lib{n}.so
-\t$(CC) $(CFLAGS) -o $@ main.c {n}.c -lm
-clean:
-\trm -f lib{n}.so {n}_bench
-"""
+        return fill("c_makefile.in", version=__version__, net=n, cflags=cflags, runtime_header=RUNTIME_HEADER)
 
     def write(self, folder, cflags: str) -> dict:
         """Write every file into ``folder`` (a pathlib.Path), the library source piece by piece as
@@ -1308,7 +1107,7 @@ clean:
         sizes[src] = (lines, size)
         write_bytes(folder / self.blob_file(), bytes(self.blob))
         sizes[self.blob_file()] = (0, len(self.blob))
-        runtime = resources.files("netquant.codegen").joinpath("runtime", RUNTIME_HEADER).read_text()
+        runtime = runtime_text(RUNTIME_HEADER)
         for name, text in {f"{n}.h": self.header(), RUNTIME_HEADER: runtime, "main.c": self.bench(),
                            "Makefile": self.makefile(cflags)}.items():
             write_text(folder / name, text)
@@ -1327,6 +1126,6 @@ clean:
 
     def files(self, cflags: str) -> dict:
         n = self.p.name
-        runtime = resources.files("netquant.codegen").joinpath("runtime", RUNTIME_HEADER).read_text()
+        runtime = runtime_text(RUNTIME_HEADER)
         return {f"{n}.h": self.header(), f"{n}{self.file_suffix}": self.source(), RUNTIME_HEADER: runtime,
                 "main.c": self.bench(), "Makefile": self.makefile(cflags)}

@@ -40,7 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..quant.numerics import dtype_range
-from .program import SIGNED_OFFSET, Step
+from .program import Step
+from .x86_pack import SIGNED_OFFSET
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class SimdConv:
         isa, a = self.isa, s.node.attrs
         c, h, w = self.pr.hwc(self.pr.buf(s.inputs[0]).shape)
         oc, oh, ow = self.pr.hwc(self.pr.buf(s.output).shape)
-        kh, kw, ck, ob = s.consts[isa.weights].shape[:4]
+        kh, kw, ck, ob = self.pr.step_consts(s)[isa.weights].shape[:4]
         ph, pw = a["padding"]
         signed = self.pr.buf(s.inputs[0]).dtype == "int8"
         staged = int(bool(ph or pw or c % isa.k or isa.elem != "uint8_t" or signed))
@@ -193,7 +194,7 @@ class SimdConv:
         esize = 2 if isa.elem == "int16_t" else 1
         vbytes = 4 * isa.lanes
         WT = self.pr.const_name(s, isa.weights)
-        B = self.pr.const_name(s, "biasx" if isa is VNNI and "biasx" in s.consts else "biasv")
+        B = self.pr.const_name(s, "biasx" if isa is VNNI and s.plan.signed_input else "biasv")
         acc = [[f"a{b}_{p}" for p in range(npix)] for b in range(nb)]
         operand = {v: i for i, v in enumerate(v for row in acc for v in row)}
         u = self.unroll(g)
@@ -245,7 +246,7 @@ class SimdConv:
         M = pr.const_name(s, "multv")
         for b in range(nb):
             off = f"{lanes} * ({b0} + {b})"
-            if "rqv" in s.consts:
+            if s.plan.hi_requant:
                 o(f"const {vtype} m{b} = {load}((const void *)({M} + {off})), "
                   f"r{b} = {load}((const void *)({pr.const_name(s, 'rqv')} + {off})), "
                   f"t{b} = {load}((const void *)({pr.const_name(s, 'tv')} + {off}));")
@@ -270,7 +271,7 @@ class SimdConv:
         count = {b: f"(O - {L} * ({b0} + {b}) < {L} ? O - {L} * ({b0} + {b}) : {L})" for b in range(nb)}
         if g["O"] % L == 0:
             count = {b: str(L) for b in range(nb)}
-        if "rqv" not in s.consts and isa is AVX2:
+        if not s.plan.hi_requant and isa is AVX2:
             M, S = self.pr.const_name(s, "mult"), self.pr.const_name(s, "shift")
             o("int32_t lane[8];")
             for p, b, a in pixels:
@@ -283,7 +284,7 @@ class SimdConv:
         contiguous = g["O"] % L == 0 and nb == g["OB"]
         clamp = (lo, hi) != dtype_range(out_t) or not contiguous
         for p, b, a in pixels:
-            if "rqv" in s.consts:
+            if s.plan.hi_requant:
                 q = f"{isa.requant_hi}({a}, m{b}, r{b}, t{b})"
                 if clamp:
                     q = f"{v}_min_epi32({v}_max_epi32({q}, {v}_set1_epi32({lo})), {v}_set1_epi32({hi}))"
