@@ -64,7 +64,15 @@ def test_graph_kinds_are_the_table_kinds():
     from netquant.ir.graph import Node
 
     for kind in ops.GRAPH_OPS:
-        Node("n", kind)
+        lo = ops.OPS[kind].arity[0]
+        Node("n", kind, tuple(f"x{i}" for i in range(lo)))
+        if lo:
+            try:
+                Node("n", kind, tuple(f"x{i}" for i in range(lo - 1)))
+            except ValueError as e:
+                assert f"{kind} reads {lo - 1} inputs" in str(e)
+            else:
+                raise AssertionError(f"{kind} took {lo - 1} inputs")
     for kind in set(ops.OPS) - set(ops.GRAPH_OPS):
         try:
             Node("n", kind)

@@ -110,10 +110,6 @@ class Program:
     def buffer(self, name: str) -> Buffer:
         return self.buffers[name]
 
-    def weight_bytes(self) -> int:
-        """Bytes of the target-neutral tables (one copy of each; a printer's layouts may differ)."""
-        return sum(int(a.nbytes) for s in self.steps for a in s.plan.tables().values())
-
     def float_steps(self) -> tuple:
         """The steps that compute in float or replace float layers by a table: lookup tables,
         float layers (not the dequantize/quantize conversions)."""

@@ -36,7 +36,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .ops import GRAPH_OPS, WEIGHTED_OPS  # noqa: F401  (WEIGHTED_OPS: re-exported for the graph's users)
+from .ops import GRAPH_OPS, OPS, WEIGHTED_OPS  # noqa: F401  (WEIGHTED_OPS: re-exported for the graph's users)
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,10 @@ class Node:
     def __post_init__(self):
         if self.op not in GRAPH_OPS:
             raise ValueError(f"node {self.name}: unknown op {self.op!r}; known: {', '.join(GRAPH_OPS)}")
+        lo, hi = OPS[self.op].arity
+        if not lo <= len(self.inputs) <= (len(self.inputs) if hi is None else hi):
+            raise ValueError(f"node {self.name}: {self.op} reads {len(self.inputs)} inputs, expected "
+                             f"{lo if lo == hi else f'{lo} or more' if hi is None else f'{lo} to {hi}'}")
 
     @property
     def output_layer(self) -> str:

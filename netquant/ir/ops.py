@@ -90,11 +90,6 @@ def kinds(level: str) -> tuple:
     return tuple(k for k, s in OPS.items() if level in s.levels)
 
 
-def with_rule(*rules: str) -> tuple:
-    """The op kinds lowered by any of ``rules``."""
-    return tuple(k for k, s in OPS.items() if s.rule in rules)
-
-
 GRAPH_OPS = kinds(GRAPH)
 WEIGHTED_OPS = tuple(k for k, s in OPS.items() if s.weighted)
 FUSE_ACT_INTO = tuple(k for k, s in OPS.items() if s.fuses_act)

@@ -65,11 +65,6 @@ class QuantConfig:
         """The largest weight magnitude: 2^(weight_bits-1) - 1 (127 for 8 bits, 7 for 4)."""
         return 2 ** (self.weight_bits - 1) - 1
 
-    @property
-    def adjusts_weights(self) -> bool:
-        """Does calibration change the graph (CLE) or compute weight/bias adjustments?"""
-        return self.cle or self.bias_correction or self.adaround
-
     def for_layer(self, names) -> "QuantConfig":
         """The config with the overrides of any of ``names`` applied."""
         cfg = self

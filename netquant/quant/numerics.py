@@ -37,7 +37,6 @@ import math
 import numpy as np
 import torch
 
-ROUNDING = "half_up"            # floor(v + 1/2), for shifts and float->int conversion
 INT8 = (-128, 127)              # signed activations
 UINT8 = (0, 255)                # non-negative activations
 WEIGHT_RANGE = (-127, 127)      # weights are symmetric, -128 unused
