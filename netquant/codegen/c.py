@@ -561,18 +561,24 @@ class CPrinter:
         o(f"y[i] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(acc, {sh}), {lo}, {hi});")
         o.close()
 
-    def k_concat(self, s: Step, o: Source):
-        oc, h, w = self.hwc(self.buf(s.output).shape)
+    def concat_parts(self, s: Step):
+        """For each input j of concat ``s``: (j, first output channel, channels, a function giving
+        the requantized value of input element ``index`` as a C expression)."""
         lo, hi = s.node.attrs["clamp"]
         M, S = s.node.params["multiplier"], s.node.params["shift"]
-        o(f"enum {{ P = {h * w}, C = {oc} }};")
-        o.open("for (int p = 0; p < P; ++p)")
         off = 0
         for j, name in enumerate(s.inputs):
             cj = self.hwc(self.buf(name).shape)[0]
-            o(f"for (int c = 0; c < {cj}; ++c) y[p * C + {off} + c] = ({self.buf(s.output).ctype})"
-              f"nq_requantize(x{j}[p * {cj} + c], {int(M[j])}, {int(S[j])}, {lo}, {hi});")
+            yield j, off, cj, (lambda index, j=j: f"({self.buf(s.output).ctype})nq_requantize(x{j}[{index}], "
+                                                  f"{int(M[j])}, {int(S[j])}, {lo}, {hi})")
             off += cj
+
+    def k_concat(self, s: Step, o: Source):
+        oc, h, w = self.hwc(self.buf(s.output).shape)
+        o(f"enum {{ P = {h * w}, C = {oc} }};")
+        o.open("for (int p = 0; p < P; ++p)")
+        for j, off, cj, value in self.concat_parts(s):
+            o(f"for (int c = 0; c < {cj}; ++c) y[p * C + {off} + c] = {value(f'p * {cj} + c')};")
         o.close()
 
     def k_gather(self, s: Step, o: Source):
@@ -584,18 +590,26 @@ class CPrinter:
         o("y[i] = t < 0 ? 0 : x0[t];  /* -1: zero padding (real 0 is integer 0) */")
         o.close()
 
-    def _pool(self, s: Step, o: Source, kind: str):
+    def pool_enum(self, s: Step, o: Source):
+        """The shapes of pool ``s`` as one C enum (C, H, W in; OH, OW out; window, strides, padding)."""
         a = s.node.attrs
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
-        oc, oh, ow = self.hwc(self.buf(s.output).shape)
-        if len(self.buf(s.output).shape) == 1:  # global pooling written to a (C,) tensor
-            oh = ow = 1
         kh, kw = a["kernel"]
         o(f"enum {{ C = {c}, H = {h}, W = {w}, OH = {(h + 2 * a['padding'][0] - kh) // a['stride'][0] + 1}, "
           f"OW = {(w + 2 * a['padding'][1] - kw) // a['stride'][1] + 1}, KH = {kh}, KW = {kw},")
         o(f"       SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]} }};")
+
+    def _pool(self, s: Step, o: Source, kind: str):
+        self.pool_enum(s, o)
         o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
         o.open("for (int c = 0; c < C; ++c)")
+        self.pool_element_int(s, o, kind)
+        o.close().close().close()
+
+    def pool_element_int(self, s: Step, o: Source, kind: str):
+        """Output (oh, ow, c) of an integer pool (``kind`` "max" or "avg"), shared with CUDA's
+        one-thread-per-output kernel: the window's max, or its int32 sum requantized."""
+        a = s.node.attrs
         o("int32_t acc = %s;" % ("INT32_MIN" if kind == "max" else "0"))
         o.open("for (int kh = 0; kh < KH; ++kh)")
         o("const int ih = oh * SH - PH + kh;")
@@ -612,7 +626,6 @@ class CPrinter:
             lo, hi = a["clamp"]
             M, S = int(s.node.params["multiplier"][0]), int(s.node.params["shift"][0])
             o(f"y[(oh * OW + ow) * C + c] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}, {S}, {lo}, {hi});")
-        o.close().close().close()
 
     def k_maxpool(self, s: Step, o: Source):
         self._pool(s, o, "max")

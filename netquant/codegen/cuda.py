@@ -315,42 +315,18 @@ class CudaPrinter(CPrinter):
 
     def g_concat(self, s, o):
         oc = self.hwc(self.buf(s.output).shape)[0]
-        lo, hi = s.node.attrs["clamp"]
-        M, S = s.node.params["multiplier"], s.node.params["shift"]
         o(f"const int p = e / {oc}, c = e % {oc};")
-        off = 0
-        for j, name in enumerate(s.inputs):
-            cj = self.hwc(self.buf(name).shape)[0]
-            o(f"if (c >= {off} && c < {off + cj}) y[e] = ({self.buf(s.output).ctype})"
-              f"nq_requantize(x{j}[p * {cj} + c - {off}], {int(M[j])}, {int(S[j])}, {lo}, {hi});")
-            off += cj
+        for j, off, cj, value in self.concat_parts(s):
+            o(f"if (c >= {off} && c < {off + cj}) y[e] = {value(f'p * {cj} + c - {off}')};")
 
     def g_gather(self, s, o):
         o(f"const int32_t t = {self.const_name(s, 'index')}[e];")
         o("y[e] = t < 0 ? 0 : x0[t];")
 
     def _gpool(self, s, o, kind):
-        a = s.node.attrs
-        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
-        kh, kw = a["kernel"]
-        ow = (w + 2 * a["padding"][1] - kw) // a["stride"][1] + 1
-        o(f"const int c = e % {c}, pix = e / {c}, oh = pix / {ow}, ow = pix % {ow};")
-        o("int32_t acc = %s;" % ("INT32_MIN" if kind == "max" else "0"))
-        o.open(f"for (int kh = 0; kh < {kh}; ++kh)")
-        o(f"const int ih = oh * {a['stride'][0]} - {a['padding'][0]} + kh;")
-        o(f"if ((unsigned)ih >= {h}u) continue;")
-        o.open(f"for (int kw = 0; kw < {kw}; ++kw)")
-        o(f"const int iw = ow * {a['stride'][1]} - {a['padding'][1]} + kw;")
-        o(f"if ((unsigned)iw >= {w}u) continue;")
-        o(f"const int32_t v = x0[(ih * {w} + iw) * {c} + c];")
-        o("acc = v > acc ? v : acc;" if kind == "max" else "acc += v;")
-        o.close().close()
-        if kind == "max":
-            o(f"y[e] = ({self.buf(s.output).ctype})acc;")
-        else:
-            lo, hi = a["clamp"]
-            o(f"y[e] = ({self.buf(s.output).ctype})nq_requantize(acc, {int(s.node.params['multiplier'][0])}, "
-              f"{int(s.node.params['shift'][0])}, {lo}, {hi});")
+        self.pool_enum(s, o)
+        o("const int c = e % C, pix = e / C, oh = pix / OW, ow = pix % OW;")
+        self.pool_element_int(s, o, kind)   # the C kernel's body for output (oh, ow, c)
 
     def g_maxpool(self, s, o):
         self._gpool(s, o, "max")
