@@ -463,9 +463,9 @@ class CPrinter:
     def weight_index(self, s: Step, layout: str) -> str:
         """The offset of weight (o, kh, kw, k) (k: input channel within the group) in the
         ``layout`` the printed kernels read: "w" (O, KH, KW, CG); "wv" [KH][KW][CP/4][OB][16][4]
-        and "ww" [KH][KW][CP/2][OB][8][2] (program.pack_vnni, pack_avx2); "wa" [KH][J][NB][16][64]
+        and "ww" [KH][KW][CP/2][OB][8][2] (x86_pack.pack_vnni, pack_avx2); "wa" [KH][J][NB][16][64]
         with byte b = kw * C + k of filter row kh at [b / 64][o / 16][b % 64 / 4][4 (o % 16) + b % 4]
-        (program.pack_amx). The portable kernel reads the one layout the source holds."""
+        (x86_pack.pack_amx). The portable kernel reads the one layout the source holds."""
         if layout == "w":
             return "((o * KH + kh) * KW + kw) * CG + k"
         if layout == "wd":   # c_conv_dw.pack_dw: [CB][NP][2][B], lane order of _lane_channels (k = 0)

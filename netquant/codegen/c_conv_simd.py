@@ -13,7 +13,7 @@ profile    AVX-512 VNNI (``VNNI``)                  AVX2 (``AVX2``)
 =========  ======================================  ==========================================
 vector     16 int32 lanes (zmm, 32 registers)       8 int32 lanes (ymm, 16 registers)
 K, staged  4 uint8 channels; int8 input read as     2 int16 channels, uint8 or int8 input
-           x + 128 (program.vnni_bias)              widened (no offset)
+           x + 128 (x86_pack.vnni_bias)             widened (no offset)
 product    vpdpbusd: 64 u8 x s8 MACs, accumulates   vpmaddwd + vpaddd: 16 s16 x s16 MACs
 weights    "wv": [KH][KW][CP/4][OB][16][4] int8     "ww": [KH][KW][CP/2][OB][8][2] int16
 tile       OBT <= 4, OBT * P <= 24                  OBT <= 2, OBT * P <= 10

@@ -1,6 +1,8 @@
-"""A QGraph lowered for code generation: call order, a static buffer plan and constants.
+"""A QGraph lowered for code generation: call order, a static buffer plan and a typed kernel
+plan per step (its constant tables, target-neutral: ``IntConvPlan``, ``GatherPlan``, ...).
 
-Shared by the C and CUDA printers, so planning is written and tested once.
+Shared by the C and CUDA printers, so planning is written and tested once; each printer lays the
+tables out for the kernels it prints (the x86 weight layouts: ``x86_pack.py``).
 
 Layout: every tensor of one image in the arena, integer or float, is stored channels-last,
 (H, W, C) row-major, so a conv reads the C input channels of a pixel contiguously (the inner loop
