@@ -508,14 +508,19 @@ class CPrinter:
     def k_linear(self, s: Step, o: Source):
         k = self.buf(s.inputs[0]).elements
         oc = self.buf(s.output).elements
-        lo, hi = s.node.attrs["clamp"]
-        W, B, M, S = (self.const_name(s, key) for key in ("w", "bias", "mult", "shift"))
         o(f"enum {{ K = {k}, O = {oc} }};")
         o.open("for (int o = 0; o < O; ++o)")
-        o(f"int32_t acc = {B}[o];")
-        o(f"for (int k = 0; k < K; ++k) acc += (int32_t)x0[k] * (int32_t){W}[o * K + k];")
-        o(f"y[o] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
+        self.linear_output(s, o, "o")
         o.close()
+
+    def linear_output(self, s: Step, o: Source, i: str):
+        """Output ``i`` of integer linear ``s`` (K, its input length, is an enum of the caller):
+        shared with CUDA's one-thread-per-output kernel."""
+        lo, hi = s.node.attrs["clamp"]
+        W, B, M, S = (self.const_name(s, key) for key in ("w", "bias", "mult", "shift"))
+        o(f"int32_t acc = {B}[{i}];")
+        o(f"for (int k = 0; k < K; ++k) acc += (int32_t)x0[k] * (int32_t){W}[{i} * K + k];")
+        o(f"y[{i}] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[{i}], {S}[{i}], {lo}, {hi});")
 
     def k_add(self, s: Step, o: Source):
         n = self.buf(s.output).elements
@@ -557,9 +562,16 @@ class CPrinter:
             o.close()
         o("#endif")
         o.open("for (; i < N; ++i)")
-        o(f"int64_t acc = (int64_t)x0[i] * {int(m[0])} + (int64_t)x1[i] * {int(m[1])};")
-        o(f"y[i] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(acc, {sh}), {lo}, {hi});")
+        self.add_element(s, o, "i")
         o.close()
+
+    def add_element(self, s: Step, o: Source, i: str):
+        """Element ``i`` of integer add ``s`` (shared with CUDA): both inputs times their
+        multipliers, one rounding shift, clamp."""
+        lo, hi = s.node.attrs["clamp"]
+        m, sh = s.node.params["multiplier"], int(s.node.params["shift"][0])
+        o(f"int64_t acc = (int64_t)x0[{i}] * {int(m[0])} + (int64_t)x1[{i}] * {int(m[1])};")
+        o(f"y[{i}] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(acc, {sh}), {lo}, {hi});")
 
     def concat_parts(self, s: Step):
         """For each input j of concat ``s``: (j, first output channel, channels, a function giving
@@ -582,13 +594,15 @@ class CPrinter:
         o.close()
 
     def k_gather(self, s: Step, o: Source):
-        n = self.buf(s.output).elements
-        idx = self.const_name(s, "index")
-        o(f"enum {{ N = {n} }};")
+        o(f"enum {{ N = {self.buf(s.output).elements} }};")
         o.open("for (int i = 0; i < N; ++i)")
-        o(f"const int32_t t = {idx}[i];")
-        o("y[i] = t < 0 ? 0 : x0[t];  /* -1: zero padding (real 0 is integer 0) */")
+        self.gather_element(s, o, "i")
         o.close()
+
+    def gather_element(self, s: Step, o: Source, i: str):
+        """Element ``i`` of integer gather ``s`` (shared with CUDA)."""
+        o(f"const int32_t t = {self.const_name(s, 'index')}[{i}];")
+        o(f"y[{i}] = t < 0 ? 0 : x0[t];  /* -1: zero padding (real 0 is integer 0) */")
 
     def pool_enum(self, s: Step, o: Source):
         """The shapes of pool ``s`` as one C enum (C, H, W in; OH, OW out; window, strides, padding)."""
@@ -634,9 +648,12 @@ class CPrinter:
         self._pool(s, o, "avg")
 
     def k_act(self, s: Step, o: Source):
+        o(f"for (int i = 0; i < {self.buf(s.output).elements}; ++i) y[i] = {self.act_value(s, 'i')};")
+
+    def act_value(self, s: Step, i: str) -> str:
+        """Element ``i`` of integer act ``s``, clamped (a C expression, shared with CUDA)."""
         lo, hi = s.node.attrs["clamp"]
-        o(f"for (int i = 0; i < {self.buf(s.output).elements}; ++i) y[i] = "
-          f"({self.buf(s.output).ctype})nq_clamp(x0[i], {lo}, {hi});")
+        return f"({self.buf(s.output).ctype})nq_clamp(x0[{i}], {lo}, {hi})"
 
     def k_dequantize(self, s: Step, o: Source):
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)

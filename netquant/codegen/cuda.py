@@ -298,20 +298,13 @@ class CudaPrinter(CPrinter):
         o.close().close().close()
         o.close()
 
+    # integer kinds whose C kernel is a loop over outputs: the C printer's body, for output e
     def g_linear(self, s, o):
-        k = self.buf(s.inputs[0]).elements
-        lo, hi = s.node.attrs["clamp"]
-        W, B, M, S = (self.const_name(s, key) for key in ("w", "bias", "mult", "shift"))
-        o(f"int32_t acc = {B}[e];")
-        o(f"for (int k = 0; k < {k}; ++k) acc += (int32_t)x0[k] * (int32_t){W}[e * {k} + k];")
-        o(f"y[e] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[e], {S}[e], {lo}, {hi});")
+        o(f"enum {{ K = {self.buf(s.inputs[0]).elements} }};")
+        self.linear_output(s, o, "e")
 
     def g_add(self, s, o):
-        lo, hi = s.node.attrs["clamp"]
-        m = s.node.params["multiplier"]
-        o(f"const int64_t acc = (int64_t)x0[e] * {int(m[0])} + (int64_t)x1[e] * {int(m[1])};")
-        o(f"y[e] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(acc, {int(s.node.params['shift'][0])}), "
-          f"{lo}, {hi});")
+        self.add_element(s, o, "e")
 
     def g_concat(self, s, o):
         oc = self.hwc(self.buf(s.output).shape)[0]
@@ -320,8 +313,7 @@ class CudaPrinter(CPrinter):
             o(f"if (c >= {off} && c < {off + cj}) y[e] = {value(f'p * {cj} + c - {off}')};")
 
     def g_gather(self, s, o):
-        o(f"const int32_t t = {self.const_name(s, 'index')}[e];")
-        o("y[e] = t < 0 ? 0 : x0[t];")
+        self.gather_element(s, o, "e")
 
     def _gpool(self, s, o, kind):
         self.pool_enum(s, o)
@@ -335,8 +327,7 @@ class CudaPrinter(CPrinter):
         self._gpool(s, o, "avg")
 
     def g_act(self, s, o):
-        lo, hi = s.node.attrs["clamp"]
-        o(f"y[e] = ({self.buf(s.output).ctype})nq_clamp(x0[e], {lo}, {hi});")
+        o(f"y[e] = {self.act_value(s, 'e')};")
 
     def g_dequantize(self, s, o):
         scale = float(np.float32(s.node.scale)).hex() + "f"
