@@ -27,6 +27,8 @@ SPEC_FLAGS = {"mean": "--mean", "std": "--std", "channel_order": "--channel-orde
 
 
 from .errors import ArgumentError, NetquantError  # noqa: E402  (arguments are checked before any work starts)
+from .quant.config import (ARM_ISAS, CODEGEN_TARGETS, CROSS_TRIPLES, ENGINES, GRANULARITIES,  # noqa: E402
+                           ISA_FLAGS, MICRO_CPUS, RANGE_METHODS, SCALES, TARGETS, image_count)
 
 
 # --- arguments ----------------------------------------------------------------------------------
@@ -760,11 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="when training completes, write <name>.safetensors and <name>.json here")
 
     def quant_options(c, validation=False, env_flag="--target"):
-        c.add_argument(env_flag, dest="target", default="gpu", choices=("gpu", "cpu", "fpga", "matlab"),
+        c.add_argument(env_flag, dest="target", default="gpu", choices=tuple(TARGETS),
                        help="execution environment: picks the default scheme (default: %(default)s)")
-        c.add_argument("--scale", choices=("float", "pow2"), help="override the target's scale kind")
-        c.add_argument("--granularity", choices=("per_channel", "per_tensor"), help="weight scale granularity")
-        c.add_argument("--range-method", choices=("minmax", "percentile", "entropy", "mse"),
+        c.add_argument("--scale", choices=SCALES, help="override the target's scale kind")
+        c.add_argument("--granularity", choices=GRANULARITIES, help="weight scale granularity")
+        c.add_argument("--range-method", choices=RANGE_METHODS,
                        help="activation range method")
         c.add_argument("--calibration", type=int, help=f"calibration images from the training set (default: "
                                                        f"{DEFAULT_CALIBRATION}, or all of a smaller set)")
@@ -792,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant_options(c, validation=True)
     c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
     c.add_argument("--metric", action="append", help="top1, top5 or module:function (repeatable)")
-    c.add_argument("--engine", choices=("python", "c"), default="python",
+    c.add_argument("--engine", choices=ENGINES, default="python",
                    help="what runs the int8 side: python, the integer reference executor (default), or c, the "
                         "generated C library built for this CPU (needs a C compiler; bit-exact with it, and much "
                         "faster on large networks and sets)")
@@ -815,17 +817,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("codegen", cmd_codegen, "generate C for the int8 network, build it, write the report")
     quant_options(c, env_flag="--environment")
     c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
-    c.add_argument("--target", dest="codegen_target", default="c", choices=("c", "cuda", "micro"),
+    c.add_argument("--target", dest="codegen_target", default="c", choices=CODEGEN_TARGETS,
                    help="code generation target (micro: Arm Cortex-M, C99 without heap, see --cpu)")
-    c.add_argument("--cpu", default="cortex-m4", choices=("cortex-m3", "cortex-m4", "cortex-m7", "cortex-m55"),
+    c.add_argument("--cpu", default="cortex-m4", choices=MICRO_CPUS,
                    help="--target micro: the Cortex-M core (m4/m7: DSP SMLAD kernels, m55: MVE; default: %(default)s)")
-    c.add_argument("--cross", choices=("aarch64-linux-gnu",),
+    c.add_argument("--cross", choices=CROSS_TRIPLES,
                    help="cross-build for Arm Cortex-A (aarch64) with that toolchain; --isa neon (dot product, "
                         "default), neon-v8 or scalar")
     c.add_argument("--arch", default="sm_90", help="GPU architecture for --target cuda (default: %(default)s)")
     c.add_argument("--tensor-cores", action="store_true",
                    help="--target cuda, sm_80 and newer: convolutions on int8 tensor cores (mma.sync) instead of dp4a")
-    c.add_argument("--isa", default="native", choices=("native", "avx512", "avx2", "scalar", "neon", "neon-v8"),
+    c.add_argument("--isa", default="native", choices=tuple(ISA_FLAGS) + ARM_ISAS,
                    help="native: this CPU's best kernels (AMX, else AVX-512 VNNI); avx512: VNNI even where AMX "
                         "is present; scalar: the portable path; neon (Armv8.2-A SDOT) and neon-v8 (plain NEON): "
                         "with --cross aarch64-linux-gnu, or on an Arm host")
@@ -853,15 +855,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _count(text: str):
-    if text == "all":
-        return "all"
     try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
-    return n
+        return image_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _deliberate(e: BaseException) -> bool:

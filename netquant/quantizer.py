@@ -36,7 +36,8 @@ from .ir.graph import WEIGHTED_OPS, Graph
 from .ir.input_spec import InputSpec, apply_input_spec
 from .metrics import agreement, mcnemar, paired_bootstrap, resolve_metric, sqnr_db
 from .progress import Progress, report
-from .quant.config import QuantConfig, target_config
+from .quant import numerics as nx
+from .quant.config import ENGINES, QuantConfig, target_config
 from .quant.int4 import is_int4, packed_size, weight_bits
 from .quant.lower import float_reasons, lower
 from .quant.qgraph import QGraph
@@ -352,7 +353,7 @@ class Quantizer:
         executor, the only one that keeps every intermediate tensor."""
         import pandas as pd
 
-        if engine not in ("python", "c"):
+        if engine not in ENGINES:
             raise ValueError(f"validate: engine must be 'python' (the reference executor) or 'c' (the compiled C "
                              f"library), got {engine!r}")
         x, labels, source = self._labelled_images(images, "validation")
@@ -593,13 +594,12 @@ def _row_scale(s, qn, qnodes, op):
     if s.kind == "Bias" and "weight_scale" in qn.params:
         src = qnodes[qn.inputs[0]]
         bs = src.scale * qn.params["weight_scale"]
-        return float(bs.max()), "int32", float(bs.max() * (2 ** 31 - 1))
+        return float(bs.max()), "int32", float(bs.max() * nx.INT32[1])
     if qn.quantized:
-        levels = 255 if qn.dtype == "uint8" else 127
-        return qn.scale, qn.dtype, qn.scale * levels
+        return qn.scale, qn.dtype, qn.scale * nx.dtype_range(qn.dtype)[1]
     if (f"{s.node}_quantize") in qnodes:  # a float tensor quantized on its way into an int layer
         q = qnodes[f"{s.node}_quantize"]
-        return q.scale, q.dtype, q.scale * (255 if q.dtype == "uint8" else 127)
+        return q.scale, q.dtype, q.scale * nx.dtype_range(q.dtype)[1]
     return math.nan, "float32", math.nan
 
 

@@ -91,12 +91,13 @@ EMULATION = r"""
 struct nq_dim3 { unsigned x; };
 static nq_dim3 blockIdx, blockDim;
 enum { cudaSuccess = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
-static int cudaMalloc(void **p, size_t n) { *p = calloc(1, n ? n : 1); return *p ? 0 : 1; }
+typedef int cudaError_t;
+static int cudaMalloc(void **p, size_t n) { *p = calloc(1, n ? n : 1); return *p ? 0 : 2; }  /* 2: out of memory */
 static int cudaFree(void *p) { free(p); return 0; }
 static int cudaMemcpy(void *d, const void *s, size_t n, int) { memcpy(d, s, n); return 0; }
 static int cudaGetLastError(void) { return 0; }
 static int cudaDeviceSynchronize(void) { return 0; }
-static const char *cudaGetErrorString(int) { return "emulated"; }
+static const char *cudaGetErrorString(int e) { return e == 2 ? "out of memory" : "emulated"; }
 /* PTX dp4a.u32.s32: four unsigned bytes of a times four signed bytes of b */
 static inline int32_t nq_dp4a(uint32_t a, uint32_t b) {
     int32_t s = 0;
@@ -205,18 +206,8 @@ def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifa
     """Without a GPU: the generated kernels and host runtime, run lane by lane on the CPU (tests
     the indexing, memory plan, dp4a packing, tensor-core fragments (sm_90) and requantization of
     the CUDA source; the GPU check confirms it on the hardware)."""
-    import subprocess
-
-    from netquant.codegen.build import CompiledNetwork
-
-    gen = generate(qnet, tmp_path, name="net", target="cuda", tensor_cores=tensor_cores)
+    net = _emulated(qnet.qgraph, tmp_path, tensor_cores)
     assert ("asm volatile(\"mma.sync" in (tmp_path / "net.cu").read_text()) == tensor_cores
-    emu = tmp_path / "net_emulated.cpp"
-    emu.write_text(emulate((tmp_path / "net.cu").read_text()))
-    lib = tmp_path / "libnet_emulated.so"
-    subprocess.run(["g++", "-O2", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-o", str(lib), str(emu)],
-                   check=True, cwd=tmp_path, capture_output=True)
-    net = CompiledNetwork(lib, gen.program)
     x = to_float(cifar.test.images[:12])
     name = qnet.qgraph.int_output()
     ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
@@ -224,3 +215,58 @@ def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifa
     assert np.abs(net.predict(x) - qnet.run(x)).max() < 1e-6
     qin = run_int8(qnet.qgraph, torch.from_numpy(x), keep=["input_quantize"])["input_quantize"].numpy()
     assert np.array_equal(net.predict_int8(qin.astype(np.int8)), net.predict(x))
+    # a CUDA call that fails (cudaMalloc of 2^31 - 1 arenas): NQ_ERR_RUNTIME, and the message is
+    # that call's own code (the emulated cudaGetLastError always reports success)
+    import ctypes
+
+    f = ctypes.POINTER(ctypes.c_float)
+    device = net.lib.net_predict_device
+    device.argtypes, device.restype = [f, ctypes.c_size_t, ctypes.c_int, f, ctypes.c_size_t], ctypes.c_int
+    dummy = np.zeros(1, np.float32).ctypes.data_as(f)
+    n = 2 ** 31 - 1
+    assert device(dummy, n * 3072, n, dummy, n * 10) == 3
+    assert net.error_string(3) == "out of memory"
+    assert np.array_equal(net.predict_int(x), ref)   # and the next call allocates again and runs
+
+
+def _emulated(qgraph, folder, tensor_cores=False):
+    """The CUDA library of ``qgraph`` built for the CPU emulation (see ``emulate``) and loaded."""
+    import subprocess
+
+    from netquant.codegen.build import CompiledNetwork
+
+    gen = generate(qgraph, folder, name="net", target="cuda", tensor_cores=tensor_cores)
+    emu = folder / "net_emulated.cpp"
+    emu.write_text(emulate((folder / "net.cu").read_text()))
+    lib = folder / "libnet_emulated.so"
+    subprocess.run(["g++", "-O2", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-o", str(lib), str(emu)],
+                   check=True, cwd=folder, capture_output=True)
+    return CompiledNetwork(lib, gen.program)
+
+
+@pytest.mark.slow
+def test_cuda_pools_concat_and_gathers_in_cpu_emulation(cifar, tmp_path):
+    """The integer kernels ResNet-20 lacks (max pool, concat, channel shuffle gathers, a strided
+    avg pool) on a torchvision-style ShuffleNetV2, lane by lane on the CPU: bit-exact."""
+    import zoo
+
+    q = Quantizer(zoo.make("shufflenetv2", 0))
+    q.calibrate(calibration_set(cifar, 16))
+    qg = q.quantize().qgraph
+    assert {"maxpool", "avgpool", "concat", "gather"} <= {n.op for n in qg.nodes if n.quantized}
+    net = _emulated(qg, tmp_path)
+    x = to_float(cifar.test.images[:4])
+    name = qg.int_output()
+    assert np.array_equal(net.predict_int(x), run_int8(qg, torch.from_numpy(x), keep=[name])[name].numpy())
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["dp4a", "mma"])
+def test_report_counts_the_device_constants_once(qnet, tmp_path, tensor_cores):
+    """The report's constant bytes are the tables the .cu file holds: one weight layout per conv
+    (the dp4a or tensor-core one), not the CPU layouts of the shared Program."""
+    gen = generate(qnet, tmp_path, name="resnet20", target="cuda", tensor_cores=tensor_cores)
+    weights = sum(int(n.params["weight"].size) for n in qnet.qgraph.nodes
+                  if n.op in ("conv", "linear") and n.quantized)
+    per_channel = sum(12 * len(n.params["bias"]) for n in qnet.qgraph.nodes if n.op in ("conv", "linear") and n.quantized)
+    assert weights <= gen.const_bytes <= 1.25 * weights + per_channel + 64 * 1024, (gen.const_bytes, weights)
+    assert gen.const_bytes == sum(gen.layer_bytes.values())

@@ -253,7 +253,7 @@ def test_pack_dw_layout_and_errors():
 
 PORTABLE = """
 enum {{ C = {c}, H = {h}, W = {w}, OH = {oh}, OW = {ow}, KH = {k}, KW = {k}, SH = {s}, SW = {s}, PH = {p}, PW = {p} }};
-/* the loop nest of CPrinter.k_conv_scalar for a depthwise conv (CG = OG = 1), shapes as constants */
+/* the loop nest of CPrinter.conv_loops for a depthwise conv (CG = OG = 1), shapes as constants */
 void portable(const uint8_t *restrict x0, const int8_t *restrict wt, const int32_t *restrict bias,
               const int32_t *restrict mult, const int32_t *restrict shift, uint8_t *restrict y) {{
     for (int oh = 0; oh < OH; ++oh)

@@ -166,3 +166,23 @@ def test_resnet50_at_224_is_compact_fast_to_build_and_bit_exact(cifar, tmp_path)
     net = load(gen, lib)
     x = upsampled(cifar.test.images[:2])
     assert np.array_equal(net.predict_int(x), _reference_int(qn, x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile, isa", [("amx", "native"), ("vnni", "avx512")])
+def test_amx_and_vnni_sources_compile_for_sapphire_rapids(profile, isa, qnet, tmp_path, monkeypatch):
+    """The AMX and AVX-512 VNNI kernels cannot run on an AVX2-only machine, but their sources must
+    still compile, warning-free, for a CPU that has them (gcc -march=sapphirerapids)."""
+    import subprocess
+
+    from netquant.codegen.build import find_compiler
+
+    monkeypatch.setattr(sys.modules["netquant.codegen.build"], "native_profile", lambda cc=None: "amx")
+    gen = generate(qnet, tmp_path, name="net", isa=isa)
+    assert gen.profile == profile and MARKS[profile] in (tmp_path / "net.c").read_text()
+    flags = gen.cflags.replace("-march=native", "-march=sapphirerapids").split()
+    r = subprocess.run([find_compiler(), *flags, "-Werror", "-c", "-o", "net.o", "net.c"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    if r.returncode and "sapphirerapids" in r.stderr and "march" in r.stderr:
+        pytest.skip(f"this compiler does not know -march=sapphirerapids: {r.stderr[:200]}")
+    assert r.returncode == 0, r.stderr[-3000:]

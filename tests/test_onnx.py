@@ -36,7 +36,7 @@ from torch import nn
 from netquant.data import calibration_set
 from netquant.data.transforms import to_float
 from netquant.ir.float_exec import run_float
-from netquant.ir.float_ops import FLOAT_OPS
+from netquant.ir.float_ops import FLOAT_FNS, FloatFn
 from netquant.ir.graph import Graph, Node
 from netquant.models.pretrained import load_pretrained
 from netquant.models.resnet import ImageInput
@@ -55,7 +55,7 @@ from onnxruntime.quantization import CalibrationDataReader, quantize_static  # n
 import zoo  # noqa: E402
 from netquant import capture  # noqa: E402
 from netquant.export import OnnxExportError, export_float_onnx, export_quantized_onnx  # noqa: E402
-from netquant.export.onnx import EXPORTED_FLOAT_OPS, INPUT_NAME, gather_steps  # noqa: E402
+from netquant.export.onnx import EXPORTED_FLOAT_FNS, INPUT_NAME, gather_steps  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -303,7 +303,7 @@ def test_float_layers_stay_float_in_the_qdq_export(quantizer, cifar, tmp_path):
 
 # --- float ops, errors, files -----------------------------------------------------------------
 
-@pytest.mark.parametrize("fn", sorted(FLOAT_OPS))
+@pytest.mark.parametrize("fn", sorted(FLOAT_FNS))
 def test_every_float_op_exports(fn, cifar, tmp_path):
     """Each float op netquant knows, on real images spread over [-4, 4], against its torch
     definition (netquant/ir/float_ops.py)."""
@@ -321,7 +321,7 @@ def test_every_float_op_exports(fn, cifar, tmp_path):
 
 
 def test_unsupported_float_op_names_the_node(monkeypatch, tmp_path):
-    monkeypatch.setitem(FLOAT_OPS, "erfinv", (lambda x: torch.special.erfinv(x), "no int8 kernel"))
+    monkeypatch.setitem(FLOAT_FNS, "erfinv", FloatFn(lambda x: torch.special.erfinv(x), "no int8 kernel"))
     g = Graph((Node("x", "input", (), (3, 32, 32)),
                Node("head_erfinv", "float", ("x",), (3, 32, 32), {"fn": "erfinv", "kwargs": {}}, layers=("head",))),
               "head_erfinv")
@@ -370,7 +370,7 @@ def test_cli_export_onnx(quantizer, cifar, tmp_path, capsys):
 
 def test_every_float_op_has_an_export():
     """Every float op netquant knows has an ONNX export (a new one needs its entry here too)."""
-    assert set(FLOAT_OPS) <= set(EXPORTED_FLOAT_OPS), set(FLOAT_OPS) - set(EXPORTED_FLOAT_OPS)
+    assert set(FLOAT_FNS) <= set(EXPORTED_FLOAT_FNS), set(FLOAT_FNS) - set(EXPORTED_FLOAT_FNS)
 
 
 @pytest.mark.parametrize("mode,corners", [("bilinear", False), ("bilinear", True), ("bicubic", False),

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from .. import fileio
+from ..quant.config import image_count
 
 MODEL_SUFFIXES = (".onnx", ".safetensors")
 DATA_SUFFIXES = (".zip", ".npz")
@@ -171,15 +172,10 @@ def to_int(v, what: str) -> int:
 
 
 def parse_count(v):
-    if v == "all":
-        return "all"
     try:
-        n = int(v)
-    except (TypeError, ValueError):
-        raise HttpError(400, f"count must be a positive integer or 'all', got {v!r}")
-    if n <= 0:
-        raise HttpError(400, f"count must be positive, got {n}")
-    return n
+        return image_count(v)
+    except ValueError as e:
+        raise HttpError(400, str(e)) from None
 
 
 def _check_npy_header(blob: bytes) -> None:

@@ -75,6 +75,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from .. import fileio
+from ..quant.config import CODEGEN_TARGETS, GRANULARITIES, RANGE_METHODS, SCALES, TARGETS
 from .inputs import (DATA_SUFFIXES, MODEL_SUFFIXES, HttpError, check_archive, data_kind, load_npy,
                      make_input_spec, model_kind, parse_class_names, parse_count, safe_name, shape_arg,
                      spec_fields, to_int)
@@ -86,7 +87,6 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD = 256 * 1024 * 1024     # a model or data set upload (ResNet-50 in ONNX is 100 MB)
 MAX_EXPANDED = 1024 * 1024 * 1024  # what an uploaded zip/npz may expand to
 MAX_JSON = 1024 * 1024
-TARGETS = ("gpu", "cpu", "fpga", "matlab")
 CIFAR, CIFAR_SHAPE = "cifar10", (3, 32, 32)
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -139,10 +139,8 @@ class App:
     def networks(self) -> dict:
         from ..models.pretrained import list_pretrained
 
-        from ..quant.config import GRANULARITIES, SCALES
-
         return {"networks": list_pretrained(), "targets": list(TARGETS),
-                "range_methods": ["minmax", "percentile", "entropy", "mse"], "granularities": list(GRANULARITIES),
+                "range_methods": list(RANGE_METHODS), "granularities": list(GRANULARITIES),
                 "scales": list(SCALES), "data": self.data.test.source,
                 "model_files": list(MODEL_SUFFIXES), "data_files": list(DATA_SUFFIXES),
                 "channel_orders": ["RGB", "BGR"], "value_ranges": [[0.0, 1.0], [0.0, 255.0]]}
@@ -435,8 +433,9 @@ class App:
 
         s = self.registry.get(sid)
         target = str(body.get("target") or "c")
-        if target not in ("c", "cuda"):
-            raise HttpError(400, f"code generation target {target!r}: expected c or cuda")
+        targets = tuple(t for t in CODEGEN_TARGETS if t != "micro")   # the micro target runs on a board, not here
+        if target not in targets:
+            raise HttpError(400, f"code generation target {target!r}: expected one of {', '.join(targets)}")
         if target == "cuda" and s.quantizer.target != "gpu":
             raise HttpError(400, f"CUDA code is for the gpu environment; this session's is {s.quantizer.target}")
         if s.quantizer.ranges is None:

@@ -218,6 +218,7 @@ def histogram_json(stats, scale: Optional[float], dtype: str) -> dict:
     calibration table shows. Worked example: s = 2^-10, 16 bias values, one in the bin
     [2^-13, 2^-12): 2^-12 <= 2^-11 = s/2, so that bin underflows: 1/16 = 6.25 %."""
     from ..calib.stats import LOG2_MIN
+    from ..quant import numerics as nx
 
     counts = stats.log2_hist.astype(np.int64)
     nz = np.nonzero(counts)[0]
@@ -228,7 +229,7 @@ def histogram_json(stats, scale: Optional[float], dtype: str) -> dict:
            "total": int(stats.count), "underflow_below": None, "overflow_above": None,
            "underflow_pct": None, "overflow_pct": None}
     if scale and math.isfinite(scale) and scale > 0:
-        qmax = {"int8": 127, "uint8": 255, "int32": 2 ** 31 - 1}.get(dtype, 127)
+        qmax = nx.RANGES.get(dtype, nx.INT8)[1]
         under, over = math.log2(scale / 2), math.log2(qmax * scale)
         e = np.arange(LOG2_MIN, LOG2_MIN + len(counts))
         total = max(int(stats.count), 1)

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..quant.config import RANGE_METHODS as METHODS
 from .stats import HALF_BINS, RangeStats
-
-METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
 def magnitude_hist(s: RangeStats) -> np.ndarray:

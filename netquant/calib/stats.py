@@ -85,9 +85,6 @@ class RangeStats:
                        channel_min=cmin, channel_max=cmax, limit=limit, hist=hist, log2_hist=log2,
                        zeros=self.zeros + int(mag.size - nz.size))
 
-    def bin_edges(self) -> np.ndarray:
-        return np.linspace(-self.limit, self.limit, 2 * HALF_BINS + 1)
-
     def to_json(self) -> dict:
         return {"kind": self.kind, "node": self.node, "layer": self.layer, "count": self.count,
                 "min": self.min, "max": self.max, "limit": self.limit, "zeros": self.zeros}

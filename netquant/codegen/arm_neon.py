@@ -28,11 +28,11 @@ import numpy as np
 
 from ..errors import CompiledNetworkError
 from ..fileio import write_text
+from ..quant.config import CROSS_TRIPLES
 from .c import CPrinter, Source
 from .program import Step
 
 NEON_RUNTIME = "netquant_neon.h"
-CROSS_TRIPLES = ("aarch64-linux-gnu",)
 # isa -> flags of the aarch64 build
 ARM_ISA_FLAGS = {
     "neon": "-O3 -march=armv8.2-a+dotprod",   # SDOT/UDOT dot-product kernels (Cortex-A55/A76 and newer)
@@ -96,7 +96,7 @@ class NeonPrinter(CPrinter):
             extra["wn"] = pack_rows(w)
         if "biasn" in self.neon_keys(s):
             extra["biasn"] = unsigned_bias(s.node.params["bias"], w)
-        return {**s.consts, **extra}
+        return {**super().step_consts(s), **extra}
 
     def const_guard(self, s: Step, key: str):
         if not self.neon(s):

@@ -26,17 +26,12 @@ import numpy as np
 from ..errors import CompiledNetworkError, NetquantError
 from ..fileio import write_text
 from ..progress import Progress, report
+from ..quant.config import CODEGEN_TARGETS, ISA_FLAGS
 from .c import CPrinter
 from .program import Program, plan
 
 log = logging.getLogger(__name__)
 
-ISA_FLAGS = {
-    "native": "-O3 -march=native",                    # this CPU's best: AMX, else AVX-512 VNNI, else portable C
-    "avx512": "-O3 -march=native -DNQ_NO_AMX",        # AVX-512 VNNI even where AMX is present
-    "avx2": "-O3 -mavx2 -mfma",
-    "scalar": "-O2 -fno-tree-vectorize -DNQ_NO_SIMD",  # the portable path
-}
 COMMON_FLAGS = "-std=c11 -fPIC -fopenmp -ffp-contract=off -Wall -Wextra -Wno-unused-parameter"
 
 
@@ -107,8 +102,8 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
     Cortex-A build, isa "neon" (dot product), "neon-v8" or "scalar" (arm_neon.py)."""
     from .arm_neon import ARM_ISA_FLAGS
 
-    if target not in ("c", "cuda", "micro"):
-        raise ValueError(f"unknown code generation target {target!r}: c, cuda or micro")
+    if target not in CODEGEN_TARGETS:
+        raise ValueError(f"unknown code generation target {target!r}: one of {', '.join(CODEGEN_TARGETS)}")
     arm = cross is not None or isa in ("neon", "neon-v8")
     if target == "c" and isa not in (ARM_ISA_FLAGS if arm else ISA_FLAGS) and not (arm and isa == "native"):
         raise ValueError(f"unknown isa {isa!r}; choose from {', '.join(ARM_ISA_FLAGS if arm else ISA_FLAGS)}")
@@ -152,8 +147,9 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
         printer = CPrinter(program, provenance or "netquant integer network", profile=profile)
         cflags = f"{ISA_FLAGS[isa]} {COMMON_FLAGS}"
         sizes = printer.write(folder, cflags)
-        const_bytes = printer.compiled_const_bytes()
-        layer_bytes = {s.node.name: printer.step_const_bytes(s) for s in program.steps}
+    # the constants compiled for this target and instruction set (one weight layout per conv)
+    const_bytes = printer.compiled_const_bytes()
+    layer_bytes = {s.node.name: printer.step_const_bytes(s) for s in program.steps}
     gen = Generated(folder, program, target, {k: v[0] for k, v in sizes.items()}, cflags,
                     kernels={s.node.name: printer.kernel_label(s) for s in program.steps},
                     sizes={k: v[1] for k, v in sizes.items()}, profile=profile, const_bytes=const_bytes,

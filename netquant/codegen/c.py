@@ -6,7 +6,7 @@ Only the instruction set being built is printed (``profile``: "amx", "vnni", "av
 resolved by ``build.generate`` from the isa asked for, "native" asking the compiler), each fast
 kernel under its build macro with the portable loop nest as the other branch, reading the same
 weights. Convolutions over 8-bit input use AMX tiles where the compiler targets them and Linux
-grants the tile state (``k_conv_amx``), else register tiles on AVX-512 VNNI or AVX2
+grants the tile state (``conv_amx``), else register tiles on AVX-512 VNNI or AVX2
 (``c_conv_simd.py``), depthwise convs channels-in-lanes kernels (``c_conv_dw.py``), else
 portable C; residual adds of 8-bit tensors use AVX-512 16 lanes at a time. Kernel text depends
 on a conv's shape class, not its spatial size: runtime loops over output rows, channel blocks and
@@ -26,20 +26,32 @@ The CUDA printer subclasses :class:`CPrinter` and overrides only what differs.
 """
 from __future__ import annotations
 
-from importlib import resources
 from typing import Callable
 
 import numpy as np
 
 from .. import __version__
 from ..fileio import atomic_write, write_bytes, write_text
+from ..ir.float_ops import ELEMENTWISE_FNS
+from ..ir.ops import FLOAT_KERNEL_OPS, INT_OPS
+from ..quant.numerics import dtype_range
 from . import c_conv_dw
 from . import int4 as c_int4
+from . import x86_pack as x86
+from .c_conv_simd import AVX2, VNNI, SimdConv
 from .c_pool import POOL_RUNTIME
-from .c_conv_simd import AVX2, FULL_RANGE, VNNI, SimdConv
-from .program import ADD_PAIR_SHIFTS, ELEMENTWISE_FNS, LUT_SIZE, Buffer, Program, Step
+from .program import ADD_PAIR_SHIFTS, LUT_SIZE, Buffer, IntConvPlan, Program, Step
+from .runtime_files import fill, runtime_text
 
 RUNTIME_HEADER = "netquant_rt.h"
+
+
+
+# the op kinds (netquant/ir/ops.py) with a kernel of their own in every printer (C: k_<kind>, CUDA:
+# g_<kind>): the integer ones and the affine (a per-channel float loop). Float layers of the other
+# kinds, float functions and lookup tables print one output element at a time (e_<kind>, e_<fn>).
+KERNEL_KINDS = INT_OPS + ("affine",)
+ELEMENT_KINDS = tuple(k for k in FLOAT_KERNEL_OPS if k not in ("affine", "float")) + ("lut",)
 
 
 class Source:
@@ -67,8 +79,9 @@ class Source:
         return "\n".join(self.lines) + "\n"
 
 
-def c_array(ctype: str, name: str, values: np.ndarray, qualifier: str = "static const") -> str:
-    """A constant table printed exactly (decimal integers, floats as hex), 80 columns."""
+def c_array(ctype: str, name: str, values: np.ndarray, qualifier: str = "static const", attributes: str = "") -> str:
+    """A constant table printed exactly (decimal integers, floats as hex), 80 columns; ``attributes``
+    (e.g. "__attribute__((aligned(64)))") go between the declarator and the initializer."""
     flat = np.asarray(values).reshape(-1)
     if flat.dtype.kind == "f":
         items = [float(v).hex() + "f" for v in flat.astype(np.float32)]
@@ -81,7 +94,8 @@ def c_array(ctype: str, name: str, values: np.ndarray, qualifier: str = "static 
             line = "   "
         line += " " + it + ","
     lines.append(line)
-    return f"{qualifier} {ctype} {name}[{len(flat)}] = {{\n" + "\n".join(lines) + "\n};\n"
+    attrs = f" {attributes}" if attributes else ""
+    return f"{qualifier} {ctype} {name}[{len(flat)}]{attrs} = {{\n" + "\n".join(lines) + "\n};\n"
 
 
 # The instruction set a source is printed for: its kernels and weight layouts only, each under
@@ -109,11 +123,9 @@ class CPrinter:
         self.profile = profile    # the instruction set whose kernels are printed (PROFILES)
         self.blob = bytearray()   # the large constants, in the layouts the printed kernels read
         self.blob_offsets: dict = {}
-        self.kernels: dict[str, Callable] = {
-            "affine": self.k_affine, "quantize": self.k_quantize, "conv": self.k_conv, "linear": self.k_linear,
-            "add": self.k_add, "concat": self.k_concat, "gather": self.k_gather, "maxpool": self.k_maxpool,
-            "avgpool": self.k_avgpool, "act": self.k_act, "dequantize": self.k_dequantize,
-        }
+        self._tables: dict = {}   # step output -> its constant tables (step_consts)
+        # one kernel per op kind of the table (netquant/ir/ops.py) that runs in integers, and the affine
+        self.kernels: dict[str, Callable] = {k: getattr(self, f"k_{k}") for k in KERNEL_KINDS}
 
     # --- helpers --------------------------------------------------------------------------
     def buf(self, name: str) -> Buffer:
@@ -148,42 +160,67 @@ class CPrinter:
     def conv_path(self, s: Step) -> str:
         """The kernel printed for conv ``s`` under this profile: "amx", "vnni", "avx2" or
         "scalar" (the portable loop nest, e.g. grouped convs or a scalar profile)."""
-        if self.profile == "amx" and "wa" in s.consts:
+        pl = s.plan
+        if not isinstance(pl, IntConvPlan) or self.profile == "scalar":
+            return "scalar"
+        if self.profile == "amx" and pl.amx:
             return "amx"
-        if self.profile in ("amx", "vnni") and "wv" in s.consts:
-            return "vnni"
-        if self.profile == "avx2" and "ww" in s.consts:
-            return "avx2"
-        if self.profile != "scalar" and s.node.quantized:
-            w = s.node.params["weight"]
-            if c_conv_dw.dw_eligible("conv", s.node.attrs["groups"], w.shape[1] * s.node.attrs["groups"], w.shape[0],
-                                     self.buf(s.inputs[0]).dtype, True):
-                return "dw"
-        return "scalar"
+        if pl.simd:
+            return "avx2" if self.profile == "avx2" else "vnni"
+        return "dw" if pl.depthwise else "scalar"
 
     def dw_isa(self) -> str:
         """The depthwise kernels' instruction set for this profile (c_conv_dw.DW_ISAS)."""
         return "avx2" if self.profile == "avx2" else "avx512"
 
     def step_consts(self, s: Step) -> dict:
-        """The constants of ``s`` for this printer: the Program's, plus the depthwise layout
-        ("wd", c_conv_dw.pack_dw) on the depthwise path."""
-        if s.kind == "conv" and s.node.quantized and self.conv_path(s) == "dw":
+        """The constant tables of ``s`` for the kernel this printer prints (made once per step):
+        the plan's tables, plus for a conv on a fast path its weights in that path's x86 layout
+        (x86_pack) with bias and requantization padded to whole vectors, for example "wv",
+        "biasv", "multv" and "rqv"/"tv" (or "shiftv") for AVX-512 VNNI; "wd" and the "...d"
+        tables for a depthwise conv."""
+        if s.output not in self._tables:
+            tables = s.plan.tables()
+            if isinstance(s.plan, IntConvPlan):
+                tables.update(self.conv_tables(s))
+            self._tables[s.output] = tables
+        return self._tables[s.output]
+
+    def conv_tables(self, s: Step) -> dict:
+        """The x86 tables of conv ``s`` on its path (conv_path), in the order the source declares them."""
+        pl, path, w = s.plan, self.conv_path(s), s.node.params["weight"]
+        out = {}
+        if path == "dw":
             # bias and requantization padded to whole channel blocks: the kernel's masked vector
             # loads then never point past a table (padded lanes are never stored)
             isa = self.dw_isa()
-            pad = -len(s.consts["bias"]) % c_conv_dw.BLOCK[isa]
-            padded = {f"{k}d": np.concatenate([np.asarray(s.consts[k], np.int32), np.full(pad, v, np.int32)])
-                      for k, v in (("bias", 0), ("mult", 1 << 30), ("shift", 31))}
-            return {**s.consts, "wd": c_conv_dw.pack_dw(s.node.params["weight"], isa), **padded}
-        if s.kind == "conv" and self.conv_path(s) in ("vnni", "avx2"):
-            # the register tiles' weights in the order they read them (c_conv_simd.tile_order)
-            key, isa = ("wv", VNNI) if self.conv_path(s) == "vnni" else ("ww", AVX2)
-            packed = self.__dict__.setdefault("_tile_weights", {})
-            if s.output not in packed:
-                packed[s.output] = SimdConv(self, c_int4.simd_isa(s, isa)).packed_weights(s)
-            return {**s.consts, key: packed[s.output]}
-        return s.consts
+            pad = -len(pl.bias) % c_conv_dw.BLOCK[isa]
+            out["wd"] = c_conv_dw.pack_dw(w, isa)
+            out.update({f"{k}d": np.concatenate([np.asarray(getattr(pl, k), np.int32), np.full(pad, v, np.int32)])
+                        for k, v in (("bias", 0), ("mult", 1 << 30), ("shift", 31))})
+            return out
+        if path == "scalar":
+            return out
+        if path == "amx":
+            out["wa"] = x86.pack_amx(w)
+        pad = np.zeros(-len(pl.bias) % x86.LANES, np.int32)
+        out["biasv"] = np.concatenate([pl.bias, pad])
+        out["multv"] = np.concatenate([pl.mult, pad + (1 << 30)])  # padded lanes are never stored
+        out["shiftv"] = np.concatenate([pl.shift, pad + 31])
+        if path == "vnni":
+            out["wv"] = x86.pack_vnni(w)
+            if pl.signed_input:
+                out["biasx"] = np.concatenate([x86.vnni_bias(pl.bias, w), pad])
+        elif path == "avx2":
+            out["ww"] = x86.pack_avx2(w)
+        if path in ("vnni", "avx2"):   # the register tiles' weights in the order they read them (tile_order)
+            key = "wv" if path == "vnni" else "ww"
+            out[key] = self.simd(s).packed_weights(s, out[key])
+        if pl.hi_requant:
+            t = np.concatenate([pl.shift - 32, pad + 1]).astype(np.int32)
+            out["rqv"] = (np.int32(1) << (t - 1)).astype(np.int32)   # 2^(t-1): the rounding half
+            out["tv"] = t
+        return out
 
     def simd(self, s: Step) -> SimdConv:
         """The register-tile printer of conv ``s`` (VNNI or AVX2 path), in the packed variant of
@@ -241,23 +278,23 @@ class CPrinter:
         if path == "amx":
             o("#if NQ_AMX")
             o.open("if (nq_amx_state == 1)")
-            self.k_conv_amx(s, o)
+            self.conv_amx(s, o)
             o("return;")
             o.close()
             o("#endif")
             o.open()
-            self.k_conv_scalar(s, o, "wa")
+            self.conv_loops(s, o, "wa")
             o.close()
         elif path in ("vnni", "avx2"):
             o(f"#if {self.MACRO[path]}")
             self.simd(s).print(s, o)
             o("#else")
-            self.k_conv_scalar(s, o, self.WEIGHTS[path])
+            self.conv_loops(s, o, self.WEIGHTS[path])
             o("#endif")
         elif path == "dw":
-            self.k_conv_dw(s, o)
+            self.conv_dw(s, o)
         else:
-            self.k_conv_scalar(s, o)
+            self.conv_loops(s, o)
 
     def conv_macs(self, s: Step) -> int:
         """Multiply-adds of conv ``s`` per image: OH * OW * O * KH * KW * C / groups."""
@@ -265,11 +302,11 @@ class CPrinter:
         return int(oh * ow * np.prod(s.node.params["weight"].shape))
 
     def amx_geometry(self, s: Step) -> dict:
-        """Shapes of the AMX kernel of ``s`` (see k_conv_amx)."""
+        """Shapes of the AMX kernel of ``s`` (see conv_amx)."""
         a = s.node.attrs
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
         oc, oh, ow = self.hwc(self.buf(s.output).shape)
-        kh, j, nb = s.consts["wa"].shape[:3]
+        kh, j, nb = self.step_consts(s)["wa"].shape[:3]
         sh, sw = a["stride"]
         ph, pw = a["padding"]
         hp, wp = h + 2 * ph, w + 2 * pw
@@ -283,7 +320,7 @@ class CPrinter:
         geos = [self.amx_geometry(s) for s in self.p.steps if s.kind == "conv" and self.conv_path(s) == "amx"]
         return (max([g["PAD"] for g in geos], default=64), max([16 * 16 * g["NB"] for g in geos], default=16))
 
-    def k_conv_amx(self, s: Step, o: Source):
+    def conv_amx(self, s: Step, o: Source):
         """Convolution on AMX tiles (implicit GEMM, no im2col).
 
         The input is copied into a zero-padded (HP, WP, C) buffer. Output pixels are the rows of
@@ -381,7 +418,7 @@ class CPrinter:
         (nq_requantize16_hi), else 64-bit lanes (nq_requantize16)."""
         lo, hi = s.node.attrs["clamp"]
         M, S = self.const_name(s, "multv"), self.const_name(s, "shiftv")
-        if "rqv" in s.consts:
+        if s.plan.hi_requant:
             R, T = self.const_name(s, "rqv"), self.const_name(s, "tv")
             o(f"const __m512i q = _mm512_min_epi32(_mm512_max_epi32(nq_requantize16_hi({acc}, "
               f"_mm512_loadu_si512((const void *)({M} + 16 * b)), _mm512_loadu_si512((const void *)({R} + 16 * b)), "
@@ -415,7 +452,7 @@ class CPrinter:
         o("const int iw = ow * SW - PW + kw * DW;")
         o("if ((unsigned)iw >= (unsigned)W) continue;")
 
-    def k_conv_dw(self, s: Step, o: Source):
+    def conv_dw(self, s: Step, o: Source):
         """A depthwise conv on c_conv_dw's kernel (channels in vector lanes, unpadded input), one
         call per output row so the rows split across threads; the portable loop nest on the same
         weights where the build lacks the ISA."""
@@ -430,7 +467,7 @@ class CPrinter:
         o(f"nq_run({self.fn_name(s)}_rows, &ctx, {oh}, {self.conv_macs(s)}L);  /* output rows across threads */")
         o("#else")
         o.open()
-        self.k_conv_scalar(s, o, "wd")
+        self.conv_loops(s, o, "wd")
         o.close()
         o("#endif")
 
@@ -455,10 +492,10 @@ class CPrinter:
     def weight_index(self, s: Step, layout: str) -> str:
         """The offset of weight (o, kh, kw, k) (k: input channel within the group) in the
         ``layout`` the printed kernels read: "w" (O, KH, KW, CG); "wv" [KH][KW][CP/4][OB][16][4]
-        and "ww" [KH][KW][CP/2][OB][8][2] (program.pack_vnni, pack_avx2) reordered by
+        and "ww" [KH][KW][CP/2][OB][8][2] (x86_pack.pack_vnni, pack_avx2) reordered by
         c_conv_simd.tile_order; "wa" [KH][J][NB][16][64]
         with byte b = kw * C + k of filter row kh at [b / 64][o / 16][b % 64 / 4][4 (o % 16) + b % 4]
-        (program.pack_amx). The portable kernel reads the one layout the source holds."""
+        (x86_pack.pack_amx). The portable kernel reads the one layout the source holds."""
         if layout == "w":
             return "((o * KH + kh) * KW + kw) * CG + k"
         if layout == "wd":   # c_conv_dw.pack_dw: [CB][NP][2][B], lane order of _lane_channels (k = 0)
@@ -466,12 +503,12 @@ class CPrinter:
             return (f"(((o / {blk}) * {npairs} + (kh * KW + kw) / 2) * 2 + o % 8 / 4) * {blk} "
                     f"+ 2 * (4 * (o % {blk} / 8) + o % 4) + (kh * KW + kw) % 2")
         if layout in ("wv", "ww"):   # c_conv_simd.tile_order
-            return SimdConv(self, c_int4.simd_isa(s, VNNI if layout == "wv" else AVX2)).weight_index(s)
-        j, nb = s.consts["wa"].shape[1:3]
+            return self.simd(s).weight_index(s)
+        j, nb = self.step_consts(s)["wa"].shape[1:3]
         return (f"(((kh * {j} + (kw * C + k) / 64) * {nb} + o / 16) * 16 + (kw * C + k) % 64 / 4) * 64 "
                 f"+ o % 16 * 4 + (kw * C + k) % 4")
 
-    def k_conv_scalar(self, s: Step, o: Source, layout: str = "w"):
+    def conv_loops(self, s: Step, o: Source, layout: str = "w"):
         a = s.node.attrs
         lo, hi = a["clamp"]
         tables = ("biasd", "multd", "shiftd") if layout == "wd" else ("bias", "mult", "shift")
@@ -499,14 +536,19 @@ class CPrinter:
     def k_linear(self, s: Step, o: Source):
         k = self.buf(s.inputs[0]).elements
         oc = self.buf(s.output).elements
-        lo, hi = s.node.attrs["clamp"]
-        W, B, M, S = (self.const_name(s, key) for key in ("w", "bias", "mult", "shift"))
         o(f"enum {{ K = {k}, O = {oc} }};")
         o.open("for (int o = 0; o < O; ++o)")
-        o(f"int32_t acc = {B}[o];")
-        o(f"for (int k = 0; k < K; ++k) acc += (int32_t)x0[k] * (int32_t){W}[o * K + k];")
-        o(f"y[o] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
+        self.linear_output(s, o, "o")
         o.close()
+
+    def linear_output(self, s: Step, o: Source, i: str):
+        """Output ``i`` of integer linear ``s`` (K, its input length, is an enum of the caller):
+        shared with CUDA's one-thread-per-output kernel."""
+        lo, hi = s.node.attrs["clamp"]
+        W, B, M, S = (self.const_name(s, key) for key in ("w", "bias", "mult", "shift"))
+        o(f"int32_t acc = {B}[{i}];")
+        o(f"for (int k = 0; k < K; ++k) acc += (int32_t)x0[k] * (int32_t){W}[{i} * K + k];")
+        o(f"y[{i}] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[{i}], {S}[{i}], {lo}, {hi});")
 
     def k_add(self, s: Step, o: Source):
         n = self.buf(s.output).elements
@@ -532,7 +574,7 @@ class CPrinter:
             for j in range(4):
                 q = (f"nq_add16_pairs({widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i + {16 * j}))), "
                      f"{widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i + {16 * j}))), lu, uu, hu, {sh})")
-                if (lo, hi) != FULL_RANGE[out_t]:
+                if (lo, hi) != dtype_range(out_t):
                     q = f"_mm512_min_epi32(_mm512_max_epi32({q}, _mm512_set1_epi32({lo})), _mm512_set1_epi32({hi}))"
                 o(f"const __m512i q{j} = {q};")
                 qs.append(f"q{j}")
@@ -548,43 +590,59 @@ class CPrinter:
             o.close()
         o("#endif")
         o.open("for (; i < N; ++i)")
-        o(f"int64_t acc = (int64_t)x0[i] * {int(m[0])} + (int64_t)x1[i] * {int(m[1])};")
-        o(f"y[i] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(acc, {sh}), {lo}, {hi});")
+        self.add_element(s, o, "i")
         o.close()
 
-    def k_concat(self, s: Step, o: Source):
-        oc, h, w = self.hwc(self.buf(s.output).shape)
+    def add_element(self, s: Step, o: Source, i: str):
+        """Element ``i`` of integer add ``s`` (shared with CUDA): both inputs times their
+        multipliers, one rounding shift, clamp."""
+        lo, hi = s.node.attrs["clamp"]
+        m, sh = s.node.params["multiplier"], int(s.node.params["shift"][0])
+        o(f"int64_t acc = (int64_t)x0[{i}] * {int(m[0])} + (int64_t)x1[{i}] * {int(m[1])};")
+        o(f"y[{i}] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(acc, {sh}), {lo}, {hi});")
+
+    def concat_parts(self, s: Step):
+        """For each input j of concat ``s``: (j, first output channel, channels, a function giving
+        the requantized value of input element ``index`` as a C expression)."""
         lo, hi = s.node.attrs["clamp"]
         M, S = s.node.params["multiplier"], s.node.params["shift"]
-        o(f"enum {{ P = {h * w}, C = {oc} }};")
-        o.open("for (int p = 0; p < P; ++p)")
         off = 0
         for j, name in enumerate(s.inputs):
             cj = self.hwc(self.buf(name).shape)[0]
-            o(f"for (int c = 0; c < {cj}; ++c) y[p * C + {off} + c] = ({self.buf(s.output).ctype})"
-              f"nq_requantize(x{j}[p * {cj} + c], {int(M[j])}, {int(S[j])}, {lo}, {hi});")
+            yield j, off, cj, (lambda index, j=j: f"({self.buf(s.output).ctype})nq_requantize(x{j}[{index}], "
+                                                  f"{int(M[j])}, {int(S[j])}, {lo}, {hi})")
             off += cj
+
+    def k_concat(self, s: Step, o: Source):
+        oc, h, w = self.hwc(self.buf(s.output).shape)
+        o(f"enum {{ P = {h * w}, C = {oc} }};")
+        o.open("for (int p = 0; p < P; ++p)")
+        for j, off, cj, value in self.concat_parts(s):
+            o(f"for (int c = 0; c < {cj}; ++c) y[p * C + {off} + c] = {value(f'p * {cj} + c')};")
         o.close()
 
     def k_gather(self, s: Step, o: Source):
-        n = self.buf(s.output).elements
-        idx = self.const_name(s, "index")
-        o(f"enum {{ N = {n} }};")
+        o(f"enum {{ N = {self.buf(s.output).elements} }};")
         o.open("for (int i = 0; i < N; ++i)")
-        o(f"const int32_t t = {idx}[i];")
-        o("y[i] = t < 0 ? 0 : x0[t];  /* -1: zero padding (real 0 is integer 0) */")
+        self.gather_element(s, o, "i")
         o.close()
 
-    def _pool(self, s: Step, o: Source, kind: str):
+    def gather_element(self, s: Step, o: Source, i: str):
+        """Element ``i`` of integer gather ``s`` (shared with CUDA)."""
+        o(f"const int32_t t = {self.const_name(s, 'index')}[{i}];")
+        o(f"y[{i}] = t < 0 ? 0 : x0[t];  /* -1: zero padding (real 0 is integer 0) */")
+
+    def pool_enum(self, s: Step, o: Source):
+        """The shapes of pool ``s`` as one C enum (C, H, W in; OH, OW out; window, strides, padding)."""
         a = s.node.attrs
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
-        oc, oh, ow = self.hwc(self.buf(s.output).shape)
-        if len(self.buf(s.output).shape) == 1:  # global pooling written to a (C,) tensor
-            oh = ow = 1
         kh, kw = a["kernel"]
         o(f"enum {{ C = {c}, H = {h}, W = {w}, OH = {(h + 2 * a['padding'][0] - kh) // a['stride'][0] + 1}, "
           f"OW = {(w + 2 * a['padding'][1] - kw) // a['stride'][1] + 1}, KH = {kh}, KW = {kw},")
         o(f"       SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]} }};")
+
+    def _pool(self, s: Step, o: Source, kind: str):
+        self.pool_enum(s, o)
         if kind == "max" and self.buf(s.output).dtype in ("uint8", "int8") and len(self.buf(s.output).shape) == 3:
             # channels innermost, so the compiler vectorises the max over whole pixels (vpmaxub);
             # a window entirely in the padding (none in torch's pools) stores (type)INT32_MIN as below
@@ -608,6 +666,13 @@ class CPrinter:
             return
         o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
         o.open("for (int c = 0; c < C; ++c)")
+        self.pool_element_int(s, o, kind)
+        o.close().close().close()
+
+    def pool_element_int(self, s: Step, o: Source, kind: str):
+        """Output (oh, ow, c) of an integer pool (``kind`` "max" or "avg"), shared with CUDA's
+        one-thread-per-output kernel: the window's max, or its int32 sum requantized."""
+        a = s.node.attrs
         o("int32_t acc = %s;" % ("INT32_MIN" if kind == "max" else "0"))
         o.open("for (int kh = 0; kh < KH; ++kh)")
         o("const int ih = oh * SH - PH + kh;")
@@ -624,7 +689,6 @@ class CPrinter:
             lo, hi = a["clamp"]
             M, S = int(s.node.params["multiplier"][0]), int(s.node.params["shift"][0])
             o(f"y[(oh * OW + ow) * C + c] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}, {S}, {lo}, {hi});")
-        o.close().close().close()
 
     def k_maxpool(self, s: Step, o: Source):
         self._pool(s, o, "max")
@@ -633,9 +697,12 @@ class CPrinter:
         self._pool(s, o, "avg")
 
     def k_act(self, s: Step, o: Source):
+        o(f"for (int i = 0; i < {self.buf(s.output).elements}; ++i) y[i] = {self.act_value(s, 'i')};")
+
+    def act_value(self, s: Step, i: str) -> str:
+        """Element ``i`` of integer act ``s``, clamped (a C expression, shared with CUDA)."""
         lo, hi = s.node.attrs["clamp"]
-        o(f"for (int i = 0; i < {self.buf(s.output).elements}; ++i) y[i] = "
-          f"({self.buf(s.output).ctype})nq_clamp(x0[i], {lo}, {hi});")
+        return f"({self.buf(s.output).ctype})nq_clamp(x0[{i}], {lo}, {hi})"
 
     def k_dequantize(self, s: Step, o: Source):
         c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
@@ -720,12 +787,10 @@ class CPrinter:
             return self.e_lut(s, o)
         if s.kind == "float":
             fn = s.node.attrs["fn"]
-            if fn in ELEMENTWISE_FNS:
-                return self.e_unary(s, o)
-            return getattr(self, f"e_{fn}")(s, o)
-        return getattr(self, f"e_{'pool' if s.kind in ('maxpool', 'avgpool') else s.kind}")(s, o)
+            return self.unary(s, o) if fn in ELEMENTWISE_FNS else getattr(self, f"e_{fn}")(s, o)
+        return getattr(self, f"e_{s.kind}")(s, o)
 
-    def k_element(self, s: Step, o: Source):
+    def element_loop(self, s: Step, o: Source):
         o(f"enum {{ N = {self.buf(s.output).elements} }};")
         o.open("for (int e = 0; e < N; ++e)")
         self.element(s, o)
@@ -759,7 +824,7 @@ class CPrinter:
     }
     UNARY_DEFAULTS = {"negative_slope": 0.01, "alpha": 1.0}
 
-    def e_unary(self, s: Step, o: Source):
+    def unary(self, s: Step, o: Source):
         fn = s.node.attrs["fn"]
         kw = {**self.UNARY_DEFAULTS, **s.node.attrs.get("kwargs", {})}
         x = s.inputs[0]
@@ -805,7 +870,7 @@ class CPrinter:
             o(f"{'else ' if j else ''}{cond}y[e] = x{j}[{self.off(x, f'{c} - {start}', h, w)}];")
             start += cj
 
-    def e_pool(self, s: Step, o: Source):
+    def pool_element(self, s: Step, o: Source):
         a = s.node.attrs
         x = s.inputs[0]
         c, h, w = self.hwc(self.buf(x).shape)
@@ -822,6 +887,8 @@ class CPrinter:
         o("acc = v > acc ? v : acc;" if s.kind == "maxpool" else "acc += v;")
         o.close().close()
         o("y[e] = acc;" if s.kind == "maxpool" else f"y[e] = acc / {float(kh * kw)!r}f;  /* count includes padding */")
+
+    e_maxpool = e_avgpool = pool_element
 
     def e_conv(self, s: Step, o: Source):
         x = s.inputs[0]
@@ -848,7 +915,7 @@ class CPrinter:
         program.resample_taps, in torch's order: along W within each of the K source rows, then the
         rows weighted along H, each sum left to right."""
         x = s.inputs[0]
-        k = s.consts["hidx"].shape[1]
+        k = s.plan.hidx.shape[1]
         c, oh, ow = self.coords(o, s.output, ("c", "oh", "ow"))
         hi, hw, wi, ww = (self.const_name(s, key) for key in ("hidx", "hwt", "widx", "wwt"))
         o(f"const int32_t *hi = {hi} + {oh} * {k}, *wi = {wi} + {ow} * {k};")
@@ -894,7 +961,7 @@ class CPrinter:
 
     e_log_softmax = e_softmax
 
-    def k_softmax(self, s: Step, o: Source):
+    def softmax_rows(self, s: Step, o: Source):
         o(f"enum {{ N = {self.buf(s.output).elements} }};")
         o.open("for (int e = 0; e < N; ++e)")
         self._softmax_row(s, o, whole_row=True)
@@ -905,9 +972,9 @@ class CPrinter:
         for line in c_int4.unpack_lines(self, s):   # 4-bit weights: the table unpacked for the kernel
             o(line)
         if s.kind == "float" and s.node.attrs["fn"] in ("softmax", "log_softmax"):
-            self.k_softmax(s, o)
+            self.softmax_rows(s, o)
         elif self.is_element_step(s):
-            self.k_element(s, o)
+            self.element_loop(s, o)
         else:
             self.kernels[s.kind](s, o)
 
@@ -928,13 +995,13 @@ class CPrinter:
             return {}
         if path == "dw":
             return {"": {"wd", "biasd", "multd", "shiftd"}}
-        shifts = {"rqv", "tv"} if "rqv" in s.consts else {"shiftv"}
+        shifts = {"rqv", "tv"} if s.plan.hi_requant else {"shiftv"}
         w = self.WEIGHTS[path]
         fallback = {w, "bias", "mult", "shift"}
         if path == "vnni":
-            fast = {w, "multv", "biasx" if "biasx" in s.consts else "biasv"} | shifts
+            fast = {w, "multv", "biasx" if s.plan.signed_input else "biasv"} | shifts
         elif path == "avx2":
-            fast = {w, "biasv"} | ({"multv", "rqv", "tv"} if "rqv" in s.consts else {"mult", "shift"})
+            fast = {w, "biasv"} | ({"multv", "rqv", "tv"} if s.plan.hi_requant else {"mult", "shift"})
         else:   # AMX: the portable kernel runs too where Linux refuses the tiles
             fast = {w, "multv", "biasv"} | shifts
             return {"NQ_AMX": fast - fallback, "": fallback}
@@ -971,9 +1038,8 @@ class CPrinter:
                                f"  /* {arr.size} x {ctype} */")
                     self.blob += data
                     continue
-                text = c_array(ctype, name, arr, self.const_qualifier)
-                if key in self.SIMD_ONLY:  # vector loads
-                    text = text.replace("] = {", "] __attribute__((aligned(64))) = {", 1)
+                text = c_array(ctype, name, arr, self.const_qualifier,   # vector loads: aligned
+                               "__attribute__((aligned(64)))" if key in self.SIMD_ONLY else "")
                 out.append(f"#if {guard}\n{text}#endif\n" if guard else text)
         return "\n".join(out)
 
@@ -1048,49 +1114,17 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
         o.close()
         return o.text()
 
+    def device_entry_declaration(self) -> str:
+        """Declarations the header adds after {name}_set_num_threads (the CUDA target's device entry point)."""
+        return ""
+
     def header(self) -> str:
         p = self.p
         n = p.name
         in_c, in_h, in_w = self.hwc(self.buf(p.input).shape)
-        return f"""{self.header_comment()}#ifndef {n.upper()}_H
-#define {n.upper()}_H
-#include <stddef.h>
-#include <stdint.h>
-#ifdef __cplusplus
-extern "C" {{
-#endif
-
-#define {n.upper()}_INPUT_C {in_c}
-#define {n.upper()}_INPUT_H {in_h}
-#define {n.upper()}_INPUT_W {in_w}
-#define {n.upper()}_CLASSES {p.classes}
-#define {n.upper()}_INT_OUTPUT_SIZE {self.buf(p.int_output).elements}
-
-/* images: n float32 images, NCHW, RGB scaled to [0, 1]; scores: n x CLASSES floats.
- * images_len and scores_len are the buffer lengths in ELEMENTS (floats, not bytes): nothing is
- * read or written unless images_len >= n * INPUT_C * INPUT_H * INPUT_W and
- * scores_len >= n * CLASSES (e.g. 2 CIFAR images: images_len >= 2 * 3072 = 6144, scores_len >= 20).
- * Returns 0, or 1 (bad argument), 2 (an input value is NaN or infinite) or
- * 5 (a buffer is shorter than n images or n outputs). */
-int {n}_predict(const float *images, size_t images_len, int n, float *scores, size_t scores_len);
-/* The same from quantized input: n int8 tensors (NCHW) of the network's quantized input,
- * qimages_len >= n x the quantized input size in int8 elements
- * (returns 4 where the input feeds float layers besides its quantization: no such entry). */
-int {n}_predict_int8(const int8_t *qimages, size_t qimages_len, int n, float *scores, size_t scores_len);
-/* The integer output tensor (before dequantization), n x INT_OUTPUT_SIZE, for bit-exact checks;
- * out_len >= n * INT_OUTPUT_SIZE int32 elements, else 5. */
-int {n}_predict_int(const float *images, size_t images_len, int n, int32_t *out, size_t out_len);
-/* Threads used over the batch (OpenMP); 0 leaves the default. Returns the number in use. */
-int {n}_set_num_threads(int threads);
-const char *{n}_error_string(int code);
-/* The convolution kernels in use: "amx", "avx512-vnni", "avx2" or "portable" (CUDA: "cuda-mma" or "cuda-dp4a"). */
-const char *{n}_kernels(void);
-
-#ifdef __cplusplus
-}}
-#endif
-#endif
-"""
+        return fill("c_header.h.in", header_comment=self.header_comment(), NET=n.upper(), net=n, in_c=in_c, in_h=in_h,
+                    in_w=in_w, classes=p.classes, int_out=self.buf(p.int_output).elements,
+                    device_entry=self.device_entry_declaration())
 
     def source(self) -> str:
         return "".join(self.source_chunks())
@@ -1101,61 +1135,9 @@ const char *{n}_kernels(void);
         n = p.name
         in_size = self.buf(p.input).elements
         q_size = self.buf(p.int_input).elements if p.int_input else 0
-        yield f"""{self.header_comment()}#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
-#define _DEFAULT_SOURCE  /* syscall() under -std=c11, to ask Linux for the AMX tile state */
-#endif
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
-/* the AVX-512 VNNI conv kernels when the compiler targets such a CPU (-march=native there),
- * else the AVX2 ones where it targets AVX2; the portable scalar kernels otherwise, or with
- * -DNQ_NO_SIMD */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(NQ_NO_SIMD)
-#define NQ_VNNI 1
-#include <immintrin.h>
-#else
-#define NQ_VNNI 0
-#endif
-#if !NQ_VNNI && defined(__AVX2__) && !defined(NQ_NO_SIMD)
-#define NQ_AVX2 1
-#include <immintrin.h>
-#else
-#define NQ_AVX2 0
-#endif
-/* AMX tiles (Sapphire Rapids and newer) when the compiler targets them, used once Linux grants
- * this process the tile state (arch_prctl); the VNNI or portable kernels otherwise, or with
- * -DNQ_NO_AMX */
-#if NQ_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__) && !defined(NQ_NO_AMX)
-#define NQ_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define NQ_AMX 0
-#endif
-#include "{n}.h"
-#include "{RUNTIME_HEADER}"
-{self.extra_includes()}#ifdef _OPENMP
-#include <omp.h>
-/* split a kernel's n pieces of work (macs multiply-adds in all) across threads: only outside a
- * parallel region (images of a batch already run in parallel), where there is more than one
- * piece, and where the work outweighs waking the threads (a ResNet-20 conv of 2.4M MACs runs in
- * about 10 us on one core: not split; a ResNet-50 conv of 100M+ MACs is) */
-#ifndef NQ_SPLIT_MIN_MACS
-#define NQ_SPLIT_MIN_MACS 16000000L
-#endif
-#define NQ_SPLIT(n, macs) ((macs) >= NQ_SPLIT_MIN_MACS && (n) > 1 && !omp_in_parallel() && omp_get_max_threads() > 1)
-#else
-#define NQ_SPLIT(n, macs) 0
-#endif
-
-#define ARENA_BYTES {max(p.arena_bytes, 64)}
-#define IN_SIZE {in_size}
-#define Q_SIZE {q_size}
-#define CLASSES {p.classes}
-#define INT_OUT {self.buf(p.int_output).elements}
-
-/* ---- constants: int8 weights in the layout of each kernel, int32 bias, requantization (M, shift) ---- */
-"""
+        yield fill("c_prelude.c.in", header_comment=self.header_comment(), net=n, runtime_header=RUNTIME_HEADER,
+                   extra_includes=self.extra_includes(), arena_bytes=max(p.arena_bytes, 64), in_size=in_size,
+                   q_size=q_size, classes=p.classes, int_out=self.buf(p.int_output).elements)
         yield self.constants() + "\n"
         yield self.blob_decl()
         yield self.amx_runtime() + "\n"
@@ -1169,92 +1151,7 @@ const char *{n}_kernels(void);
         yield from self.step_function_texts()
         yield "\n/* ---- one image ---- */\n"
         yield self.run_one() + "\n"
-        yield f"""static _Thread_local uint8_t nq_arena[ARENA_BYTES] __attribute__((aligned(64)));
-
-static int run_batch(const float *images, const int8_t *qimages, size_t in_len, int n,
-                     float *scores, int32_t *int_out, size_t out_len) {{
-    if (n < 0 || (!images && !qimages) || (!scores && !int_out)) return NQ_ERR_ARGUMENT;
-    /* lengths in elements, checked before any read or write: a short buffer is an error, never
-     * an out-of-bounds access (size_t products: n <= INT_MAX times a tensor size cannot wrap) */
-    if (in_len < (size_t)n * (images ? (size_t)IN_SIZE : (size_t)Q_SIZE) ||
-        out_len < (size_t)n * (scores ? (size_t)CLASSES : (size_t)INT_OUT)) return NQ_ERR_BUFFER;
-    if (images) {{
-        int bad = 0;
-        /* one image runs on the calling thread: waking the others would only cost time */
-#pragma omp parallel for schedule(static) reduction(| : bad) if (n > 1)
-        for (long i = 0; i < (long)n * IN_SIZE; ++i)
-            bad |= !isfinite(images[i]);
-        if (bad) return NQ_ERR_NONFINITE;
-    }}
-#if NQ_AMX
-    nq_amx_request();
-#endif
-    /* images in parallel where the batch has one for each thread; else one image after the
-     * other, each kernel splitting its rows across the threads (NQ_SPLIT) */
-#ifdef _OPENMP
-    const int by_image = n > 1 && n >= omp_get_max_threads();
-#else
-    const int by_image = 0;
-#endif
-#pragma omp parallel for schedule(dynamic, 1) if (by_image)
-    for (int i = 0; i < n; ++i) {{
-        float local[CLASSES];
-#if NQ_AMX
-        nq_tilecfg saved;
-        if (nq_amx_state == 1) _tile_storeconfig(&saved);
-#endif
-        run_one(images ? images + (long)i * IN_SIZE : NULL, qimages ? qimages + (long)i * Q_SIZE : NULL,
-                scores ? scores + (long)i * CLASSES : local, int_out ? int_out + (long)i * INT_OUT : NULL,
-                nq_arena);
-#if NQ_AMX
-        if (nq_amx_state == 1) nq_amx_restore(&saved);
-#endif
-    }}
-    return NQ_OK;
-}}
-
-int {n}_predict(const float *images, size_t images_len, int n, float *scores, size_t scores_len) {{
-    return images ? run_batch(images, NULL, images_len, n, scores, NULL, scores_len) : NQ_ERR_ARGUMENT;
-}}
-
-int {n}_predict_int8(const int8_t *qimages, size_t qimages_len, int n, float *scores, size_t scores_len) {{
-    if (!Q_SIZE) return NQ_ERR_UNSUPPORTED;
-    return qimages ? run_batch(NULL, qimages, qimages_len, n, scores, NULL, scores_len) : NQ_ERR_ARGUMENT;
-}}
-
-int {n}_predict_int(const float *images, size_t images_len, int n, int32_t *out, size_t out_len) {{
-    return images && out ? run_batch(images, NULL, images_len, n, NULL, out, out_len) : NQ_ERR_ARGUMENT;
-}}
-
-int {n}_set_num_threads(int threads) {{
-#ifdef _OPENMP
-    if (threads > 0) omp_set_num_threads(threads);
-    return omp_get_max_threads();
-#else
-    (void)threads;
-    return 1;
-#endif
-}}
-
-const char *{n}_error_string(int code) {{
-    switch (code) {{
-    case NQ_OK: return "ok";
-    case NQ_ERR_ARGUMENT: return "bad argument (null pointer or negative count)";
-    case NQ_ERR_NONFINITE: return "an input value is NaN or infinite";
-    case NQ_ERR_UNSUPPORTED: return "no int8-input entry point: the network input feeds float layers besides its quantization";
-    case NQ_ERR_BUFFER: return "a buffer is shorter than n images or n outputs";
-    default: return "unknown error";
-    }}
-}}
-
-const char *{n}_kernels(void) {{
-#if NQ_AMX
-    nq_amx_request();
-    if (nq_amx_state == 1) return "amx";
-#endif
-    return {self.kernels_expr()};
-}}
-"""
+        yield fill("c_entry.c.in", net=n, kernels_expr=self.kernels_expr())
 
     def extra_includes(self) -> str:
         """Lines after the runtime header's #include (a subclass's own kernels and build macros)."""
@@ -1278,82 +1175,15 @@ static _Thread_local uint8_t nq_vpad[{-(-max(staged, 64) // 64) * 64}] __attribu
 
     def amx_runtime(self) -> str:
         pad, acc = self.amx_buffers()
-        return f"""#if NQ_AMX
-/* ---- AMX: the tile state is granted per process; tiles are configured per kernel ---- */
-static int nq_amx_state = -1;  /* -1 not asked yet, 0 refused, 1 granted */
-static void nq_amx_request(void) {{
-    if (nq_amx_state < 0)  /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
-        nq_amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-}}
-typedef struct {{ uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; }} nq_tilecfg;
-/* tiles 0-3: 16 int32 accumulators per row; 4, 7: MR activation rows of 64 bytes; 5, 6: 16 weight rows */
-static void nq_amx_config(int mr) {{
-    nq_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; ++t) {{ cfg.colsb[t] = 64; cfg.rows[t] = (uint8_t)(t == 5 || t == 6 ? 16 : mr); }}
-    _tile_loadconfig(&cfg);
-}}
-/* The tile configuration is per thread and other libraries in the process keep theirs across
- * calls (ONNX Runtime's MLAS loads its configuration once per thread): each image saves the
- * caller's configuration and puts it back, or releases the tiles if none was loaded. */
-static void nq_amx_restore(const nq_tilecfg *saved) {{
-    if (saved->palette) _tile_loadconfig(saved);
-    else _tile_release();
-}}
-static _Thread_local uint8_t nq_pad[{pad}] __attribute__((aligned(64)));   /* zero-padded input */
-static _Thread_local int32_t nq_acc[{acc}] __attribute__((aligned(64)));   /* MR x 16*NB sums */
-#endif
-"""
+        return fill("c_amx.c.in", pad=pad, acc=acc)
 
     def bench(self) -> str:
         n = self.p.name
-        return f"""{self.header_comment()}/* Test bench: {n}_bench IN OUT [--int]
- * IN: int32 n, then n float32 images (NCHW); OUT: n x CLASSES float32 scores
- * (with --int: n x INT_OUTPUT_SIZE int32, the integer output). */
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include "{n}.h"
-
-int main(int argc, char **argv) {{
-    if (argc < 3) {{ fprintf(stderr, "usage: %s IN OUT [--int]\\n", argv[0]); return 2; }}
-    int as_int = argc > 3 && strcmp(argv[3], "--int") == 0;
-    FILE *f = fopen(argv[1], "rb");
-    if (!f) {{ perror(argv[1]); return 1; }}
-    int n = 0;
-    const long per = (long){n.upper()}_INPUT_C * {n.upper()}_INPUT_H * {n.upper()}_INPUT_W;
-    if (fread(&n, sizeof n, 1, f) != 1 || n < 0) {{ fprintf(stderr, "%s: bad header\\n", argv[1]); return 1; }}
-    float *x = malloc(sizeof(float) * per * (n ? n : 1));
-    if (!x || fread(x, sizeof(float), per * n, f) != (size_t)(per * n)) {{
-        fprintf(stderr, "%s: expected %d images of %ld floats\\n", argv[1], n, per); return 1; }}
-    fclose(f);
-    long outn = (long)n * (as_int ? {n.upper()}_INT_OUTPUT_SIZE : {n.upper()}_CLASSES);
-    void *y = malloc(4 * (outn ? outn : 1));
-    int rc = as_int ? {n}_predict_int(x, (size_t)(per * n), n, y, (size_t)outn)
-                    : {n}_predict(x, (size_t)(per * n), n, y, (size_t)outn);
-    if (rc) {{ fprintf(stderr, "predict: %s\\n", {n}_error_string(rc)); return 1; }}
-    FILE *g = fopen(argv[2], "wb");
-    if (!g || fwrite(y, 4, outn, g) != (size_t)outn) {{ perror(argv[2]); return 1; }}
-    fclose(g);
-    free(x); free(y);
-    return 0;
-}}
-"""
+        return fill("c_bench.c.in", header_comment=self.header_comment(), net=n, NET=n.upper())
 
     def makefile(self, cflags: str) -> str:
         n = self.p.name
-        return f"""# Generated by netquant {__version__}. make: lib{n}.so and the test bench {n}_bench
-CC ?= cc
-CFLAGS ?= {cflags}
-all: lib{n}.so {n}_bench
-lib{n}.so: {n}.c {n}.h {RUNTIME_HEADER} {n}_weights.bin
-\t$(CC) $(CFLAGS) -shared -o $@ {n}.c -lm
-{n}_bench: main.c lib{n}.so
-\t$(CC) $(CFLAGS) -o $@ main.c {n}.c -lm
-clean:
-\trm -f lib{n}.so {n}_bench
-"""
+        return fill("c_makefile.in", version=__version__, net=n, cflags=cflags, runtime_header=RUNTIME_HEADER)
 
     def write(self, folder, cflags: str) -> dict:
         """Write every file into ``folder`` (a pathlib.Path), the library source piece by piece as
@@ -1373,7 +1203,7 @@ clean:
         sizes[src] = (lines, size)
         write_bytes(folder / self.blob_file(), bytes(self.blob))
         sizes[self.blob_file()] = (0, len(self.blob))
-        runtime = resources.files("netquant.codegen").joinpath("runtime", RUNTIME_HEADER).read_text()
+        runtime = runtime_text(RUNTIME_HEADER)
         for name, text in {f"{n}.h": self.header(), RUNTIME_HEADER: runtime, "main.c": self.bench(),
                            "Makefile": self.makefile(cflags)}.items():
             write_text(folder / name, text)
@@ -1395,6 +1225,6 @@ clean:
 
     def files(self, cflags: str) -> dict:
         n = self.p.name
-        runtime = resources.files("netquant.codegen").joinpath("runtime", RUNTIME_HEADER).read_text()
+        runtime = runtime_text(RUNTIME_HEADER)
         return {f"{n}.h": self.header(), f"{n}{self.file_suffix}": self.source(), RUNTIME_HEADER: runtime,
                 "main.c": self.bench(), "Makefile": self.makefile(cflags)}

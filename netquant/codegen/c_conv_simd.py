@@ -13,7 +13,7 @@ profile    AVX-512 VNNI (``VNNI``)                  AVX2 (``AVX2``)
 =========  ======================================  ==========================================
 vector     16 int32 lanes (zmm, 32 registers)       8 int32 lanes (ymm, 16 registers)
 K, staged  4 uint8 channels; int8 input read as     2 int16 channels, uint8 or int8 input
-           x + 128 (program.vnni_bias)              widened (no offset)
+           x + 128 (x86_pack.vnni_bias)             widened (no offset)
 product    vpdpbusd: 64 u8 x s8 MACs, accumulates   vpmaddwd + vpaddd: 16 s16 x s16 MACs
 weights    "wv" [KH][KW][CP/4][OB][16][4] int8,     "ww" [KH][KW][CP/2][OB][8][2] int16,
            in tile_order                            in tile_order (flat() for the RGB stem)
@@ -45,7 +45,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..quant.numerics import dtype_range
 from .program import Step
+from .x86_pack import SIGNED_OFFSET
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,6 @@ VNNI = SimdIsa(16, 4, "uint8_t", "wv", "__m512i", "zmm", "vmovdqa64", 4, 24,
               (31, 30, 29, 28), (27, 26), (), "AVX-512 VNNI", "_mm512", "nq_requantize16_hi", "nq_pack4")
 AVX2 = SimdIsa(8, 2, "int16_t", "ww", "__m256i", "ymm", "vmovdqa", 2, 10,
               (15, 14), (13, 12), (11, 10), "AVX2", "_mm256", "nq_requantize8_hi", "nq_pack4x8")
-FULL_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 
 
 def tile_order(w: np.ndarray, obt: int) -> np.ndarray:
@@ -143,7 +144,7 @@ class SimdConv:
         isa, a = self.isa, s.node.attrs
         c, h, w = self.pr.hwc(self.pr.buf(s.inputs[0]).shape)
         oc, oh, ow = self.pr.hwc(self.pr.buf(s.output).shape)
-        kh, kw, ck, ob = s.consts[isa.weights].shape[:4]
+        kh, kw, ck, ob = self.pr.step_consts(s)[isa.weights].shape[:4]
         ph, pw = a["padding"]
         signed = self.pr.buf(s.inputs[0]).dtype == "int8"
         staged = int(bool(ph or pw or c % isa.k or isa.elem != "uint8_t" or signed))
@@ -155,7 +156,7 @@ class SimdConv:
                     FLAT=int(flat),
                     SH=a["stride"][0], SW=a["stride"][1], PH=ph, PW=pw, DH=a["dilation"][0], DW=a["dilation"][1],
                     HP=h + 2 * ph if staged else h, WP=w + 2 * pw if staged else w, STAGED=staged,
-                    ZP=128 if signed and isa.reg == VNNI.reg else 0, OBT=obt, NBG=-(-ob // obt),
+                    ZP=SIGNED_OFFSET if signed and isa.reg == VNNI.reg else 0, OBT=obt, NBG=-(-ob // obt),
                     P=max(1, min(ow, isa.max_acc // obt)))
 
     def flat(self, kw: int, c: int, dw: int) -> bool:
@@ -172,13 +173,12 @@ class SimdConv:
         return (self.isa.reg == AVX2.reg and kw > 1 and dw == 1 and c % self.isa.k != 0
                 and groups < kw * -(-c // self.isa.k))
 
-    def packed_weights(self, s: Step) -> np.ndarray:
-        """The weights of ``s`` in the order its tiles read them (tile_order), from the Program's
-        layout, or for the flat form (flat()) from the conv's int8 weights (O, I, KH, KW):
+    def packed_weights(self, s: Step, w: np.ndarray) -> np.ndarray:
+        """The weights of ``s`` in the order its tiles read them (tile_order), from ``w`` in the
+        x86 layout (x86_pack.pack_vnni / pack_avx2), or for the flat form (flat()) from the conv's int8 weights (O, I, KH, KW):
         [KH][1][J][OB][LANES][K] with value e = j * K + k of filter row kh being channel e % C of
         tap e // C (0 past KW * C)."""
         g, isa = self.geometry(s), self.isa
-        w = s.consts[isa.weights]
         if g["FLAT"]:
             wq = np.asarray(s.node.params["weight"])
             o, c, kh, kw = wq.shape
@@ -310,7 +310,7 @@ class SimdConv:
         o(f"for (int i = 0; i < PW * CP; ++i) row[i] = row[(PW + W) * CP + i] = ZP;")
         if g["C"] == g["CP"] and e == xin:
             o("memcpy(row + PW * CP, src, W * C);")
-        elif g["ZP"] == 128:
+        elif g["ZP"] == SIGNED_OFFSET:
             o("for (int w = 0; w < W; ++w) for (int c = 0; c < CP; ++c)  /* int8 x -> x + 128 */")
             o(f"    row[(PW + w) * CP + c] = c < C ? (uint8_t)(src[w * C + c] ^ 0x80) : ZP;")
         elif g["C"] == g["CP"]:
@@ -328,7 +328,7 @@ class SimdConv:
         esize = 2 if isa.elem == "int16_t" else 1
         vbytes = 4 * isa.lanes
         WT = isa.wname(self.pr.const_name(s, isa.weights))
-        B = self.pr.const_name(s, "biasx" if isa.reg == VNNI.reg and "biasx" in s.consts else "biasv")
+        B = self.pr.const_name(s, "biasx" if isa.reg == VNNI.reg and s.plan.signed_input else "biasv")
         acc = [[f"a{b}_{p}" for p in range(npix)] for b in range(nb)]
         operand = {v: i for i, v in enumerate(v for row in acc for v in row)}
         u = self.unroll(g)
@@ -385,7 +385,7 @@ class SimdConv:
         M = pr.const_name(s, "multv")
         for b in range(nb):
             off = f"{lanes} * ({b0} + {b})"
-            if "rqv" in s.consts:
+            if s.plan.hi_requant:
                 o(f"const {vtype} m{b} = {load}((const void *)({M} + {off})), "
                   f"r{b} = {load}((const void *)({pr.const_name(s, 'rqv')} + {off})), "
                   f"t{b} = {load}((const void *)({pr.const_name(s, 'tv')} + {off}));")
@@ -410,7 +410,7 @@ class SimdConv:
         count = {b: f"(O - {L} * ({b0} + {b}) < {L} ? O - {L} * ({b0} + {b}) : {L})" for b in range(nb)}
         if g["O"] % L == 0:
             count = {b: str(L) for b in range(nb)}
-        if "rqv" not in s.consts and isa.reg == AVX2.reg:
+        if not s.plan.hi_requant and isa.reg == AVX2.reg:
             M, S = self.pr.const_name(s, "mult"), self.pr.const_name(s, "shift")
             o("int32_t lane[8];")
             for p, b, a in pixels:
@@ -421,9 +421,9 @@ class SimdConv:
             return
         self._tables(s, o, b0, nb, f"{v}_load_si{32 * L}", isa.vtype)
         contiguous = g["O"] % L == 0 and nb == g["OB"]
-        clamp = (lo, hi) != FULL_RANGE[out_t] or not contiguous
+        clamp = (lo, hi) != dtype_range(out_t) or not contiguous
         for p, b, a in pixels:
-            if "rqv" in s.consts:
+            if s.plan.hi_requant:
                 q = f"{isa.requant_hi}({a}, m{b}, r{b}, t{b})"
                 if clamp:
                     q = f"{v}_min_epi32({v}_max_epi32({q}, {v}_set1_epi32({lo})), {v}_set1_epi32({hi}))"

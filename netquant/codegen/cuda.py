@@ -7,7 +7,7 @@ batch size is a run-time argument). By default each kernel has one thread per ou
 convolutions use ``dp4a`` (PTX ``dp4a.u32.s32``) four channels at a time: the kernels checked bit
 for bit on a GPU (an H100, bench/gpu_check.py). With ``tensor_cores=True`` (sm_80 and newer),
 convolutions over uint8 activations run on int8 tensor cores instead (``mma.sync.m16n8k32``
-u8 x s8 -> s32, an implicit GEMM, see :meth:`CudaPrinter.g_conv_mma`); they are checked bit for
+u8 x s8 -> s32, an implicit GEMM, see :meth:`CudaPrinter.conv_mma`); they are checked bit for
 bit in the test suite's CPU emulation of a warp and await the same check on a GPU. The
 integer arithmetic is ``netquant_rt.h``'s, shared with C, so outputs are bit-exact with the
 reference executor (nvcc is run with ``--fmad=false`` so no float multiply-add is fused).
@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from .c import CTYPE, CPrinter, Source, c_array
-from .program import Step
+from .runtime_files import fill
+from .program import IntConvPlan, Step
 
 THREADS = 256
 MMA_WARPS = 4        # warps per block of the tensor-core convolution
@@ -49,7 +50,7 @@ class CudaPrinter(CPrinter):
     def dp4a_eligible(self, s: Step) -> bool:
         # ungrouped conv over uint8 input (program.vnni_eligible, which also takes int8 through
         # an offset the dp4a kernels do not apply)
-        return "wv" in s.consts and self.buf(s.inputs[0]).dtype == "uint8"
+        return isinstance(s.plan, IntConvPlan) and s.plan.simd and self.buf(s.inputs[0]).dtype == "uint8"
 
     def mma_eligible(self, s: Step) -> bool:
         """Tensor cores (when asked for): uint8 input, channels a multiple of 16 in (so each 16-wide half of a
@@ -77,24 +78,33 @@ class CudaPrinter(CPrinter):
         nt = w.shape[0] // 8
         return -(-k // 32), nt, (4 if nt <= 4 else 2)
 
+    def step_consts(self, s: Step) -> dict:
+        """The device tables of ``s``: the plan's, with a conv's weights in the layout of its kernel:
+        "wm" (O, K padded to 32) for tensor cores, "wd" (O, KH, KW, 4*C4) for dp4a, else "w"."""
+        consts = s.plan.tables()
+        if self.mma_eligible(s):
+            w = consts.pop("w")                       # (O, KH, KW, C)
+            ksteps = self.mma_tiles(s)[0]
+            wm = np.zeros((w.shape[0], 32 * ksteps), np.int8)
+            wm[:, :w[0].size] = w.reshape(w.shape[0], -1)  # (O, K): k = (kh * KW + kw) * C + c
+            consts = {"wm": wm, **consts}
+        elif self.dp4a_eligible(s):
+            w = consts.pop("w")                       # (O, KH, KW, C)
+            c4 = -(-w.shape[3] // 4)
+            padded = np.zeros(w.shape[:3] + (4 * c4,), np.int8)
+            padded[..., :w.shape[3]] = w
+            consts["wd"] = padded                      # (O, KH, KW, 4*C4): 4 channels per dp4a
+        return consts
+
+    def const_guard(self, s: Step, key: str) -> str:
+        return ""   # every table of step_consts is read on the device
+
     def constants(self) -> str:
         out = []
         for s in self.p.steps:
-            consts = {k: v for k, v in s.consts.items() if k not in self.SIMD_ONLY}
-            if self.mma_eligible(s):
-                w = consts.pop("w")                       # (O, KH, KW, C)
-                ksteps = self.mma_tiles(s)[0]
-                wm = np.zeros((w.shape[0], 32 * ksteps), np.int8)
-                wm[:, :w[0].size] = w.reshape(w.shape[0], -1)  # (O, K): k = (kh * KW + kw) * C + c
-                out.append(c_array("int8_t", self.const_name(s, "wm"), wm, "static __device__ const __align__(16)"))
-            elif self.dp4a_eligible(s):
-                w = consts.pop("w")                       # (O, KH, KW, C)
-                c4 = -(-w.shape[3] // 4)
-                padded = np.zeros(w.shape[:3] + (4 * c4,), np.int8)
-                padded[..., :w.shape[3]] = w
-                consts["wd"] = padded                      # (O, KH, KW, 4*C4): 4 channels per dp4a
-            for key, arr in consts.items():
-                out.append(c_array(CTYPE[np.asarray(arr).dtype], self.const_name(s, key), arr, self.const_qualifier))
+            for key, arr in self.step_consts(s).items():
+                qualifier = "static __device__ const __align__(16)" if key == "wm" else self.const_qualifier
+                out.append(c_array(CTYPE[np.asarray(arr).dtype], self.const_name(s, key), arr, qualifier))
         return "\n".join(out)
 
     # --- kernels ------------------------------------------------------------------------------
@@ -116,7 +126,7 @@ class CudaPrinter(CPrinter):
         for s in self.p.steps:
             o(f"/* {s.node.name} = {s.kind}({', '.join(s.node.inputs)}) [{'+'.join(s.node.layers)}] */")
             if self.mma_eligible(s):
-                self.g_conv_mma(s, o)
+                self.conv_mma(s, o)
                 o()
                 continue
             o.open(self.signature(s))
@@ -185,7 +195,7 @@ class CudaPrinter(CPrinter):
         o.close().close()
         o(f"y[e] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
 
-    def g_conv_mma(self, s, o):
+    def conv_mma(self, s, o):
         """Convolution as an implicit GEMM on int8 tensor cores.
 
         Rows m are the output pixels of every image of the batch (M = n * OH * OW), columns the
@@ -288,59 +298,27 @@ class CudaPrinter(CPrinter):
         o.close().close().close()
         o.close()
 
+    # integer kinds whose C kernel is a loop over outputs: the C printer's body, for output e
     def g_linear(self, s, o):
-        k = self.buf(s.inputs[0]).elements
-        lo, hi = s.node.attrs["clamp"]
-        W, B, M, S = (self.const_name(s, key) for key in ("w", "bias", "mult", "shift"))
-        o(f"int32_t acc = {B}[e];")
-        o(f"for (int k = 0; k < {k}; ++k) acc += (int32_t)x0[k] * (int32_t){W}[e * {k} + k];")
-        o(f"y[e] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[e], {S}[e], {lo}, {hi});")
+        o(f"enum {{ K = {self.buf(s.inputs[0]).elements} }};")
+        self.linear_output(s, o, "e")
 
     def g_add(self, s, o):
-        lo, hi = s.node.attrs["clamp"]
-        m = s.node.params["multiplier"]
-        o(f"const int64_t acc = (int64_t)x0[e] * {int(m[0])} + (int64_t)x1[e] * {int(m[1])};")
-        o(f"y[e] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(acc, {int(s.node.params['shift'][0])}), "
-          f"{lo}, {hi});")
+        self.add_element(s, o, "e")
 
     def g_concat(self, s, o):
         oc = self.hwc(self.buf(s.output).shape)[0]
-        lo, hi = s.node.attrs["clamp"]
-        M, S = s.node.params["multiplier"], s.node.params["shift"]
         o(f"const int p = e / {oc}, c = e % {oc};")
-        off = 0
-        for j, name in enumerate(s.inputs):
-            cj = self.hwc(self.buf(name).shape)[0]
-            o(f"if (c >= {off} && c < {off + cj}) y[e] = ({self.buf(s.output).ctype})"
-              f"nq_requantize(x{j}[p * {cj} + c - {off}], {int(M[j])}, {int(S[j])}, {lo}, {hi});")
-            off += cj
+        for j, off, cj, value in self.concat_parts(s):
+            o(f"if (c >= {off} && c < {off + cj}) y[e] = {value(f'p * {cj} + c - {off}')};")
 
     def g_gather(self, s, o):
-        o(f"const int32_t t = {self.const_name(s, 'index')}[e];")
-        o("y[e] = t < 0 ? 0 : x0[t];")
+        self.gather_element(s, o, "e")
 
     def _gpool(self, s, o, kind):
-        a = s.node.attrs
-        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
-        kh, kw = a["kernel"]
-        ow = (w + 2 * a["padding"][1] - kw) // a["stride"][1] + 1
-        o(f"const int c = e % {c}, pix = e / {c}, oh = pix / {ow}, ow = pix % {ow};")
-        o("int32_t acc = %s;" % ("INT32_MIN" if kind == "max" else "0"))
-        o.open(f"for (int kh = 0; kh < {kh}; ++kh)")
-        o(f"const int ih = oh * {a['stride'][0]} - {a['padding'][0]} + kh;")
-        o(f"if ((unsigned)ih >= {h}u) continue;")
-        o.open(f"for (int kw = 0; kw < {kw}; ++kw)")
-        o(f"const int iw = ow * {a['stride'][1]} - {a['padding'][1]} + kw;")
-        o(f"if ((unsigned)iw >= {w}u) continue;")
-        o(f"const int32_t v = x0[(ih * {w} + iw) * {c} + c];")
-        o("acc = v > acc ? v : acc;" if kind == "max" else "acc += v;")
-        o.close().close()
-        if kind == "max":
-            o(f"y[e] = ({self.buf(s.output).ctype})acc;")
-        else:
-            lo, hi = a["clamp"]
-            o(f"y[e] = ({self.buf(s.output).ctype})nq_requantize(acc, {int(s.node.params['multiplier'][0])}, "
-              f"{int(s.node.params['shift'][0])}, {lo}, {hi});")
+        self.pool_enum(s, o)
+        o("const int c = e % C, pix = e / C, oh = pix / OW, ow = pix % OW;")
+        self.pool_element_int(s, o, kind)   # the C kernel's body for output (oh, ow, c)
 
     def g_maxpool(self, s, o):
         self._gpool(s, o, "max")
@@ -349,8 +327,7 @@ class CudaPrinter(CPrinter):
         self._gpool(s, o, "avg")
 
     def g_act(self, s, o):
-        lo, hi = s.node.attrs["clamp"]
-        o(f"y[e] = ({self.buf(s.output).ctype})nq_clamp(x0[e], {lo}, {hi});")
+        o(f"y[e] = {self.act_value(s, 'e')};")
 
     def g_dequantize(self, s, o):
         scale = float(np.float32(s.node.scale)).hex() + "f"
@@ -385,7 +362,7 @@ class CudaPrinter(CPrinter):
                          f"{THREADS}>>>(d_arena, qin, n);\n    else {{\n"
                          + self._indent(self.launches_range(0, k + 1), 2) + "    }\n"
                          + self._indent(self.launches_range(k + 1, len(p.steps)), 1))
-        return f"""{self.header_comment()}#include <cuda_runtime.h>
+        text = f"""{self.header_comment()}#include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -409,118 +386,10 @@ static __global__ void copy_int_out(const uint8_t *arena, int32_t *dst, int n) {
     dst[idx] = ((const {ib.ctype} *)(arena + (size_t)img * ARENA_BYTES + {ib.offset}))[i * {ic} + c];
 }}
 
-/* ---- host runtime: one memory plan, grown to the largest batch seen ---- */
-static uint8_t *d_arena = NULL;
-static float *d_in_buf = NULL, *d_out_buf = NULL;
-static int8_t *d_qin = NULL;
-static int32_t *d_int = NULL;
-static int capacity = 0;
-
-static int ensure(int n) {{
-    if (n <= capacity) return NQ_OK;
-    cudaFree(d_arena); cudaFree(d_in_buf); cudaFree(d_out_buf); cudaFree(d_qin); cudaFree(d_int);
-    if (cudaMalloc((void **)&d_arena, (size_t)n * ARENA_BYTES) != cudaSuccess ||
-        cudaMalloc((void **)&d_in_buf, (size_t)n * IN_SIZE * sizeof(float)) != cudaSuccess ||
-        cudaMalloc((void **)&d_out_buf, (size_t)n * CLASSES * sizeof(float)) != cudaSuccess ||
-        cudaMalloc((void **)&d_qin, (size_t)n * {q_elements}) != cudaSuccess ||
-        cudaMalloc((void **)&d_int, (size_t)n * {ib.elements} * sizeof(int32_t)) != cudaSuccess) {{
-        capacity = 0;
-        return NQ_ERR_RUNTIME;
-    }}
-    capacity = n;
-    return NQ_OK;
-}}
-
-/* every step on device buffers; with qin set, the steps up to the input quantization are skipped */
-static int run_device(const float *d_in, const int8_t *qin, int n, float *d_out) {{
-{run_steps}    return cudaGetLastError() == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
-}}
-
-/* arguments, then buffer lengths (in elements: n * IN_SIZE floats in, n * per_out out), checked
- * before any read: a short buffer is NQ_ERR_BUFFER, never an out-of-bounds copy */
-static int check_host(const float *images, size_t images_len, int n, const void *out, size_t out_len,
-                      size_t per_out) {{
-    if (!images || !out || n < 0) return NQ_ERR_ARGUMENT;
-    if (images_len < (size_t)n * IN_SIZE || out_len < (size_t)n * per_out) return NQ_ERR_BUFFER;
-    for (long i = 0; i < (long)n * IN_SIZE; ++i)
-        if (!isfinite(images[i])) return NQ_ERR_NONFINITE;
-    return NQ_OK;
-}}
-
-/* checked host images: upload them and run every step; the scores are then in d_out_buf */
-static int run_host(const float *images, int n) {{
-    int rc;
-    if ((rc = ensure(n))) return rc;
-    cudaMemcpy(d_in_buf, images, (size_t)n * IN_SIZE * sizeof(float), cudaMemcpyHostToDevice);
-    return run_device(d_in_buf, NULL, n, d_out_buf);
-}}
-
-extern "C" int {n}_predict(const float *images, size_t images_len, int n, float *scores, size_t scores_len) {{
-    int rc = check_host(images, images_len, n, scores, scores_len, CLASSES);
-    if (rc) return rc;
-    if (n == 0) return NQ_OK;
-    if ((rc = run_host(images, n))) return rc;
-    return cudaMemcpy(scores, d_out_buf, (size_t)n * CLASSES * sizeof(float), cudaMemcpyDeviceToHost)
-        == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
-}}
-
-/* The same on device buffers (no copies): d_images n x IN_SIZE floats, d_scores n x CLASSES
- * (lengths in elements, as the caller allocated them; not checked for finiteness). */
-extern "C" int {n}_predict_device(const float *d_images, size_t images_len, int n, float *d_scores,
-                                  size_t scores_len) {{
-    int rc;
-    if (!d_images || !d_scores || n < 0) return NQ_ERR_ARGUMENT;
-    if (images_len < (size_t)n * IN_SIZE || scores_len < (size_t)n * CLASSES) return NQ_ERR_BUFFER;
-    if (n == 0) return NQ_OK;
-    if ((rc = ensure(n))) return rc;
-    if ((rc = run_device(d_images, NULL, n, d_scores))) return rc;
-    return cudaDeviceSynchronize() == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
-}}
-
-extern "C" int {n}_predict_int8(const int8_t *qimages, size_t qimages_len, int n, float *scores,
-                                size_t scores_len) {{
-    int rc;
-{no_int8}    if (!qimages || !scores || n < 0) return NQ_ERR_ARGUMENT;
-    if (qimages_len < (size_t)n * {q_elements} || scores_len < (size_t)n * CLASSES) return NQ_ERR_BUFFER;
-    if (n == 0) return NQ_OK;
-    if ((rc = ensure(n))) return rc;
-    cudaMemcpy(d_qin, qimages, (size_t)n * {q_elements}, cudaMemcpyHostToDevice);
-    if ((rc = run_device(NULL, d_qin, n, d_out_buf))) return rc;
-    return cudaMemcpy(scores, d_out_buf, (size_t)n * CLASSES * sizeof(float), cudaMemcpyDeviceToHost)
-        == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
-}}
-
-extern "C" int {n}_predict_int(const float *images, size_t images_len, int n, int32_t *out, size_t out_len) {{
-    int rc = check_host(images, images_len, n, out, out_len, {ib.elements});
-    if (rc) return rc;
-    if (n == 0) return NQ_OK;
-    if ((rc = run_host(images, n))) return rc;
-    copy_int_out<<<(unsigned)(((long)n * {ib.elements} + {THREADS - 1}) / {THREADS}), {THREADS}>>>(d_arena, d_int, n);
-    return cudaMemcpy(out, d_int, (size_t)n * {ib.elements} * sizeof(int32_t), cudaMemcpyDeviceToHost)
-        == cudaSuccess ? NQ_OK : NQ_ERR_RUNTIME;
-}}
-
-extern "C" int {n}_set_num_threads(int threads) {{
-    (void)threads;
-    return 1;  /* the GPU decides; kept for the C target's interface */
-}}
-
-extern "C" const char *{n}_kernels(void) {{
-    return "{'cuda-mma' if self.tensor_cores else 'cuda-dp4a'}";
-}}
-
-extern "C" const char *{n}_error_string(int code) {{
-    switch (code) {{
-    case NQ_OK: return "ok";
-    case NQ_ERR_ARGUMENT: return "bad argument (null pointer or negative count)";
-    case NQ_ERR_NONFINITE: return "an input value is NaN or infinite";
-    case NQ_ERR_RUNTIME: return cudaGetErrorString(cudaGetLastError());
-    case NQ_ERR_UNSUPPORTED: return "no int8-input entry point: the network input feeds float layers besides its quantization";
-    case NQ_ERR_BUFFER: return "a buffer is shorter than n images or n outputs";
-    default: return "unknown error";
-    }}
-}}
 """
+        return text + fill("cuda_host.cu.in", net=n, q_elements=q_elements, int_elements=ib.elements,
+                           run_steps=run_steps, no_int8=no_int8, threads=THREADS, threads_minus_1=THREADS - 1,
+                           kernels='cuda-mma' if self.tensor_cores else 'cuda-dp4a')
 
     def launches_range(self, a: int, b: int) -> str:
         o = Source()
@@ -552,10 +421,9 @@ lib{n}.so: {n}.cu {n}.h netquant_rt.h
     def files(self, cflags: str) -> dict:
         files = super().files(cflags)
         files.pop("main.c")  # the C test bench is host-only; the CUDA library is checked from Python
-        files[f"{self.p.name}.h"] = files[f"{self.p.name}.h"].replace(
-            f"int {self.p.name}_set_num_threads(int threads);",
-            f"int {self.p.name}_set_num_threads(int threads);\n"
-            f"/* Device buffers in and out, no copies (CUDA target only). */\n"
-            f"int {self.p.name}_predict_device(const float *d_images, size_t images_len, int n, float *d_scores,\n"
-            f"                                 size_t scores_len);")
         return files
+
+    def device_entry_declaration(self) -> str:
+        return (f"\n/* Device buffers in and out, no copies (CUDA target only). */\n"
+                f"int {self.p.name}_predict_device(const float *d_images, size_t images_len, int n, float *d_scores,\n"
+                f"                                 size_t scores_len);")

@@ -61,7 +61,6 @@ CPUS = {
 }
 MICRO_FLAGS = "-O2 -std=c99 -ffunction-sections -fdata-sections -Wall -Wextra -Wno-unused-parameter"
 COMPILER = "arm-none-eabi-gcc"
-SIMD_ONLY = set(CPrinter.SIMD_ONLY)   # x86 layouts, never printed here
 
 
 @dataclass(frozen=True)
@@ -150,7 +149,7 @@ def micro_plan(p: Program, simd: bool = True) -> MicroPlan:
             # change pixels the conv has still to read
             if (conv_readers == [i + 1] and max(readers.get(rs, [])) == i + 1 and rs != p.input
                     and rs != _root(bufs, s.inputs[0], {}) and bufs[skip].shape == bufs[nxt.output].shape and bufs[skip].dtype in ("int8", "uint8")):
-                step = Step(s.node, (s.inputs[0], skip), nxt.output, s.consts)
+                step = Step(s.node, (s.inputs[0], skip), nxt.output, s.plan)
                 fused[nxt.output] = (nxt.node, s.output, nxt.inputs.index(s.output))
                 merged[nxt.output] = rs
                 out_steps.append(step)
@@ -243,9 +242,7 @@ class MicroPrinter(CPrinter):
     def micro_constants(self) -> str:
         out = []
         for s in self.p.steps:
-            for key, arr in s.consts.items():
-                if key in SIMD_ONLY:
-                    continue
+            for key, arr in s.plan.tables().items():   # the target-neutral tables (program.py)
                 arr = np.asarray(arr)
                 ctype = {np.dtype("int64"): "int32_t"}.get(arr.dtype) or {
                     "i1": "int8_t", "u1": "uint8_t", "i2": "int16_t", "i4": "int32_t"}[arr.dtype.str[1:]]
@@ -255,7 +252,7 @@ class MicroPrinter(CPrinter):
         return "\n".join(out)
 
     def const_bytes(self, s: Step) -> int:
-        return sum(int(np.asarray(a).nbytes) for k, a in s.consts.items() if k not in SIMD_ONLY)
+        return sum(int(np.asarray(a).nbytes) for a in s.plan.tables().values())
 
     def micro_source(self) -> str:
         p, n = self.p, self.p.name

@@ -1,6 +1,8 @@
-"""A QGraph lowered for code generation: call order, a static buffer plan and constants.
+"""A QGraph lowered for code generation: call order, a static buffer plan and a typed kernel
+plan per step (its constant tables, target-neutral: ``IntConvPlan``, ``GatherPlan``, ...).
 
-Shared by the C and CUDA printers, so planning is written and tested once.
+Shared by the C and CUDA printers, so planning is written and tested once; each printer lays the
+tables out for the kernels it prints (the x86 weight layouts: ``x86_pack.py``).
 
 Layout: every tensor of one image in the arena, integer or float, is stored channels-last,
 (H, W, C) row-major, so a conv reads the C input channels of a pixel contiguously (the inner loop
@@ -25,25 +27,22 @@ identity becomes an alias of its input (no copy).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
 
 from ..errors import NetquantError
-from ..ir.float_ops import FLOAT_OPS
+from ..ir.float_ops import ELEMENTWISE_FNS, FLOAT_FNS
+from ..ir.ops import PROGRAM, kinds
 from ..quant import numerics as nx
 from ..quant.qgraph import QGraph, QNode
+from .c_conv_dw import dw_eligible
 
 ALIGN = 64
 C_TYPES = {"int8": "int8_t", "uint8": "uint8_t", "float32": "float"}
 ELEM_BYTES = {"int8": 1, "uint8": 1, "float32": 4}
-SUPPORTED = ("input", "affine", "quantize", "conv", "linear", "add", "concat", "gather", "maxpool", "avgpool",
-             "act", "dequantize", "float")
-FLOAT_FNS = tuple(FLOAT_OPS)   # every float op of the registry
-# float ops whose output element depends on the same input element only (and, for affine, its
-# channel): a chain of them applied to an 8-bit tensor is a function of 256 values (lut_table)
-ELEMENTWISE_FNS = ("sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "leaky_relu", "elu", "exp")
+SUPPORTED = tuple(k for k in kinds(PROGRAM) if k != "lut")   # the QGraph kinds code generation takes (ops.py)
 LUT_SIZE = 256
 
 
@@ -83,12 +82,12 @@ class Buffer:
 
 @dataclass(frozen=True)
 class Step:
-    """One kernel call: ``node`` computes ``output`` from ``inputs``."""
+    """One kernel call: ``node`` computes ``output`` from ``inputs`` by its kernel ``plan``."""
 
     node: QNode
     inputs: tuple     # Buffer names
     output: str       # Buffer name
-    consts: dict = field(default_factory=dict)   # name -> array emitted as a constant table
+    plan: "KernelPlan" = field(default_factory=lambda: KernelPlan())
 
     @property
     def kind(self) -> str:
@@ -112,9 +111,6 @@ class Program:
 
     def buffer(self, name: str) -> Buffer:
         return self.buffers[name]
-
-    def weight_bytes(self) -> int:
-        return sum(int(a.nbytes) for s in self.steps for a in s.consts.values())
 
     def float_steps(self) -> tuple:
         """The steps that compute in float or replace float layers by a table: lookup tables,
@@ -149,52 +145,6 @@ def _weights_ohwi(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(0, 2, 3, 1)) if w.ndim == 4 else w
 
 
-LANES = 16  # int32 lanes of a 512-bit vector: output channels computed together by the VNNI kernel
-
-
-def vnni_eligible(n: QNode, in_dtype: str) -> bool:
-    """The AVX-512 VNNI kernel multiplies unsigned 8-bit activations by signed 8-bit weights
-    (vpdpbusd), so it serves ungrouped convs over 8-bit input: uint8 (post-ReLU tensors) as is,
-    int8 shifted by +128 into uint8 with the shift taken back through the bias (vnni_bias)."""
-    return n.op == "conv" and n.attrs["groups"] == 1 and in_dtype in ("uint8", "int8")
-
-
-def pack_vnni(w: np.ndarray) -> np.ndarray:
-    """Conv weights (O, I, KH, KW) -> int8 [KH][KW][I/4][O/16][16][4], zero padded: one 64-byte
-    row holds 4 input channels of 16 output channels, the operand of one vpdpbusd, and the rows
-    one tap and 4 input channels need for all output channels lie side by side.
-    Element [kh][kw][c4][ob][lane][j] is w[16*ob + lane, 4*c4 + j, kh, kw]."""
-    o, i, kh, kw = w.shape
-    ob, ip = -(-o // LANES), -(-i // 4) * 4
-    padded = np.zeros((ob * LANES, ip, kh, kw), np.int8)
-    padded[:o, :i] = w
-    # (OB*16, I4*4, KH, KW) -> (OB, 16, I4, 4, KH, KW) -> (KH, KW, I4, OB, 16, 4)
-    return np.ascontiguousarray(padded.reshape(ob, LANES, ip // 4, 4, kh, kw).transpose(4, 5, 2, 0, 1, 3))
-
-
-def pack_avx2(w: np.ndarray) -> np.ndarray:
-    """Conv weights (O, I, KH, KW) -> int16 [KH][KW][I/2][O/8][8][2], zero padded: one 32-byte
-    row holds 2 input channels of 8 output channels, the operand of one vpmaddwd (AVX2).
-    Element [kh][kw][c2][ob][lane][j] is w[8*ob + lane, 2*c2 + j, kh, kw]."""
-    o, i, kh, kw = w.shape
-    ob, ip = -(-o // 8), -(-i // 2) * 2
-    padded = np.zeros((ob * 8, ip, kh, kw), np.int16)
-    padded[:o, :i] = w
-    # (OB*8, I2*2, KH, KW) -> (OB, 8, I2, 2, KH, KW) -> (KH, KW, I2, OB, 8, 2)
-    return np.ascontiguousarray(padded.reshape(ob, 8, ip // 2, 2, kh, kw).transpose(4, 5, 2, 0, 1, 3))
-
-
-SIGNED_OFFSET = 128  # int8 x + 128 is the uint8 that vpdpbusd multiplies
-
-
-def vnni_bias(bias: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """The bias of the VNNI kernel over int8 input x, which it reads as u = x + 128 (the zero
-    padding as u = 128): sum(u * w) = sum(x * w) + 128 * sum(w), so the bias takes back
-    128 * sum(w) per output channel, exactly. Example: w = [1, 1, 2], x = [5, 0, -7]:
-    sum(x * w) = -9; u = [133, 128, 121]: sum(u * w) = 503 = -9 + 128 * 4."""
-    return (bias.astype(np.int64) - SIGNED_OFFSET * w.reshape(len(w), -1).sum(1, dtype=np.int64)).astype(np.int32)
-
-
 HI_SHIFTS = (33, 62)  # shifts for which requantization needs only the high half of acc * M
 
 
@@ -207,7 +157,94 @@ def hi_requant_eligible(shift: np.ndarray) -> bool:
 ADD_PAIR_SHIFTS = (16, 46)  # shifts for which the residual add of 8-bit tensors runs in 32-bit lanes
 
 
-AMX_K = 64      # bytes of k per AMX tile row: one tdpbusd multiplies 16 x 64 by 64 x 16
+# --- kernel plans: what each step computes with, as named tables, target-neutral -----------------
+# A printer chooses its kernel from the plan's type and flags and lays the tables out for the
+# instruction set it prints (the x86 packings live in x86_pack.py, the CUDA ones in cuda.py).
+# Field names are the tables' names in generated code (k_<buffer>_<name>).
+
+@dataclass(frozen=True, eq=False)
+class KernelPlan:
+    """A step with no constant tables (pools, adds, concats, clamps, conversions, float functions
+    other than resampling): the node's attributes say everything."""
+
+    def tables(self) -> dict:
+        """{name: array} of the plan's constant tables, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), np.ndarray)}
+
+
+@dataclass(frozen=True, eq=False)
+class IntConvPlan(KernelPlan):
+    """An integer conv: int8 weights channels-last (O, KH, KW, I/groups), int32 bias and
+    requantization (M, shift) per output channel, and the facts that pick the fast kernels.
+    Example: ResNet-20's S1U1_conv1 over uint8: simd and amx (ungrouped, 8-bit input, dilation 1),
+    not signed, hi_requant where every shift lies in HI_SHIFTS."""
+
+    w: np.ndarray
+    bias: np.ndarray
+    mult: np.ndarray
+    shift: np.ndarray
+    simd: bool = False          # ungrouped over 8-bit input: the register-tiled SIMD kernels serve it
+    amx: bool = False           # ... and taps adjacent along W (dilation 1 there): AMX tiles serve it
+    depthwise: bool = False     # depthwise, channel multiplier 1, over 8-bit input: channels-in-lanes kernels
+    signed_input: bool = False  # int8 input (the VNNI kernel reads it as x + 128)
+    hi_requant: bool = False    # every shift in HI_SHIFTS: requantization from the product's high half
+
+
+@dataclass(frozen=True, eq=False)
+class IntLinearPlan(KernelPlan):
+    """An integer fully connected layer: int8 weights (O, K) with K in the input's layout."""
+
+    w: np.ndarray
+    bias: np.ndarray
+    mult: np.ndarray
+    shift: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class FloatWeightsPlan(KernelPlan):
+    """A conv (O, I/groups, KH, KW) or linear (O, K) kept in float: float32 weights and bias."""
+
+    w: np.ndarray
+    bias: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class AffinePlan(KernelPlan):
+    """y = x * scale[c] + shift[c] in float32."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class GatherPlan(KernelPlan):
+    """Output element i is input element index[i] (-1: zero), offsets in the buffers' layouts."""
+
+    index: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class LutPlan(KernelPlan):
+    """A chain of elementwise float ops on an 8-bit tensor as a table (lut_table)."""
+
+    table: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class ResamplePlan(KernelPlan):
+    """Bilinear or bicubic resampling: per output row and column, the source taps and weights."""
+
+    hidx: np.ndarray
+    hwt: np.ndarray
+    widx: np.ndarray
+    wwt: np.ndarray
+
+
+def vnni_eligible(n: QNode, in_dtype: str) -> bool:
+    """The SIMD conv kernels multiply 8-bit activations by int8 weights, so they serve ungrouped
+    convs over uint8 (post-ReLU tensors) or int8 input (the VNNI one shifts it by +128 into uint8,
+    taking the shift back through the bias)."""
+    return n.op == "conv" and n.attrs["groups"] == 1 and in_dtype in ("uint8", "int8")
 
 
 def amx_eligible(n: QNode, in_dtype: str) -> bool:
@@ -215,68 +252,37 @@ def amx_eligible(n: QNode, in_dtype: str) -> bool:
     copy of the input: 16 output pixels x 64 consecutive bytes of one padded input row, so it
     serves ungrouped convs over 8-bit input (uint8: tdpbusd, int8: tdpbssd) whose filter taps
     are adjacent along W (dilation 1 there)."""
-    return (n.op == "conv" and n.attrs["groups"] == 1 and in_dtype in ("uint8", "int8")
-            and n.attrs["dilation"][1] == 1)
+    return vnni_eligible(n, in_dtype) and n.attrs["dilation"][1] == 1
 
 
-def pack_amx(w: np.ndarray) -> np.ndarray:
-    """Conv weights (O, I, KH, KW) -> int8 [KH][J][NB][16][64], the right operands of AMX dot
-    products. For one filter row kh the k axis is the KW*I bytes of KW adjacent channels-last
-    input pixels, zero-padded to J*64; NB = ceil(O/16) blocks of 16 output channels. A 16 x 64
-    tile row kq holds 4 consecutive k of 16 outputs: element [kh][j][nb][kq][4n + i] is the
-    weight of output 16*nb + n at byte b = 64*j + 4*kq + i of the row, i.e. input channel b % I of
-    tap kw = b // I. Example: I = 16, KW = 3: 48 bytes per filter row, J = 1, k 48..63 are 0."""
-    o, i, kh, kw = w.shape
-    j, nb = -(-kw * i // AMX_K), -(-o // LANES)
-    rows = np.zeros((nb * LANES, kh, j * AMX_K), np.int8)
-    rows[:o, :, :kw * i] = w.transpose(0, 2, 3, 1).reshape(o, kh, kw * i)   # (O, KH, KW*I), channels-last
-    # (NB*16 n, KH, J*16 kq * 4 i) -> (NB, 16n, KH, J, 16kq, 4i) -> (KH, J, NB, 16kq, 16n, 4i)
-    return np.ascontiguousarray(rows.reshape(nb, LANES, kh, j, 16, 4).transpose(2, 3, 0, 4, 1, 5))
-
-
-def _consts(n: QNode, in_shape: tuple, in_dtype: str = "", in_layout: str = "hwc") -> dict:
+def kernel_plan(n: QNode, in_shape: tuple, in_dtype: str = "", in_layout: str = "hwc") -> KernelPlan:
+    """The kernel plan of node ``n`` reading a tensor of ``in_shape``, ``in_dtype``, ``in_layout``."""
     p = n.params
-    if not n.quantized and n.op == "conv":     # float conv: float32 (O, I/groups, KH, KW) as captured
-        return {"w": np.ascontiguousarray(p["weight"], np.float32), "bias": np.asarray(p["bias"], np.float32)}
+    if n.op == "conv" and not n.quantized:   # float conv: float32 (O, I/groups, KH, KW) as captured
+        return FloatWeightsPlan(np.ascontiguousarray(p["weight"], np.float32), np.asarray(p["bias"], np.float32))
     if n.op == "conv":
-        out = {"w": _weights_ohwi(p["weight"]), "bias": p["bias"], "mult": p["multiplier"], "shift": p["shift"]}
-        if amx_eligible(n, in_dtype):
-            out["wa"] = pack_amx(p["weight"])
-        if vnni_eligible(n, in_dtype) or amx_eligible(n, in_dtype):
-            ob = -(-len(p["bias"]) // LANES)
-            pad = np.zeros(ob * LANES - len(p["bias"]), np.int32)
-            out["biasv"] = np.concatenate([p["bias"], pad])
-            out["multv"] = np.concatenate([p["multiplier"], pad + (1 << 30)])  # padded lanes are never stored
-            out["shiftv"] = np.concatenate([p["shift"], pad + 31])
-            if vnni_eligible(n, in_dtype):
-                out["wv"] = pack_vnni(p["weight"])
-                out["ww"] = pack_avx2(p["weight"])    # the AVX2 kernel serves the same convs
-                if in_dtype == "int8":
-                    out["biasx"] = np.concatenate([vnni_bias(p["bias"], p["weight"]), pad])
-                if hi_requant_eligible(p["shift"]):
-                    t = np.concatenate([p["shift"] - 32, pad + 1]).astype(np.int32)
-                    out["rqv"] = (np.int32(1) << (t - 1)).astype(np.int32)   # 2^(t-1): the rounding half
-                    out["tv"] = t
-        return out
+        return IntConvPlan(_weights_ohwi(p["weight"]), p["bias"], p["multiplier"], p["shift"],
+                           simd=vnni_eligible(n, in_dtype), amx=amx_eligible(n, in_dtype),
+                           depthwise=dw_eligible("conv", n.attrs["groups"], p["weight"].shape[1] * n.attrs["groups"],
+                                                 p["weight"].shape[0], in_dtype, True),
+                           signed_input=in_dtype == "int8",
+                           hi_requant=hi_requant_eligible(p["shift"]))
     if n.op == "linear":
         w = p["weight"]
         if len(in_shape) == 3 and in_layout == "hwc":  # reading a (C, H, W) tensor directly: reorder K to HWC
             c, h, wd = in_shape
             w = w.reshape(len(w), c, h, wd).transpose(0, 2, 3, 1).reshape(len(w), -1)
         if not n.quantized:
-            return {"w": np.ascontiguousarray(w, np.float32), "bias": np.asarray(p["bias"], np.float32)}
-        return {"w": np.ascontiguousarray(w), "bias": p["bias"], "mult": p["multiplier"], "shift": p["shift"]}
+            return FloatWeightsPlan(np.ascontiguousarray(w, np.float32), np.asarray(p["bias"], np.float32))
+        return IntLinearPlan(np.ascontiguousarray(w), p["bias"], p["multiplier"], p["shift"])
     if n.op == "affine":
-        return {"scale": p["scale"].astype(np.float32), "shift": p["shift"].astype(np.float32)}
+        return AffinePlan(p["scale"].astype(np.float32), p["shift"].astype(np.float32))
     if n.op == "float" and n.attrs["fn"] == "interpolate":
         kw = n.attrs.get("kwargs", {})
-        out = {}
-        for axis, key in ((1, "h"), (2, "w")):
-            idx, wts = resample_taps(in_shape[axis], n.shape[axis], kw.get("mode", "bilinear"),
-                                     bool(kw.get("align_corners", False)))
-            out.update({f"{key}idx": idx, f"{key}wt": wts})    # (out, K) taps and weights
-        return out
-    return {}
+        taps = [resample_taps(in_shape[axis], n.shape[axis], kw.get("mode", "bilinear"),
+                              bool(kw.get("align_corners", False))) for axis in (1, 2)]
+        return ResamplePlan(*taps[0], *taps[1])    # (out, K) taps and weights along H, then W
+    return KernelPlan()
 
 
 CUBIC_A = -0.75   # torch's bicubic convolution coefficient
@@ -454,17 +460,17 @@ def plan(q: QGraph, name: str = "net") -> Program:
     for n in q.nodes:
         if n.name in lut_at:
             n, table = lut_at[n.name]
-            consts = {"table": table}
+            kplan = LutPlan(table)
         elif n.name in absorbed:
             continue
         else:
-            consts = None
+            kplan = None
         bname = c_name(n.name)
         ins = tuple(alias.get(c_name(i), c_name(i)) for i in n.inputs)
         src = nodes[n.inputs[0]] if n.inputs else None
-        if consts is None:
-            consts = _consts(n, src.shape if src else (), _dtype(src) if src else "",
-                             buffers[ins[0]].layout if ins else "hwc")
+        if kplan is None:
+            kplan = kernel_plan(n, src.shape if src else (), _dtype(src) if src else "",
+                                buffers[ins[0]].layout if ins else "hwc")
         if n.op == "gather":
             in_layout = buffers[ins[0]].layout
             table = gather_table(n.params["index"], src.shape, n.shape, in_layout, layout(n.name))
@@ -472,10 +478,10 @@ def plan(q: QGraph, name: str = "net") -> Program:
                     and in_layout == layout(n.name) and n.name != q.output):
                 alias[bname] = ins[0]
                 continue
-            consts = {"index": table}
+            kplan = GatherPlan(table)
         buffers[bname] = Buffer(bname, _dtype(n), tuple(n.shape), layout=layout(n.name))
         if n.op != "input":
-            steps.append(Step(n, ins, bname, consts))
+            steps.append(Step(n, ins, bname, kplan))
 
     try:
         int_out = c_name(q.int_output())

@@ -31,9 +31,7 @@ def render(gen) -> str:
     rows = []
     for s in p.steps:
         out = p.buffer(s.output)
-        wbytes = (getattr(gen, "layer_bytes", None) or {}).get(s.node.name)
-        if wbytes is None:
-            wbytes = sum(int(a.nbytes) for a in s.consts.values())
+        wbytes = gen.layer_bytes.get(s.node.name, 0)
         place = "caller's array" if out.offset < 0 else f"arena +{out.offset}"
         rows.append([s.node.name, "+".join(s.node.layers), gen.kernels.get(s.node.name, f"{gen.target}:{s.kind}"), out.dtype,
                      "x".join(map(str, out.shape)), wbytes, out.nbytes, place])
@@ -63,7 +61,7 @@ code, pre {{ background: #f7f7f7; padding: 2px 4px; }}
 <p>netquant {__version__}, target <b>{html.escape(gen.target)}</b>, flags <code>{html.escape(gen.cflags)}</code></p>
 <h2>Summary</h2>
 <ul><li>{len(p.steps)} kernels ({html.escape(getattr(gen, "profile", "") or gen.target)}); constants compiled
-{(getattr(gen, "const_bytes", 0) or p.weight_bytes()):,} bytes; arena {p.arena_bytes:,} bytes per image
+{gen.const_bytes:,} bytes; arena {p.arena_bytes:,} bytes per image
 (per thread)</li><li>Input: {html.escape(p.input)} float32 {'x'.join(map(str, p.buffer(p.input).shape))};
 output: {p.classes} scores; integer output checked bit for bit: {html.escape(p.int_output)}</li></ul>
 <h2>Layers</h2>{layers}

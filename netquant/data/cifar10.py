@@ -35,7 +35,6 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 
 RECORD_BYTES = 1 + 3 * 32 * 32  # label byte + 3072 pixel bytes
-IMAGES_PER_BATCH = 10_000
 
 # Published checksums of the members of the official archives (cs.toronto.edu/~kriz/cifar.html).
 BINARY_MD5 = {

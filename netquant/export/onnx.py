@@ -77,6 +77,7 @@ import numpy as np
 
 from ..errors import NetquantError
 from ..ir.graph import Graph
+from ..ir.ops import WEIGHTED_OPS
 from ..quant import numerics as nx
 from ..quant.int4 import is_int4, pack
 from ..quant.qgraph import QGraph
@@ -86,7 +87,7 @@ IR_VERSION = 8            # the IR version of opset 17: any runtime that reads o
 INPUT_NAME = "images"
 OUTPUT_NAME = "scores"
 _ONNX_DTYPE = {"int8": np.int8, "uint8": np.uint8}
-EXPORTED_FLOAT_OPS = ("softmax", "log_softmax", "sigmoid", "tanh", "exp", "hardswish", "hardsigmoid", "leaky_relu",
+EXPORTED_FLOAT_FNS = ("softmax", "log_softmax", "sigmoid", "tanh", "exp", "hardswish", "hardsigmoid", "leaky_relu",
                       "elu", "mul", "silu", "gelu", "interpolate")
 # torch's interpolate modes -> ONNX Resize (mode, coordinate_transformation_mode, nearest_mode)
 # for align_corners=False: torch's "nearest" reads floor(dst * in/out) (asymmetric, floor) and
@@ -487,7 +488,7 @@ def _float_op(b: _Builder, n, xs: list, out=None) -> str:
         half = b.op("Mul", [x, b.const("const.half", _f32(0.5))], f"{n.name}_half")
         return b.op("Mul", [half, one], n.name, out)
     raise OnnxExportError(f"node {n.name!r}: float op {fn!r} has no ONNX export (exported float ops: "
-                          f"{', '.join(EXPORTED_FLOAT_OPS)})")
+                          f"{', '.join(EXPORTED_FLOAT_FNS)})")
 
 
 def _resize(b: _Builder, n, x: str, kwargs: dict, out=None) -> str:
@@ -535,51 +536,65 @@ def _compute(b: _Builder, n, xs: list, in_shapes: list, weights: Optional[tuple]
     """The float computation of node ``n`` (a Node, or a QNode of the same op) on ONNX tensors
     ``xs`` (their per-image shapes ``in_shapes``). ``weights``: (weight, bias) tensor names that
     replace the node's float params (the dequantized int8 weights of the QDQ form)."""
+    if n.op not in EXPORTS:
+        raise OnnxExportError(f"node {n.name!r}: op {n.op!r} has no ONNX export")
+    return EXPORTS[n.op](b, n, xs, in_shapes, weights, out, with_act)
+
+
+def _weighted(b: _Builder, n, xs: list, in_shapes: list, weights, out, with_act: bool) -> str:
     a = n.attrs
-    if n.op in ("conv", "linear"):
-        if weights is None:
-            weights = (b.const(f"{n.name}.weight", _f32(n.params["weight"]), share=False),
-                       b.const(f"{n.name}.bias", _f32(n.params["bias"]), share=False))
-        act = a.get("act") if with_act else None
-        if n.op == "conv":
-            ph, pw = a["padding"]
-            w_shape = n.params["weight"].shape
-            y = b.op("Conv", [xs[0], *weights], n.name if act is None else f"{n.name}_conv",
-                     None if act is not None else out, kernel_shape=list(w_shape[2:]), strides=list(a["stride"]),
-                     pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=int(a["groups"]))
-        else:
-            x = xs[0]
-            if len(in_shapes[0]) != 1:
-                x = b.op("Flatten", [x], f"{n.name}_flatten", axis=1)
-            y = b.op("Gemm", [x, *weights], n.name if act is None else f"{n.name}_gemm",
-                     None if act is not None else out, transB=1)
-        return y if act is None else _act(b, y, act, n.name, out)
-    if n.op == "add":
-        act = a.get("act") if with_act else None
-        y = b.op("Add", xs, n.name if act is None else f"{n.name}_add", None if act is not None else out)
-        return y if act is None else _act(b, y, act, n.name, out)
-    if n.op == "concat":
-        return b.op("Concat", xs, n.name, out, axis=1)
-    if n.op == "gather":
-        return _gather(b, n, xs[0], in_shapes[0], out)
-    if n.op in ("maxpool", "avgpool"):
-        kind, kw = ("MaxPool", {}) if n.op == "maxpool" else ("AveragePool", {"count_include_pad": 1})
-        if len(n.shape) == 3:
-            return b.op(kind, xs, n.name, out, **kw, **_pool_attrs(a))
-        # a node that drops the 1x1 window dims (x.mean((2, 3)): shape (C,)); the pool gives (N, C, 1, 1)
-        y = b.op(kind, xs, f"{n.name}_pool", **kw, **_pool_attrs(a))
-        return b.op("Reshape", [y, b.const(f"{n.name}.shape", np.array([0, *n.shape], np.int64))], n.name, out)
-    if n.op == "affine":
-        rank = len(in_shapes[0]) + 1
-        y = b.op("Mul", [xs[0], b.const(f"{n.name}.scale", _per_channel_shape(_f32(n.params["scale"]), rank),
-                                        share=False)], f"{n.name}_mul")
-        return b.op("Add", [y, b.const(f"{n.name}.shift", _per_channel_shape(_f32(n.params["shift"]), rank),
-                                       share=False)], n.name, out)
-    if n.op == "act":
-        return _act(b, xs[0], a["act"], n.name, out) if with_act else xs[0]
-    if n.op == "float":
-        return _float_op(b, n, xs, out)
-    raise OnnxExportError(f"node {n.name!r}: op {n.op!r} has no ONNX export")
+    if weights is None:
+        weights = (b.const(f"{n.name}.weight", _f32(n.params["weight"]), share=False),
+                   b.const(f"{n.name}.bias", _f32(n.params["bias"]), share=False))
+    act = a.get("act") if with_act else None
+    if n.op == "conv":
+        ph, pw = a["padding"]
+        w_shape = n.params["weight"].shape
+        y = b.op("Conv", [xs[0], *weights], n.name if act is None else f"{n.name}_conv",
+                 None if act is not None else out, kernel_shape=list(w_shape[2:]), strides=list(a["stride"]),
+                 pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=int(a["groups"]))
+    else:
+        x = xs[0]
+        if len(in_shapes[0]) != 1:
+            x = b.op("Flatten", [x], f"{n.name}_flatten", axis=1)
+        y = b.op("Gemm", [x, *weights], n.name if act is None else f"{n.name}_gemm",
+                 None if act is not None else out, transB=1)
+    return y if act is None else _act(b, y, act, n.name, out)
+
+
+def _add(b: _Builder, n, xs: list, in_shapes: list, weights, out, with_act: bool) -> str:
+    act = n.attrs.get("act") if with_act else None
+    y = b.op("Add", xs, n.name if act is None else f"{n.name}_add", None if act is not None else out)
+    return y if act is None else _act(b, y, act, n.name, out)
+
+
+def _pool(b: _Builder, n, xs: list, in_shapes: list, weights, out, with_act: bool) -> str:
+    kind, kw = ("MaxPool", {}) if n.op == "maxpool" else ("AveragePool", {"count_include_pad": 1})
+    if len(n.shape) == 3:
+        return b.op(kind, xs, n.name, out, **kw, **_pool_attrs(n.attrs))
+    # a node that drops the 1x1 window dims (x.mean((2, 3)): shape (C,)); the pool gives (N, C, 1, 1)
+    y = b.op(kind, xs, f"{n.name}_pool", **kw, **_pool_attrs(n.attrs))
+    return b.op("Reshape", [y, b.const(f"{n.name}.shape", np.array([0, *n.shape], np.int64))], n.name, out)
+
+
+def _affine(b: _Builder, n, xs: list, in_shapes: list, weights, out, with_act: bool) -> str:
+    rank = len(in_shapes[0]) + 1
+    y = b.op("Mul", [xs[0], b.const(f"{n.name}.scale", _per_channel_shape(_f32(n.params["scale"]), rank),
+                                    share=False)], f"{n.name}_mul")
+    return b.op("Add", [y, b.const(f"{n.name}.shift", _per_channel_shape(_f32(n.params["shift"]), rank),
+                                   share=False)], n.name, out)
+
+
+# the ONNX form of each float computation, per op kind of the table (netquant/ir/ops.py: every
+# GRAPH kind but the input, tests/test_op_table.py); each takes (builder, node, inputs, their
+# shapes, (weight, bias) names or None, output name or None, whether to apply a fused activation)
+EXPORTS = {
+    "conv": _weighted, "linear": _weighted, "add": _add, "maxpool": _pool, "avgpool": _pool, "affine": _affine,
+    "concat": lambda b, n, xs, shapes, w, out, act: b.op("Concat", xs, n.name, out, axis=1),
+    "gather": lambda b, n, xs, shapes, w, out, act: _gather(b, n, xs[0], shapes[0], out),
+    "act": lambda b, n, xs, shapes, w, out, act: _act(b, xs[0], n.attrs["act"], n.name, out) if act else xs[0],
+    "float": lambda b, n, xs, shapes, w, out, act: _float_op(b, n, xs, out),
+}
 
 
 def _write(model, path) -> None:
@@ -708,7 +723,7 @@ def quantized_onnx(qnet_or_qgraph):
         if n.op == "quantize":
             y = xs[0]
         else:
-            weights = int_weights(n) if n.op in ("conv", "linear") else None
+            weights = int_weights(n) if n.op in WEIGHTED_OPS else None
             y = _compute(b, n, xs, [nodes[i].shape for i in n.inputs], weights=weights, with_act=False)
         to_int(n, y)
         if out is not None:   # an integer output: give its float value

@@ -52,8 +52,9 @@ from torch import nn
 
 from ..errors import NetquantError
 from .float_exec import run_float
-from .float_ops import FLOAT_OPS
+from .float_ops import FLOAT_FNS
 from .graph import Graph, Node
+from .ops import WEIGHTED_OPS
 from .passes import optimize, remove_dead
 
 log = logging.getLogger(__name__)
@@ -369,8 +370,8 @@ class _Builder:
              shape=None) -> str:
         """Append a node for fx node ``n`` (``suffix`` names a helper node made for it, such as
         the broadcast of an operand) and return its name."""
-        if op == "float" and attrs["fn"] not in FLOAT_OPS:
-            self.fail(n, f"float op {attrs['fn']!r} has no entry in netquant.ir.float_ops.FLOAT_OPS")
+        if op == "float" and attrs["fn"] not in FLOAT_FNS:
+            self.fail(n, f"float op {attrs['fn']!r} has no entry in netquant.ir.float_ops.FLOAT_FNS")
         layer = self.layer_name(n)
         shape = tuple(self.values[n].shape[1:]) if shape is None else tuple(shape)
         name = self.unique(layer + suffix, n)
@@ -889,7 +890,7 @@ def capture(model: nn.Module, example: torch.Tensor | None = None, optimize_grap
     example = example[:1].repeat(2, 1, 1, 1) if example.shape[0] != 2 else example
     tracer = _trace(model, example.clone())
     graph = _Builder(tracer, example).build(tracer.graph, type(model).__name__)
-    if not any(n.op in ("conv", "linear") for n in graph.nodes):
+    if not any(n.op in WEIGHTED_OPS for n in graph.nodes):
         raise CaptureError(f"{type(model).__name__} has no conv or fully connected layer to quantize")
     graph = remove_dead(graph)
     graph = optimize(graph) if optimize_graph else graph

@@ -5,7 +5,7 @@ A :class:`Node` is one (possibly fused) layer. Its ``name`` is the "Optimized La
 "Network Layer Names" of the model layers it stands for. Tensors are NCHW; ``shape`` is the
 output shape of one image, without the batch dimension.
 
-Op kinds (``Node.op``) and what they hold:
+Op kinds (``Node.op``, the GRAPH kinds of :mod:`netquant.ir.ops`) and what they hold:
 
 =========  ====================================================================================
 input      the network input
@@ -23,7 +23,7 @@ affine     per-channel ``scale`` and ``shift``: y = x*scale[c] + shift[c] (a lon
            input normalisation)
 act        a lone activation: attrs act
 float      an op netquant runs only in floating point: attrs fn (a name in
-           :data:`netquant.ir.float_ops.FLOAT_OPS`), kwargs
+           :data:`netquant.ir.float_ops.FLOAT_FNS`), kwargs
 =========  ====================================================================================
 
 ``attrs["act"]`` of a fused activation is a clamp range ``(lo, hi)`` in real values, e.g.
@@ -36,8 +36,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-OPS = ("input", "conv", "linear", "add", "concat", "gather", "maxpool", "avgpool", "affine", "act", "float")
-WEIGHTED_OPS = ("conv", "linear")
+from .ops import GRAPH_OPS, OPS, WEIGHTED_OPS  # noqa: F401  (WEIGHTED_OPS: re-exported for the graph's users)
 
 
 @dataclass(frozen=True)
@@ -54,8 +53,12 @@ class Node:
     reason: Optional[str] = None    # why this node cannot be quantized (None: it can)
 
     def __post_init__(self):
-        if self.op not in OPS:
-            raise ValueError(f"node {self.name}: unknown op {self.op!r}; known: {', '.join(OPS)}")
+        if self.op not in GRAPH_OPS:
+            raise ValueError(f"node {self.name}: unknown op {self.op!r}; known: {', '.join(GRAPH_OPS)}")
+        lo, hi = OPS[self.op].arity
+        if not lo <= len(self.inputs) <= (len(self.inputs) if hi is None else hi):
+            raise ValueError(f"node {self.name}: {self.op} reads {len(self.inputs)} inputs, expected "
+                             f"{lo if lo == hi else f'{lo} or more' if hi is None else f'{lo} to {hi}'}")
 
     @property
     def output_layer(self) -> str:

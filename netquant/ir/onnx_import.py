@@ -42,7 +42,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ..errors import NetquantError
-from .float_ops import FLOAT_OPS
+from .float_ops import FLOAT_FNS
 from .graph import Graph, Node, rename_inputs
 from .passes import optimize
 
@@ -601,8 +601,8 @@ class _Importer:
         return [self.act(node, dyn[0], c, None) if kind == "max" else self.act(node, dyn[0], None, c)]
 
     def float_op(self, node, x, fn, shape=None, **kwargs):
-        if fn not in FLOAT_OPS:
-            self.fail(node, f"netquant has no float implementation of {fn!r} (float ops: {', '.join(FLOAT_OPS)})")
+        if fn not in FLOAT_FNS:
+            self.fail(node, f"netquant has no float implementation of {fn!r} (float ops: {', '.join(FLOAT_FNS)})")
         return self.emit(node, "float", [x.name], x.shape[1:] if shape is None else shape, {"fn": fn, "kwargs": kwargs})
 
     def op_LeakyRelu(self, node, ins):

@@ -16,8 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .graph import Graph, Node, identity_index, rename_inputs
-
-FUSE_ACT_INTO = ("conv", "linear", "add")
+from .ops import FUSE_ACT_INTO, WEIGHTED_OPS
 
 
 def _single_consumer(graph: Graph, node: Node) -> Optional[Node]:
@@ -80,7 +79,7 @@ def merge_affines(graph: Graph) -> Graph:
 def fold_batchnorm(graph: Graph) -> Graph:
     """Fold an affine (batch norm) into the conv or linear layer before it."""
     def match(a, b):
-        if b.op != "affine" or a.op not in ("conv", "linear") or a.attrs.get("act"):
+        if b.op != "affine" or a.op not in WEIGHTED_OPS or a.attrs.get("act"):
             return False
         return b.params["scale"].shape == (a.params["weight"].shape[0],)
 

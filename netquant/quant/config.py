@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from ..calib.methods import METHODS
-
 CONFIG_VERSION = 1
+RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")   # netquant/calib/methods.py
 GRANULARITIES = ("per_channel", "per_tensor")
 SCALES = ("float", "pow2")
 OVERRIDE_KEYS = ("activation_range", "weight_granularity", "percentile", "weight_bits")
@@ -42,8 +41,8 @@ class QuantConfig:
     def __post_init__(self):
         _check("weight_granularity", self.weight_granularity, GRANULARITIES)
         _check("scale", self.scale, SCALES)
-        _check("activation_range", self.activation_range, METHODS)
-        _check("weight_range", self.weight_range, METHODS)
+        _check("activation_range", self.activation_range, RANGE_METHODS)
+        _check("weight_range", self.weight_range, RANGE_METHODS)
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if not (type(self.weight_bits) is int and 2 <= self.weight_bits <= 8):
@@ -65,11 +64,6 @@ class QuantConfig:
     def weight_levels(self) -> int:
         """The largest weight magnitude: 2^(weight_bits-1) - 1 (127 for 8 bits, 7 for 4)."""
         return 2 ** (self.weight_bits - 1) - 1
-
-    @property
-    def adjusts_weights(self) -> bool:
-        """Does calibration change the graph (CLE) or compute weight/bias adjustments?"""
-        return self.cle or self.bias_correction or self.adaround
 
     def for_layer(self, names) -> "QuantConfig":
         """The config with the overrides of any of ``names`` applied."""
@@ -102,6 +96,35 @@ TARGETS = {
     "fpga": QuantConfig(weight_granularity="per_tensor", scale="pow2"),
     "matlab": QuantConfig(weight_granularity="per_tensor", scale="pow2"),
 }
+
+
+# The other choices the CLI and the app offer, named here once (both read them from this module)
+ENGINES = ("python", "c")          # what runs the int8 side of validate: the reference executor or the C library
+CODEGEN_TARGETS = ("c", "cuda", "micro")    # code generation targets (micro: Arm Cortex-M, codegen/micro.py)
+ARM_ISAS = ("neon", "neon-v8")                # isa choices of the aarch64 build (codegen/arm_neon.py)
+CROSS_TRIPLES = ("aarch64-linux-gnu",)        # cross toolchains the C target builds with
+MICRO_CPUS = ("cortex-m3", "cortex-m4", "cortex-m7", "cortex-m55")   # cores of the micro target
+# the C build of each instruction set choice (codegen.build); "native" asks the compiler for this CPU's best
+ISA_FLAGS = {
+    "native": "-O3 -march=native",                    # this CPU's best: AMX, else AVX-512 VNNI, else portable C
+    "avx512": "-O3 -march=native -DNQ_NO_AMX",        # AVX-512 VNNI even where AMX is present
+    "avx2": "-O3 -mavx2 -mfma",
+    "scalar": "-O2 -fno-tree-vectorize -DNQ_NO_SIMD",  # the portable path
+}
+
+
+def image_count(value):
+    """A count of images as the CLI and the app take it: "all", or a positive integer (an int or
+    its decimal text: 50 and "50" give 50; "0", "-3", "2.5", 2.5 and True are refused with a
+    ValueError that says what is expected)."""
+    if value == "all":
+        return "all"
+    n = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        n = int(value)
+    if n is None or n <= 0:
+        raise ValueError(f"count must be a positive integer or 'all', got {value!r}")
+    return n
 
 
 def target_config(target: str) -> QuantConfig:

@@ -26,13 +26,13 @@ from ..calib.methods import threshold
 from ..calib.stats import RangeStats, RangeTable
 from ..ir.float_ops import float_reason
 from ..ir.graph import Graph, Node
+from ..ir.ops import INPUT_NORMALISATION_REASON, OPS, QUANTIZABLE
 from . import numerics as nx
 from .config import QuantConfig
 from .qgraph import QGraph, QNode
 
 log = logging.getLogger(__name__)
 
-QUANTIZABLE = ("conv", "linear", "add", "concat", "gather", "maxpool", "avgpool", "act")
 USER_FLOAT = "kept in floating point by the user (set_quantize)"
 CANNOT = "cannot be quantized"   # the start of the reason of a layer lowering kept float automatically
 
@@ -45,11 +45,9 @@ def float_reasons(graph: Graph, user_float: frozenset = frozenset()) -> dict:
             continue
         if n.op == "float":
             out[n.name] = float_reason(n.attrs["fn"])
-        elif n.op == "affine":
-            src = graph.node(n.inputs[0])
-            out[n.name] = ("input normalisation runs in float before the input is quantized" if src.op == "input"
-                           else "a per-channel scale and shift (batch norm) with no conv or fully connected "
-                                "layer before it to fold into")
+        elif OPS[n.op].rule is None:   # an op that always stays float (ops.py says why)
+            out[n.name] = (INPUT_NORMALISATION_REASON if graph.node(n.inputs[0]).op == "input"
+                           else OPS[n.op].float_reason)
         elif n.reason:
             out[n.name] = n.reason
         elif n.name in user_float or any(l in user_float for l in n.layers):
@@ -62,12 +60,13 @@ def activation_qparams(stats: RangeStats, cfg: QuantConfig, act=None, floor: flo
     (the step of what produces it / MULTIPLIER_CAP, see ``numerics``), and never below SCALE_MIN;
     a power-of-two scale is rounded up after the floor, so it keeps it."""
     unsigned = cfg.unsigned_activations and ((act is not None and act[0] >= 0) or stats.min >= 0)
-    levels = 255 if unsigned else 127
+    dtype = "uint8" if unsigned else "int8"
+    levels = nx.dtype_range(dtype)[1]
     t = threshold(stats, cfg.activation_range, levels, cfg.percentile)
     scale = max(t / levels, floor, nx.SCALE_MIN)
     if cfg.scale == "pow2":
         scale = nx.pow2_scale(scale)
-    return scale, ("uint8" if unsigned else "int8")
+    return scale, dtype
 
 
 def weight_scales(w: np.ndarray, cfg: QuantConfig, key: str) -> np.ndarray:
@@ -196,39 +195,54 @@ def _weighted(n: Node, x: QNode, ranges: RangeTable, cfg: QuantConfig) -> QNode:
                  {"weight": wq, "bias": bq, "multiplier": M, "shift": sh, "weight_scale": s_w}, n.layers)
 
 
-def _int_node(n: Node, xs: list, ranges: RangeTable, cfg: QuantConfig) -> QNode:
-    """The integer node for ``n`` reading the integer tensors ``xs``; a ValueError says why it
-    cannot be quantized. Every output scale keeps the floor of numerics.MULTIPLIER_CAP: at least
-    the step of what produces it / 2^16, so each requantization multiplier is at most 2^16."""
+def _same_scale(n: Node, xs: list, ranges: RangeTable, cfg: QuantConfig) -> QNode:
     x = xs[0]
-    if n.op in ("conv", "linear"):
-        return _weighted(n, x, ranges, cfg)
-    if n.op in ("gather", "maxpool"):
-        return QNode(n.name, n.op, (x.name,), n.shape, True, x.scale, x.dtype, dict(n.attrs), dict(n.params),
-                     n.layers)
-    if n.op == "act":
-        return QNode(n.name, "act", (x.name,), n.shape, True, x.scale, x.dtype,
-                     {"clamp": _clamp(x.dtype, x.scale, n.attrs["act"])}, {}, n.layers)
-    if n.op == "avgpool":
-        kh, kw = n.attrs["kernel"]
-        s_y, dtype = activation_qparams(ranges[n.name], cfg, floor=x.scale / (kh * kw) / nx.MULTIPLIER_CAP)
-        M, sh = nx.quantize_multiplier(x.scale / (s_y * kh * kw))
-        return QNode(n.name, "avgpool", (x.name,), n.shape, True, s_y, dtype,
-                     {**n.attrs, "clamp": nx.dtype_range(dtype)},
-                     {"multiplier": np.array([M], np.int32), "shift": np.array([sh], np.int32)}, n.layers)
-    if n.op in ("add", "concat"):
-        s_y, dtype = activation_qparams(ranges[n.name], cfg, n.attrs.get("act"),
-                                        floor=max(xi.scale for xi in xs) / nx.MULTIPLIER_CAP)
-        ratios = [xi.scale / s_y for xi in xs]
-        if n.op == "add":
-            M, sh = _shared_shift(ratios)
-            shifts = np.full(len(xs), sh, np.int32)
-        else:
-            M, shifts = _multipliers(ratios)
-        return QNode(n.name, n.op, tuple(xi.name for xi in xs), n.shape, True, s_y, dtype,
-                     {"clamp": _clamp(dtype, s_y, n.attrs.get("act"))}, {"multiplier": M, "shift": shifts},
-                     n.layers)
-    raise ValueError(f"op {n.op} has no integer lowering")
+    return QNode(n.name, n.op, (x.name,), n.shape, True, x.scale, x.dtype, dict(n.attrs), dict(n.params), n.layers)
+
+
+def _clamp_node(n: Node, xs: list, ranges: RangeTable, cfg: QuantConfig) -> QNode:
+    x = xs[0]
+    return QNode(n.name, n.op, (x.name,), n.shape, True, x.scale, x.dtype,
+                 {"clamp": _clamp(x.dtype, x.scale, n.attrs["act"])}, {}, n.layers)
+
+
+def _window_sum(n: Node, xs: list, ranges: RangeTable, cfg: QuantConfig) -> QNode:
+    x = xs[0]
+    kh, kw = n.attrs["kernel"]
+    s_y, dtype = activation_qparams(ranges[n.name], cfg, floor=x.scale / (kh * kw) / nx.MULTIPLIER_CAP)
+    M, sh = nx.quantize_multiplier(x.scale / (s_y * kh * kw))
+    return QNode(n.name, n.op, (x.name,), n.shape, True, s_y, dtype, {**n.attrs, "clamp": nx.dtype_range(dtype)},
+                 {"multiplier": np.array([M], np.int32), "shift": np.array([sh], np.int32)}, n.layers)
+
+
+def _rescale(n: Node, xs: list, ranges: RangeTable, cfg: QuantConfig) -> QNode:
+    """add (one shared shift: the inputs are summed before the shift) or concat (each input its own)."""
+    s_y, dtype = activation_qparams(ranges[n.name], cfg, n.attrs.get("act"),
+                                    floor=max(xi.scale for xi in xs) / nx.MULTIPLIER_CAP)
+    ratios = [xi.scale / s_y for xi in xs]
+    if OPS[n.op].rule == "rescale_sum":
+        M, sh = _shared_shift(ratios)
+        shifts = np.full(len(xs), sh, np.int32)
+    else:
+        M, shifts = _multipliers(ratios)
+    return QNode(n.name, n.op, tuple(xi.name for xi in xs), n.shape, True, s_y, dtype,
+                 {"clamp": _clamp(dtype, s_y, n.attrs.get("act"))}, {"multiplier": M, "shift": shifts}, n.layers)
+
+
+# one lowering per quantization rule of the op table (ops.RULES) that a float Graph node can take
+LOWERINGS = {"gemm": lambda n, xs, ranges, cfg: _weighted(n, xs[0], ranges, cfg), "same_scale": _same_scale,
+             "clamp": _clamp_node, "window_sum": _window_sum, "rescale_sum": _rescale, "rescale_each": _rescale}
+
+
+def _int_node(n: Node, xs: list, ranges: RangeTable, cfg: QuantConfig) -> QNode:
+    """The integer node for ``n`` reading the integer tensors ``xs``, by its op's quantization rule;
+    a ValueError says why it cannot be quantized. Every output scale keeps the floor of
+    numerics.MULTIPLIER_CAP: at least the step of what produces it / 2^16, so each requantization
+    multiplier is at most 2^16."""
+    rule = OPS[n.op].rule
+    if rule not in LOWERINGS:
+        raise ValueError(f"op {n.op} has no integer lowering")
+    return LOWERINGS[rule](n, xs, ranges, cfg)
 
 
 def _score_node(graph: Graph) -> str:

@@ -37,11 +37,13 @@ import math
 import numpy as np
 import torch
 
-ROUNDING = "half_up"            # floor(v + 1/2), for shifts and float->int conversion
 INT8 = (-128, 127)              # signed activations
 UINT8 = (0, 255)                # non-negative activations
 WEIGHT_RANGE = (-127, 127)      # weights are symmetric, -128 unused
 INT32 = (-(2 ** 31), 2 ** 31 - 1)
+# every integer type's range, named once: lowering, the printers, the quantizer's tables and the
+# app read them here (an activation of type uint8 at scale 0.02 spans 0..255 * 0.02 = 5.1)
+RANGES = {"int8": INT8, "uint8": UINT8, "int32": INT32}
 ACC_LIMIT = 2 ** 31             # |accumulator| must stay below this
 FLOAT32_EXACT = 2 ** 24         # integers below this in magnitude are exact in float32
 MULTIPLIER_BITS = 31            # M in [2^30, 2^31)
@@ -54,8 +56,8 @@ SCALE_MIN = 2.0 ** -64           # every activation scale (1/s and s stay normal
 
 
 def dtype_range(dtype: str) -> tuple[int, int]:
-    """(qmin, qmax) of an activation type."""
-    return {"int8": INT8, "uint8": UINT8}[dtype]
+    """(qmin, qmax) of an integer type: int8 (-128, 127), uint8 (0, 255), int32."""
+    return RANGES[dtype]
 
 
 def quantize_multiplier(m: float) -> tuple[int, int]:

@@ -4,7 +4,8 @@ A :class:`QNode` either computes in integers (``quantized``: its output is an in
 real value ``scale * q`` of type ``dtype``) or in float. Conversions are explicit nodes:
 ``quantize`` (float -> int, the input quantization) and ``dequantize`` (int -> float).
 
-Integer ops and their parameters (all integer arrays; see ``numerics`` for the arithmetic):
+Integer ops (the kinds of :mod:`netquant.ir.ops` with a quantization rule) and their parameters
+(all integer arrays; see ``numerics`` for the arithmetic):
 
 ===========  ==================================================================================
 conv/linear  ``weight`` int8 (O, I/g, kh, kw) or (O, I), ``bias`` int32 (O,), ``multiplier``
@@ -24,9 +25,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Optional
-
-INT_OPS = ("conv", "linear", "add", "concat", "gather", "maxpool", "avgpool", "act", "quantize")
-FLOAT_OPS = ("input", "affine", "float", "dequantize")
 
 
 @dataclass(frozen=True)

@@ -7,24 +7,19 @@ float rounding of the input quantization are the only differences).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..ir.float_exec import FLOAT_KERNELS
 from ..ir.interpret import interpret
+from ..ir.ops import OPS
 from ..quant.qgraph import QGraph, QNode
 from .executor import INT_KERNELS, run_int8
 
 
 def _round_clamp(y: torch.Tensor, scale: float, clamp) -> torch.Tensor:
     return torch.floor(y / scale + 0.5).clamp_(*clamp).to(torch.int32)
-
-
-def _pc(a: np.ndarray, rank: int) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a, np.float64)).view(-1, *([1] * (rank - 2)))
 
 
 def preactivation(n: QNode, x_int: torch.Tensor, s_x: float) -> torch.Tensor:
@@ -43,26 +38,32 @@ def preactivation(n: QNode, x_int: torch.Tensor, s_x: float) -> torch.Tensor:
     return F.linear(x.reshape(len(x), -1), w, b)
 
 
+def _window_sum(n: QNode, ins: list, srcs: list) -> torch.Tensor:
+    a = n.attrs
+    y = F.avg_pool2d(ins[0].to(torch.float64) * srcs[0].scale, a["kernel"], a["stride"], a["padding"])
+    return _round_clamp(y, n.scale, a["clamp"]).reshape(len(y), *n.shape)
+
+
+# the float64 simulation of each quantization rule of the op table (netquant/ir/ops.py RULES)
+FAKE_RULES = {
+    "gemm": lambda n, ins, srcs: _round_clamp(preactivation(n, ins[0], srcs[0].scale), n.scale, n.attrs["clamp"]),
+    "rescale_sum": lambda n, ins, srcs: _round_clamp(sum(q.to(torch.float64) * s.scale for q, s in zip(ins, srcs)),
+                                                     n.scale, n.attrs["clamp"]),
+    "rescale_each": lambda n, ins, srcs: torch.cat([_round_clamp(q.to(torch.float64) * s.scale, n.scale,
+                                                                 n.attrs["clamp"]) for q, s in zip(ins, srcs)], 1),
+    "window_sum": _window_sum,
+    "quantize": lambda n, ins, srcs: _round_clamp(ins[0].to(torch.float64), n.scale, n.attrs["clamp"]),
+    "dequantize": lambda n, ins, srcs: ins[0].to(torch.float64) * n.scale,
+    # exact data movement and clamps: the integer kernel is the simulation
+    "same_scale": lambda n, ins, srcs: INT_KERNELS[n.op](n, *ins),
+    "clamp": lambda n, ins, srcs: INT_KERNELS[n.op](n, *ins),
+}
+
+
 def fake_node(n: QNode, ins: list, srcs: list) -> torch.Tensor:
     """One node in float64 from integer inputs ``ins`` produced by nodes ``srcs``."""
-    if n.op in ("conv", "linear"):
-        return _round_clamp(preactivation(n, ins[0], srcs[0].scale), n.scale, n.attrs["clamp"])
-    if n.op == "add":
-        y = sum(q.to(torch.float64) * s.scale for q, s in zip(ins, srcs))
-        return _round_clamp(y, n.scale, n.attrs["clamp"])
-    if n.op == "concat":
-        return torch.cat([_round_clamp(q.to(torch.float64) * s.scale, n.scale, n.attrs["clamp"])
-                          for q, s in zip(ins, srcs)], 1)
-    if n.op == "avgpool":
-        a = n.attrs
-        y = F.avg_pool2d(ins[0].to(torch.float64) * srcs[0].scale, a["kernel"], a["stride"], a["padding"])
-        return _round_clamp(y, n.scale, a["clamp"]).reshape(len(y), *n.shape)
-    if n.op == "quantize":
-        return _round_clamp(ins[0].to(torch.float64), n.scale, n.attrs["clamp"])
-    if n.op == "dequantize":
-        return ins[0].to(torch.float64) * n.scale
-    if n.quantized:  # gather, maxpool, act: exact data movement or clamps
-        return INT_KERNELS[n.op](n, *ins)
+    if n.quantized or n.op == "dequantize":
+        return FAKE_RULES[OPS[n.op].rule](n, ins, srcs)
     return FLOAT_KERNELS[n.op](n, *[i.to(torch.float32) for i in ins])
 
 
