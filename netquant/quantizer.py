@@ -36,6 +36,7 @@ from .ir.graph import WEIGHTED_OPS, Graph
 from .ir.input_spec import InputSpec, apply_input_spec
 from .metrics import agreement, mcnemar, paired_bootstrap, resolve_metric, sqnr_db
 from .progress import Progress, report
+from .quant import io as qio
 from .quant.config import QuantConfig, target_config
 from .quant.lower import float_reasons, lower
 from .quant.qgraph import QGraph
@@ -173,6 +174,9 @@ class Quantizer:
                              f"{type(input_spec).__name__}")
         self.target = target
         self.config = config if config is not None else target_config(target)
+        # bytes of the original model's learnables (its own parameters, before batch-norm
+        # folding); None for a quantizer built from a graph (then the graph's parameters count)
+        self.float_learnable_bytes: Optional[int] = None
         if graph is None:
             if not isinstance(model, torch.nn.Module):
                 raise ArgumentError(f"Quantizer: expected a torch.nn.Module, got {type(model).__name__}")
@@ -198,6 +202,7 @@ class Quantizer:
         self.user_float: frozenset = frozenset()
         self.provenance: dict = {}
         self._qnet: Optional[QuantizedNetwork] = None
+        self._c_engine: Optional[tuple] = None   # (key, qnet, compiled network, temporary folder), see compiled()
 
     # --- calibrate ------------------------------------------------------------------------
     def calibrate(self, images, batch_size: int = 100, progress: Optional[Progress] = None):
@@ -316,7 +321,7 @@ class Quantizer:
         """(float bytes of the original network's learnables, bytes after quantization)."""
         details = self.quantization_details()
         quant = int(details.QuantizedBytes.iloc[-1])
-        original = getattr(self, "float_learnable_bytes", None) or int(details.FloatBytes.iloc[-1])
+        original = self.float_learnable_bytes or int(details.FloatBytes.iloc[-1])
         return original, quant
 
     # --- validate -------------------------------------------------------------------------
@@ -404,7 +409,7 @@ class Quantizer:
 
         qnet = self.quantize()
         key = (id(qnet), None if folder is None else str(folder))
-        cached = getattr(self, "_c_engine", None)
+        cached = self._c_engine
         if cached is not None and cached[0] == key and cached[1] is qnet:
             return cached[2]
         find_compiler()  # no compiler: say so before generating anything
@@ -454,27 +459,30 @@ class Quantizer:
     # --- save / load ----------------------------------------------------------------------
     def save(self, path) -> None:
         """Write one portable file (zip of JSON and safetensors; no pickle)."""
-        from .quant.io import save_quantizer
-
-        save_quantizer(self, path)
+        qio.save_quantizer(qio.SavedQuantizer(self.graph, self.target, self.config, self.name, self.input_spec,
+                                              self.ranges, self.user_float, self.provenance,
+                                              self.float_learnable_bytes), path)
 
     @classmethod
     def load(cls, path) -> "Quantizer":
-        from .quant.io import load_quantizer
-
-        return load_quantizer(path)
+        """The quantizer saved at ``path`` (:func:`netquant.quant.io.load_quantizer` checks the file)."""
+        saved = qio.load_quantizer(path)
+        q = cls(graph=saved.graph, target=saved.target, config=saved.config, name=saved.name)
+        # the stored graph already holds the spec's nodes: record the spec, do not apply it again
+        q.input_spec = saved.input_spec
+        q.ranges = saved.ranges
+        q.user_float = saved.user_float
+        q.provenance = saved.provenance
+        q.float_learnable_bytes = saved.float_learnable_bytes
+        return q
 
     def save_calibration(self, path) -> None:
         """Write the calibration statistics alone (to re-decide ranges elsewhere)."""
-        from .quant.io import save_ranges
-
-        save_ranges(self._require_ranges(), path)
+        qio.save_ranges(self._require_ranges(), path)
 
     def load_calibration(self, path) -> None:
         """Read statistics written by :meth:`save_calibration`; they must come from this network."""
-        from .quant.io import load_ranges
-
-        ranges = load_ranges(path)
+        ranges = qio.load_ranges(path)
         mine = graph_fingerprint(self.graph)
         if ranges.fingerprint != mine:
             raise ValueError(f"{path}: calibration statistics of another network (fingerprint "
