@@ -30,3 +30,28 @@ def cifar(cifar_path):
     from netquant.data import read_cifar10
 
     return read_cifar10(cifar_path)
+
+
+@pytest.fixture(scope="session")
+def resnet20_quantizer(cifar):
+    """The shipped ResNet-20 calibrated on MATLAB's default 200 random training images, target
+    "gpu": made once per session and shared, so never changed by a test (a test that changes
+    the config or the layer choices works on :func:`fresh_copy`)."""
+    from netquant.data import calibration_set
+    from netquant.models.pretrained import load_pretrained
+    from netquant.quantizer import Quantizer
+
+    q = Quantizer(load_pretrained("cifarnet-20-16"))
+    q.calibrate(calibration_set(cifar))
+    return q
+
+
+def fresh_copy(q):
+    """A quantizer of its own that starts where ``q`` is (graph, statistics, config and layer
+    choices shared: they are immutable or replaced, never changed in place; provenance copied):
+    set_config, set_quantize and calibrate on it leave ``q`` as it was."""
+    import copy
+
+    c = copy.copy(q)
+    c.provenance = copy.deepcopy(q.provenance)
+    return c
