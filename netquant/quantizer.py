@@ -29,7 +29,7 @@ import torch
 from .calib.calibrate import calibrate as _calibrate
 from .calib.calibrate import check_images, graph_fingerprint
 from .calib.stats import HALF_BINS, RangeTable
-from .errors import ArgumentError, InputError, MetricError
+from .errors import ArgumentError, InputError, MetricError, QuantizerFileError, StateError
 from .ir.capture import CaptureError, capture
 from .ir.float_exec import run_float
 from .ir.graph import WEIGHTED_OPS, Graph
@@ -166,12 +166,12 @@ class Quantizer:
         the model takes netquant's images (RGB in [0, 1]) as they are, or normalises them itself.
         ``example``, when given, is an input batch as the model itself takes it."""
         if (model is None) == (graph is None):
-            raise ValueError("Quantizer needs a model (or, when loading, a graph), not both")
+            raise ArgumentError("Quantizer needs a model (or, when loading, a graph), not both")
         if isinstance(input_spec, dict):
             input_spec = InputSpec.from_json(input_spec)
         if input_spec is not None and not isinstance(input_spec, InputSpec):
-            raise ValueError(f"input_spec: expected an InputSpec (netquant.ir.input_spec), got "
-                             f"{type(input_spec).__name__}")
+            raise ArgumentError(f"input_spec: expected an InputSpec (netquant.ir.input_spec), got "
+                                f"{type(input_spec).__name__}")
         self.target = target
         self.config = config if config is not None else target_config(target)
         # bytes of the original model's learnables (its own parameters, before batch-norm
@@ -211,7 +211,7 @@ class Quantizer:
         batch_size = _check_batch_size(batch_size)
         x, _, source = _as_images(images, "calibration images")
         if len(x) == 0:
-            raise ValueError("calibration images: no images (an empty set)")
+            raise InputError("calibration images: no images (an empty set)")
         from .accuracy import applied, calibrate_graph
 
         # CLE, AdaRound and bias correction (config flags) are applied while calibrating
@@ -231,7 +231,7 @@ class Quantizer:
 
     def _require_ranges(self) -> RangeTable:
         if self.ranges is None:
-            raise ValueError("calibrate first: the quantizer has no calibration statistics")
+            raise StateError("calibrate first: the quantizer has no calibration statistics")
         return self.ranges
 
     def calibration_table(self):
@@ -268,7 +268,7 @@ class Quantizer:
         """Quantize ``layer`` (a Network or Optimized Layer Name) or keep it in float."""
         node = self.graph.find_layer(layer)  # KeyError naming the layers if unknown
         if node.op == "input":
-            raise ValueError(f"{layer} is the network input; it is never quantized")
+            raise ArgumentError(f"{layer} is the network input; it is never quantized")
         names = {node.name, *node.layers}
         self.user_float = (self.user_float - names) if quantize else (self.user_float | {node.name})
         self._qnet = None
@@ -330,10 +330,10 @@ class Quantizer:
         ("validation", "sensitivity"): labels are required and must match the images."""
         x, labels, source = _as_images(images, f"{what} images")
         if labels is None:
-            raise ValueError(f"{what} needs labels: pass an ImageSet or (images, labels)")
+            raise InputError(f"{what} needs labels: pass an ImageSet or (images, labels)")
         x = check_images(x, self.graph.input.shape, f"{what} images ({source})")
         if len(labels) != len(x):
-            raise ValueError(f"{what}: {len(x)} images but {len(labels)} labels")
+            raise InputError(f"{what}: {len(x)} images but {len(labels)} labels")
         return x, labels, source
 
     def validate(self, images, metrics: Sequence = ("top1", "top5"), batch_size: int = 500,
@@ -353,8 +353,8 @@ class Quantizer:
         import pandas as pd
 
         if engine not in ("python", "c"):
-            raise ValueError(f"validate: engine must be 'python' (the reference executor) or 'c' (the compiled C "
-                             f"library), got {engine!r}")
+            raise ArgumentError(f"validate: engine must be 'python' (the reference executor) or 'c' (the compiled C "
+                                f"library), got {engine!r}")
         x, labels, source = self._labelled_images(images, "validation")
         batch_size = _check_batch_size(batch_size)
         out_shape = tuple(self.graph.node(self.graph.output).shape)
@@ -485,8 +485,8 @@ class Quantizer:
         ranges = qio.load_ranges(path)
         mine = graph_fingerprint(self.graph)
         if ranges.fingerprint != mine:
-            raise ValueError(f"{path}: calibration statistics of another network (fingerprint "
-                             f"{ranges.fingerprint}, this network is {mine})")
+            raise QuantizerFileError(f"{path}: calibration statistics of another network (fingerprint "
+                                     f"{ranges.fingerprint}, this network is {mine})")
         self.ranges = ranges
         self._qnet = None
 

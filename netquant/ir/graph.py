@@ -36,6 +36,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from ..errors import NotFoundError
+
 OPS = ("input", "conv", "linear", "add", "concat", "gather", "maxpool", "avgpool", "affine", "act", "float")
 WEIGHTED_OPS = ("conv", "linear")
 
@@ -103,7 +105,7 @@ class Graph:
         for n in self.nodes:
             if n.name == name:
                 return n
-        raise KeyError(f"no node named {name!r} in the graph; nodes: {', '.join(self.names())}")
+        raise NotFoundError(f"no node named {name!r} in the graph; nodes: {', '.join(self.names())}")
 
     def names(self) -> list[str]:
         return [n.name for n in self.nodes]
@@ -116,7 +118,7 @@ class Graph:
         for n in self.nodes:
             if n.name == layer or layer in n.layers:
                 return n
-        raise KeyError(f"no layer named {layer!r}; layers: {', '.join(l for n in self.nodes for l in n.layers)}")
+        raise NotFoundError(f"no layer named {layer!r}; layers: {', '.join(l for n in self.nodes for l in n.layers)}")
 
     def replace_nodes(self, nodes: Iterable[Node], output: Optional[str] = None) -> "Graph":
         return Graph(tuple(nodes), output or self.output, self.source)

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..calib.calibrate import graph_fingerprint
 from ..calib.stats import RangeStats, RangeTable
-from ..errors import QuantizerFileError
+from ..errors import MissingFileError, QuantizerFileError
 from ..ir.graph import Graph, Node
 from ..ir.input_spec import InputSpec
 from .config import QuantConfig
@@ -196,7 +196,7 @@ def _read_zip(path, expected_format: str) -> tuple[dict, _Reader]:
     path = Path(path)
     what = "quantizer" if expected_format == FORMAT else "calibration"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     if not path.is_file():
         raise QuantizerFileError(f"{path}: not a file (expected a {what} file written by netquant)")
     try:
