@@ -26,7 +26,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .calib.calibrate import calibrate as _calibrate
 from .calib.calibrate import check_images, graph_fingerprint
 from .calib.stats import HALF_BINS, RangeTable
 from .errors import ArgumentError, InputError, MetricError, QuantizerFileError, StateError

@@ -55,3 +55,22 @@ def fresh_copy(q):
     c = copy.copy(q)
     c.provenance = copy.deepcopy(q.provenance)
     return c
+
+
+@pytest.fixture(scope="session")
+def arch_net(cifar):
+    """``arch_net(name)``: (model, quantizer) for a network class of tests/test_architectures.py,
+    trained there for a few seconds on real CIFAR-10 and calibrated on 200 training images, once
+    per session (test_architectures and test_codegen_c share them). Never changed by a test:
+    capture restores the module's mode, and a test that changes the quantizer takes a fresh_copy."""
+    import test_architectures as arch
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            model = arch.build(getattr(arch, name), cifar, **arch.TRAINING.get(name, {}))
+            made[name] = model, arch.calibrated(model, cifar)
+        return made[name]
+
+    return get

@@ -39,8 +39,6 @@ from netquant.models.resnet import ImageInput
 from netquant.quantizer import Quantizer
 from netquant.ref.fakequant import layerwise_lsb
 
-torch.set_num_threads(1)
-
 # floors: see the module docstring
 FLOAT_SQNR_FLOOR = 80.0   # dB, captured float graph vs torch
 SQNR_FLOOR = 25.0         # dB, int8 scores vs torch
@@ -78,11 +76,22 @@ def build(cls, cifar, **train_kwargs) -> nn.Module:
     return train(cls(), cifar, **train_kwargs)
 
 
-def quantize_and_compare(model: nn.Module, cifar, name: str) -> tuple[Quantizer, object, dict]:
-    """Capture, calibrate on 200 training images, quantize; compare with the torch model on 500
-    test images. Asserts the floors of the module docstring; returns (quantizer, qnet, numbers)."""
+def calibrated(model: nn.Module, cifar) -> Quantizer:
+    """Capture ``model`` and calibrate it on the first 200 training images."""
     q = Quantizer(model)
     q.calibrate(cifar.train.images[:200])
+    return q
+
+
+# how each net is trained when it is not the default (see ``train``)
+TRAINING = {"FloatOpNet": {"loss": nll_of_probabilities}}
+
+
+def quantize_and_compare(arch_net, cifar, cls_name: str, name: str) -> tuple[nn.Module, Quantizer, object, dict]:
+    """The session's trained ``cls_name`` (conftest.arch_net: trained and calibrated on 200
+    training images once per session), quantized and compared with the torch model on 500 test
+    images. Asserts the floors of the module docstring; returns (model, quantizer, qnet, numbers)."""
+    model, q = arch_net(cls_name)
     qnet = q.quantize()
     x = to_float(cifar.test.images[:500])
     labels = cifar.test.labels[:500]
@@ -115,7 +124,7 @@ def quantize_and_compare(model: nn.Module, cifar, name: str) -> tuple[Quantizer,
     assert numbers["max_flip_margin_lsb"] < NEAR_TIE_LSB, numbers
     assert numbers["max_lsb"] <= 1, {k: v for k, v in lsb.items() if v > 1}
     assert numbers["min_layer_sqnr"] > LAYER_SQNR_FLOOR, layers.to_string()
-    return q, qnet, numbers
+    return model, q, qnet, numbers
 
 
 def nodes_of(graph, op):
@@ -219,9 +228,8 @@ class OptionAResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def test_resnet_option_a_shortcuts(cifar):
-    model = build(OptionAResNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "option A ResNet")
+def test_resnet_option_a_shortcuts(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "OptionAResNet", "option A ResNet")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -275,9 +283,8 @@ class GroupedNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def test_depthwise_and_grouped_convs(cifar):
-    model = build(GroupedNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "depthwise/grouped")
+def test_depthwise_and_grouped_convs(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "GroupedNet", "depthwise/grouped")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -341,9 +348,8 @@ class ShuffleNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def test_concat_split_and_channel_shuffle(cifar):
-    model = build(ShuffleNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "concat/chunk/shuffle")
+def test_concat_split_and_channel_shuffle(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "ShuffleNet", "concat/chunk/shuffle")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -398,9 +404,8 @@ class PoolNet(nn.Module):
         return self.fc(torch.flatten(torch.cat([a, b], 1), 1))
 
 
-def test_pooling(cifar):
-    model = build(PoolNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "pooling")
+def test_pooling(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "PoolNet", "pooling")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -458,9 +463,8 @@ class FlattenNet(nn.Module):
         return self.fc(F.relu(a + b + c))
 
 
-def test_flatten_and_view(cifar):
-    model = build(FlattenNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "flatten/view")
+def test_flatten_and_view(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "FlattenNet", "flatten/view")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -496,9 +500,8 @@ class BiasNet(nn.Module):
         return self.fc2(x)
 
 
-def test_biases_without_batchnorm(cifar):
-    model = build(BiasNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "biases, no BN")
+def test_biases_without_batchnorm(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "BiasNet", "biases, no BN")
     assert_own_names(q, model)
     assert_all_quantized(qnet)
     g = q.graph
@@ -561,9 +564,8 @@ class InplaceNet(nn.Module):
         return self.fc(x)
 
 
-def test_shared_module_and_inplace_ops(cifar):
-    model = build(InplaceNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "shared module, in-place")
+def test_shared_module_and_inplace_ops(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "InplaceNet", "shared module, in-place")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -627,10 +629,9 @@ class FloatOpNet(nn.Module):
         return self.softmax(self.fc(torch.flatten(self.pool(x), 1)))
 
 
-def test_float_ops_stay_float(cifar):
-    model = build(FloatOpNet, cifar, loss=nll_of_probabilities)
+def test_float_ops_stay_float(arch_net, cifar):
     # scores are probabilities here: SQNR and agreement are measured on them
-    q, qnet, _ = quantize_and_compare(model, cifar, "sigmoid + softmax")
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "FloatOpNet", "sigmoid + softmax")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     qg = qnet.qgraph

@@ -33,12 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netquant.data import calibration_set
 from netquant.data.transforms import to_float
 from netquant.ir.float_exec import run_float
 from netquant.ir.float_ops import FLOAT_OPS
 from netquant.ir.graph import Graph, Node
-from netquant.models.pretrained import load_pretrained
 from netquant.models.resnet import ImageInput
 from netquant.quantizer import Quantizer
 
@@ -81,16 +79,10 @@ def run_onnx(sess, x: np.ndarray, batch: int = 250) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    """The shipped ResNet-20, calibrated on 200 real training images."""
-    return load_pretrained("cifarnet-20-16")
-
-
-@pytest.fixture(scope="module")
-def quantizer(shipped, cifar):
-    q = Quantizer(shipped)
-    q.calibrate(calibration_set(cifar, 200))
-    return q
+def quantizer(resnet20_quantizer):
+    """The shipped ResNet-20, calibrated on 200 real training images (shared by the session:
+    a test that changes it works on a copy)."""
+    return resnet20_quantizer
 
 
 # --- float ----------------------------------------------------------------------------------
