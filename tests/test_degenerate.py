@@ -21,8 +21,6 @@ from netquant.quant.lower import CANNOT, weight_scales
 from netquant.quantizer import Quantizer
 from netquant.ref.fakequant import layerwise_lsb
 
-torch.set_num_threads(1)
-
 
 # --- the floor math ---------------------------------------------------------------------------
 def test_weight_scale_floor_worked_example():

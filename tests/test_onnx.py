@@ -55,8 +55,6 @@ from netquant import capture  # noqa: E402
 from netquant.export import OnnxExportError, export_float_onnx, export_quantized_onnx  # noqa: E402
 from netquant.export.onnx import EXPORTED_FLOAT_OPS, INPUT_NAME, gather_steps  # noqa: E402
 
-torch.set_num_threads(1)
-
 FLOAT_PROB_TOL = 1e-4        # max |p_onnx - p_torch| on the shipped net's probabilities
 INT8_AGREEMENT_FLOOR = 99.5  # %, top-1 of ONNX Runtime int8 vs the reference executor (the issue)
 ZOO_INT8_AGREEMENT_FLOOR = 99.0   # %, the same on 100 images for each zoo net (random weights)
