@@ -21,7 +21,10 @@ def qnet(resnet20_quantizer):
     return resnet20_quantizer.quantize()
 
 
-@pytest.mark.parametrize("arch,tensor_cores", [("sm_75", False), ("sm_80", True), ("sm_90", False), ("sm_90", True)])
+# one nvcc build in the quick tier (12 s of CPU), the other three (12-23 s each) marked slow
+@pytest.mark.parametrize("arch,tensor_cores", [("sm_75", False), pytest.param("sm_80", True, marks=pytest.mark.slow),
+                                               pytest.param("sm_90", False, marks=pytest.mark.slow),
+                                               pytest.param("sm_90", True, marks=pytest.mark.slow)])
 def test_builds_without_warnings(qnet, tmp_path, arch, tensor_cores):
     if NVCC is None:
         pytest.skip("nvcc not installed")

@@ -140,21 +140,22 @@ def test_executor_conv_equals_direct_int64(quantizer, cifar):
 
 
 def test_executor_within_one_lsb_of_fake_quant(quantizer, cifar):
+    """The quick tier's form of test_acceptance.py's check (1,000 images, slow): on 100 test
+    images, every layer within 1 LSB of fake-quant and at most one top-1 flip, per scheme."""
     q = fresh_copy(quantizer)
+    x = torch.from_numpy(to_float(cifar.test.images[:100]))
     for cfg in (QuantConfig(), TARGETS["matlab"]):
         q.set_config(cfg)
         qg = q.quantize().qgraph
-        x = torch.from_numpy(to_float(cifar.test.images[:200]))
         lsb = layerwise_lsb(qg, x)
         assert max(lsb.values()) <= 1, lsb
         fq = run_fakequant(qg, x).numpy()
-        iq = run_int8(qg, x)[qg.output].numpy()
-        assert (fq.argmax(1) == iq.argmax(1)).mean() >= 0.995
+        iq = run_int8(qg, x, keep=())[qg.output].numpy()
+        assert (fq.argmax(1) != iq.argmax(1)).sum() <= 1
 
 
-def test_keep_a_layer_float(net, cifar):
-    q = Quantizer(net)
-    q.calibrate(calibration_set(cifar, 50))
+def test_keep_a_layer_float(quantizer, cifar):
+    q = fresh_copy(quantizer)
     q.set_quantize("S1U1_conv1", False)  # a Network Layer Name picks its fused node
     qg = q.quantize().qgraph
     n = qg.node("S1U1_conv1_S1U1_relu1")
