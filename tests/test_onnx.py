@@ -147,19 +147,11 @@ class GatherNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def gather_net(cifar):
-    """GatherNet after one epoch on 5,000 real training images (a few seconds)."""
-    torch.manual_seed(0)
-    model = GatherNet()
-    x = torch.from_numpy(to_float(cifar.train.images[:5000]))
-    y = torch.from_numpy(cifar.train.labels[:5000])
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for idx in torch.randperm(len(x), generator=g).split(100):
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    return model.eval()
+    """GatherNet after one epoch on 5,000 real training images (a few seconds; the training
+    helper of test_architectures)."""
+    from test_architectures import build
+
+    return build(GatherNet, cifar, images=5000, epochs=1)
 
 
 def test_float_export_of_gathers_matches(gather_net, cifar, tmp_path):
