@@ -25,6 +25,8 @@ its numbers, see them with ``pytest -s``):
 - layerwise_lsb: the integer executor and the fake-quant simulation fed the same integer
   inputs differ by at most one LSB per node (docs/NUMERICS.md); exact, no margin (measured 0).
 """
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -49,29 +51,35 @@ CHANCE = 10.0             # top-1 of a network that learned nothing (the nets re
 
 
 # --- shared helpers ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside, the caller's thread count restored after: these nets are so
+    small that a second thread only adds synchronisation (training OptionAResNet: 15 CPU s on one
+    thread, 113 on two, on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train(model: nn.Module, cifar, images: int = 5000, epochs: int = 3, lr: float = 0.05,
           loss=F.cross_entropy, seed: int = 0) -> nn.Module:
     """A few epochs of SGD on the first ``images`` real training images (batch 100): trained
-    weights and non-trivial batch-norm statistics. Returns the model in eval mode.
-
-    Runs on one thread, the caller's thread count restored after: these nets are so small that
-    a second thread only adds synchronisation (OptionAResNet: 15 CPU s on one thread, 113 on two
-    on a loaded 2-core machine)."""
+    weights and non-trivial batch-norm statistics. Returns the model in eval mode (on one
+    thread, see ``one_thread``)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(to_float(cifar.train.images[:images]))
     y = torch.from_numpy(cifar.train.labels[:images])
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         model.train()
         for _ in range(epochs):
             for idx in torch.randperm(images, generator=g).split(100):
                 opt.zero_grad()
                 loss(model(x[idx]), y[idx]).backward()
                 opt.step()
-    finally:
-        torch.set_num_threads(threads)
     return model.eval()
 
 
@@ -86,9 +94,10 @@ def build(cls, cifar, **train_kwargs) -> nn.Module:
 
 
 def calibrated(model: nn.Module, cifar) -> Quantizer:
-    """Capture ``model`` and calibrate it on the first 200 training images."""
-    q = Quantizer(model)
-    q.calibrate(cifar.train.images[:200])
+    """Capture ``model`` and calibrate it on the first 200 training images (on one thread)."""
+    with one_thread():
+        q = Quantizer(model)
+        q.calibrate(cifar.train.images[:200])
     return q
 
 
@@ -99,8 +108,15 @@ TRAINING = {"FloatOpNet": {"loss": nll_of_probabilities}}
 def quantize_and_compare(arch_net, cifar, cls_name: str, name: str) -> tuple[nn.Module, Quantizer, object, dict]:
     """The session's trained ``cls_name`` (conftest.arch_net: trained and calibrated on 200
     training images once per session), quantized and compared with the torch model on 500 test
-    images. Asserts the floors of the module docstring; returns (model, quantizer, qnet, numbers)."""
+    images (on one thread). Asserts the floors of the module docstring; returns (model, quantizer,
+    qnet, numbers)."""
     model, q = arch_net(cls_name)
+    with one_thread():
+        numbers = _compare(model, q, cifar, name)
+    return model, q, q.quantize(), numbers
+
+
+def _compare(model: nn.Module, q: Quantizer, cifar, name: str) -> dict:
     qnet = q.quantize()
     x = to_float(cifar.test.images[:500])
     labels = cifar.test.labels[:500]
@@ -133,7 +149,7 @@ def quantize_and_compare(arch_net, cifar, cls_name: str, name: str) -> tuple[nn.
     assert numbers["max_flip_margin_lsb"] < NEAR_TIE_LSB, numbers
     assert numbers["max_lsb"] <= 1, {k: v for k, v in lsb.items() if v > 1}
     assert numbers["min_layer_sqnr"] > LAYER_SQNR_FLOOR, layers.to_string()
-    return model, q, qnet, numbers
+    return numbers
 
 
 def nodes_of(graph, op):
