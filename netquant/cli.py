@@ -26,7 +26,7 @@ DEFAULT_CALIBRATION, DEFAULT_VALIDATION = 200, 50   # MATLAB's datastore sizes
 SPEC_FLAGS = {"mean": "--mean", "std": "--std", "channel_order": "--channel-order", "value_range": "--value-range"}
 
 
-from .errors import ArgumentError, NetquantError  # noqa: E402  (arguments are checked before any work starts)
+from .errors import ArgumentError, InputError, NetquantError  # noqa: E402  (arguments are checked before any work starts)
 from .quant.config import (ARM_ISAS, CODEGEN_TARGETS, CROSS_TRIPLES, ENGINES, GRANULARITIES,  # noqa: E402
                            ISA_FLAGS, MICRO_CPUS, RANGE_METHODS, SCALES, TARGETS, image_count)
 
@@ -240,7 +240,7 @@ def _check_classes(data, outputs: int, names_given: bool) -> None:
     for split in {id(data.train): data.train, id(data.test): data.test}.values():
         top = int(split.labels.max()) if len(split) else -1
         if top >= outputs:
-            raise ValueError(f"{split.source}: label {top} ({split.class_name(top)}) but the network has {outputs} "
+            raise InputError(f"{split.source}: label {top} ({split.class_name(top)}) but the network has {outputs} "
                              f"outputs; give the model's class order with --class-names FILE")
         if not names_given and split.class_names is not None and len(split.class_names) < outputs:
             print(f"note: {split.num_classes} classes in {split.source} and {outputs} network outputs: labels are the "
@@ -253,8 +253,8 @@ def _model(args):
     from .models.files import load_module
 
     if args.network.kind == "onnx":
-        raise ValueError(f"netquant {args.command} needs a torch network (a shipped name or .safetensors); "
-                         f"{args.network.path} is ONNX")
+        raise ArgumentError(f"netquant {args.command} needs a torch network (a shipped name or .safetensors); "
+                            f"{args.network.path} is ONNX")
     return load_module(args.network)
 
 
@@ -862,26 +862,11 @@ def _count(text: str):
 
 
 def _deliberate(e: BaseException) -> bool:
-    """True for an error the user can fix: a NetquantError; an OSError (a file or folder that is
-    missing, unreadable or full: its message names the path); a ValueError or KeyError raised by a
-    ``raise`` statement in netquant's own code (the messages written for users before
-    NetquantError existed). A ValueError raised inside numpy or torch (a broadcast error, say) is
-    a bug in netquant, which should have checked first."""
-    if isinstance(e, (NetquantError, OSError)):
-        return True
-    if not isinstance(e, (ValueError, KeyError)):
-        return False
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return False
-    import linecache
-
-    code = tb.tb_frame.f_code
-    package = str(Path(__file__).parent)
-    return code.co_filename.startswith(package) and \
-        linecache.getline(code.co_filename, tb.tb_lineno).strip().startswith("raise")
+    """True for an error the user can fix: a NetquantError (bad input, a bad file, a missing
+    tool: netquant raised it on purpose, with a message written for the user), or an OSError
+    from the system (a file or folder missing, unreadable or full; its message names the path).
+    Anything else, a ValueError raised inside numpy or torch say, is a bug in netquant."""
+    return isinstance(e, (NetquantError, OSError))
 
 
 def main(argv=None) -> int:
@@ -905,8 +890,7 @@ def main(argv=None) -> int:
             print(f"netquant {args.command}: internal error ({type(e).__name__}); this is a bug in netquant, "
                   f"please report it with the traceback above", file=sys.stderr)
             return 1
-        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"netquant {args.command}: error: {' '.join(str(text).split())}", file=sys.stderr)   # one line
+        print(f"netquant {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)   # one line
         return 2
 
 

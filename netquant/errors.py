@@ -16,6 +16,22 @@ class NetquantError(Exception):
     expected, on one line."""
 
 
+class NotFoundError(NetquantError, KeyError):
+    """A name that is not there: a layer, node, session or statistic (also a KeyError). Printed
+    as its message, without the quotes a KeyError adds."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingFileError(NetquantError, FileNotFoundError):
+    """A file the user named does not exist (also a FileNotFoundError); the message names it."""
+
+
+class StateError(NetquantError, ValueError):
+    """A step asked for before the step it needs (quantize or validate before calibrate)."""
+
+
 class ArgumentError(NetquantError, ValueError):
     """An argument (of a command or a public function) that cannot work."""
 

@@ -26,16 +26,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .calib.calibrate import calibrate as _calibrate
 from .calib.calibrate import check_images, graph_fingerprint
 from .calib.stats import HALF_BINS, RangeTable
-from .errors import ArgumentError, InputError, MetricError
+from .errors import ArgumentError, InputError, MetricError, QuantizerFileError, StateError
 from .ir.capture import CaptureError, capture
 from .ir.float_exec import run_float
 from .ir.graph import WEIGHTED_OPS, Graph
 from .ir.input_spec import InputSpec, apply_input_spec
 from .metrics import agreement, mcnemar, paired_bootstrap, resolve_metric, sqnr_db
 from .progress import Progress, report
+from .quant import io as qio
 from .quant import numerics as nx
 from .quant.config import ENGINES, QuantConfig, target_config
 from .quant.int4 import is_int4, packed_size, weight_bits
@@ -167,14 +167,17 @@ class Quantizer:
         the model takes netquant's images (RGB in [0, 1]) as they are, or normalises them itself.
         ``example``, when given, is an input batch as the model itself takes it."""
         if (model is None) == (graph is None):
-            raise ValueError("Quantizer needs a model (or, when loading, a graph), not both")
+            raise ArgumentError("Quantizer needs a model (or, when loading, a graph), not both")
         if isinstance(input_spec, dict):
             input_spec = InputSpec.from_json(input_spec)
         if input_spec is not None and not isinstance(input_spec, InputSpec):
-            raise ValueError(f"input_spec: expected an InputSpec (netquant.ir.input_spec), got "
-                             f"{type(input_spec).__name__}")
+            raise ArgumentError(f"input_spec: expected an InputSpec (netquant.ir.input_spec), got "
+                                f"{type(input_spec).__name__}")
         self.target = target
         self.config = config if config is not None else target_config(target)
+        # bytes of the original model's learnables (its own parameters, before batch-norm
+        # folding); None for a quantizer built from a graph (then the graph's parameters count)
+        self.float_learnable_bytes: Optional[int] = None
         if graph is None:
             if not isinstance(model, torch.nn.Module):
                 raise ArgumentError(f"Quantizer: expected a torch.nn.Module, got {type(model).__name__}")
@@ -200,6 +203,7 @@ class Quantizer:
         self.user_float: frozenset = frozenset()
         self.provenance: dict = {}
         self._qnet: Optional[QuantizedNetwork] = None
+        self._c_engine: Optional[tuple] = None   # (key, qnet, compiled network, temporary folder), see compiled()
 
     # --- calibrate ------------------------------------------------------------------------
     def calibrate(self, images, batch_size: int = 100, progress: Optional[Progress] = None):
@@ -208,7 +212,7 @@ class Quantizer:
         batch_size = _check_batch_size(batch_size)
         x, _, source = _as_images(images, "calibration images")
         if len(x) == 0:
-            raise ValueError("calibration images: no images (an empty set)")
+            raise InputError("calibration images: no images (an empty set)")
         from .accuracy import applied, calibrate_graph
 
         # CLE, AdaRound and bias correction (config flags) are applied while calibrating
@@ -228,7 +232,7 @@ class Quantizer:
 
     def _require_ranges(self) -> RangeTable:
         if self.ranges is None:
-            raise ValueError("calibrate first: the quantizer has no calibration statistics")
+            raise StateError("calibrate first: the quantizer has no calibration statistics")
         return self.ranges
 
     def calibration_table(self):
@@ -265,7 +269,7 @@ class Quantizer:
         """Quantize ``layer`` (a Network or Optimized Layer Name) or keep it in float."""
         node = self.graph.find_layer(layer)  # KeyError naming the layers if unknown
         if node.op == "input":
-            raise ValueError(f"{layer} is the network input; it is never quantized")
+            raise ArgumentError(f"{layer} is the network input; it is never quantized")
         names = {node.name, *node.layers}
         self.user_float = (self.user_float - names) if quantize else (self.user_float | {node.name})
         self._qnet = None
@@ -322,7 +326,7 @@ class Quantizer:
         """(float bytes of the original network's learnables, bytes after quantization)."""
         details = self.quantization_details()
         quant = int(details.QuantizedBytes.iloc[-1])
-        original = getattr(self, "float_learnable_bytes", None) or int(details.FloatBytes.iloc[-1])
+        original = self.float_learnable_bytes or int(details.FloatBytes.iloc[-1])
         return original, quant
 
     # --- validate -------------------------------------------------------------------------
@@ -331,10 +335,10 @@ class Quantizer:
         ("validation", "sensitivity"): labels are required and must match the images."""
         x, labels, source = _as_images(images, f"{what} images")
         if labels is None:
-            raise ValueError(f"{what} needs labels: pass an ImageSet or (images, labels)")
+            raise InputError(f"{what} needs labels: pass an ImageSet or (images, labels)")
         x = check_images(x, self.graph.input.shape, f"{what} images ({source})")
         if len(labels) != len(x):
-            raise ValueError(f"{what}: {len(x)} images but {len(labels)} labels")
+            raise InputError(f"{what}: {len(x)} images but {len(labels)} labels")
         return x, labels, source
 
     def validate(self, images, metrics: Sequence = ("top1", "top5"), batch_size: int = 500,
@@ -354,8 +358,8 @@ class Quantizer:
         import pandas as pd
 
         if engine not in ENGINES:
-            raise ValueError(f"validate: engine must be 'python' (the reference executor) or 'c' (the compiled C "
-                             f"library), got {engine!r}")
+            raise ArgumentError(f"validate: engine must be 'python' (the reference executor) or 'c' (the compiled C "
+                                f"library), got {engine!r}")
         x, labels, source = self._labelled_images(images, "validation")
         batch_size = _check_batch_size(batch_size)
         out_shape = tuple(self.graph.node(self.graph.output).shape)
@@ -410,7 +414,7 @@ class Quantizer:
 
         qnet = self.quantize()
         key = (id(qnet), None if folder is None else str(folder))
-        cached = getattr(self, "_c_engine", None)
+        cached = self._c_engine
         if cached is not None and cached[0] == key and cached[1] is qnet:
             return cached[2]
         find_compiler()  # no compiler: say so before generating anything
@@ -460,31 +464,36 @@ class Quantizer:
     # --- save / load ----------------------------------------------------------------------
     def save(self, path) -> None:
         """Write one portable file (zip of JSON and safetensors; no pickle)."""
-        from .quant.io import save_quantizer
-
-        save_quantizer(self, path)
+        qio.save_quantizer(qio.SavedQuantizer(self.graph, self.target, self.config, self.name, self.input_spec,
+                                              self.ranges, self.user_float, self.provenance,
+                                              self.float_learnable_bytes, qio.int4_weights(self)), path)
 
     @classmethod
     def load(cls, path) -> "Quantizer":
-        from .quant.io import load_quantizer
-
-        return load_quantizer(path)
+        """The quantizer saved at ``path`` (:func:`netquant.quant.io.load_quantizer` checks the file)."""
+        saved = qio.load_quantizer(path)
+        q = cls(graph=saved.graph, target=saved.target, config=saved.config, name=saved.name)
+        # the stored graph already holds the spec's nodes: record the spec, do not apply it again
+        q.input_spec = saved.input_spec
+        q.ranges = saved.ranges
+        q.user_float = saved.user_float
+        q.provenance = saved.provenance
+        q.float_learnable_bytes = saved.float_learnable_bytes
+        if saved.int4 is not None:
+            qio.check_int4(path, q, saved.int4)   # the stored 4-bit weights are those lowering gives
+        return q
 
     def save_calibration(self, path) -> None:
         """Write the calibration statistics alone (to re-decide ranges elsewhere)."""
-        from .quant.io import save_ranges
-
-        save_ranges(self._require_ranges(), path)
+        qio.save_ranges(self._require_ranges(), path)
 
     def load_calibration(self, path) -> None:
         """Read statistics written by :meth:`save_calibration`; they must come from this network."""
-        from .quant.io import load_ranges
-
-        ranges = load_ranges(path)
+        ranges = qio.load_ranges(path)
         mine = graph_fingerprint(self.graph)
         if ranges.fingerprint != mine:
-            raise ValueError(f"{path}: calibration statistics of another network (fingerprint "
-                             f"{ranges.fingerprint}, this network is {mine})")
+            raise QuantizerFileError(f"{path}: calibration statistics of another network (fingerprint "
+                                     f"{ranges.fingerprint}, this network is {mine})")
         self.ranges = ranges
         self._qnet = None
 

@@ -471,15 +471,23 @@ def test_unexpected_errors_are_json_500_with_an_id_in_the_log(server, calibrated
     connection. Now each is a JSON answer; anything unforeseen a 500 whose id the log shows."""
     buf = io.BytesIO()
     np.savez(buf, images=np.zeros((2, 3, 32, 32), np.uint8))
-    code, body = call(server, "POST", f"/api/sessions/{calibrated}/calibrate", raw=buf.getvalue())
+    path = f"/api/sessions/{calibrated}/calibrate"
+    with caplog.at_level("WARNING", logger="netquant.app.server"):
+        code, body = call(server, "POST", path, raw=buf.getvalue())
     assert code == 400 and "not a .npy array" in body["error"]
-    monkeypatch.setattr(server.app, "datasets", lambda s: (_ for _ in ()).throw(TypeError("a bug")))
-    with caplog.at_level("ERROR", logger="netquant.app.server"):
-        code, body = call(server, "GET", f"/api/sessions/{calibrated}/data")
-    assert code == 500 and body["error"].endswith("TypeError: a bug")
-    eid = body["error"].split()[2]
-    logged = [r.getMessage() for r in caplog.records if eid in r.getMessage()]
-    assert logged and "Traceback" in logged[0] and "TypeError: a bug" in logged[0]
+    # every error answered is logged with its request path (here the refusal, as a warning)
+    assert any(r.levelname == "WARNING" and f"POST {path}: 400" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    # a bug: a TypeError, and a ValueError from numpy too (not a NetquantError: not the user's to fix)
+    for bug in (TypeError("a bug"), ValueError("operands could not be broadcast together")):
+        monkeypatch.setattr(server.app, "datasets", lambda s, bug=bug: (_ for _ in ()).throw(bug))
+        with caplog.at_level("ERROR", logger="netquant.app.server"):
+            code, body = call(server, "GET", f"/api/sessions/{calibrated}/data")
+        assert code == 500 and body["error"].endswith(f"{type(bug).__name__}: {bug}")
+        eid = body["error"].split()[2]
+        logged = [r for r in caplog.records if eid in r.getMessage()]
+        assert logged and logged[0].levelname == "ERROR" and f"/api/sessions/{calibrated}/data" in logged[0].getMessage()
+        assert logged[0].exc_info and logged[0].exc_info[1] is bug   # logging.exception: the traceback
 
 
 def test_a_failed_import_or_upload_leaves_no_session(server, tmp_path):

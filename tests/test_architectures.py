@@ -25,6 +25,8 @@ its numbers, see them with ``pytest -s``):
 - layerwise_lsb: the integer executor and the fake-quant simulation fed the same integer
   inputs differ by at most one LSB per node (docs/NUMERICS.md); exact, no margin (measured 0).
 """
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -39,8 +41,6 @@ from netquant.models.resnet import ImageInput
 from netquant.quantizer import Quantizer
 from netquant.ref.fakequant import layerwise_lsb
 
-torch.set_num_threads(1)
-
 # floors: see the module docstring
 FLOAT_SQNR_FLOOR = 80.0   # dB, captured float graph vs torch
 SQNR_FLOOR = 25.0         # dB, int8 scores vs torch
@@ -51,20 +51,35 @@ CHANCE = 10.0             # top-1 of a network that learned nothing (the nets re
 
 
 # --- shared helpers ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside, the caller's thread count restored after: these nets are so
+    small that a second thread only adds synchronisation (training OptionAResNet: 15 CPU s on one
+    thread, 113 on two, on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train(model: nn.Module, cifar, images: int = 5000, epochs: int = 3, lr: float = 0.05,
           loss=F.cross_entropy, seed: int = 0) -> nn.Module:
     """A few epochs of SGD on the first ``images`` real training images (batch 100): trained
-    weights and non-trivial batch-norm statistics. Returns the model in eval mode."""
+    weights and non-trivial batch-norm statistics. Returns the model in eval mode (on one
+    thread, see ``one_thread``)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(to_float(cifar.train.images[:images]))
     y = torch.from_numpy(cifar.train.labels[:images])
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(images, generator=g).split(100):
-            opt.zero_grad()
-            loss(model(x[idx]), y[idx]).backward()
-            opt.step()
+    with one_thread():
+        model.train()
+        for _ in range(epochs):
+            for idx in torch.randperm(images, generator=g).split(100):
+                opt.zero_grad()
+                loss(model(x[idx]), y[idx]).backward()
+                opt.step()
     return model.eval()
 
 
@@ -78,11 +93,30 @@ def build(cls, cifar, **train_kwargs) -> nn.Module:
     return train(cls(), cifar, **train_kwargs)
 
 
-def quantize_and_compare(model: nn.Module, cifar, name: str) -> tuple[Quantizer, object, dict]:
-    """Capture, calibrate on 200 training images, quantize; compare with the torch model on 500
-    test images. Asserts the floors of the module docstring; returns (quantizer, qnet, numbers)."""
-    q = Quantizer(model)
-    q.calibrate(cifar.train.images[:200])
+def calibrated(model: nn.Module, cifar) -> Quantizer:
+    """Capture ``model`` and calibrate it on the first 200 training images (on one thread)."""
+    with one_thread():
+        q = Quantizer(model)
+        q.calibrate(cifar.train.images[:200])
+    return q
+
+
+# how each net is trained when it is not the default (see ``train``)
+TRAINING = {"FloatOpNet": {"loss": nll_of_probabilities}}
+
+
+def quantize_and_compare(arch_net, cifar, cls_name: str, name: str) -> tuple[nn.Module, Quantizer, object, dict]:
+    """The session's trained ``cls_name`` (conftest.arch_net: trained and calibrated on 200
+    training images once per session), quantized and compared with the torch model on 500 test
+    images (on one thread). Asserts the floors of the module docstring; returns (model, quantizer,
+    qnet, numbers)."""
+    model, q = arch_net(cls_name)
+    with one_thread():
+        numbers = _compare(model, q, cifar, name)
+    return model, q, q.quantize(), numbers
+
+
+def _compare(model: nn.Module, q: Quantizer, cifar, name: str) -> dict:
     qnet = q.quantize()
     x = to_float(cifar.test.images[:500])
     labels = cifar.test.labels[:500]
@@ -115,7 +149,7 @@ def quantize_and_compare(model: nn.Module, cifar, name: str) -> tuple[Quantizer,
     assert numbers["max_flip_margin_lsb"] < NEAR_TIE_LSB, numbers
     assert numbers["max_lsb"] <= 1, {k: v for k, v in lsb.items() if v > 1}
     assert numbers["min_layer_sqnr"] > LAYER_SQNR_FLOOR, layers.to_string()
-    return q, qnet, numbers
+    return numbers
 
 
 def nodes_of(graph, op):
@@ -219,9 +253,8 @@ class OptionAResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def test_resnet_option_a_shortcuts(cifar):
-    model = build(OptionAResNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "option A ResNet")
+def test_resnet_option_a_shortcuts(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "OptionAResNet", "option A ResNet")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -275,9 +308,8 @@ class GroupedNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def test_depthwise_and_grouped_convs(cifar):
-    model = build(GroupedNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "depthwise/grouped")
+def test_depthwise_and_grouped_convs(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "GroupedNet", "depthwise/grouped")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -341,9 +373,8 @@ class ShuffleNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def test_concat_split_and_channel_shuffle(cifar):
-    model = build(ShuffleNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "concat/chunk/shuffle")
+def test_concat_split_and_channel_shuffle(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "ShuffleNet", "concat/chunk/shuffle")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -398,9 +429,8 @@ class PoolNet(nn.Module):
         return self.fc(torch.flatten(torch.cat([a, b], 1), 1))
 
 
-def test_pooling(cifar):
-    model = build(PoolNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "pooling")
+def test_pooling(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "PoolNet", "pooling")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -458,9 +488,8 @@ class FlattenNet(nn.Module):
         return self.fc(F.relu(a + b + c))
 
 
-def test_flatten_and_view(cifar):
-    model = build(FlattenNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "flatten/view")
+def test_flatten_and_view(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "FlattenNet", "flatten/view")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -496,9 +525,8 @@ class BiasNet(nn.Module):
         return self.fc2(x)
 
 
-def test_biases_without_batchnorm(cifar):
-    model = build(BiasNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "biases, no BN")
+def test_biases_without_batchnorm(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "BiasNet", "biases, no BN")
     assert_own_names(q, model)
     assert_all_quantized(qnet)
     g = q.graph
@@ -561,9 +589,8 @@ class InplaceNet(nn.Module):
         return self.fc(x)
 
 
-def test_shared_module_and_inplace_ops(cifar):
-    model = build(InplaceNet, cifar)
-    q, qnet, _ = quantize_and_compare(model, cifar, "shared module, in-place")
+def test_shared_module_and_inplace_ops(arch_net, cifar):
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "InplaceNet", "shared module, in-place")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     assert_all_quantized(qnet)
@@ -627,10 +654,9 @@ class FloatOpNet(nn.Module):
         return self.softmax(self.fc(torch.flatten(self.pool(x), 1)))
 
 
-def test_float_ops_stay_float(cifar):
-    model = build(FloatOpNet, cifar, loss=nll_of_probabilities)
+def test_float_ops_stay_float(arch_net, cifar):
     # scores are probabilities here: SQNR and agreement are measured on them
-    q, qnet, _ = quantize_and_compare(model, cifar, "sigmoid + softmax")
+    model, q, qnet, _ = quantize_and_compare(arch_net, cifar, "FloatOpNet", "sigmoid + softmax")
     assert_bn_folded(q, model)
     assert_own_names(q, model)
     qg = qnet.qgraph

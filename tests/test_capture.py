@@ -22,10 +22,6 @@ import zoo  # noqa: E402
 from netquant.data.transforms import to_float  # noqa: E402
 from netquant.ir.capture import CaptureError, capture  # noqa: E402
 from netquant.ir.float_exec import run_float  # noqa: E402
-from netquant.ir.graph import Graph, Node  # noqa: E402
-from netquant.ir.passes import remove_dead  # noqa: E402
-
-torch.set_num_threads(1)   # tiny nets: threads only contend on the 2-core CI machine
 
 FLOAT_TOL = 1e-4   # relative to max |score|: see the module docstring
 CIFAR_IMAGES = 8   # real test images per net: enough to show a wrong graph, fast on 2 cores
@@ -91,21 +87,6 @@ def test_dead_code_gives_the_graph_of_the_net_without_it():
     # also without the optimizing passes: the dead view/flatten/relu never become nodes
     raw = capture(dead, optimize_graph=False)
     assert [n.op for n in raw.nodes] == [n.op for n in capture(clean, optimize_graph=False).nodes]
-
-
-def test_remove_dead_pass():
-    w = {"weight": np.ones((2, 3, 1, 1), np.float32), "bias": np.zeros(2, np.float32)}
-    conv = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, act=None)
-    nodes = (Node("x", "input", (), (3, 4, 4)),
-             Node("c", "conv", ("x",), (2, 4, 4), conv, w),
-             Node("unused", "gather", ("c",), (32,), {}, {"index": np.arange(1, 33)}),
-             Node("unused2", "act", ("unused",), (32,), {"act": (0.0, np.inf)}),
-             Node("r", "act", ("c",), (2, 4, 4), {"act": (0.0, np.inf)}))
-    g = remove_dead(Graph(nodes, "r"))
-    assert g.names() == ["x", "c", "r"]
-    assert remove_dead(g) is g
-    # the input stays even when the output does not read it
-    assert remove_dead(Graph(nodes, "x")).names() == ["x"]
 
 
 # --- resampling ---------------------------------------------------------------------------------

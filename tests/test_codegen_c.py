@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from netquant.codegen import BuildError, build, generate, load
-from netquant.data import calibration_set
 from netquant.data.transforms import to_float
-from netquant.models.pretrained import load_pretrained
 from netquant.quantizer import Quantizer
 from netquant.ref.executor import run_int8
 
@@ -18,10 +16,8 @@ pytestmark = pytest.mark.compiler
 
 
 @pytest.fixture(scope="module")
-def qnet(cifar):
-    q = Quantizer(load_pretrained())
-    q.calibrate(calibration_set(cifar))
-    return q.quantize()
+def qnet(resnet20_quantizer):
+    return resnet20_quantizer.quantize()
 
 
 @pytest.fixture(scope="module")
@@ -54,22 +50,35 @@ def os_grants_amx() -> bool:
     return libc.syscall(158, 0x1023, 18) == 0   # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
 
 
-def test_bit_exact_on_the_full_test_set(compiled, qnet, cifar):
-    gen, net = compiled
+def test_the_build_for_this_cpu_takes_its_best_kernels(compiled):
+    _, net = compiled
     flags = cpu_flags()
-    # the build for this CPU uses its best kernels: AMX tiles where the CPU has them and the OS
-    # grants them (the CI machine does), else AVX-512 VNNI
+    # AMX tiles where the CPU has them and the OS grants them (the CI machine does), else
+    # AVX-512 VNNI, else AVX2
     if {"amx_int8", "amx_tile"} <= flags and os_grants_amx():
         assert net.kernels == "amx"
-    elif "avx512_vnni" in flags:
+    elif {"avx512_vnni", "avx512bw"} <= flags:
         assert net.kernels in ("amx", "avx512-vnni")
+    elif "avx2" in flags:
+        assert net.kernels == "avx2"
+
+
+@pytest.mark.slow
+def test_bit_exact_on_the_full_test_set(compiled, qnet, cifar):
+    """The suite's one full-set bit-exact check: the library built for this CPU and the reference
+    executor on all 10,000 test images (the other checks use 1,000 or fewer)."""
+    _, net = compiled
     for start in range(0, len(cifar.test), 2500):
         x = to_float(cifar.test.images[start:start + 2500])
         assert np.array_equal(net.predict_int(x), _reference_int(qnet, x)), f"images {start}..{start + 2500}"
-    x = to_float(cifar.test.images[:500])
-    scores = net.predict(x)
-    assert np.abs(scores - qnet.run(x)).max() < 1e-6  # softmax: expf against torch.exp
-    assert np.array_equal(scores.argmax(1), qnet.run(x).argmax(1))
+
+
+def test_scores_are_the_reference_scores(compiled, qnet, cifar):
+    _, net = compiled
+    x = to_float(cifar.test.images[:200])
+    scores, want = net.predict(x), qnet.run(x)
+    assert np.abs(scores - want).max() < 1e-6  # softmax: expf against torch.exp
+    assert np.array_equal(scores.argmax(1), want.argmax(1))
 
 
 def test_int8_input_entry_point(compiled, qnet, cifar):
@@ -142,30 +151,27 @@ def test_bad_input(compiled, cifar, tmp_path, qnet):
 
 @pytest.mark.parametrize("cls_name", ["OptionAResNet", "GroupedNet", "ShuffleNet", "PoolNet", "FlattenNet",
                                       "BiasNet", "InplaceNet"])
-def test_every_architecture_is_bit_exact(cls_name, cifar, tmp_path):
-    import test_architectures as arch
-
-    model = arch.build(getattr(arch, cls_name), cifar, images=1000, epochs=1)
-    q = Quantizer(model)
-    q.calibrate(cifar.train.images[:100])
-    qn = q.quantize()
+def test_every_architecture_is_bit_exact(cls_name, arch_net, cifar, tmp_path):
+    """The nets of test_architectures (trained once per session, conftest.arch_net) in generated
+    C, equal to the reference executor on 200 real test images."""
+    qn = arch_net(cls_name)[1].quantize()
     x = to_float(cifar.test.images[:200])
     ref = _reference_int(qn, x)
-    # this CPU's best kernels, and the AVX2 ones where it has AVX2 (and they are not the best)
-    for isa in ["native"] + (["avx2"] if "avx2" in cpu_flags() else []):
+    # this CPU's best kernels, then the AVX2 ones where the CPU has AVX2 and they are not the best
+    built = []
+    for isa in ("native", "avx2"):
+        if isa == "avx2" and ("avx2" not in cpu_flags() or "avx2" in built):
+            continue
         gen = generate(qn, tmp_path / isa, name="net", isa=isa)
         net = load(gen)
+        built.append(net.kernels)
         assert np.array_equal(net.predict_int(x), ref), (cls_name, isa, net.kernels)
         assert gen.build["warnings"].strip() == "", gen.build["warnings"]
 
 
-def test_float_op_in_the_middle_is_bit_exact(cifar, tmp_path):
+def test_float_op_in_the_middle_is_bit_exact(arch_net, cifar, tmp_path):
     """A sigmoid between two convs runs from a 256-entry table (tests/test_codegen_float.py has the rest)."""
-    import test_architectures as arch
-
-    q = Quantizer(arch.build(arch.FloatOpNet, cifar, images=500, epochs=1, loss=arch.nll_of_probabilities))
-    q.calibrate(cifar.train.images[:50])
-    qn = q.quantize()
+    qn = arch_net("FloatOpNet")[1].quantize()
     gen = generate(qn, tmp_path)
     assert any(s.kind == "lut" and s.node.attrs["fns"] == ("sigmoid",) for s in gen.program.steps)
     x = to_float(cifar.test.images[:100])
@@ -173,14 +179,16 @@ def test_float_op_in_the_middle_is_bit_exact(cifar, tmp_path):
 
 
 @pytest.mark.parametrize("isa, flag, kernels", [("avx512", "avx512_vnni", "avx512-vnni"), ("avx2", "avx2", "avx2")])
-def test_simd_paths_are_bit_exact(isa, flag, kernels, qnet, cifar, tmp_path):
+def test_simd_paths_are_bit_exact(isa, flag, kernels, compiled, qnet, cifar, tmp_path):
     """avx512 (-DNQ_NO_AMX): the AVX-512 VNNI kernels, the fallback where the OS refuses AMX
     tiles; avx2 (-mavx2): the register-tiled AVX2 kernels (vpmaddwd), for x86 CPUs without
-    AVX-512."""
+    AVX-512. On 1,000 real test images (the full set: test_bit_exact_on_the_full_test_set)."""
     if flag not in cpu_flags():
         pytest.skip(f"this CPU has no {flag}")
-    gen = generate(qnet, tmp_path, name="resnet20", isa=isa)
-    net = load(gen)
+    gen, net = compiled
+    if net.kernels != kernels:   # the build for this CPU has other kernels: build these
+        gen = generate(qnet, tmp_path, name="resnet20", isa=isa)
+        net = load(gen)
     assert net.kernels == kernels
     x = to_float(cifar.test.images[:1000])
     assert np.array_equal(net.predict_int(x), _reference_int(qnet, x))

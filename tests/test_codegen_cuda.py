@@ -9,10 +9,7 @@ import pytest
 import torch
 
 from netquant.codegen import build, generate, load
-from netquant.data import calibration_set
 from netquant.data.transforms import to_float
-from netquant.models.pretrained import load_pretrained
-from netquant.quantizer import Quantizer
 from netquant.ref.executor import run_int8
 
 pytestmark = pytest.mark.compiler
@@ -20,13 +17,14 @@ NVCC = shutil.which("nvcc")
 
 
 @pytest.fixture(scope="module")
-def qnet(cifar):
-    q = Quantizer(load_pretrained())
-    q.calibrate(calibration_set(cifar))
-    return q.quantize()
+def qnet(resnet20_quantizer):
+    return resnet20_quantizer.quantize()
 
 
-@pytest.mark.parametrize("arch,tensor_cores", [("sm_75", False), ("sm_80", True), ("sm_90", False), ("sm_90", True)])
+# one nvcc build in the quick tier (12 s of CPU), the other three (12-23 s each) marked slow
+@pytest.mark.parametrize("arch,tensor_cores", [("sm_75", False), pytest.param("sm_80", True, marks=pytest.mark.slow),
+                                               pytest.param("sm_90", False, marks=pytest.mark.slow),
+                                               pytest.param("sm_90", True, marks=pytest.mark.slow)])
 def test_builds_without_warnings(qnet, tmp_path, arch, tensor_cores):
     if NVCC is None:
         pytest.skip("nvcc not installed")
@@ -46,10 +44,19 @@ def test_tensor_cores_need_sm_80(qnet, tmp_path):
 
 
 def test_cuda_sources_share_the_program(qnet, tmp_path):
-    c = generate(qnet, tmp_path / "c", name="net")
+    """The CUDA printer prints the plan the C printer prints (no plan of its own): the plan's
+    steps, its arena size (rounded up to 64 bytes for fragment loads) and every arena tensor at
+    the plan's offset in the .cu text; and the same runtime header."""
+    from netquant.codegen.program import plan
+
+    generate(qnet, tmp_path / "c", name="net")
     cu = generate(qnet, tmp_path / "cu", name="net", target="cuda")
-    assert c.program.arena_bytes == cu.program.arena_bytes
-    assert [s.node.name for s in c.program.steps] == [s.node.name for s in cu.program.steps]
+    p = plan(qnet.qgraph, "net")
+    assert [s.node.name for s in cu.program.steps] == [s.node.name for s in p.steps]
+    src = (tmp_path / "cu" / "net.cu").read_text()
+    assert f"#define ARENA_BYTES {-(-max(p.arena_bytes, 64) // 64) * 64}" in src
+    offsets = {p.buffer(s.output).offset for s in p.steps if p.buffer(s.output).offset >= 0}
+    assert len(offsets) > 3 and all(f"ARENA_BYTES + {o})" in src for o in offsets), sorted(offsets)
     assert (tmp_path / "c" / "netquant_rt.h").read_text() == (tmp_path / "cu" / "netquant_rt.h").read_text()
 
 

@@ -14,9 +14,7 @@ import torch
 
 from netquant.codegen import build, generate, load
 from netquant.codegen.build import native_profile
-from netquant.data import calibration_set
 from netquant.data.transforms import to_float
-from netquant.models.pretrained import load_pretrained
 from netquant.quantizer import Quantizer
 from netquant.ref.executor import run_int8
 
@@ -28,10 +26,8 @@ MARKS = {"amx": "_tile_loadd(", "vnni": "vpdpbusd", "avx2": "vpmaddwd"}
 
 
 @pytest.fixture(scope="module")
-def qnet(cifar):
-    q = Quantizer(load_pretrained())
-    q.calibrate(calibration_set(cifar))
-    return q.quantize()
+def qnet(resnet20_quantizer):
+    return resnet20_quantizer.quantize()
 
 
 def _reference_int(qnet, x):

@@ -9,19 +9,18 @@ import torch
 from torch import nn
 
 from netquant.codegen import BuildError
+from conftest import fresh_copy
 from netquant.data import calibration_set, validation_set
-from netquant.models.pretrained import load_pretrained
 from netquant.quantizer import Quantizer, _compiled_scores
 from netquant.ref.executor import run_int8
 
 pytestmark = pytest.mark.compiler
 
 
-@pytest.fixture(scope="module")
-def quantizer(cifar):
-    q = Quantizer(load_pretrained())
-    q.calibrate(calibration_set(cifar))
-    return q
+@pytest.fixture
+def quantizer(resnet20_quantizer):
+    """The session's calibrated ResNet-20, as a copy: compiled() keeps its library on it."""
+    return fresh_copy(resnet20_quantizer)
 
 
 class _Recorder:

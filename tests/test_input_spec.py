@@ -22,8 +22,6 @@ from netquant.models.pretrained import load_pretrained
 from netquant.models.resnet import CIFAR10_MEAN, CIFAR10_STD, ImageInput
 from netquant.quantizer import Quantizer
 
-torch.set_num_threads(1)
-
 CIFAR = (3, 32, 32)
 N_TEST = 300          # test images for the top-1 comparisons
 N_CALIB = 50          # training images for calibration

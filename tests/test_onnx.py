@@ -33,12 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netquant.data import calibration_set
 from netquant.data.transforms import to_float
 from netquant.ir.float_exec import run_float
 from netquant.ir.float_ops import FLOAT_FNS, FloatFn
 from netquant.ir.graph import Graph, Node
-from netquant.models.pretrained import load_pretrained
 from netquant.models.resnet import ImageInput
 from netquant.quantizer import Quantizer
 
@@ -56,8 +54,6 @@ import zoo  # noqa: E402
 from netquant import capture  # noqa: E402
 from netquant.export import OnnxExportError, export_float_onnx, export_quantized_onnx  # noqa: E402
 from netquant.export.onnx import EXPORTED_FLOAT_FNS, INPUT_NAME, gather_steps  # noqa: E402
-
-torch.set_num_threads(1)
 
 FLOAT_PROB_TOL = 1e-4        # max |p_onnx - p_torch| on the shipped net's probabilities
 INT8_AGREEMENT_FLOOR = 99.5  # %, top-1 of ONNX Runtime int8 vs the reference executor (the issue)
@@ -81,16 +77,10 @@ def run_onnx(sess, x: np.ndarray, batch: int = 250) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    """The shipped ResNet-20, calibrated on 200 real training images."""
-    return load_pretrained("cifarnet-20-16")
-
-
-@pytest.fixture(scope="module")
-def quantizer(shipped, cifar):
-    q = Quantizer(shipped)
-    q.calibrate(calibration_set(cifar, 200))
-    return q
+def quantizer(resnet20_quantizer):
+    """The shipped ResNet-20, calibrated on 200 real training images (shared by the session:
+    a test that changes it works on a copy)."""
+    return resnet20_quantizer
 
 
 # --- float ----------------------------------------------------------------------------------
@@ -157,19 +147,11 @@ class GatherNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def gather_net(cifar):
-    """GatherNet after one epoch on 5,000 real training images (a few seconds)."""
-    torch.manual_seed(0)
-    model = GatherNet()
-    x = torch.from_numpy(to_float(cifar.train.images[:5000]))
-    y = torch.from_numpy(cifar.train.labels[:5000])
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for idx in torch.randperm(len(x), generator=g).split(100):
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    return model.eval()
+    """GatherNet after one epoch on 5,000 real training images (a few seconds; the training
+    helper of test_architectures)."""
+    from test_architectures import build
+
+    return build(GatherNet, cifar, images=5000, epochs=1)
 
 
 def test_float_export_of_gathers_matches(gather_net, cifar, tmp_path):

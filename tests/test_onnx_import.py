@@ -33,8 +33,6 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from netquant.ir.onnx_import import OnnxImportError, import_onnx  # noqa: E402
 
-torch.set_num_threads(1)
-
 REL_TOL = 1e-4
 SQNR_FLOOR = 20.0
 LEGACY_OPSETS = (11, 13, 20)   # 20: the newest the TorchScript exporter writes

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import fresh_copy
 from netquant.calib.stats import HALF_BINS, RangeStats
 from netquant.calib.methods import threshold
 from netquant.data import calibration_set, validation_set
@@ -24,10 +25,10 @@ def net():
 
 
 @pytest.fixture(scope="module")
-def quantizer(net, cifar):
-    q = Quantizer(net)
-    q.calibrate(calibration_set(cifar))
-    return q
+def quantizer(resnet20_quantizer):
+    """The session's ResNet-20 calibrated on 200 training images; tests that change its config
+    or layer choices take a fresh_copy."""
+    return resnet20_quantizer
 
 
 def test_capture_names_and_fusion(net):
@@ -139,21 +140,22 @@ def test_executor_conv_equals_direct_int64(quantizer, cifar):
 
 
 def test_executor_within_one_lsb_of_fake_quant(quantizer, cifar):
+    """The quick tier's form of test_acceptance.py's check (1,000 images, slow): on 100 test
+    images, every layer within 1 LSB of fake-quant and at most one top-1 flip, per scheme."""
+    q = fresh_copy(quantizer)
+    x = torch.from_numpy(to_float(cifar.test.images[:100]))
     for cfg in (QuantConfig(), TARGETS["matlab"]):
-        quantizer.set_config(cfg)
-        qg = quantizer.quantize().qgraph
-        x = torch.from_numpy(to_float(cifar.test.images[:200]))
+        q.set_config(cfg)
+        qg = q.quantize().qgraph
         lsb = layerwise_lsb(qg, x)
         assert max(lsb.values()) <= 1, lsb
         fq = run_fakequant(qg, x).numpy()
-        iq = run_int8(qg, x)[qg.output].numpy()
-        assert (fq.argmax(1) == iq.argmax(1)).mean() >= 0.995
-    quantizer.set_config(QuantConfig())
+        iq = run_int8(qg, x, keep=())[qg.output].numpy()
+        assert (fq.argmax(1) != iq.argmax(1)).sum() <= 1
 
 
-def test_keep_a_layer_float(net, cifar):
-    q = Quantizer(net)
-    q.calibrate(calibration_set(cifar, 50))
+def test_keep_a_layer_float(quantizer, cifar):
+    q = fresh_copy(quantizer)
     q.set_quantize("S1U1_conv1", False)  # a Network Layer Name picks its fused node
     qg = q.quantize().qgraph
     n = qg.node("S1U1_conv1_S1U1_relu1")
@@ -193,6 +195,7 @@ def test_validate_tables_and_custom_metrics(quantizer, cifar):
 
 
 def test_save_load_rebuilds_the_same_integers(quantizer, tmp_path, cifar):
+    quantizer = fresh_copy(quantizer)
     quantizer.set_quantize("S3U3_conv2", False)
     path = tmp_path / "q.nq"
     quantizer.save(path)
@@ -206,7 +209,7 @@ def test_save_load_rebuilds_the_same_integers(quantizer, tmp_path, cifar):
     imgs = to_float(cifar.test.images[:32])
     assert np.array_equal(quantizer.quantize().run(imgs), again.quantize().run(imgs))
     assert again.provenance["calibration"]["images"] == 200
-    quantizer.set_quantize("S3U3_conv2", True)
+    assert not again.quantize().qgraph.node("S3U3_conv2").quantized   # the layer choice travelled
 
 
 def test_corrupt_and_foreign_files(quantizer, tmp_path, net, cifar):

@@ -474,6 +474,16 @@ def test_cli_a_bug_prints_its_traceback_and_says_so(capsys, monkeypatch):
     rc, _, err = run_cli(capsys, "analyze")
     assert rc == 1 and "Traceback" in err and "this is a bug in netquant" in err, err
 
+    def misuse(args):   # a ValueError that netquant's own code raises, but no NetquantError: a bug too
+        from netquant.fileio import atomic_write
+
+        with atomic_write("/tmp/never-written", "rb"):
+            pass
+
+    monkeypatch.setattr(cli, "cmd_analyze", misuse)
+    rc, _, err = run_cli(capsys, "analyze")
+    assert rc == 1 and "Traceback" in err and "mode must be 'w' or 'wb'" in err, err
+
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child: POSIX")
 @pytest.mark.slow   # a fresh interpreter that loads a network and data: ~10 s

@@ -20,6 +20,7 @@ from typing import Optional
 
 from ..calib.calibrate import calibrate, check_images, graph_fingerprint
 from ..calib.stats import RangeTable
+from ..errors import StateError
 from ..ir.graph import Graph
 from ..progress import Progress
 from ..quant.config import QuantConfig
@@ -71,5 +72,5 @@ def check_applied(config: QuantConfig, provenance: dict) -> None:
     done = provenance.get("accuracy", {})
     missing = [k for k in ("cle", "bias_correction", "adaround") if getattr(config, k) and not done.get(k)]
     if missing:
-        raise ValueError(f"config asks for {', '.join(missing)}, which calibration applies: calibrate again with "
+        raise StateError(f"config asks for {', '.join(missing)}, which calibration applies: calibrate again with "
                          f"this config (the statistics were collected without it)")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..calib.stats import RangeTable
+from ..errors import InputError
 from ..ir.float_exec import FLOAT_KERNELS
 from ..ir.graph import Graph
 from ..progress import Progress, report
@@ -109,7 +110,7 @@ def sensitivity(graph: Graph, ranges: RangeTable, config: QuantConfig, images, l
     int_q = lower(graph, ranges, config, user_float)
     layers = candidates(int_q)
     if not layers:
-        raise ValueError("sensitivity: the network has no quantized conv, linear, add, concat or average pooling "
+        raise InputError("sensitivity: the network has no quantized conv, linear, add, concat or average pooling "
                          "layer")
     only_q, only_f = {}, {}
     for n in layers:

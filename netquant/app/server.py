@@ -62,7 +62,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 import uuid
 import webbrowser
 import zipfile
@@ -75,6 +74,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from .. import fileio
+from ..errors import ArgumentError, NetquantError, NotFoundError
 from ..quant.config import CODEGEN_TARGETS, GRANULARITIES, RANGE_METHODS, SCALES, TARGETS
 from .inputs import (DATA_SUFFIXES, MODEL_SUFFIXES, HttpError, check_archive, data_kind, load_npy,
                      make_input_spec, model_kind, parse_class_names, parse_count, safe_name, shape_arg,
@@ -524,6 +524,24 @@ def _named(load, name: str, hide: tuple = ()):
         raise HttpError(400, f"data set {name}: {message}")
 
 
+def _status(e: Exception) -> int:
+    """The HTTP status of an exception a request raised: the request's own refusals (HttpError),
+    a busy session (409), a full server (429), an unknown session or layer (404), any other
+    error the user can fix (a NetquantError, or an OSError naming a path: 400); anything else
+    is a bug in netquant (500)."""
+    if isinstance(e, HttpError):
+        return e.status
+    if isinstance(e, Busy):
+        return 409
+    if isinstance(e, Full):
+        return 429
+    if isinstance(e, NotFoundError):
+        return 404
+    if isinstance(e, (NetquantError, OSError)):
+        return 400
+    return 500
+
+
 def make_handler(app: App, allowed_hosts: frozenset = frozenset()):
     """The request handler class. ``allowed_hosts``: the Host header values (lower case, with
     the port) this server answers; empty: any (a test's bare handler)."""
@@ -629,20 +647,15 @@ def make_handler(app: App, allowed_hosts: frozenset = frozenset()):
                 if not self._authorised(query):
                     raise HttpError(401, "missing or wrong access token")
                 self._route(method, url.path)
-            except HttpError as e:
-                self._error(e.status, str(e))
-            except Busy as e:
-                self._error(409, str(e))
-            except Full as e:
-                self._error(429, str(e))
-            except KeyError as e:
-                self._error(404, str(e).strip("'\""))
-            except (ValueError, RuntimeError, OSError) as e:
-                self._error(400, str(e))
-            except Exception as e:  # a bug or an unforeseen input: a JSON answer, never a dropped connection
-                eid = uuid.uuid4().hex[:8]
-                log.error("error %s: %s %s failed\n%s", eid, method, url.path, traceback.format_exc())
-                self._error(500, f"internal error {eid} (the server log has its traceback): {type(e).__name__}: {e}")
+            except Exception as e:
+                status = _status(e)
+                if status == 500:   # a bug or an unforeseen input: a JSON answer, never a dropped connection
+                    eid = uuid.uuid4().hex[:8]
+                    log.exception("error %s: %s %s failed", eid, method, url.path)
+                    self._error(500, f"internal error {eid} (the server log has its traceback): {type(e).__name__}: {e}")
+                else:
+                    log.warning("%s %s: %d %s: %s", method, url.path, status, type(e).__name__, e)
+                    self._error(status, str(e))
 
         def _error(self, status: int, message: str) -> None:
             # the server's temporary folder is nobody's business: name it as the session's files
@@ -855,7 +868,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, open_browser: bool = True, dat
         try:
             idle_timeout = float(text) if text else IDLE_TIMEOUT
         except ValueError:
-            raise ValueError(f"NETQUANT_APP_IDLE_TIMEOUT={text!r}: expected seconds, a positive number") from None
+            raise ArgumentError(f"NETQUANT_APP_IDLE_TIMEOUT={text!r}: expected seconds, a positive number") from None
     server = Server(host, port, data, idle_timeout=idle_timeout)
 
     def stop(signum, frame):

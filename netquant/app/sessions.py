@@ -24,6 +24,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..errors import ArgumentError, NetquantError, NotFoundError
+
 log = logging.getLogger(__name__)
 
 
@@ -110,7 +112,10 @@ class Session:
                 work(progress)
                 job.state = "done"
             except Exception as e:  # reported to the page, never lost
-                log.warning("session %s: %s failed", self.id, kind, exc_info=True)
+                if isinstance(e, (NetquantError, OSError)):   # the user's to fix: the message says what
+                    log.warning("session %s: %s failed: %s: %s", self.id, kind, type(e).__name__, e)
+                else:                                          # a bug in netquant: its traceback
+                    log.exception("session %s: %s failed (a bug in netquant)", self.id, kind)
                 job.state, job.error = "error", f"{type(e).__name__}: {e}"
             job.finished = time.time()
             self.last_used = time.monotonic()
@@ -133,7 +138,7 @@ class Registry:
 
     def __init__(self, root: Optional[Path] = None, idle_timeout: float = 3600.0, max_sessions: int = 100):
         if not idle_timeout > 0:
-            raise ValueError(f"idle_timeout must be positive seconds, got {idle_timeout!r}")
+            raise ArgumentError(f"idle_timeout must be positive seconds, got {idle_timeout!r}")
         self.root = Path(tempfile.mkdtemp(prefix="netquant-app-", dir=root))
         self.idle_timeout = float(idle_timeout)
         self.max_sessions = int(max_sessions)
@@ -164,8 +169,8 @@ class Registry:
         with self.lock:
             s = self.sessions.get(sid)
         if s is None:
-            raise KeyError(f"no session {sid!r} (sessions unused for {self.idle_timeout:g} s expire; "
-                           f"start a new one or import a saved quantizer)")
+            raise NotFoundError(f"no session {sid!r} (sessions unused for {self.idle_timeout:g} s expire; "
+                                f"start a new one or import a saved quantizer)")
         s.last_used = time.monotonic()
         return s
 

@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..ir.float_exec import run_float
 from ..ir.graph import WEIGHTED_OPS, Graph
 from ..progress import Progress, report
@@ -40,17 +41,17 @@ def check_images(images: np.ndarray, shape: tuple, what: str = "images") -> np.n
     """
     images = np.asarray(images)
     if images.ndim != len(shape) + 1 or tuple(images.shape[1:]) != tuple(shape):
-        raise ValueError(f"{what}: expected shape (N, {', '.join(map(str, shape))}), got {images.shape}")
+        raise InputError(f"{what}: expected shape (N, {', '.join(map(str, shape))}), got {images.shape}")
     if len(images) == 0:
-        raise ValueError(f"{what}: no images (an empty set)")
+        raise InputError(f"{what}: no images (an empty set)")
     if images.dtype == np.uint8:
         return images.astype(np.float32) / np.float32(255)
     if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"{what}: expected uint8 or float images, got dtype {images.dtype}")
+        raise InputError(f"{what}: expected uint8 or float images, got dtype {images.dtype}")
     images = images.astype(np.float32, copy=False)
     if not np.isfinite(images).all():
         bad = int((~np.isfinite(images)).reshape(len(images), -1).any(1).sum())
-        raise ValueError(f"{what}: {bad} image(s) hold NaN or inf values")
+        raise InputError(f"{what}: {bad} image(s) hold NaN or inf values")
     return images
 
 

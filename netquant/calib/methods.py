@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ArgumentError, StateError
 from ..quant.config import RANGE_METHODS as METHODS
 from .stats import HALF_BINS, RangeStats
 
@@ -28,7 +29,7 @@ def magnitude_hist(s: RangeStats) -> np.ndarray:
 def threshold(s: RangeStats, method: str, levels: int, percentile: float = 99.99) -> float:
     """Clipping threshold of tensor ``s`` by ``method``; ``levels`` is 127 or 255."""
     if s.count == 0:
-        raise ValueError(f"{s.key}: no calibration data")
+        raise StateError(f"{s.key}: no calibration data")
     amax = s.absmax
     if amax == 0:
         return 1.0  # an all-zero tensor: any scale represents it exactly
@@ -38,7 +39,7 @@ def threshold(s: RangeStats, method: str, levels: int, percentile: float = 99.99
     mag = magnitude_hist(s).astype(np.float64)
     if method == "percentile":
         if not 0 < percentile <= 100:
-            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+            raise ArgumentError(f"percentile must be in (0, 100], got {percentile}")
         cdf = np.cumsum(mag) / mag.sum()
         i = int(np.searchsorted(cdf, percentile / 100.0))
         return min(amax, (i + 1) * width)
@@ -46,7 +47,7 @@ def threshold(s: RangeStats, method: str, levels: int, percentile: float = 99.99
         return min(amax, _entropy(mag, levels + 1) * width)
     if method == "mse":
         return min(amax, _mse(mag, width, levels))
-    raise ValueError(f"unknown range method {method!r}; known: {', '.join(METHODS)}")
+    raise ArgumentError(f"unknown range method {method!r}; known: {', '.join(METHODS)}")
 
 
 def _entropy(mag: np.ndarray, nbins: int) -> float:

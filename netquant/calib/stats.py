@@ -20,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import InputError, NotFoundError
+
 HALF_BINS = 1024
 LOG2_MIN, LOG2_MAX = -32, 15
 KINDS = ("Weights", "Bias", "Activations")
@@ -60,7 +62,7 @@ class RangeStats:
         if x.size == 0:
             return self
         if not np.isfinite(x).all():
-            raise ValueError(f"{self.key}: calibration saw NaN or inf values")
+            raise InputError(f"{self.key}: calibration saw NaN or inf values")
         lo, hi = float(x.min()), float(x.max())
         cmin = cmax = None
         if channel_axis is not None and x.ndim > channel_axis:
@@ -125,7 +127,7 @@ class RangeTable:
         try:
             return self.stats[key]
         except KeyError:
-            raise KeyError(f"no calibration statistics for {key!r}") from None
+            raise NotFoundError(f"no calibration statistics for {key!r}") from None
 
     def __contains__(self, key) -> bool:
         return key in self.stats

@@ -143,7 +143,7 @@ class NeonPrinter(CPrinter):
         o("#if NQ_NEON")
         o(f"nq_conv_neon(&{self.const_name(s, 'neon')}, x0, y, nq_neon_pad);")
         o("#else")
-        self.k_conv_scalar(s, o)
+        self.conv_loops(s, o)
         o("#endif")
 
     def kernel_label(self, s: Step) -> str:

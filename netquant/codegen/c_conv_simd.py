@@ -144,7 +144,8 @@ class SimdConv:
         isa, a = self.isa, s.node.attrs
         c, h, w = self.pr.hwc(self.pr.buf(s.inputs[0]).shape)
         oc, oh, ow = self.pr.hwc(self.pr.buf(s.output).shape)
-        kh, kw, ck, ob = self.pr.step_consts(s)[isa.weights].shape[:4]
+        o_, i_, kh, kw = np.shape(s.node.params["weight"])   # (O, I, KH, KW): x86_pack's [KH][KW][CK][OB]...
+        ck, ob = -(-i_ // isa.k), -(-o_ // isa.lanes)
         ph, pw = a["padding"]
         signed = self.pr.buf(s.inputs[0]).dtype == "int8"
         staged = int(bool(ph or pw or c % isa.k or isa.elem != "uint8_t" or signed))

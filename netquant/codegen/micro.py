@@ -230,7 +230,7 @@ class MicroPrinter(CPrinter):
             skip = "x1" if s.output in self.mp.fused else "0"
             o(f"nq_conv_run(&{self.const_name(s, 'conv')}, x0, {skip}, y, (int16_t *)(nq_arena + {off}));")
         else:
-            self.k_conv_scalar(s, o)
+            self.conv_loops(s, o)
 
     def kernel_label(self, s: Step) -> str:
         if nq_conv_eligible(s, self.buf(s.inputs[0]).dtype):

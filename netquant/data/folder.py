@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..errors import ArgumentError
 from .imageset import DataError, ImageSet, Splits, _check_size, describe_resize, resize_crop, resize_crop_array
 
 log = logging.getLogger(__name__)
@@ -410,9 +411,9 @@ def load_images(path, *, size: Optional[Sequence[int]] = None, class_names: Opti
     if size is not None:
         size = _check_size(size)
     if resize is not None and size is None:
-        raise ValueError("resize: needs size=(H, W), the centre crop after it")
+        raise ArgumentError("resize: needs size=(H, W), the centre crop after it")
     if channels not in (1, 3):
-        raise ValueError(f"channels: expected 1 (grey) or 3 (RGB), got {channels}")
+        raise ArgumentError(f"channels: expected 1 (grey) or 3 (RGB), got {channels}")
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (expected an image folder, a .zip of one, or a .npz)")
     if path.suffix.lower() == ".npz":

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import DataError  # noqa: F401  (re-exported: a data set that cannot be read)
+from ..errors import ArgumentError, DataError, InputError  # noqa: F401  (DataError re-exported: a data set that cannot be read)
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,24 +32,24 @@ class ImageSet:
 
     def __post_init__(self):
         if not isinstance(self.images, np.ndarray) or self.images.ndim != 4:
-            raise ValueError(f"ImageSet.images: expected a (N, C, H, W) array, got "
+            raise InputError(f"ImageSet.images: expected a (N, C, H, W) array, got "
                              f"{getattr(self.images, 'shape', type(self.images).__name__)}")
         if self.images.dtype != np.uint8:
-            raise ValueError(f"ImageSet.images: expected dtype uint8, got {self.images.dtype}")
+            raise InputError(f"ImageSet.images: expected dtype uint8, got {self.images.dtype}")
         labels = np.asarray(self.labels)
         if labels.shape != (len(self.images),):
-            raise ValueError(f"ImageSet.labels: expected shape ({len(self.images)},), got {labels.shape}")
+            raise InputError(f"ImageSet.labels: expected shape ({len(self.images)},), got {labels.shape}")
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"ImageSet.labels: expected integer class numbers, got dtype {labels.dtype}")
+            raise InputError(f"ImageSet.labels: expected integer class numbers, got dtype {labels.dtype}")
         if labels.dtype != np.int64:
             object.__setattr__(self, "labels", labels.astype(np.int64))
         if labels.size and labels.min() < 0:
-            raise ValueError(f"ImageSet.labels: class numbers must be >= 0, got {labels.min()}")
+            raise InputError(f"ImageSet.labels: class numbers must be >= 0, got {labels.min()}")
         if self.class_names is not None:
             names = tuple(str(c) for c in self.class_names)
             object.__setattr__(self, "class_names", names)
             if labels.size and labels.max() >= len(names):
-                raise ValueError(f"ImageSet.labels: label {labels.max()} but only {len(names)} class names")
+                raise InputError(f"ImageSet.labels: label {labels.max()} but only {len(names)} class names")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -119,9 +119,9 @@ def _check_size(size) -> tuple:
     try:
         h, w = (int(v) for v in size)
     except (TypeError, ValueError):
-        raise ValueError(f"size: expected (height, width), got {size!r}") from None
+        raise ArgumentError(f"size: expected (height, width), got {size!r}") from None
     if h <= 0 or w <= 0:
-        raise ValueError(f"size: expected positive (height, width), got {size!r}")
+        raise ArgumentError(f"size: expected positive (height, width), got {size!r}")
     return h, w
 
 
@@ -136,7 +136,7 @@ def resized_dims(height: int, width: int, size: Sequence[int], resize: Optional[
     h_out, w_out = _check_size(size)
     if resize is not None:
         if resize < max(h_out, w_out):
-            raise ValueError(f"resize: the shorter side ({resize}) must be at least the crop size {h_out}x{w_out}")
+            raise ArgumentError(f"resize: the shorter side ({resize}) must be at least the crop size {h_out}x{w_out}")
         if width <= height:   # exact integer floor: the same as torchvision's int(float) here
             return resize * height // width, resize
         return resize, resize * width // height

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InputError
 from .imageset import ImageSet
 
 
@@ -14,7 +15,7 @@ def tile(images: np.ndarray, columns: int = 5, scale: int = 2, border: int = 2) 
     4*64 + 5*2 = 266 pixels high and 5*64 + 6*2 = 332 wide.
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"tile: expected images of shape (N, 3, H, W) or (N, 1, H, W), got {images.shape}")
+        raise InputError(f"tile: expected images of shape (N, 3, H, W) or (N, 1, H, W), got {images.shape}")
     if images.shape[1] == 1:
         images = images.repeat(3, axis=1)   # grey -> RGB, so the tile is one PNG kind
     n, _, h, w = images.shape

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import ArgumentError, InputError
 from .cifar10 import ImageSet
 
 # Per-channel statistics of the 50,000 CIFAR-10 training images, pixels scaled to [0, 1].
@@ -21,14 +22,14 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 def to_float(images: np.ndarray) -> np.ndarray:
     """uint8 (N, 3, H, W) -> float32 in [0, 1], same layout."""
     if images.dtype != np.uint8:
-        raise ValueError(f"to_float: expected uint8 images, got {images.dtype}")
+        raise InputError(f"to_float: expected uint8 images, got {images.dtype}")
     return images.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
 def batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (start index, float32 batch in [0, 1]) over uint8 images, in order."""
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ArgumentError(f"batch_size must be positive, got {batch_size}")
     for start in range(0, len(images), batch_size):
         yield start, to_float(images[start:start + batch_size])
 
@@ -57,10 +58,10 @@ def random_subset(data: ImageSet, count: int | str, seed: int = 0) -> ImageSet:
     """
     if isinstance(count, str):
         if count != "all":
-            raise ValueError(f"count must be a positive integer or 'all', got {count!r}")
+            raise ArgumentError(f"count must be a positive integer or 'all', got {count!r}")
         return data
     if not 0 < count <= len(data):
-        raise ValueError(f"count must be in 1..{len(data)} for {data.source}, got {count}")
+        raise ArgumentError(f"count must be in 1..{len(data)} for {data.source}, got {count}")
     index = np.random.default_rng(seed).choice(len(data), size=count, replace=False)
     return data.take(index, f"{count} random images (seed {seed})")
 

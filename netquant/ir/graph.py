@@ -36,6 +36,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from ..errors import NotFoundError
 from .ops import GRAPH_OPS, OPS, WEIGHTED_OPS  # noqa: F401  (WEIGHTED_OPS: re-exported for the graph's users)
 
 
@@ -106,7 +107,7 @@ class Graph:
         for n in self.nodes:
             if n.name == name:
                 return n
-        raise KeyError(f"no node named {name!r} in the graph; nodes: {', '.join(self.names())}")
+        raise NotFoundError(f"no node named {name!r} in the graph; nodes: {', '.join(self.names())}")
 
     def names(self) -> list[str]:
         return [n.name for n in self.nodes]
@@ -119,7 +120,7 @@ class Graph:
         for n in self.nodes:
             if n.name == layer or layer in n.layers:
                 return n
-        raise KeyError(f"no layer named {layer!r}; layers: {', '.join(l for n in self.nodes for l in n.layers)}")
+        raise NotFoundError(f"no layer named {layer!r}; layers: {', '.join(l for n in self.nodes for l in n.layers)}")
 
     def replace_nodes(self, nodes: Iterable[Node], output: Optional[str] = None) -> "Graph":
         return Graph(tuple(nodes), output or self.output, self.source)

@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import ArgumentError
 from .graph import Graph, Node, rename_inputs
 
 CHANNEL_ORDERS = ("RGB", "BGR")
@@ -40,11 +41,11 @@ def _floats(name: str, v, length: Optional[int] = None) -> tuple:
     try:
         out = tuple(float(x) for x in (v if isinstance(v, (tuple, list, np.ndarray)) else [v]))
     except (TypeError, ValueError):
-        raise ValueError(f"input_spec.{name}: expected numbers, got {v!r}") from None
+        raise ArgumentError(f"input_spec.{name}: expected numbers, got {v!r}") from None
     if length is not None and len(out) != length:
-        raise ValueError(f"input_spec.{name}: expected {length} values (one per input channel), got {len(out)}: {v!r}")
+        raise ArgumentError(f"input_spec.{name}: expected {length} values (one per input channel), got {len(out)}: {v!r}")
     if not all(math.isfinite(x) for x in out):
-        raise ValueError(f"input_spec.{name}: expected finite numbers, got {v!r}")
+        raise ArgumentError(f"input_spec.{name}: expected finite numbers, got {v!r}")
     return out
 
 
@@ -62,23 +63,23 @@ class InputSpec:
         shape = self.shape
         if (not isinstance(shape, (tuple, list)) or len(shape) != 3
                 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in shape)):
-            raise ValueError(f"input_spec.shape: expected (C, H, W), three positive integers, got {shape!r}")
+            raise ArgumentError(f"input_spec.shape: expected (C, H, W), three positive integers, got {shape!r}")
         object.__setattr__(self, "shape", tuple(int(d) for d in shape))
         c = self.shape[0]
         if self.channel_order not in CHANNEL_ORDERS:
-            raise ValueError(f"input_spec.channel_order: expected one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
+            raise ArgumentError(f"input_spec.channel_order: expected one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
         if self.channel_order == "BGR" and c != 3:
-            raise ValueError(f"input_spec.channel_order: 'BGR' needs 3 input channels, shape {self.shape} has {c}")
+            raise ArgumentError(f"input_spec.channel_order: 'BGR' needs 3 input channels, shape {self.shape} has {c}")
         lo, hi = _floats("value_range", self.value_range, 2)
         if not lo < hi:
-            raise ValueError(f"input_spec.value_range: expected (low, high) with low < high, got {self.value_range!r}")
+            raise ArgumentError(f"input_spec.value_range: expected (low, high) with low < high, got {self.value_range!r}")
         object.__setattr__(self, "value_range", (lo, hi))
         if self.mean is not None:
             object.__setattr__(self, "mean", _floats("mean", self.mean, c))
         if self.std is not None:
             std = _floats("std", self.std, c)
             if not all(s > 0 for s in std):
-                raise ValueError(f"input_spec.std: every value must be > 0, got {std}")
+                raise ArgumentError(f"input_spec.std: every value must be > 0, got {std}")
             object.__setattr__(self, "std", std)
 
     @property
@@ -126,12 +127,12 @@ class InputSpec:
     @classmethod
     def from_json(cls, d: dict) -> "InputSpec":
         if not isinstance(d, dict):
-            raise ValueError(f"input_spec: expected a JSON object, got {type(d).__name__}")
+            raise ArgumentError(f"input_spec: expected a JSON object, got {type(d).__name__}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"input_spec: unknown fields {sorted(unknown)}; known: {list(cls.__dataclass_fields__)}")
+            raise ArgumentError(f"input_spec: unknown fields {sorted(unknown)}; known: {list(cls.__dataclass_fields__)}")
         if "shape" not in d:
-            raise ValueError("input_spec: the field 'shape' is missing")
+            raise ArgumentError("input_spec: the field 'shape' is missing")
         args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
         return cls(**args)
 
@@ -163,11 +164,11 @@ def apply_input_spec(graph: Graph, spec: Optional[InputSpec]) -> Graph:
     if spec is None:
         return graph
     if not isinstance(spec, InputSpec):
-        raise ValueError(f"input_spec: expected an InputSpec, got {type(spec).__name__}")
+        raise ArgumentError(f"input_spec: expected an InputSpec, got {type(spec).__name__}")
     inp = graph.input
     if tuple(inp.shape) != spec.shape:
-        raise ValueError(f"input_spec.shape {spec.shape} does not match the network input {tuple(inp.shape)} "
-                         f"({graph.source or 'graph'})")
+        raise ArgumentError(f"input_spec.shape {spec.shape} does not match the network input {tuple(inp.shape)} "
+                            f"({graph.source or 'graph'})")
     if spec.is_identity:
         return graph
     scale, shift = spec.affine()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError, ModelFileError
 from .resnet import ResNet, ResNetSpec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -27,7 +28,7 @@ def read_card(name: str) -> dict:
     """The JSON card of a shipped network."""
     path = WEIGHTS_DIR / f"{name}.json"
     if not path.exists():
-        raise ValueError(f"no pretrained network named {name!r}; shipped: {', '.join(list_pretrained()) or 'none'}")
+        raise ModelFileError(f"no pretrained network named {name!r}; shipped: {', '.join(list_pretrained()) or 'none'}")
     return json.loads(path.read_text())
 
 
@@ -36,13 +37,13 @@ def load_weights(path: str | Path, card: dict) -> ResNet:
     from safetensors.torch import load_file
 
     if card.get("card_version") != CARD_VERSION:
-        raise ValueError(f"{path}: model card version {card.get('card_version')!r}, expected {CARD_VERSION}")
+        raise ModelFileError(f"{path}: model card version {card.get('card_version')!r}, expected {CARD_VERSION}")
     net = ResNet(ResNetSpec(**card["architecture"]))
     state = load_file(str(path))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match {card['name']}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ModelFileError(f"{path}: weights do not match {card['name']}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
     return net.eval()
 
 
@@ -53,18 +54,18 @@ def load_model_file(path: str | Path) -> ResNet:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such model file")
+        raise MissingFileError(f"{path}: no such model file")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a safetensors file ({e})") from e
+        raise ModelFileError(f"{path}: not a safetensors file ({e})") from e
     if "netquant_card" in meta:
         card = json.loads(meta["netquant_card"])
     elif path.with_suffix(".json").exists():
         card = json.loads(path.with_suffix(".json").read_text())
     else:
-        raise ValueError(f"{path}: no model card (expected netquant_card metadata or {path.with_suffix('.json').name})")
+        raise ModelFileError(f"{path}: no model card (expected netquant_card metadata or {path.with_suffix('.json').name})")
     net = load_weights(path, card)
     net.card = card
     return net

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..data.transforms import CIFAR10_MEAN, CIFAR10_STD
+from ..errors import ArgumentError
 
 UNIT_TYPES = ("standard", "bottleneck")
 
@@ -67,12 +68,12 @@ class ResNetSpec:
         for field in ("net_width", "num_units", "num_classes"):
             v = getattr(self, field)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {v!r}")
+                raise ArgumentError(f"{field} must be a positive integer, got {v!r}")
         if self.num_units % 3:
-            raise ValueError(f"num_units must be a multiple of 3 (units are split evenly over 3 "
-                             f"stages), got {self.num_units}")
+            raise ArgumentError(f"num_units must be a multiple of 3 (units are split evenly over 3 "
+                                f"stages), got {self.num_units}")
         if self.unit_type not in UNIT_TYPES:
-            raise ValueError(f"unit_type must be one of {UNIT_TYPES}, got {self.unit_type!r}")
+            raise ArgumentError(f"unit_type must be one of {UNIT_TYPES}, got {self.unit_type!r}")
 
     @property
     def depth(self) -> int:

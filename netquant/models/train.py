@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..data.cifar10 import Cifar10, ImageSet
 from ..data.transforms import random_crop_flip
+from ..errors import ArgumentError, MissingFileError
 from ..progress import Progress, report
 from .resnet import ResNet
 
@@ -53,9 +54,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.epochs <= 0 or self.batch_size <= 0:
-            raise ValueError(f"epochs and batch_size must be positive, got {self.epochs}, {self.batch_size}")
+            raise ArgumentError(f"epochs and batch_size must be positive, got {self.epochs}, {self.batch_size}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ArgumentError(f"lr must be positive, got {self.lr}")
 
 
 @dataclass
@@ -129,7 +130,7 @@ def load_checkpoint(folder: Path, model: ResNet, opt: torch.optim.Optimizer) -> 
 
     meta_path, weights_path = folder / "last.json", folder / "last.safetensors"
     if not meta_path.exists() or not weights_path.exists():
-        raise FileNotFoundError(f"{folder}: no checkpoint to resume (expected last.json and last.safetensors)")
+        raise MissingFileError(f"{folder}: no checkpoint to resume (expected last.json and last.safetensors)")
     meta = json.loads(meta_path.read_text())
     tensors = load_file(str(weights_path))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -156,11 +157,11 @@ def train(model: ResNet, data: Cifar10, cfg: TrainConfig = TrainConfig(),
     start_epoch, history, spent = 0, [], 0.0
     if resume:
         if folder is None:
-            raise ValueError("resume=True needs a checkpoint_dir")
+            raise ArgumentError("resume=True needs a checkpoint_dir")
         meta = load_checkpoint(folder, model, opt)
         if meta["config"] != asdict(cfg):
-            raise ValueError(f"{folder}/last.json: checkpoint was made with config {meta['config']}, "
-                             f"not {asdict(cfg)}; resume with the same settings")
+            raise ArgumentError(f"{folder}/last.json: checkpoint was made with config {meta['config']}, "
+                                f"not {asdict(cfg)}; resume with the same settings")
         start_epoch, history, spent = meta["epoch"], meta["history"], meta["seconds"]
         log.info("resuming from %s at epoch %d", folder, start_epoch)
     n = len(data.train)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from ..errors import ArgumentError
+
 CONFIG_VERSION = 1
 RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")   # netquant/calib/methods.py
 GRANULARITIES = ("per_channel", "per_tensor")
@@ -44,20 +46,20 @@ class QuantConfig:
         _check("activation_range", self.activation_range, RANGE_METHODS)
         _check("weight_range", self.weight_range, RANGE_METHODS)
         if not 0 < self.percentile <= 100:
-            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+            raise ArgumentError(f"percentile must be in (0, 100], got {self.percentile}")
         if not (type(self.weight_bits) is int and 2 <= self.weight_bits <= 8):
-            raise ValueError(f"weight_bits must be an integer in 2..8, got {self.weight_bits!r}")
+            raise ArgumentError(f"weight_bits must be an integer in 2..8, got {self.weight_bits!r}")
         if not (type(self.adaround_iterations) is int and 1 <= self.adaround_iterations <= 100_000):
-            raise ValueError(f"adaround_iterations must be an integer in 1..100000, got {self.adaround_iterations!r}")
+            raise ArgumentError(f"adaround_iterations must be an integer in 1..100000, got {self.adaround_iterations!r}")
         for flag in ("cle", "bias_correction", "adaround"):
             if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+                raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.version != CONFIG_VERSION:
-            raise ValueError(f"config version {self.version} is not supported (expected {CONFIG_VERSION})")
+            raise ArgumentError(f"config version {self.version} is not supported (expected {CONFIG_VERSION})")
         for layer, o in self.overrides.items():
             bad = set(o) - set(OVERRIDE_KEYS)
             if bad:
-                raise ValueError(f"override for {layer!r}: unknown keys {sorted(bad)}; allowed: {OVERRIDE_KEYS}")
+                raise ArgumentError(f"override for {layer!r}: unknown keys {sorted(bad)}; allowed: {OVERRIDE_KEYS}")
             replace(self, overrides={}, **o)  # validates the values
 
     @property
@@ -81,13 +83,13 @@ class QuantConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown config fields {sorted(unknown)}")
+            raise ArgumentError(f"unknown config fields {sorted(unknown)}")
         return cls(**d)
 
 
 def _check(name, value, allowed):
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        raise ArgumentError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 TARGETS = {
@@ -131,4 +133,4 @@ def target_config(target: str) -> QuantConfig:
     try:
         return TARGETS[target]
     except KeyError:
-        raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}") from None
+        raise ArgumentError(f"unknown target {target!r}; known: {', '.join(TARGETS)}") from None

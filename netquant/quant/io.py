@@ -24,13 +24,15 @@ import json
 import math
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from ..calib.calibrate import graph_fingerprint
 from ..calib.stats import RangeStats, RangeTable
-from ..errors import QuantizerFileError
+from ..errors import MissingFileError, QuantizerFileError
 from ..ir.graph import Graph, Node
 from ..ir.input_spec import InputSpec
 from .config import QuantConfig
@@ -197,7 +199,7 @@ def _read_zip(path, expected_format: str) -> tuple[dict, _Reader]:
     path = Path(path)
     what = "quantizer" if expected_format == FORMAT else "calibration"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     if not path.is_file():
         raise QuantizerFileError(f"{path}: not a file (expected a {what} file written by netquant)")
     try:
@@ -339,21 +341,40 @@ def _ranges(reader: _Reader, meta, graph: Optional[Graph]) -> RangeTable:
     return RangeTable(stats, images, source, fingerprint)
 
 
-def save_quantizer(q, path) -> None:
+@dataclass(frozen=True)
+class SavedQuantizer:
+    """Everything a quantizer file holds, as plain values: what :meth:`Quantizer.save` writes and
+    what :meth:`Quantizer.load` builds a quantizer from (this module never imports the Quantizer)."""
+
+    graph: Graph                 # the float graph, batch norms folded, input spec nodes included
+    target: str
+    config: QuantConfig
+    name: str
+    input_spec: Optional[InputSpec]   # recorded only: its nodes are already in ``graph``
+    ranges: Optional[RangeTable]
+    user_float: frozenset
+    provenance: dict
+    float_learnable_bytes: Optional[int]
+    # the 4-bit layers' stored weights: on save, int4_weights(quantizer) (manifest entry, arrays);
+    # on load, {layer: (bits, codes, scales)} from the file, which Quantizer.load checks against
+    # lowering (check_int4); None without 4-bit layers
+    int4: Optional[object] = None
+
+
+def save_quantizer(q: SavedQuantizer, path) -> None:
     gmeta, garrays = graph_to_json(q.graph)
     files = {"graph.safetensors": _tensors_bytes(garrays)}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": q.name, "target": q.target,
                 "config": q.config.to_dict(), "float_layers": sorted(q.user_float),
-                "float_learnable_bytes": getattr(q, "float_learnable_bytes", None),
+                "float_learnable_bytes": q.float_learnable_bytes,
                 "input_spec": q.input_spec.to_json() if q.input_spec is not None else None,
                 "provenance": {**q.provenance, "versions": _versions()}, "graph": gmeta, "ranges": None}
     if q.ranges is not None:
         rmeta, rarrays = ranges_to_json(q.ranges)
         manifest["ranges"] = rmeta
         files["stats.safetensors"] = _tensors_bytes(rarrays)
-    int4 = int4_weights(q)
-    if int4:
-        meta, arrays = int4
+    if q.int4:
+        meta, arrays = q.int4
         manifest["int4_weights"] = meta
         files[INT4_MEMBER] = _tensors_bytes(arrays)
     files["manifest.json"] = json.dumps(manifest, indent=1, allow_nan=True).encode()
@@ -414,7 +435,7 @@ def _read_int4(reader: _Reader, manifest: dict) -> Optional[dict]:
     return out
 
 
-def _check_int4(path, q, stored: dict) -> None:
+def check_int4(path, q, stored: dict) -> None:
     """The 4-bit weights the file stores are those lowering gives for its network (codes and
     scales bit for bit), else a QuantizerFileError naming the layer."""
     from .int4 import is_int4, weight_bits
@@ -439,14 +460,12 @@ def _check_int4(path, q, stored: dict) -> None:
                                      f"written by another netquant version; save it again)")
 
 
-def load_quantizer(path):
-    """The Quantizer saved at ``path``; every member is size-capped before it is inflated, and the
-    graph, configuration and statistics are checked: any failure is one QuantizerFileError naming
-    the file and the member (and the layer)."""
-    from ..calib.calibrate import graph_fingerprint
-    from ..quantizer import Quantizer
-
+def load_quantizer(path) -> SavedQuantizer:
+    """What the quantizer file at ``path`` holds; every member is size-capped before it is
+    inflated, and the graph, configuration and statistics are checked: any failure is one
+    QuantizerFileError naming the file and the member (and the layer)."""
     manifest, reader = _read_zip(path, FORMAT)
+    ranges = None
     with reader.z:
         gmeta = _field(reader, manifest, "graph", dict)
         garrays = reader.tensors("graph.safetensors")
@@ -464,34 +483,28 @@ def load_quantizer(path):
             config = QuantConfig.from_dict(_field(reader, manifest, "config", dict))
         except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:   # what an edited value raises
             raise reader.fail("manifest.json", f"config: {type(e).__name__}: {e}") from e
-        q = Quantizer(graph=graph, target=target, config=config, name=name)
-        # the stored graph already holds the spec's nodes: record the spec, do not apply it again
         spec = manifest.get("input_spec")   # files written before input specs have none
         try:
-            q.input_spec = InputSpec.from_json(spec) if spec is not None else None
+            input_spec = InputSpec.from_json(spec) if spec is not None else None
         except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
             raise reader.fail("manifest.json", f"input_spec: {type(e).__name__}: {e}") from e
         if manifest.get("ranges") is not None:
-            q.ranges = _ranges(reader, manifest["ranges"], graph)
+            ranges = _ranges(reader, manifest["ranges"], graph)
         int4 = _read_int4(reader, manifest)
-    if q.ranges is not None and q.ranges.fingerprint != graph_fingerprint(graph):
+    if ranges is not None and ranges.fingerprint != graph_fingerprint(graph):
         raise QuantizerFileError(f"{path}: its calibration statistics do not belong to its network (fingerprint "
-                                 f"{q.ranges.fingerprint}, the stored network is {graph_fingerprint(graph)})")
+                                 f"{ranges.fingerprint}, the stored network is {graph_fingerprint(graph)})")
     floats = _field(reader, manifest, "float_layers", list)
     known = set(graph.names()) | {layer for n in graph.nodes for layer in n.layers}
     bad = [f for f in floats if not isinstance(f, str) or f not in known]
     if bad:
         raise reader.fail("manifest.json", f"float_layers names {bad[0]!r}, not a layer of the stored network")
-    q.user_float = frozenset(floats)
-    q.provenance = _field(reader, manifest, "provenance", dict)
-    fbytes = manifest.get("float_learnable_bytes")
-    if fbytes:
-        if isinstance(fbytes, bool) or not isinstance(fbytes, int) or fbytes < 0:
-            raise reader.fail("manifest.json", f"float_learnable_bytes {fbytes!r}: expected a byte count")
-        q.float_learnable_bytes = fbytes
-    if int4 is not None:
-        _check_int4(path, q, int4)
-    return q
+    provenance = _field(reader, manifest, "provenance", dict)
+    fbytes = manifest.get("float_learnable_bytes") or None
+    if fbytes is not None and (isinstance(fbytes, bool) or not isinstance(fbytes, int) or fbytes < 0):
+        raise reader.fail("manifest.json", f"float_learnable_bytes {fbytes!r}: expected a byte count")
+    return SavedQuantizer(graph, target, config, name, input_spec, ranges, frozenset(floats), provenance, fbytes,
+                          int4)
 
 
 def save_ranges(r: RangeTable, path) -> None:

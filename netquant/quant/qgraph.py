@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from ..errors import NotFoundError
+
 
 @dataclass(frozen=True)
 class QNode:
@@ -63,7 +65,7 @@ class QGraph:
         for n in self.nodes:
             if n.name == name:
                 return n
-        raise KeyError(f"no node {name!r} in the integer network")
+        raise NotFoundError(f"no node {name!r} in the integer network")
 
     def int_output(self) -> str:
         """The integer tensor the output dequantizes (the class scores before any float tail such

@@ -8,6 +8,7 @@ Float nodes (input normalisation, softmax, layers kept float) run in float32.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Callable, Iterable, Optional
 
@@ -154,22 +155,53 @@ def _dequantize(n: QNode, x: torch.Tensor) -> torch.Tensor:
 
 
 class _ieee_fp32:
-    """Pin oneDNN's float32 conv and matmul precision to IEEE for the duration (a user setting of
-    bf16 or tf32 there would make the integer products inexact)."""
+    """Pin oneDNN's float32 conv and matmul precision to IEEE while any executor runs (a user
+    setting of bf16 or tf32 there would make the integer products inexact).
+
+    The flags are process-wide and the app runs jobs in threads, so the entries are counted under
+    one lock: the first executor to enter saves the user's settings and pins IEEE, the last one
+    to leave restores them. (Each run saving and restoring on its own would let the first to
+    finish restore bf16 under a run still going, and the last leave "ieee" behind for good.)"""
+
+    _lock = threading.Lock()
+    _active = 0          # executors running now, in any thread
+    _saved: list = []    # (setting, user's value) to restore when the last one leaves (see _pin_ieee)
 
     def __enter__(self):
-        self.saved = []
-        for obj in (torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul):
-            if hasattr(obj, "fp32_precision"):
-                self.saved.append((obj, obj.fp32_precision))
-                obj.fp32_precision = "ieee"
-        self.matmul = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
+        cls = type(self)
+        with cls._lock:
+            if cls._active == 0:
+                cls._saved = _pin_ieee()
+            cls._active += 1
+        return self
 
     def __exit__(self, *exc):
-        for obj, v in self.saved:
-            obj.fp32_precision = v
-        torch.set_float32_matmul_precision(self.matmul)
+        cls = type(self)
+        with cls._lock:
+            cls._active -= 1
+            if cls._active == 0:
+                for obj, v in reversed(cls._saved):
+                    if obj is None:
+                        torch.set_float32_matmul_precision(v)
+                    else:
+                        obj.fp32_precision = v
+                cls._saved = []
+
+
+def _pin_ieee() -> list:
+    """Set IEEE float32 for oneDNN's conv and matmul; returns [(setting, user's value)] to restore
+    (None stands for the legacy torch.set_float32_matmul_precision). A torch with per-backend
+    ``fp32_precision`` is set through that API only: reading the legacy setting after a user set
+    the new one raises ("mix of the legacy and new APIs")."""
+    backends = [torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul]
+    if all(hasattr(b, "fp32_precision") for b in backends):
+        saved = [(b, b.fp32_precision) for b in backends]
+        for b in backends:
+            b.fp32_precision = "ieee"
+        return saved
+    saved = [(None, torch.get_float32_matmul_precision())]
+    torch.set_float32_matmul_precision("highest")
+    return saved
 
 
 def run_int8(q: QGraph, x, keep: Optional[Iterable[str]] = None) -> dict:
