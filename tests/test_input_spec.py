@@ -213,7 +213,8 @@ def test_generated_c_runs_the_spec_bit_exact(cifar, tmp_path):
 def test_onnx_exports_carry_the_spec(cifar, tmp_path):
     """The float and the int8 QDQ ONNX exports take netquant's images too: the spec's nodes are
     in the graph they are exported from."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
+    from ort_qdq import qdq_session
     from netquant.export import export_float_onnx, export_quantized_onnx
 
     torch.manual_seed(0)
@@ -224,7 +225,7 @@ def test_onnx_exports_carry_the_spec(cifar, tmp_path):
     x = to_float(cifar.test.images[:64])
 
     def run(path):
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["scores"], {"images": x})[0]
+        return qdq_session(path).run(["scores"], {"images": x})[0]   # tests/ort_qdq.py
 
     export_float_onnx(q.graph, tmp_path / "f.onnx")
     want = run_float(q.graph, torch.from_numpy(x), keep=())[q.graph.output].numpy()

@@ -51,6 +51,7 @@ except ImportError:  # pragma: no cover - the test extra installs both
 from onnxruntime.quantization import CalibrationDataReader, quantize_static  # noqa: E402
 
 import zoo  # noqa: E402
+from ort_qdq import qdq_session  # noqa: E402
 from netquant import capture  # noqa: E402
 from netquant.export import OnnxExportError, export_float_onnx, export_quantized_onnx  # noqa: E402
 from netquant.export.onnx import EXPORTED_FLOAT_FNS, INPUT_NAME, gather_steps  # noqa: E402
@@ -66,10 +67,7 @@ def attrs(node) -> dict:
 
 
 def session(path) -> "ort.InferenceSession":
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1   # the suite shares two cores with other work
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return qdq_session(path)   # tests/ort_qdq.py: ONNX Runtime's saturating AVX2 kernels left out
 
 
 def run_onnx(sess, x: np.ndarray, batch: int = 250) -> np.ndarray:

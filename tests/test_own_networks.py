@@ -23,6 +23,7 @@ from netquant.ir.onnx_import import import_onnx
 from netquant.quantizer import Quantizer
 from netquant.ref.executor import run_int8
 
+from ort_qdq import qdq_session
 from zoo import ARCHITECTURES, make
 
 pytestmark = [pytest.mark.compiler, pytest.mark.slow]
@@ -42,8 +43,6 @@ def images(cifar):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_onnx_file_to_bit_exact_c_and_qdq(arch, images, tmp_path):
-    import onnxruntime as ort
-
     calib, x = images
     model = make(arch)
     with torch.no_grad():
@@ -77,7 +76,7 @@ def test_onnx_file_to_bit_exact_c_and_qdq(arch, images, tmp_path):
     # int8 QDQ ONNX runs in ONNX Runtime and agrees with the integer executor
     qdq = tmp_path / f"{arch}_int8.onnx"
     export_quantized_onnx(qnet, qdq)
-    sess = ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"])
+    sess = qdq_session(qdq)   # tests/ort_qdq.py
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     assert got.shape == ref_scores.shape
     agree = float((got.argmax(1) == ref_scores.argmax(1)).mean())

@@ -133,14 +133,12 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
         for fname, text in files.items():   # atomically: an interrupted generate leaves no half file
             write_text(folder / fname, text)
         sizes = {k: (v.count("\n"), len(v.encode())) for k, v in files.items()}
-        profile, const_bytes, layer_bytes = "cuda", program.weight_bytes(), {}
+        profile = "cuda"
     elif arm:
         from .arm_neon import generate_neon
 
         profile = "neon" if isa == "native" else isa
         printer, cflags, sizes = generate_neon(program, folder, profile, provenance or "netquant integer network", cross)
-        const_bytes = printer.compiled_const_bytes()
-        layer_bytes = {s.node.name: printer.step_const_bytes(s) for s in program.steps}
     else:
         # only the instruction set being built is printed (with the portable kernels as its fallback)
         profile = ISA_PROFILE.get(isa) or native_profile()
