@@ -78,8 +78,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_sensitivity_on_a_local_ray_cluster_gives_the_local_table(small_pow2, cifar, tmp_path):
+def test_sensitivity_on_a_local_ray_cluster_gives_the_local_table(small_pow2, cifar, monkeypatch):
     ray = pytest.importorskip("ray")
+    # a private test cluster on 127.0.0.1: no token (a token file left in ~/.ray by another run
+    # would otherwise be required by the head and raced by the client)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     x, y = cifar.test.images[:40], cifar.test.labels[:40]
     local = small_pow2.sensitivity((x, y), batch_size=10, workers=2)
     port = _free_port()
@@ -88,7 +91,7 @@ def test_sensitivity_on_a_local_ray_cluster_gives_the_local_table(small_pow2, ci
                              "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
                              "--include-dashboard", "false", "--disable-usage-stats", "--block"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})   # with RAY_AUTH_MODE
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -97,7 +97,7 @@ class AutoPrecision(NamedTuple):
     explored: object   # pandas DataFrame, in the order measured
 
 
-def _configure(config: QuantConfig, user_float: frozenset, choice: dict) -> tuple[QuantConfig, frozenset]:
+def configure(config: QuantConfig, user_float: frozenset, choice: dict) -> tuple[QuantConfig, frozenset]:
     """(config, user_float) for ``choice`` {layer: "float" | "int8" | "w4a8"}: W4A8 layers get a
     ``weight_bits: 4`` override, int8 ones ``weight_bits: 8`` where the config's default is not 8."""
     overrides = {k: dict(v) for k, v in config.overrides.items()}
@@ -135,7 +135,7 @@ class _Search:
         self.float_metric = self.int8_metric = math.nan
 
     def lowered(self, choice: dict) -> tuple[QGraph, QuantConfig, frozenset]:
-        cfg, uf = _configure(self.config, self.user_float, choice)
+        cfg, uf = configure(self.config, self.user_float, choice)
         return lower(self.graph, self.ranges, cfg, uf), cfg, uf
 
     def measure(self, choices: list, step: str, with_bases: bool = False) -> list:
@@ -257,7 +257,7 @@ def auto_precision(graph: Graph, ranges, config: QuantConfig, images, labels, me
     finally:
         if owned:
             ex.close()
-    cfg, uf = _configure(config, user_float, s.rows[chosen]["Choice"])
+    cfg, uf = configure(config, user_float, s.rows[chosen]["Choice"])
     return cfg, uf, s.rows, chosen, s.float_metric, s.int8_metric
 
 
