@@ -82,9 +82,14 @@ def _call_in_worker(task: Task, item):
 
 class LocalExecutor(Executor):
     """Worker processes on this machine (``concurrent.futures``): ``workers`` of them (default:
-    the cores this process may use), started per :meth:`map` call by ``context`` ("fork", the
-    default on Linux: the workers inherit ``shared`` without copying it through a pipe; "spawn":
-    fresh interpreters, ``shared`` pickled once per worker)."""
+    the cores this process may use), started per :meth:`map` call by ``context``: "fork" (the
+    workers inherit ``shared`` without a copy), "forkserver" (a clean server process, with
+    netquant and torch imported once, forks each worker; ``shared`` is pickled once per worker)
+    or "spawn" (fresh interpreters). None, the default, picks per call: "fork" when the caller
+    is the only thread, else "forkserver" (a plain fork from a program with threads, such as the
+    app's server, can copy a lock another thread holds, and the worker hangs on it).
+    "forkserver" and "spawn" import the caller's main module in the workers: a script needs the
+    ``if __name__ == "__main__":`` guard there."""
 
     name = "local processes"
 
@@ -95,10 +100,22 @@ class LocalExecutor(Executor):
         import multiprocessing
 
         methods = multiprocessing.get_all_start_methods()
-        context = context or ("fork" if "fork" in methods else "spawn")
-        if context not in methods:
+        if context is not None and context not in methods:
             raise ArgumentError(f"context: expected one of {', '.join(methods)}, got {context!r}")
         self.context = context
+
+    def _context(self):
+        import multiprocessing
+        import threading
+
+        methods = multiprocessing.get_all_start_methods()
+        context = self.context or ("fork" if threading.active_count() == 1 and "fork" in methods else
+                                   "forkserver" if "forkserver" in methods else "spawn")
+        ctx = multiprocessing.get_context(context)
+        if context == "forkserver":
+            # the server imports these once; each worker is then a fork of it
+            ctx.set_forkserver_preload(["torch", "netquant.accuracy.variants"])
+        return ctx
 
     def map(self, task: Task, items: Sequence, shared: Any = None, progress: Optional[Progress] = None,
             message: str = "") -> list:
@@ -106,11 +123,10 @@ class LocalExecutor(Executor):
         n = min(self.workers, len(items))
         if n <= 1:   # one task, or one core: starting a process gains nothing
             return super().map(task, items, shared, progress, message)
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         out: list = [None] * len(items)
-        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context(self.context), initializer=_init_worker,
+        with ProcessPoolExecutor(n, mp_context=self._context(), initializer=_init_worker,
                                  initargs=(shared,)) as pool:
             futures = {pool.submit(_call_in_worker, task, item): i for i, item in enumerate(items)}
             try:

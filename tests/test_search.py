@@ -56,7 +56,7 @@ def test_executors_return_results_in_item_order():
     expected = [10 + i * i for i in items]
     assert Executor().map(_square_plus, items, 10, progress=lambda d, t, m: seen.append((d, t))) == expected
     assert seen[-1] == (7, 7)
-    for context in ("fork", "spawn"):
+    for context in ("forkserver", "fork", "spawn"):
         assert LocalExecutor(2, context).map(_square_plus, items, 10) == expected
 
 

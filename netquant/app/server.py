@@ -238,6 +238,7 @@ class App:
         spec = getattr(q, "input_spec", None)
         out = {"id": s.id, "network": s.network, "target": getattr(q, "target", ""),
                 "calibrated": q.ranges is not None, "validated": s.validation is not None,
+                "sensitivity": s.sensitivity is not None, "searched": s.search is not None,
                 "codegen": s.codegen_target if s.codegen is not None else "",
                 "float_layers": sorted(q.user_float), "config": q.config.to_dict(),
                 "input_shape": list(q.graph.input.shape), "outputs": _outputs(q.graph),
@@ -413,7 +414,6 @@ class App:
 
     def validate(self, sid: str, body: dict) -> dict:
         from ..data import validation_set
-        from ..metrics import resolve_metric
 
         s = self.registry.get(sid)
         metrics = [str(m) for m in body.get("metrics", ["top1", "top5"])]
@@ -421,15 +421,7 @@ class App:
             raise HttpError(400, f"metrics: expected a list of names, got {body.get('metrics')!r}")
         units = {}
         for m in metrics:
-            if not METRIC_NAME.match(m):
-                raise HttpError(400, f"metric {m!r}: use top1, top5 or an importable module:function name")
-            if ":" in m and m.split(".")[0].split(":")[0] in sys.stdlib_module_names | {"builtins"}:
-                raise HttpError(400, f"metric {m!r}: a metric must come from your own module, not the standard library")
-            try:
-                fn = self._metric(m)
-            except ValueError as e:
-                raise HttpError(400, f"{e}; custom metrics are imported from {self.workdir} (where the app "
-                                     f"was started) or PYTHONPATH")
+            fn = self._checked_metric(m)
             # the result table is named by the metric's text or its function's name
             units[m] = units[getattr(fn, "__name__", m)] = metric_unit(fn)
         data = self.dataset(s, body.get("data"))
@@ -453,12 +445,7 @@ class App:
         from ..data import validation_set
 
         metric = str(body.get("metric") or "top1")
-        if not METRIC_NAME.match(metric):
-            raise HttpError(400, f"metric {metric!r}: use top1, top5 or an importable module:function name")
-        try:
-            self._metric(metric)
-        except ValueError as e:
-            raise HttpError(400, str(e))
+        self._checked_metric(metric)
         data = self.dataset(s, body.get("data"))
         images = validation_set(data, parse_count(body.get("count", default_count)), to_int(body.get("seed", 0), "seed"))
         if s.quantizer.ranges is None:
@@ -501,6 +488,19 @@ class App:
 
         s.run("auto_precision", work)
         return {"started": "auto_precision", "source": images.source}
+
+    def _checked_metric(self, m: str):
+        """The metric function named ``m`` (top1, top5 or the user's module:function); 400 for
+        anything else, the standard library's functions included."""
+        if not METRIC_NAME.match(m):
+            raise HttpError(400, f"metric {m!r}: use top1, top5 or an importable module:function name")
+        if ":" in m and m.split(".")[0].split(":")[0] in sys.stdlib_module_names | {"builtins"}:
+            raise HttpError(400, f"metric {m!r}: a metric must come from your own module, not the standard library")
+        try:
+            return self._metric(m)
+        except ValueError as e:
+            raise HttpError(400, f"{e}; custom metrics are imported from {self.workdir} (where the app "
+                                 f"was started) or PYTHONPATH")
 
     def _metric(self, name: str):
         """The metric function for ``name``; ``module:function`` is looked up in the app's
