@@ -23,14 +23,14 @@ keeps was measured on the images, none is predicted):
    current configuration and kept if the measured drop stays within the budget (R tries per
    round; the first that fits is kept), until ``max_evaluations``.
 
-Worked example (numbers rounded): budget 0.1 on 1,000 images, float 92.6, int8 92.6. Probes:
-the 16-channel S1 convs lose 0.0-0.1 each and save 1,150 bytes; the 64-channel S3 convs lose
-0.1-0.3 and save 18,400 bytes; the first conv loses 1.2 and saves 216. Ratios order S3U1_conv2
-(0.1 / 18,400) before S1U1_conv1 (0.1 / 1,150) before the first conv. Prefixes k = 5, 10, 15,
-20 measure drops 0.0, 0.1, 0.4, 1.1: the next round measures k = 11..14 between 10 (fits) and
-15 (does not); k = 12 fits, 13 does not; refinement then tries the layers after the 13th one
-by one. Every measured configuration is a point (memory, metric); the Pareto front is the points
-no other point beats on both.
+Worked example (a four-layer network, budget 0.1, float and int8 both 92.6): the probes give
+drops d4 = 1.2 (conv1), 0.0 (conv2), 0.1 (conv3), 0.1 (fc) for savings v = 216, 1,150,
+18,400 and 300 bytes; d4 / v orders them conv2 (0), conv3 (5e-6), fc (3e-4), conv1 (6e-3).
+With R = 4 one round measures the prefixes k = 1..4: drops 0.0, 0.1, 0.3, 1.5, so k = 2 (conv2
+and conv3 in W4A8, 19,550 bytes saved). Refinement skips fc (prefix 3 failed with it) and tries
+conv1 on top of k = 2: drop 1.3, over the budget, so the choice stays k = 2. Every measured
+configuration is a point (memory, metric); the Pareto front is the points no other point beats
+on both.
 
 The result is an ordinary Quantizer (its config holds ``weight_bits`` overrides, its float
 layers the float choices): save, load, validate and codegen take it as any other. Evaluations
