@@ -195,9 +195,10 @@ def float_top1_full(shipped, cifar):
 
 @pytest.mark.slow
 @pytest.mark.compiler
+@pytest.mark.timeout(3600)   # about 3 minutes on 2 free cores; far longer on a shared machine
 def test_auto_precision_budget_holds_on_the_full_test_set(shipped, cifar, float_top1_full):
-    n = 1000
-    result = shipped.auto_precision((cifar.test.images[:n], cifar.test.labels[:n]), max_drop=0.1, max_evaluations=40)
+    n = 500
+    result = shipped.auto_precision((cifar.test.images[:n], cifar.test.labels[:n]), max_drop=0.1, max_evaluations=32)
     q, front, explored = result
     chosen = explored[explored.Chosen].iloc[0]
     x, y = to_float(cifar.test.images), cifar.test.labels
@@ -251,6 +252,7 @@ def deeper_net(cifar):
 
 @pytest.mark.slow
 @pytest.mark.compiler
+@pytest.mark.timeout(3600)   # the training: about a minute on 2 free cores
 def test_pow2_with_cle_and_bias_correction_on_a_deeper_trained_resnet(cifar, deeper_net):
     net, report = deeper_net
     plain, tuned = _pow2_pair(net, to_float(cifar.train.images[3000:3200]))
