@@ -138,10 +138,11 @@ class _Search:
         cfg, uf = configure(self.config, self.user_float, choice)
         return lower(self.graph, self.ranges, cfg, uf), cfg, uf
 
-    def measure(self, choices: list, step: str, with_bases: bool = False) -> list:
+    def measure(self, choices: list, step: str, with_bases: bool = False, probes: bool = False) -> list:
         """Metric of each configuration in ``choices`` (full {layer: choice} dicts), measured in
-        one executor round; each becomes a row of the explored table."""
-        if len(self.rows) + len(choices) > self.max_evaluations and not with_bases:
+        one executor round; each becomes a row of the explored table. Beyond ``max_evaluations``
+        the round is cut short, except for probes (one per layer, always all measured)."""
+        if len(self.rows) + len(choices) > self.max_evaluations and not (with_bases or probes):
             choices = choices[:max(0, self.max_evaluations - len(self.rows))]
         if not choices:
             return []
@@ -202,7 +203,7 @@ def auto_precision(graph: Graph, ranges, config: QuantConfig, images, labels, me
                    workers: Optional[int] = None, ray_address: Optional[str] = None):
     """The search of the module docstring on float32 ``images`` with ``labels``;
     ``metric(scores, labels)`` is higher-is-better, ``max_drop`` in its units. ``max_evaluations``
-    bounds the configurations measured (the probes, 1 + layers, always are). Returns (config,
+    bounds the configurations measured (the probes, one or two per layer, always are). Returns (config,
     user_float, the measured rows (dicts), the chosen row's index, float metric, int8 metric)."""
     if objective not in OBJECTIVES:
         raise ArgumentError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -264,7 +265,7 @@ def auto_precision(graph: Graph, ranges, config: QuantConfig, images, labels, me
 def _feasible_with_float(s: _Search, fits, r: int) -> dict:
     """Step 2: the fewest layers in float, in the order of FloatOnly gain per byte they cost,
     for the budget; every layer float when nothing less fits."""
-    ms = s.measure([{**s.base, layer: "float"} for layer in s.layers], "probes (one layer float)")
+    ms = s.measure([{**s.base, layer: "float"} for layer in s.layers], "probes (one layer float)", probes=True)
     m8 = s.int8_metric
     sizes = {n.name: n.params["weight"].size + n.params["bias"].size for n in s.int8.nodes if n.name in s.layers}
     gain = {k: m - m8 for k, m in zip(s.layers, ms)}
