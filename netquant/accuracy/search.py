@@ -132,7 +132,12 @@ class _Search:
             raise ArgumentError("auto_precision: the network has no quantized conv or linear layer to choose for")
         self.base = {layer: "int8" for layer in self.layers}
         self.rows: list = []
+        self.probe_rows = 0
         self.float_metric = self.int8_metric = math.nan
+
+    def left(self) -> int:
+        """Configurations that may still be measured (the probes do not count)."""
+        return max(0, self.max_evaluations - (len(self.rows) - self.probe_rows))
 
     def lowered(self, choice: dict) -> tuple[QGraph, QuantConfig, frozenset]:
         cfg, uf = configure(self.config, self.user_float, choice)
@@ -142,8 +147,8 @@ class _Search:
         """Metric of each configuration in ``choices`` (full {layer: choice} dicts), measured in
         one executor round; each becomes a row of the explored table. Beyond ``max_evaluations``
         the round is cut short, except for probes (one per layer, always all measured)."""
-        if len(self.rows) + len(choices) > self.max_evaluations and not (with_bases or probes):
-            choices = choices[:max(0, self.max_evaluations - len(self.rows))]
+        if not (with_bases or probes):
+            choices = choices[:self.left()]
         if not choices:
             return []
         plan = Plan({"int8": self.int8})
@@ -159,6 +164,7 @@ class _Search:
             self.float_metric = float(self.metric(scores["float"], self.labels))
             self.int8_metric = float(self.metric(scores["int8"], self.labels))
         out = []
+        self.probe_rows += len(choices) if (with_bases or probes) else 0
         for i, ch in enumerate(choices):
             m = float(self.metric(scores[i], self.labels))
             counts = {c: sum(v == c for v in ch.values()) for c in CHOICES}
@@ -166,7 +172,7 @@ class _Search:
                               "W4A8": counts["w4a8"], "Int8": counts["int8"], "Float": counts["float"],
                               "Choice": dict(ch)})
             out.append(m)
-        report(self.progress, len(self.rows), self.max_evaluations, f"auto precision: {step}")
+        report(self.progress, len(self.rows) - self.probe_rows, self.max_evaluations, f"auto precision: {step}")
         log.info("auto precision %s: %d configuration(s), best %.4g, memory %s..%s bytes", step, len(choices),
                  max(out), min(mems), max(mems))
         return out
@@ -185,7 +191,7 @@ def _largest_feasible(search: _Search, sequence, n: int, budget_ok, step: str, r
     """The largest k in 0..n with ``budget_ok(metric of sequence(k))``, by an R-ary search that
     assumes feasibility falls with k; k = 0 is taken as feasible (measured by the caller)."""
     lo, hi = 0, n + 1
-    while hi - lo > 1 and len(search.rows) < search.max_evaluations:
+    while hi - lo > 1 and search.left():
         ks = _rounds(lo, hi, r)
         ms = search.measure([sequence(k) for k in ks], step)
         if not ms:
@@ -203,7 +209,7 @@ def auto_precision(graph: Graph, ranges, config: QuantConfig, images, labels, me
                    workers: Optional[int] = None, ray_address: Optional[str] = None):
     """The search of the module docstring on float32 ``images`` with ``labels``;
     ``metric(scores, labels)`` is higher-is-better, ``max_drop`` in its units. ``max_evaluations``
-    bounds the configurations measured (the probes, one or two per layer, always are). Returns (config,
+    bounds the configurations measured after the probes (one or two per layer, always measured). Returns (config,
     user_float, the measured rows (dicts), the chosen row's index, float metric, int8 metric)."""
     if objective not in OBJECTIVES:
         raise ArgumentError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -237,7 +243,7 @@ def auto_precision(graph: Graph, ranges, config: QuantConfig, images, labels, me
         current = prefix(k)
         # 4. greedy refinement: the layers after the prefix, one at a time
         rest = order[k + 1:] if k < len(order) else []
-        while rest and len(s.rows) < s.max_evaluations:
+        while rest and s.left():
             tries = rest[:r]
             ms_t = s.measure([{**current, layer: "w4a8"} for layer in tries], "greedy refinement")
             if not ms_t:
