@@ -23,6 +23,7 @@ from typing import Optional
 log = logging.getLogger("netquant")
 DEFAULT_MODEL = "cifarnet-20-16"
 DEFAULT_CALIBRATION, DEFAULT_VALIDATION = 200, 50   # MATLAB's datastore sizes
+DEFAULT_SEARCH = 1000   # test images the accuracy-budget search measures on (0.1 points = 1 image)
 SPEC_FLAGS = {"mean": "--mean", "std": "--std", "channel_order": "--channel-order", "value_range": "--value-range"}
 
 
@@ -74,6 +75,10 @@ def _check_args(args) -> None:
     names = getattr(args, "class_names", None)
     if names is not None:
         args.class_name_list = _read_class_names(names)
+    if getattr(args, "workers", None) is not None and args.workers <= 0:
+        raise ArgumentError(f"--workers: expected a positive number of processes, got {args.workers}")
+    if getattr(args, "max_drop", None) is not None and not args.max_drop >= 0:
+        raise ArgumentError(f"--max-drop: expected a metric drop >= 0 (e.g. 0.1), got {args.max_drop}")
     if getattr(args, "calibration", None) is not None and args.calibration <= 0:
         raise ArgumentError(f"--calibration: expected a positive number of images, got {args.calibration}")
     _check_late_args(args)
@@ -94,6 +99,11 @@ def _check_late_args(args) -> None:
 
         for m in metrics:
             resolve_metric(m)   # MetricError naming the metric, before any work
+    for key in ("search_metric", "sensitivity_metric"):
+        if getattr(args, key, None):
+            from .metrics import resolve_metric
+
+            resolve_metric(getattr(args, key))
     if args.command == "demo" or args.command == "codegen" and args.codegen_target == "c" and not args.cross:
         from .codegen.build import find_compiler
 
@@ -591,7 +601,8 @@ def cmd_sensitivity(args) -> int:
 
     q, data = _quantizer(args)
     val = data.sized(validation_set(data, _count_of(args.validation, DEFAULT_VALIDATION, data.test), args.seed))
-    table = q.sensitivity(val, metric=args.sensitivity_metric, progress=bar("sensitivity"))
+    table = q.sensitivity(val, metric=args.sensitivity_metric, progress=bar("sensitivity"), workers=args.workers,
+                          ray_address=args.ray)
     if args.json:
         _print_json({**table.attrs, "layers": json.loads(table.to_json(orient="records"))})
     else:
@@ -600,7 +611,9 @@ def cmd_sensitivity(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    q, _ = _quantizer(args)
+    q, data = _quantizer(args)
+    if args.max_drop is not None:
+        q = _auto_precision(args, q, data)
     details = q.quantization_details()
     fmem, qmem = q.learnable_memory()
     if args.json:
@@ -613,6 +626,22 @@ def cmd_quantize(args) -> int:
     q.save(out)
     print(f"saved the quantizer to {out}")
     return 0
+
+
+def _auto_precision(args, q, data):
+    """``quantize --max-drop``: the accuracy-budget search on test images; prints the chosen
+    configuration and the Pareto front, returns the chosen quantizer."""
+    from .accuracy.search import format_front
+    from .data import validation_set
+    from .progress import bar
+
+    val = data.sized(validation_set(data, _count_of(args.validation, DEFAULT_SEARCH, data.test), args.seed))
+    print(f"searching per-layer precision on {len(val)} images ({val.source}), budget: {args.search_metric} "
+          f"at most {args.max_drop:g} below float", file=sys.stderr)
+    result = q.auto_precision(val, max_drop=args.max_drop, metric=args.search_metric, progress=bar("auto precision"),
+                              workers=args.workers, ray_address=args.ray)
+    print(format_front(result))
+    return result.quantizer
 
 
 def _generate_and_build(q, out, name, isa, target="c", arch="sm_90", tensor_cores=False, cross=None,
@@ -784,6 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"validation images from the test set: a number or 'all' (default: "
                                 f"{DEFAULT_VALIDATION}, or all of a smaller set)")
 
+    def executor_options(c):
+        c.add_argument("--workers", type=int, metavar="N",
+                       help="local worker processes for the evaluations (default: one per core; 1: none)")
+        c.add_argument("--ray", metavar="ADDRESS", help="run the evaluations on the Ray cluster at ADDRESS "
+                                                       "(host:port of its head; needs pip install ray)")
+
     c = command("calibrate", cmd_calibrate, "calibrate a network and print the calibration table")
     quant_options(c)
     c.add_argument("--all-columns", action="store_true", help="print every column")
@@ -806,10 +841,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
     c.add_argument("--metric", dest="sensitivity_metric", default="top1",
                    help="top1, top5 or module:function, higher is better (default: %(default)s)")
+    executor_options(c)
     c.add_argument("--json", action="store_true")
 
     c = command("quantize", cmd_quantize, "calibrate, quantize, print the details and save the quantizer")
-    quant_options(c)
+    quant_options(c, validation=True)
+    c.add_argument("--max-drop", dest="max_drop", type=float, metavar="POINTS",
+                   help="choose W4A8, int8 or float per conv/fc layer for the least memory with --metric at most "
+                        "POINTS below float on --validation test images (default 1000); prints the Pareto front")
+    c.add_argument("--metric", dest="search_metric", default="top1",
+                   help="the metric of --max-drop: top1, top5 or module:function (default: %(default)s)")
+    executor_options(c)
     c.add_argument("--quantizer", help="a saved quantizer file instead of calibrating now")
     c.add_argument("--out", help="quantizer file to write (default: quantizer.nq)")
     c.add_argument("--json", action="store_true")

@@ -450,16 +450,47 @@ class Quantizer:
         return pd.DataFrame(rows)
 
     # --- sensitivity ----------------------------------------------------------------------
-    def sensitivity(self, images, metric="top1", batch_size: int = 100, progress: Optional[Progress] = None):
+    def sensitivity(self, images, metric="top1", batch_size: int = 100, progress: Optional[Progress] = None,
+                    workers: Optional[int] = None, ray_address: Optional[str] = None, executor=None):
         """Per layer that requantizes: ``metric`` (higher is better) with only that layer
         quantized and with only that layer kept float, and its SQNR against float; a pandas
-        DataFrame, most harmful layer first (:mod:`netquant.accuracy.sensitivity`)."""
+        DataFrame, most harmful layer first (:mod:`netquant.accuracy.sensitivity`). The batches
+        run in ``workers`` local processes (None: one per core; 1: this process), or on the Ray
+        cluster at ``ray_address``, or on ``executor`` (:mod:`netquant.executor`)."""
         from .accuracy.sensitivity import sensitivity
 
         x, labels, source = self._labelled_images(images, "sensitivity")
         self.quantize()   # the checks of the current config and calibration
         return sensitivity(self.graph, self._require_ranges(), self.config, x, labels, resolve_metric(metric),
-                           self.user_float, batch_size, progress)
+                           self.user_float, batch_size, progress, executor, workers, ray_address)
+
+    # --- accuracy-budget mixed precision ------------------------------------------------
+    def auto_precision(self, images, max_drop: float = 0.1, metric="top1", objective: str = "memory",
+                       batch_size: int = 100, max_evaluations: int = 64, progress: Optional[Progress] = None,
+                       workers: Optional[int] = None, ray_address: Optional[str] = None, executor=None):
+        """Per conv/linear layer W4A8, int8 or float, for the least learnable memory with
+        ``metric`` on the labelled ``images`` at most ``max_drop`` below the float network's
+        (:mod:`netquant.accuracy.search`: probes, a prefix search and greedy refinement, every
+        configuration measured). Returns ``(quantizer, front, explored)``: a new calibrated
+        Quantizer with the chosen configuration (this one is unchanged), the Pareto front
+        (memory vs metric) of the configurations measured and all of them (pandas DataFrames).
+        Evaluations run in ``workers`` local processes (None: one per core), on the Ray cluster
+        at ``ray_address`` or on ``executor``."""
+        from .accuracy.search import AutoPrecision, auto_precision, derive, memory_bytes, tables
+
+        x, labels, _ = self._labelled_images(images, "auto precision")
+        base = self.quantize()
+        cfg, uf, rows, chosen, m_float, m_int = auto_precision(
+            self.graph, self._require_ranges(), self.config, x, labels, resolve_metric(metric), max_drop,
+            self.user_float, objective, _check_batch_size(batch_size), max_evaluations, progress, executor, workers,
+            ray_address)
+        fmem = self.learnable_memory()[0]
+        front, explored = tables(rows, chosen, m_float, m_int, memory_bytes(self.graph, base.qgraph, self.config),
+                                 fmem)
+        q = derive(self, cfg, uf)
+        q.provenance["auto_precision"] = {"max_drop": max_drop, "images": int(len(x)), "metric": rows[chosen]["Metric"],
+                                          "float_metric": m_float, "memory_bytes": int(rows[chosen]["MemoryBytes"])}
+        return AutoPrecision(q, front, explored)
 
     # --- save / load ----------------------------------------------------------------------
     def save(self, path) -> None:

@@ -15,9 +15,12 @@ layer alone costs 0.3 points against float (92.6) and keeping it alone in float 
 against all-int8 (92.3).
 
 Efficient: both variants of every layer reuse the two base runs (all float, all int8) over each
-batch: a variant recomputes only the nodes whose integer program differs from its base (the layer
-and what follows it), on the base's values of the rest. Everything runs on the integer reference
-executor's kernels, so each number is what the integer network computes.
+batch (:mod:`netquant.accuracy.variants`): a variant recomputes only the nodes whose integer
+program differs from its base (the layer and what follows it), on the base's values of the rest.
+Everything runs on the integer reference executor's kernels, so each number is what the integer
+network computes. The batches are independent tasks for an executor (:mod:`netquant.executor`:
+local worker processes, or a Ray cluster with ``ray_address``); the table is the same whichever
+runs them.
 """
 from __future__ import annotations
 
@@ -26,63 +29,21 @@ import math
 from typing import Optional
 
 import numpy as np
-import torch
 
 from ..calib.stats import RangeTable
 from ..errors import InputError
 from ..ir.float_exec import FLOAT_KERNELS
+from ..executor import resolve
 from ..ir.graph import Graph
-from ..progress import Progress, report
+from ..progress import Progress
 from ..quant.config import QuantConfig
 from ..quant.lower import lower
 from ..quant.qgraph import QGraph, QNode
-from ..ref.executor import INT_KERNELS, _ieee_fp32, run_int8
+from .variants import Plan, evaluate
 
 log = logging.getLogger(__name__)
 
 REQUANTIZING = ("conv", "linear", "add", "concat", "avgpool")
-
-
-def _same(a: QNode, b: QNode) -> bool:
-    """Do two lowered nodes compute the same values from the same inputs?"""
-    if (a.op, a.inputs, a.quantized, a.scale, a.dtype, a.shape) != (b.op, b.inputs, b.quantized, b.scale, b.dtype,
-                                                                     b.shape):
-        return False
-    if repr(a.attrs) != repr(b.attrs) or set(a.params) != set(b.params):
-        return False
-    return all(a.params[k] is b.params[k] or np.array_equal(a.params[k], b.params[k]) for k in a.params)
-
-
-class _Variant:
-    """A lowered network that differs from a base network in a few nodes: it recomputes those
-    (``todo``) on the base's values of the rest (``reads``)."""
-
-    def __init__(self, qg: QGraph, base: QGraph):
-        known = {n.name: n for n in base.nodes}
-        changed = set()
-        self.todo = []
-        for n in qg.nodes:
-            if n.op == "input":
-                continue
-            if n.name in known and not (set(n.inputs) & changed) and _same(n, known[n.name]):
-                continue
-            changed.add(n.name)
-            self.todo.append(n)
-        self.reads = {i for n in self.todo for i in n.inputs if i not in changed}
-        self.output = qg.output
-        if self.output not in changed:
-            self.reads.add(self.output)
-
-    def run(self, base_values: dict, keep=()) -> dict:
-        vals = {}
-        for n in self.todo:
-            ins = [vals[i] if i in vals else base_values[i] for i in n.inputs]
-            table = INT_KERNELS if (n.quantized or n.op == "dequantize") else FLOAT_KERNELS
-            vals[n.name] = table[n.op](n, *ins)
-        out = {self.output: vals.get(self.output, base_values.get(self.output))}
-        for k in keep:
-            out[k] = vals.get(k, base_values.get(k))
-        return out
 
 
 def candidates(qg: QGraph) -> list[QNode]:
@@ -91,9 +52,16 @@ def candidates(qg: QGraph) -> list[QNode]:
     return [n for n in qg.nodes if n.quantized and n.op in REQUANTIZING and n.layers]
 
 
+def all_float(graph: Graph) -> frozenset:
+    """Every node of ``graph`` but the input: as ``user_float``, lowering keeps the whole network
+    float (the reference executor then computes the float network's values)."""
+    return frozenset(n.name for n in graph.nodes if n.op != "input")
+
+
 def sensitivity(graph: Graph, ranges: RangeTable, config: QuantConfig, images, labels, metric,
                 user_float: frozenset = frozenset(), batch_size: int = 100,
-                progress: Optional[Progress] = None):
+                progress: Optional[Progress] = None, executor=None, workers: Optional[int] = None,
+                ray_address: Optional[str] = None):
     """The sensitivity table (a pandas DataFrame, most harmful layer first) of the network that
     ``lower(graph, ranges, config, user_float)`` builds, on float32 ``images`` (N, C, H, W) with
     ``labels``; ``metric(scores, labels)`` is a higher-is-better number (e.g. top-1 in percent).
@@ -102,60 +70,47 @@ def sensitivity(graph: Graph, ranges: RangeTable, config: QuantConfig, images, l
     only this layer float), DropQuantizedOnly (float metric - QuantizedOnly), GainFloatOnly
     (FloatOnly - all-int8 metric), SQNR_dB (the layer's output with only it quantized, against
     float). Sorted by DropQuantizedOnly, then GainFloatOnly, then SQNR_dB ascending. The table's
-    ``attrs`` hold the float and all-int8 metrics and the image count."""
+    ``attrs`` hold the float and all-int8 metrics and the image count.
+
+    The batches of ``batch_size`` images run on ``executor``, else on one made from ``workers``
+    (None, the default: a local worker process per core; 1: this process) or ``ray_address`` (a
+    Ray cluster), see :func:`netquant.executor.make_executor`."""
     import pandas as pd
 
-    every = frozenset(n.name for n in graph.nodes if n.op != "input")
-    float_q = lower(graph, ranges, config, every)        # every node float: run_int8 gives run_float's values
-    int_q = lower(graph, ranges, config, user_float)
-    layers = candidates(int_q)
+    every = all_float(graph)
+    plan = Plan({"float": lower(graph, ranges, config, every), "int8": lower(graph, ranges, config, user_float)})
+    layers = candidates(plan.bases["int8"])
     if not layers:
         raise InputError("sensitivity: the network has no quantized conv, linear, add, concat or average pooling "
                          "layer")
-    only_q, only_f = {}, {}
     for n in layers:
-        only_q[n.name] = _Variant(lower(graph, ranges, config, every - {n.name}), float_q)
-        only_f[n.name] = _Variant(lower(graph, ranges, config, user_float | {n.name}), int_q)
-    keep_f = set().union(*(v.reads for v in only_q.values())) | {n.name for n in layers}
-    keep_i = set().union(*(v.reads for v in only_f.values()))
-    scores = {k: [] for k in ("float", "int8")}
-    s_q = {n.name: [] for n in layers}
-    s_f = {n.name: [] for n in layers}
-    signal = {n.name: 0.0 for n in layers}
-    noise = {n.name: 0.0 for n in layers}
+        plan.add(("q", n.name), lower(graph, ranges, config, every - {n.name}), "float")
+        plan.add(("f", n.name), lower(graph, ranges, config, user_float | {n.name}), "int8")
+        plan.probes[("q", n.name)] = (n.name, n.scale, "float")
     x = np.asarray(images, np.float32)
-    with torch.no_grad(), _ieee_fp32():
-        for start in range(0, len(x), batch_size):
-            xb = torch.from_numpy(x[start:start + batch_size])
-            fv = run_int8(float_q, xb, keep=keep_f)
-            iv = run_int8(int_q, xb, keep=keep_i)
-            scores["float"].append(fv[float_q.output].numpy())
-            scores["int8"].append(iv[int_q.output].numpy())
-            for n in layers:
-                out = only_q[n.name].run(fv, keep=(n.name,))
-                s_q[n.name].append(out[only_q[n.name].output].numpy())
-                ref = fv[n.name].to(torch.float64)
-                deq = out[n.name].to(torch.float64) * n.scale
-                signal[n.name] += float((ref ** 2).sum())
-                noise[n.name] += float(((ref - deq) ** 2).sum())
-                s_f[n.name].append(only_f[n.name].run(iv)[only_f[n.name].output].numpy())
-            report(progress, min(start + batch_size, len(x)), len(x), "sensitivity")
+    ex, owned = resolve(executor, workers, ray_address)
+    try:
+        scores, sqnr = evaluate(plan, x, batch_size, ex, progress, "sensitivity")
+    finally:
+        if owned:
+            ex.close()
     labels = np.asarray(labels)
-    m_float = float(metric(np.concatenate(scores["float"]), labels))
-    m_int = float(metric(np.concatenate(scores["int8"]), labels))
+    m_float = float(metric(scores["float"], labels))
+    m_int = float(metric(scores["int8"], labels))
     rows = []
     for n in layers:
-        mq = float(metric(np.concatenate(s_q[n.name]), labels))
-        mf = float(metric(np.concatenate(s_f[n.name]), labels))
-        sq = (math.inf if noise[n.name] == 0 else 10 * math.log10(signal[n.name] / noise[n.name])
-              if signal[n.name] > 0 else -math.inf)
+        mq = float(metric(scores[("q", n.name)], labels))
+        mf = float(metric(scores[("f", n.name)], labels))
+        signal, noise = sqnr[("q", n.name)]
+        sq = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
         rows.append({"Layer": n.name, "Network Layers": "+".join(n.layers), "Op": n.op, "QuantizedOnly": mq,
                      "FloatOnly": mf, "DropQuantizedOnly": m_float - mq, "GainFloatOnly": mf - m_int, "SQNR_dB": sq})
     table = pd.DataFrame(rows).sort_values(["DropQuantizedOnly", "GainFloatOnly", "SQNR_dB"],
                                            ascending=[False, False, True], kind="stable").reset_index(drop=True)
     table.attrs.update({"float": m_float, "int8": m_int, "images": int(len(x)),
                         "metric": getattr(metric, "__name__", "metric")})
-    log.info("sensitivity: %d layers on %d images (float %.4g, int8 %.4g)", len(layers), len(x), m_float, m_int)
+    log.info("sensitivity: %d layers on %d images (float %.4g, int8 %.4g; %s)", len(layers), len(x), m_float,
+             m_int, ex)
     return table
 
 

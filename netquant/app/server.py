@@ -21,12 +21,16 @@ application/octet-stream and their options in the query string):
     POST /api/sessions/ID/data               {path, class_names}; or an uploaded .zip/.npz
                                               (?filename=images.zip&class_names=a,b,c)
     POST /api/sessions/ID/calibrate          {data, count, seed}; or an uploaded .npy array
-    POST /api/sessions/ID/layers             {layer, quantize}
+    POST /api/sessions/ID/layers             {layer, quantize} or {layer, precision: float | int8 | w4a8}
     POST /api/sessions/ID/config             the scheme: {weight_granularity, scale, activation_range,
                                               weight_range, percentile, overrides}
     POST /api/sessions/ID/validate           {data, count, seed, metrics}
+    POST /api/sessions/ID/sensitivity        {data, count, seed, metric}: the per-layer sensitivity table
+    POST /api/sessions/ID/auto_precision     {data, count, seed, metric, max_drop, max_evaluations}: the
+                                              accuracy-budget search; its choice becomes the session's
     POST /api/sessions/ID/codegen            {target: "c" | "cuda" (gpu sessions)}
-    GET  /api/sessions/ID/job | calibration | validation | export/{quantizer,onnx,code,report}
+    GET  /api/sessions/ID/job | calibration | validation | sensitivity | auto_precision
+    GET  /api/sessions/ID/export/{quantizer,onnx,code,report}
 
 Security: it binds to 127.0.0.1 unless told otherwise (with a warning); every request, pages
 and assets included, must carry the random access token printed with the URL (query ``token``
@@ -80,7 +84,7 @@ from .inputs import (DATA_SUFFIXES, MODEL_SUFFIXES, HttpError, check_archive, da
                      make_input_spec, model_kind, parse_class_names, parse_count, safe_name, shape_arg,
                      spec_fields, to_int)
 from .sessions import (Busy, DataSet, Full, PredictionRecorder, Registry, calibration_json, metric_unit,
-                       per_class_json, validation_json, zip_folder)
+                       per_class_json, search_json, sensitivity_json, validation_json, zip_folder)
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +236,7 @@ class App:
         spec = getattr(q, "input_spec", None)
         out = {"id": s.id, "network": s.network, "target": getattr(q, "target", ""),
                 "calibrated": q.ranges is not None, "validated": s.validation is not None,
+                "sensitivity": s.sensitivity is not None, "searched": s.search is not None,
                 "codegen": s.codegen_target if s.codegen is not None else "",
                 "float_layers": sorted(q.user_float), "config": q.config.to_dict(),
                 "input_shape": list(q.graph.input.shape), "outputs": _outputs(q.graph),
@@ -340,6 +345,8 @@ class App:
 
     def set_layer(self, sid: str, body: dict) -> dict:
         s = self.registry.get(sid)
+        if "precision" in body:
+            return self.set_precision(s, body)
         try:
             s.quantizer.set_quantize(str(body["layer"]), bool(body["quantize"]))
         except KeyError as e:
@@ -348,6 +355,31 @@ class App:
             raise HttpError(400, str(e))
         # the results shown were measured on the network as it was: they go, and the page says so
         return {"float_layers": sorted(s.quantizer.user_float), "results_cleared": s.results_changed()}
+
+    def set_precision(self, s, body: dict) -> dict:
+        """A conv or fully connected layer's precision: "float" (kept in float), "int8" or "w4a8"
+        (4-bit weights, a ``weight_bits`` override of the scheme)."""
+        from ..accuracy.search import CHOICES, configure
+
+        precision, layer = str(body.get("precision")), str(body.get("layer", ""))
+        if precision not in CHOICES:
+            raise HttpError(400, f"precision {precision!r}: expected one of {', '.join(CHOICES)}")
+        try:
+            node = s.quantizer.graph.find_layer(layer)
+        except KeyError as e:
+            raise HttpError(400, str(e).strip("'\""))
+        if node.op not in ("conv", "linear"):
+            raise HttpError(400, f"{layer} is a {node.op} layer; the precision choice is for conv and fully connected "
+                                 f"layers (others follow their inputs: tick or untick them)")
+        q = s.quantizer
+        with s.lock:
+            if s.job.state == "running":
+                raise Busy(f"session {s.id} is busy: {s.job.kind} is running")
+            config, uf = configure(q.config, q.user_float - {node.name, *node.layers}, {node.name: precision})
+            q.user_float = uf
+            q.set_config(config)
+        return {"float_layers": sorted(q.user_float), "config": q.config.to_dict(),
+                "results_cleared": s.results_changed()}
 
     def set_config(self, sid: str, body: dict) -> dict:
         """Change the quantization scheme: any of weight_granularity, scale, activation_range,
@@ -380,7 +412,6 @@ class App:
 
     def validate(self, sid: str, body: dict) -> dict:
         from ..data import validation_set
-        from ..metrics import resolve_metric
 
         s = self.registry.get(sid)
         metrics = [str(m) for m in body.get("metrics", ["top1", "top5"])]
@@ -388,15 +419,7 @@ class App:
             raise HttpError(400, f"metrics: expected a list of names, got {body.get('metrics')!r}")
         units = {}
         for m in metrics:
-            if not METRIC_NAME.match(m):
-                raise HttpError(400, f"metric {m!r}: use top1, top5 or an importable module:function name")
-            if ":" in m and m.split(".")[0].split(":")[0] in sys.stdlib_module_names | {"builtins"}:
-                raise HttpError(400, f"metric {m!r}: a metric must come from your own module, not the standard library")
-            try:
-                fn = self._metric(m)
-            except ValueError as e:
-                raise HttpError(400, f"{e}; custom metrics are imported from {self.workdir} (where the app "
-                                     f"was started) or PYTHONPATH")
+            fn = self._checked_metric(m)
             # the result table is named by the metric's text or its function's name
             units[m] = units[getattr(fn, "__name__", m)] = metric_unit(fn)
         data = self.dataset(s, body.get("data"))
@@ -414,6 +437,68 @@ class App:
 
         s.run("validate", work)
         return {"started": "validate", "source": images.source}
+
+    def _images_and_metric(self, s, body: dict, default_count: int):
+        """(validation images, metric name) of a sensitivity or search request."""
+        from ..data import validation_set
+
+        metric = str(body.get("metric") or "top1")
+        self._checked_metric(metric)
+        data = self.dataset(s, body.get("data"))
+        images = validation_set(data, parse_count(body.get("count", default_count)), to_int(body.get("seed", 0), "seed"))
+        if s.quantizer.ranges is None:
+            raise HttpError(409, "calibrate first: the quantizer has no calibration statistics")
+        return images, metric
+
+    def sensitivity(self, sid: str, body: dict) -> dict:
+        """Start the sensitivity sweep (:meth:`Quantizer.sensitivity`) on validation images."""
+        s = self.registry.get(sid)
+        images, metric = self._images_and_metric(s, body, 200)
+
+        def work(progress):
+            table = s.quantizer.sensitivity(images, metric=self._metric(metric), progress=progress)
+            s.sensitivity = {**sensitivity_json(table), "source": images.source}
+
+        s.run("sensitivity", work)
+        return {"started": "sensitivity", "source": images.source}
+
+    def auto_precision(self, sid: str, body: dict) -> dict:
+        """Start the accuracy-budget search (:meth:`Quantizer.auto_precision`); its choice
+        becomes the session's quantizer (the layer ticks and bit widths follow)."""
+        s = self.registry.get(sid)
+        images, metric = self._images_and_metric(s, body, 500)
+        try:
+            max_drop = float(body.get("max_drop", 0.1))
+            max_evaluations = int(body.get("max_evaluations", 64))
+        except (TypeError, ValueError):
+            raise HttpError(400, f"max_drop and max_evaluations: expected numbers, got {body.get('max_drop')!r} and "
+                                 f"{body.get('max_evaluations')!r}")
+        if not (max_drop >= 0 and max_evaluations >= 1):
+            raise HttpError(400, f"max_drop must be >= 0 and max_evaluations >= 1, got {max_drop} and {max_evaluations}")
+
+        def work(progress):
+            result = s.quantizer.auto_precision(images, max_drop=max_drop, metric=self._metric(metric),
+                                                max_evaluations=max_evaluations, progress=progress)
+            s.quantizer = result.quantizer
+            s.results_changed()
+            s.search = {**search_json(result), "max_drop": max_drop, "source": images.source,
+                        "metric": metric}
+
+        s.run("auto_precision", work)
+        return {"started": "auto_precision", "source": images.source}
+
+    def _checked_metric(self, m: str):
+        """The metric function named ``m`` (top1, top5 or the user's module:function); 400 for
+        anything else, the standard library's functions included."""
+        if not METRIC_NAME.match(m):
+            raise HttpError(400, f"metric {m!r}: use top1, top5 or an importable module:function name")
+        if ":" in m and m.split(".")[0].split(":")[0] in sys.stdlib_module_names | {"builtins"}:
+            raise HttpError(400, f"metric {m!r}: a metric must come from your own module, not the standard library")
+        try:
+            return self._metric(m)
+        except ValueError as e:
+            raise HttpError(400, f"{e}; custom metrics are imported from {self.workdir} (where the app "
+                                 f"was started) or PYTHONPATH")
 
     def _metric(self, name: str):
         """The metric function for ``name``; ``module:function`` is looked up in the app's
@@ -751,6 +836,18 @@ def make_handler(app: App, allowed_hosts: frozenset = frozenset()):
                 return self._json(200, app.set_layer(sid, self._json_body()))
             if method == "POST" and rest == ["validate"]:
                 return self._json(200, app.validate(sid, self._json_body()))
+            if method == "POST" and rest == ["sensitivity"]:
+                return self._json(200, app.sensitivity(sid, self._json_body()))
+            if method == "GET" and rest == ["sensitivity"]:
+                if s.sensitivity is None:
+                    raise HttpError(409, "no sensitivity table yet (or the network changed since)")
+                return self._json(200, s.sensitivity)
+            if method == "POST" and rest == ["auto_precision"]:
+                return self._json(200, app.auto_precision(sid, self._json_body()))
+            if method == "GET" and rest == ["auto_precision"]:
+                if s.search is None:
+                    raise HttpError(409, "no precision search yet")
+                return self._json(200, s.search)
             if method == "POST" and rest == ["codegen"]:
                 return self._json(200, app.codegen(sid, self._json_body()))
             if method == "GET" and rest == ["export", "quantizer"]:

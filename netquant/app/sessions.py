@@ -92,6 +92,8 @@ class Session:
     codegen: Optional[Path] = None      # folder of the last generated code, None once the network changed
     codegen_target: str = ""            # "c" or "cuda": what ``codegen`` holds
     codegen_built: bool = False         # compiled here (C always; CUDA when nvcc is on PATH)
+    sensitivity: Optional[dict] = None  # JSON of the last sensitivity table, None once the network changed
+    search: Optional[dict] = None       # JSON of the last precision search (its front and choice)
     job: Job = field(default_factory=Job)
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_used: float = field(default_factory=time.monotonic)  # for expiry after an idle time
@@ -125,8 +127,8 @@ class Session:
     def results_changed(self) -> bool:
         """Forget the results computed for the network as it was (after a new calibration or a
         layer choice); True if there were any, so the page can say they were cleared."""
-        had = self.validation is not None or self.codegen is not None
-        self.validation, self.codegen, self.codegen_target = None, None, ""
+        had = self.validation is not None or self.codegen is not None or self.sensitivity is not None
+        self.validation, self.codegen, self.codegen_target, self.sensitivity = None, None, "", None
         return had
 
 
@@ -244,6 +246,35 @@ def histogram_json(stats, scale: Optional[float], dtype: str) -> dict:
     return out
 
 
+def _precision(q, n, qn) -> str:
+    """What the page's bit-width selector shows for a layer: "float", "int8" or, for a conv or
+    fully connected layer with weights of 4 bits or fewer, "w4a8"; "" for layers without weights."""
+    if n.op not in ("conv", "linear"):
+        return ""
+    if not qn.quantized:
+        return "float"
+    return "w4a8" if q.config.for_layer((n.name,) + n.layers).weight_bits <= 4 else "int8"
+
+
+def sensitivity_json(table) -> dict:
+    """The sensitivity table for the page: its rows (most harmful first) and its header numbers."""
+    return {"rows": [{k: _num(v) for k, v in r.items()} for r in table.to_dict(orient="records")],
+            **{k: _num(v) for k, v in table.attrs.items()}}
+
+
+def search_json(result) -> dict:
+    """The precision search for the page: the Pareto front, every configuration measured and the
+    choice ({layer: "float" | "int8" | "w4a8"} for the layers not int8)."""
+    def rows(t):
+        return [{k: _num(v) for k, v in r.items()} for r in t.to_dict(orient="records")]
+
+    explored = result.explored
+    chosen = explored[explored.Chosen].iloc[0]
+    return {"front": rows(result.front), "explored": rows(explored),
+            "chosen": {k: _num(v) for k, v in chosen.to_dict().items()},
+            **{k: _num(v) for k, v in explored.attrs.items()}}
+
+
 def calibration_json(q) -> dict:
     """The calibration table for the page: one row per weight, bias and activation tensor (the
     network input itself, which is never quantized, left out), each with its histogram, and one
@@ -275,7 +306,7 @@ def calibration_json(q) -> dict:
         reason = fixed.get(n.name) or ("" if qn.quantized else (qn.reason or ("kept in float by you" if user else "")))
         layers.append({"name": n.name, "layers": list(n.layers), "op": n.op,
                        "can_quantize": n.name not in fixed and (bool(qn.quantized) or user),
-                       "reason": reason, "quantized": bool(qn.quantized)})
+                       "reason": reason, "quantized": bool(qn.quantized), "precision": _precision(q, n, qn)})
     return {"rows": rows, "layers": layers, "images": ranges.images, "source": ranges.source,
             "float_layers": sorted(q.user_float)}
 

@@ -149,6 +149,8 @@ async function showSession(s) {
   rememberSession(s.id);
   clearResults("");
   $("step-table").hidden = $("step-validate").hidden = $("step-export").hidden = true;
+  $("step-sensitivity").hidden = true;
+  clearSensitivity(); $("ap-chart").innerHTML = ""; $("ap-front").innerHTML = ""; $("ap-msg").textContent = "";
   $("hist-detail").hidden = true;
   showSessionInfo(s);
   option($("code-target"), s.target === "gpu" ? ["c", "cuda"] : ["c"], { c: "C (CPU)", cuda: "CUDA (GPU)" });
@@ -156,6 +158,8 @@ async function showSession(s) {
   showDatasets(s.datasets, null);
   if (s.calibrated) await afterCalibration();
   if (s.validated) await showValidation();
+  if (s.sensitivity) await showSensitivity();
+  if (s.searched) await showSearch();
   if (s.codegen) codeReady(s.codegen);
 }
 
@@ -191,7 +195,7 @@ function showDatasets(list, select) {
     li.textContent = `${d.name} (${d.id}): ${split} of ${d.shape.join("x")}, ${classesText(d.class_names)}`;
     ul.appendChild(li);
   }
-  for (const id of ["cal-data", "val-data"]) {
+  for (const id of ["cal-data", "val-data", "sens-data"]) {
     const sel = $(id), keep = select || sel.value;
     sel.innerHTML = "";
     for (const d of list) {
@@ -402,6 +406,14 @@ function renderLayers(layers) {
       sel.addEventListener("change", () => changeOverride(l.name, sel.value));
       lab.appendChild(sel);
     }
+    if (l.precision && l.can_quantize) {   // the bit width of a conv or fully connected layer
+      const p = document.createElement("select");
+      p.className = "precision"; p.dataset.layer = l.name; p.title = "precision of this layer's weights";
+      option(p, ["float", "int8", "w4a8"], PRECISION);
+      p.value = l.precision;
+      p.addEventListener("change", () => changePrecision(l.name, p.value));
+      lab.appendChild(p);
+    }
     box.appendChild(lab);
   }
 }
@@ -413,6 +425,114 @@ async function changeLayer(name, cb) {
     await afterCalibration();   // the table's Type and Quantize columns follow the choice
     setStatus(`${name}: ${cb.checked ? "quantize" : "keep in float"}`);
   } catch (e) { cb.checked = !cb.checked; setStatus(e.message, true); }
+}
+
+const PRECISION = { float: "float", int8: "int8", w4a8: "W4A8 (4-bit weights)" };
+
+async function changePrecision(name, precision) {
+  try {
+    const r = await api("POST", `/api/sessions/${session.id}/layers`, { layer: name, precision });
+    session.config = r.config;
+    $("scheme-text").textContent = schemeText(r.config);
+    if (r.results_cleared) clearResults("Layer precision changed: the results shown were for the old network, validate again.");
+    await afterCalibration();
+    setStatus(`${name}: ${PRECISION[precision]}`);
+  } catch (e) { setStatus(e.message, true); await afterCalibration(); }
+}
+
+// --- sensitivity and the precision search -------------------------------------------------------
+function clearSensitivity() {
+  $("sens-chart").innerHTML = ""; $("sens-table").innerHTML = ""; $("sens-wrap").hidden = true;
+  $("sens-msg").textContent = ""; $("sens-bar").style.width = "0";
+}
+
+function sensitivityChart(t) {
+  // one bar per layer, most harmful first: the metric lost with only it quantized (left of the
+  // axis would be a gain), and a dot: what keeping only it in float wins back
+  const rows = t.rows, bw = 16, H = 160, L = 50;
+  const W = rows.length * bw + L + 10;
+  const vals = rows.flatMap((r) => [r.DropQuantizedOnly || 0, r.GainFloatOnly || 0]);
+  const max = Math.max(0.1, ...vals.map(Math.abs));
+  const y0 = H / 2 + 10, yOf = (v) => y0 - (H / 2 - 10) * v / max;
+  const svg = svgEl("svg", { class: "chart sens-chart", width: Math.max(W, 420), height: H + 140 });
+  svg.appendChild(svgEl("text", { x: 4, y: 12, class: "chart-title" },
+    `${t.metric} lost with only this layer quantized (bars) and won back with only it float (dots), ${t.images} images`));
+  for (const v of [max, max / 2, 0, -max / 2, -max]) {
+    svg.appendChild(svgEl("line", { x1: L - 4, x2: W, y1: yOf(v), y2: yOf(v), stroke: v === 0 ? "#3d4652" : "#d8dde3" }));
+    svg.appendChild(svgEl("text", { x: L - 6, y: yOf(v) + 3, "text-anchor": "end" }, v.toPrecision(2)));
+  }
+  rows.forEach((r, i) => {
+    const d = r.DropQuantizedOnly || 0, g = r.GainFloatOnly || 0;
+    const bar = svgEl("rect", { x: L + i * bw, y: Math.min(yOf(d), y0), width: bw - 3, height: Math.abs(yOf(d) - y0),
+                                class: d > 0 ? "bad" : "" });
+    bar.appendChild(svgEl("title", {}, `${r.Layer}: quantized alone ${r.QuantizedOnly} (drop ${d.toFixed(2)}), ` +
+      `float alone ${r.FloatOnly} (gain ${g.toFixed(2)}), SQNR ${r.SQNR_dB === null ? "inf" : r.SQNR_dB.toFixed(1)} dB`));
+    svg.appendChild(bar);
+    svg.appendChild(svgEl("circle", { cx: L + i * bw + (bw - 3) / 2, cy: yOf(g), r: 3, class: "gain" }));
+    svg.appendChild(svgEl("text", { transform: `translate(${L + 6 + i * bw},${H + 14}) rotate(60)` }, r.Layer));
+  });
+  return svg;
+}
+
+async function showSensitivity() {
+  const t = await api("GET", `/api/sessions/${session.id}/sensitivity`);
+  clearSensitivity();
+  $("sens-msg").textContent = `${t.images} images (${t.source}): float ${t.metric} ${t.float}, all int8 ${t.int8}; ` +
+    "most harmful layer first.";
+  $("sens-chart").appendChild(sensitivityChart(t));
+  const cols = ["Layer", "Op", "QuantizedOnly", "FloatOnly", "DropQuantizedOnly", "GainFloatOnly", "SQNR_dB"];
+  const tab = table(cols, t.rows, { SQNR_dB: (v) => v === null ? "inf" : v.toFixed(1) });
+  tab.id = "sens-table";
+  $("sens-wrap").replaceChildren(tab);
+  $("sens-wrap").hidden = false;
+}
+
+function paretoChart(s) {
+  // memory (x) against the metric (y) of every configuration the search measured: grey points,
+  // the Pareto front as a line, the chosen one in red; dashed: the budget (float - max drop)
+  const W = 560, H = 280, L = 56, B = 40, T = 20, R = 16;
+  const pts = s.explored;
+  const xs = pts.map((p) => p.MemoryBytes).concat([s.int8_bytes]);
+  const ys = pts.map((p) => p.Metric).concat([s.float, s.float - s.max_drop]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  const xOf = (v) => L + (W - L - R) * (v - x0) / Math.max(x1 - x0, 1);
+  const yOf = (v) => T + (H - T - B) * (1 - (v - y0) / Math.max(y1 - y0, 1e-9));
+  const svg = svgEl("svg", { class: "chart pareto", width: W, height: H });
+  svg.appendChild(svgEl("text", { x: 4, y: 12, class: "chart-title" },
+    `${s.metric} against learnable memory, ${pts.length} configurations measured`));
+  svg.appendChild(svgEl("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }));
+  svg.appendChild(svgEl("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }));
+  for (const v of [x0, (x0 + x1) / 2, x1])
+    svg.appendChild(svgEl("text", { x: xOf(v), y: H - B + 14, "text-anchor": "middle" }, kb(Math.round(v))));
+  for (const v of [y0, (y0 + y1) / 2, y1])
+    svg.appendChild(svgEl("text", { x: L - 4, y: yOf(v) + 3, "text-anchor": "end" }, v.toFixed(2)));
+  svg.appendChild(svgEl("text", { x: (L + W) / 2, y: H - 6, "text-anchor": "middle" }, "learnable memory"));
+  const budget = s.float - s.max_drop;
+  svg.appendChild(svgEl("line", { x1: L, x2: W - R, y1: yOf(budget), y2: yOf(budget), class: "threshold" }));
+  svg.appendChild(svgEl("text", { x: W - R, y: yOf(budget) - 3, "text-anchor": "end" }, `budget ${budget.toFixed(2)}`));
+  for (const p of pts) {
+    const c = svgEl("circle", { cx: xOf(p.MemoryBytes), cy: yOf(p.Metric), r: 3, class: "explored" });
+    c.appendChild(svgEl("title", {}, `${p.Step}: ${p.Metric} at ${kb(p.MemoryBytes)} (${p.W4A8} W4A8, ${p.Int8} int8, ${p.Float} float)`));
+    svg.appendChild(c);
+  }
+  const front = s.front.map((p) => `${xOf(p.MemoryBytes).toFixed(1)},${yOf(p.Metric).toFixed(1)}`).join(" ");
+  svg.appendChild(svgEl("polyline", { points: front, class: "front" }));
+  const c = s.chosen;
+  svg.appendChild(svgEl("circle", { cx: xOf(c.MemoryBytes), cy: yOf(c.Metric), r: 6, class: "chosen" }));
+  return svg;
+}
+
+async function showSearch() {
+  const s = await api("GET", `/api/sessions/${session.id}/auto_precision`);
+  const c = s.chosen;
+  $("ap-msg").textContent = `chosen: ${s.metric} ${c.Metric} (float ${s.float}, drop ${c.Drop.toFixed(2)}, budget ` +
+    `${s.max_drop}) at ${kb(c.MemoryBytes)} (int8 ${kb(s.int8_bytes)}): ${c.W4A8} W4A8, ${c.Int8} int8, ${c.Float} ` +
+    `float layers; measured on ${s.source}. The layer list above shows the choice.`;
+  $("ap-chart").replaceChildren(paretoChart(s));
+  const tab = table(["MemoryBytes", "Metric", "Drop", "W4A8", "Int8", "Float", "Step", "Chosen"], s.front,
+                    { MemoryBytes: kb, Drop: (v) => v.toFixed(2) });
+  tab.id = "ap-front-table";
+  $("ap-front").replaceChildren(el("h3", "Pareto front"), tab);
 }
 
 async function changeOverride(name, method) {
@@ -444,6 +564,7 @@ async function afterCalibration() {
   renderTable();
   renderLayers(c.layers);
   $("step-table").hidden = false;
+  $("step-sensitivity").hidden = false;
   $("step-validate").hidden = false;
   $("step-export").hidden = false;
 }
@@ -674,6 +795,22 @@ $("btn-validate").addEventListener("click", async () => {
   for (const m of $("m-custom").value.split(",").map((x) => x.trim()).filter(Boolean)) metrics.push(m);
   if (await runJob("Validate", "val", () => api("POST", `/api/sessions/${session.id}/validate`,
       { data: $("val-data").value, count: countValue($("val-count")), seed: countValue($("val-seed")), metrics }))) await showValidation();
+});
+$("btn-sensitivity").addEventListener("click", async () => {
+  if (await runJob("Sensitivity", "sens", () => api("POST", `/api/sessions/${session.id}/sensitivity`,
+      { data: $("sens-data").value, count: countValue($("sens-count")), metric: $("sens-metric").value.trim() }))) await showSensitivity();
+});
+$("btn-auto").addEventListener("click", async () => {
+  if (await runJob("Precision search", "ap", () => api("POST", `/api/sessions/${session.id}/auto_precision`,
+      { data: $("sens-data").value, count: countValue($("ap-count")), metric: $("sens-metric").value.trim(),
+        max_drop: Number($("ap-drop").value), max_evaluations: Number($("ap-evals").value) }))) {
+    clearResults("The precision search chose a new configuration: validate it.");
+    clearSensitivity();
+    session = await api("GET", `/api/sessions/${session.id}`);
+    $("scheme-text").textContent = schemeText(session.config);
+    await afterCalibration();
+    await showSearch();
+  }
 });
 $("btn-export-q").addEventListener("click", () => download(`/api/sessions/${session.id}/export/quantizer`, "quantizer.nq"));
 $("btn-export-onnx").addEventListener("click", () => download(`/api/sessions/${session.id}/export/onnx`, "network_int8.onnx"));
