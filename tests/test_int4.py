@@ -234,9 +234,10 @@ def shipped(cifar):
 
     calib = calibration_set(cifar)          # 200 training images (MATLAB's default)
     out = {}
-    for key, cfg in (("naive", W4), ("adaround", QuantConfig(weight_bits=4, adaround=True))):
+    for key, cfg in (("naive", W4), ("adaround", QuantConfig(weight_bits=4, adaround=True, adaround_iterations=100))):
         q = Quantizer(load_pretrained("cifarnet-20-16"), config=cfg)
-        q.calibrate(calib)                  # AdaRound learns on these 200 images only
+        q.calibrate(calib)                  # AdaRound learns on these 200 images only (100 steps a layer:
+                                            # 82 s of CPU against 373 s for 300, same drop within 0.1)
         out[key] = q
     return out
 
