@@ -735,7 +735,7 @@ def test_cuda_code_for_gpu_sessions(server):
     code, _ = call(server, "POST", f"/api/sessions/{sid}/calibrate", {"count": 10})
     assert code == 200 and wait(server, sid)["state"] == "done"
     code, body = call(server, "POST", f"/api/sessions/{sid}/codegen", {"target": "vhdl"})
-    assert code == 400 and "expected c or cuda" in body["error"]
+    assert code == 400 and "expected one of c, cuda" in body["error"]
     code, _ = call(server, "POST", f"/api/sessions/{sid}/codegen", {"target": "cuda"})
     assert code == 200
     job = wait(server, sid)

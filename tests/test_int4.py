@@ -236,8 +236,8 @@ def shipped(cifar):
     out = {}
     for key, cfg in (("naive", W4), ("adaround", QuantConfig(weight_bits=4, adaround=True, adaround_iterations=100))):
         q = Quantizer(load_pretrained("cifarnet-20-16"), config=cfg)
-        q.calibrate(calib)                  # AdaRound learns on these 200 images only (100 steps a layer:
-                                            # 82 s of CPU against 373 s for 300, same drop within 0.1)
+        q.calibrate(calib)                  # AdaRound learns on these 200 images only (100 steps a layer: 237 s
+                                            # of CPU against 373 s for 300; 10,000-image drop 0.29 against 0.32)
         out[key] = q
     return out
 

@@ -216,6 +216,8 @@ class CPrinter:
         if path in ("vnni", "avx2"):   # the register tiles' weights in the order they read them (tile_order)
             key = "wv" if path == "vnni" else "ww"
             out[key] = self.simd(s).packed_weights(s, out[key])
+            if path == "avx2":   # int8 at rest, widened by the tile's load (c_conv_simd.WidenedIsa)
+                out[key] = out[key].astype(np.int8)
         if pl.hi_requant:
             t = np.concatenate([pl.shift - 32, pad + 1]).astype(np.int32)
             out["rqv"] = (np.int32(1) << (t - 1)).astype(np.int32)   # 2^(t-1): the rounding half

@@ -15,8 +15,10 @@ vector     16 int32 lanes (zmm, 32 registers)       8 int32 lanes (ymm, 16 regis
 K, staged  4 uint8 channels; int8 input read as     2 int16 channels, uint8 or int8 input
            x + 128 (x86_pack.vnni_bias)             widened (no offset)
 product    vpdpbusd: 64 u8 x s8 MACs, accumulates   vpmaddwd + vpaddd: 16 s16 x s16 MACs
-weights    "wv" [KH][KW][CP/4][OB][16][4] int8,     "ww" [KH][KW][CP/2][OB][8][2] int16,
-           in tile_order                            in tile_order (flat() for the RGB stem)
+weights    "wv" [KH][KW][CP/4][OB][16][4] int8,     "ww" [KH][KW][CP/2][OB][8][2] int8 at
+           in tile_order                            rest, sign-extended to int16 by the load
+                                                    (vpmovsxbw), in tile_order (flat() for
+                                                    the RGB stem)
 tile       OBT <= 4, OBT * P <= 24                  OBT <= 2, OBT * P <= 10
 =========  ======================================  ==========================================
 
@@ -100,9 +102,25 @@ class SimdIsa:
         return [f"xmm{r}" for r in sorted(self.w_regs + self.x_regs + self.t_regs)]
 
 
+@dataclass(frozen=True)
+class WidenedIsa(SimdIsa):
+    """AVX2's weights: int8 at rest (one byte a weight, as every other path stores them: the
+    sources of ResNet-50 are 51 MB with int16 tables against 35 MB), sign-extended to the int16
+    lanes vpmaddwd multiplies by the load itself: ``vpmovsxbw 16 bytes -> 16 words``, which
+    replaces the plain vector load, so the tile's instruction count is unchanged. Example: byte
+    0xF9 (-7) becomes word 0xFFF9 (-7)."""
+
+    @property
+    def wbytes(self) -> int:
+        return 2 * self.lanes   # 8 lanes x 2 input channels, one byte each
+
+    def wload(self, off: int, reg: int) -> list:
+        return [f"vpmovsxbw {off}(%[w]), %%{self.reg}{reg}"]
+
+
 VNNI = SimdIsa(16, 4, "uint8_t", "wv", "__m512i", "zmm", "vmovdqa64", 4, 24,
               (31, 30, 29, 28), (27, 26), (), "AVX-512 VNNI", "_mm512", "nq_requantize16_hi", "nq_pack4")
-AVX2 = SimdIsa(8, 2, "int16_t", "ww", "__m256i", "ymm", "vmovdqa", 2, 10,
+AVX2 = WidenedIsa(8, 2, "int16_t", "ww", "__m256i", "ymm", "vmovdqa", 2, 10,
               (15, 14), (13, 12), (11, 10), "AVX2", "_mm256", "nq_requantize8_hi", "nq_pack4x8")
 
 
