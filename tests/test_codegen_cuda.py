@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from netquant.codegen import build, generate, load
+from netquant.data import calibration_set
 from netquant.data.transforms import to_float
+from netquant.quantizer import Quantizer
 from netquant.ref.executor import run_int8
 
 pytestmark = pytest.mark.compiler

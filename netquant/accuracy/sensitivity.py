@@ -32,7 +32,6 @@ import numpy as np
 
 from ..calib.stats import RangeTable
 from ..errors import InputError
-from ..ir.float_exec import FLOAT_KERNELS
 from ..executor import resolve
 from ..ir.graph import Graph
 from ..progress import Progress
