@@ -115,19 +115,22 @@ def test_one_image_splits_rows_across_threads_bit_exactly(qnet, cifar, tmp_path)
         assert np.array_equal(net.predict_int(x), ref), threads
 
 
+def _child_build(gen, cache_dir, queue):
+    build(gen, cache_dir=cache_dir)
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    queue.put((r.ru_utime + r.ru_stime, r.ru_maxrss * 1024))
+
+
 def _build_in_a_child(gen, cache_dir) -> tuple[float, int]:
-    """(compiler CPU seconds, compiler peak RSS in bytes) of ``build(gen)`` run in a forked child:
-    RUSAGE_CHILDREN of this process would also count every earlier test's children (a browser)."""
+    """(compiler CPU seconds, compiler peak RSS in bytes) of ``build(gen)`` run in a fresh child
+    interpreter: RUSAGE_CHILDREN of this process would also count every earlier test's children
+    (a browser), and a forked child's compiler would be charged the RSS it had before exec, a
+    copy of this test process (2.2 GB late in a whole-suite run)."""
     import multiprocessing
 
-    def child(queue):
-        build(gen, cache_dir=cache_dir)
-        r = resource.getrusage(resource.RUSAGE_CHILDREN)
-        queue.put((r.ru_utime + r.ru_stime, r.ru_maxrss * 1024))
-
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=child, args=(queue,))
+    proc = ctx.Process(target=_child_build, args=(gen, cache_dir, queue))
     proc.start()
     result = queue.get(timeout=900)
     proc.join()

@@ -491,7 +491,10 @@ def test_cli_sigint_exits_130_with_one_line_and_no_partial_file(tmp_path):
     out = tmp_path / "q.nq"
     proc = subprocess.Popen([sys.executable, "-m", "netquant.cli", "calibrate", "--data", "sample",
                              "--calibration", "1000", "--out", str(out)],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            # as from a terminal: a suite started in the background (`make test &`)
+                            # inherits SIGINT ignored, and Python then installs no Ctrl-C handler
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = ""
     deadline = time.time() + 120
     while "calibrating on" not in line and time.time() < deadline:

@@ -319,7 +319,7 @@ def derive(quantizer, config: QuantConfig, user_float: frozenset):
     q = copy.copy(quantizer)
     q.provenance = copy.deepcopy(quantizer.provenance)
     q.config, q.user_float, q._qnet = config, frozenset(user_float), None
-    q.__dict__.pop("_c_engine", None)
+    q._c_engine = None   # the copy compiles its own library (Quantizer.compiled)
     return q
 
 
