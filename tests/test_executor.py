@@ -89,6 +89,24 @@ def test_linear_over_several_chunks_equals_int64():
     assert np.array_equal(run_int8(g, x, keep=())["fc"].numpy().astype(np.int64), want)
 
 
+def test_a_batch_run_in_chunks_gives_the_one_batch_integers(resnet20_quantizer, cifar, monkeypatch):
+    """A batch larger than a chunk (here 16 images in chunks of 5: 5, 5, 5, 1) gives every kept
+    node's integers of the same batch run whole."""
+    import netquant.ref.executor as ex
+
+    qg = resnet20_quantizer.quantize().qgraph
+    x = torch.from_numpy(to_float(cifar.test.images[:16]))
+    keep = ["S1U1_conv1", qg.output]
+    monkeypatch.setattr(ex, "CHUNK_ELEMENTS", 1 << 30)
+    whole = run_int8(qg, x, keep=keep)
+    monkeypatch.setattr(ex, "CHUNK_ELEMENTS", 5 * 16 * 32 * 32)   # the largest activation of 5 images
+    assert ex.chunk_images(qg) == 5
+    chunked = run_int8(qg, x, keep=keep)
+    assert set(chunked) == set(whole)
+    for k in whole:
+        assert chunked[k].shape == whole[k].shape and torch.equal(chunked[k], whole[k]), k
+
+
 def test_two_threads_at_once_give_the_serial_integers(resnet20_quantizer, cifar):
     """Two threads run the executor on different images at the same time, three times each:
     every result equals the serial run's, bit for bit."""
