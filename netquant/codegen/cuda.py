@@ -200,19 +200,13 @@ class CudaPrinter(CPrinter):
         g + 8*(j/2), column 2t + j%2. Example, S3U1_conv2 (C = O = 64, 8x8): K = 576 = 18 steps,
         8 n tiles, 2 m tiles: 288 mma per warp for 32 pixels x 64 channels.
         """
-        a = s.node.attrs
-        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
-        oc, oh, ow = self.hwc(self.buf(s.output).shape)
-        kh, kw = s.node.params["weight"].shape[2:]
         ksteps, nt, mt = self.mma_tiles(s)
-        lo, hi = a["clamp"]
+        lo, hi = s.node.attrs["clamp"]
         xin, yout = self.buf(s.inputs[0]), self.buf(s.output)
         assert xin.offset >= 0 and yout.offset >= 0, "tensor-core convolutions read and write the arena"
         WM, B, M, S = (self.const_name(s, k) for k in ("wm", "bias", "mult", "shift"))
-        o(f"enum {{ C = {c}, H = {h}, W = {w}, O = {oc}, OW = {ow}, OHW = {oh * ow}, KW = {kw}, "
-          f"SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]}, "
-          f"DH = {a['dilation'][0]}, DW = {a['dilation'][1]}, K = {kh * kw * c}, KP = {32 * ksteps}, "
-          f"KSTEPS = {ksteps}, NT = {nt}, MT = {mt} }};")
+        o(self.conv_enum(s))
+        o(f"enum {{ OHW = OH * OW, K = KH * KW * C, KSTEPS = {ksteps}, KP = 32 * KSTEPS, NT = {nt}, MT = {mt} }};")
         o("(void)in; (void)out;")
         o("const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;")
         o("const long rows = (long)n * OHW;")
@@ -331,6 +325,4 @@ lib{n}.so: {n}.cu {n}.h netquant_rt.h
         return files
 
     def device_entry_declaration(self) -> str:
-        return (f"\n/* Device buffers in and out, no copies (CUDA target only). */\n"
-                f"int {self.p.name}_predict_device(const float *d_images, size_t images_len, int n, float *d_scores,\n"
-                f"                                 size_t scores_len);")
+        return fill("cuda_header_entry.h.in", net=self.p.name)
