@@ -38,6 +38,15 @@ def sm_number(arch: str) -> int:
     return int(digits)
 
 
+def unroll(o: Source, *loops: str) -> Source:
+    """Open nested loops ``for (int v = 0; v < n; ++v)``, each under ``#pragma unroll``, for the pairs
+    (v, n) of ``loops``: unroll(o, "i", "MT", "j", "2") opens the i loop and the j loop inside it."""
+    for v, n in zip(loops[::2], loops[1::2]):
+        o("#pragma unroll")
+        o.open(f"for (int {v} = 0; {v} < {n}; ++{v})")
+    return o
+
+
 class CudaPrinter(CPrinter):
     file_suffix = ".cu"
     const_qualifier = "static __device__ const"
@@ -216,10 +225,7 @@ class CudaPrinter(CPrinter):
         o("const uint8_t *xb[MT][2];")
         o("int ih0[MT][2], iw0[MT][2];")
         o("bool valid[MT][2];")
-        o("#pragma unroll")
-        o.open("for (int i = 0; i < MT; ++i)")
-        o("#pragma unroll")
-        o.open("for (int j = 0; j < 2; ++j)")
+        unroll(o, "i", "MT", "j", "2")
         o("const long r = row0 + 16 * i + g + 8 * j;")
         o("valid[i][j] = r < rows;")
         o("const long rr = valid[i][j] ? r : 0;")
@@ -233,43 +239,32 @@ class CudaPrinter(CPrinter):
         o("for (int i = 0; i < MT; ++i)")
         o("    #pragma unroll")
         o("    for (int q = 0; q < NT; ++q) acc[i][q][0] = acc[i][q][1] = acc[i][q][2] = acc[i][q][3] = 0;")
-        o("#pragma unroll")
-        o.open("for (int ks = 0; ks < KSTEPS; ++ks)")
+        unroll(o, "ks", "KSTEPS")
         o("uint32_t af[MT][4];")
-        o("#pragma unroll")
-        o.open("for (int half = 0; half < 2; ++half)")
+        unroll(o, "half", "2")
         o("const int kb = ks * 32 + half * 16;  /* a constant once unrolled */")
         o("const int tap = kb / C, kh = tap / KW, kw = tap % KW, ch = kb % C + 4 * t;")
-        o("#pragma unroll")
-        o.open("for (int i = 0; i < MT; ++i)")
-        o("#pragma unroll")
-        o.open("for (int j = 0; j < 2; ++j)")
+        unroll(o, "i", "MT", "j", "2")
         o("const int ih = ih0[i][j] + kh * DH, iw = iw0[i][j] + kw * DW;")
         o("const bool inside = kb < K && valid[i][j] && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;")
         o("af[i][2 * half + j] = inside ? *(const uint32_t *)(xb[i][j] + (ih * W + iw) * C + ch) : 0u;")
         o.close().close().close()
-        o("#pragma unroll")
-        o.open("for (int q = 0; q < NT; ++q)")
+        unroll(o, "q", "NT")
         o(f"const int8_t *wp = {WM} + (q * 8 + g) * KP + ks * 32 + 4 * t;")
         o("const uint32_t b0 = __ldg((const unsigned int *)wp), b1 = __ldg((const unsigned int *)(wp + 16));")
-        o("#pragma unroll")
-        o.open("for (int i = 0; i < MT; ++i)")
+        unroll(o, "i", "MT")
         o('asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, '
           '{%8,%9}, {%0,%1,%2,%3};"')
         o('             : "+r"(acc[i][q][0]), "+r"(acc[i][q][1]), "+r"(acc[i][q][2]), "+r"(acc[i][q][3])')
         o('             : "r"(af[i][0]), "r"(af[i][1]), "r"(af[i][2]), "r"(af[i][3]), "r"(b0), "r"(b1));')
         o.close().close().close()
         o("/* requantize and store: lane holds columns 2t, 2t+1 of rows g and g + 8 of each tile */")
-        o("#pragma unroll")
-        o.open("for (int i = 0; i < MT; ++i)")
-        o("#pragma unroll")
-        o.open("for (int j = 0; j < 2; ++j)")
+        unroll(o, "i", "MT", "j", "2")
         o("if (!valid[i][j]) continue;")
         o("const long r = row0 + 16 * i + g + 8 * j;")
         o("const int img = (int)(r / OHW), pix = (int)(r % OHW);")
         o(f"{yout.ctype} *y = ({yout.ctype} *)(arena + (size_t)img * ARENA_BYTES + {yout.offset}) + pix * O;")
-        o("#pragma unroll")
-        o.open("for (int q = 0; q < NT; ++q)")
+        unroll(o, "q", "NT")
         o("const int col = q * 8 + 2 * t;")
         o(f"const {yout.ctype} v0 = ({yout.ctype})nq_requantize((int64_t){B}[col] + acc[i][q][2 * j], "
           f"{M}[col], {S}[col], {lo}, {hi});")
