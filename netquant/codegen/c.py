@@ -26,6 +26,7 @@ The CUDA printer subclasses :class:`CPrinter` and overrides only what differs.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -47,9 +48,11 @@ RUNTIME_HEADER = "netquant_rt.h"
 
 
 
-# the op kinds (netquant/ir/ops.py) with a kernel of their own in every printer (C: k_<kind>, CUDA:
-# g_<kind>): the integer ones and the affine (a per-channel float loop). Float layers of the other
-# kinds, float functions and lookup tables print one output element at a time (e_<kind>, e_<fn>).
+# the op kinds (netquant/ir/ops.py) with a kernel of their own (k_<kind>): the integer ones and the
+# affine (a per-channel float loop). Float layers of the other kinds, float functions and lookup
+# tables print one output element at a time (e_<kind>, e_<fn>). Each kernel is a loop (each_offset,
+# each_pixel, each_position) around the statements for one output, so the CUDA printer, which runs
+# one thread per output, overrides the loops and keeps the bodies.
 KERNEL_KINDS = INT_OPS + ("affine",)
 ELEMENT_KINDS = tuple(k for k in FLOAT_KERNEL_OPS if k not in ("affine", "float")) + ("lut",)
 
@@ -245,7 +248,35 @@ class CPrinter:
         """(C, H, W) of a buffer shape; a 1-D (C,) tensor is C x 1 x 1."""
         return (shape + (1, 1))[:3] if len(shape) == 1 else tuple(shape)
 
-    # --- kernels: each returns the body lines of the step function ---------------------------
+    # --- the loops over a kernel's outputs. A C kernel loops; the CUDA printer runs one thread per
+    # output and overrides these three to declare the same variables from its thread's output offset e
+    @contextmanager
+    def each_offset(self, o: Source, i: str, n: str, resume: bool = False):
+        """The body inside ``for (int i = 0; i < n; ++i)``: ``i`` runs over output offsets (with
+        ``resume``, on from where a vector loop before it left ``i``)."""
+        o.open(f"for ({'' if resume else f'int {i} = 0'}; {i} < {n}; ++{i})")
+        yield
+        o.close()
+
+    @contextmanager
+    def each_pixel(self, s: Step, o: Source):
+        """The body inside loops over channel ``c`` and pixel ``i`` (= h * W + w) of the output of ``s``."""
+        c, h, w = self.hwc(self.buf(s.output).shape)
+        o(f"enum {{ C = {c}, HW = {h * w} }};")
+        o.open("for (int c = 0; c < C; ++c)").open("for (int i = 0; i < HW; ++i)")
+        yield
+        o.close().close()
+
+    @contextmanager
+    def each_position(self, o: Source, c: str, n: str):
+        """The body inside loops over output rows ``oh`` < OH, columns ``ow`` < OW and channels
+        ``c`` < ``n`` of a conv or pool (OH, OW: the caller's enum); channels innermost."""
+        o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
+        o.open(f"for (int {c} = 0; {c} < {n}; ++{c})")
+        yield
+        o.close().close().close()
+
+    # --- kernels: each prints the body lines of the step function ------------------------------
     def pix_off(self, name: str, c: str, i: str) -> str:
         """Offset of channel ``c`` of pixel ``i`` (= h * W + w) in buffer ``name``, by its layout."""
         b = self.buf(name)
@@ -255,23 +286,27 @@ class CPrinter:
         return f"{c} * {h * w} + {i}" if b.layout == "nchw" else f"{i} * {ch} + {c}"
 
     def k_affine(self, s: Step, o: Source):
-        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
+        with self.each_pixel(s, o):
+            self.affine_pixel(s, o, "c", "i")
+
+    def affine_pixel(self, s: Step, o: Source, c: str, i: str):
+        """Channel ``c`` of pixel ``i`` of float affine ``s``: x * scale[c] + shift[c], two roundings."""
         sc, sh = self.const_name(s, "scale"), self.const_name(s, "shift")
-        o(f"enum {{ C = {c}, HW = {h * w} }};")
-        o.open("for (int c = 0; c < C; ++c)").open("for (int i = 0; i < HW; ++i)")
-        o(f"float t = x0[{self.pix_off(s.inputs[0], 'c', 'i')}] * {sc}[c];  /* two roundings, as torch: no FMA */")
-        o(f"y[{self.pix_off(s.output, 'c', 'i')}] = t + {sh}[c];").close().close()
+        o(f"float t = x0[{self.pix_off(s.inputs[0], c, i)}] * {sc}[{c}];  /* two roundings, as torch: no FMA */")
+        o(f"y[{self.pix_off(s.output, c, i)}] = t + {sh}[{c}];")
 
     def k_quantize(self, s: Step, o: Source):
-        c, h, w = self.hwc(self.buf(s.output).shape)
-        lo, hi = s.node.attrs["clamp"]
-        inv = float(np.float32(1.0 / s.node.scale)).hex() + "f"
-        o(f"enum {{ C = {c}, HW = {h * w} }};")
-        o(f"const float inv = {inv};  /* float32(1 / {s.node.scale!r}) */")
         o(f"/* {self.buf(s.inputs[0]).layout.upper()} float in, channels-last integers out */")
-        o.open("for (int c = 0; c < C; ++c)").open("for (int i = 0; i < HW; ++i)")
-        o(f"y[i * C + c] = ({self.buf(s.output).ctype})nq_quantize(x0[{self.pix_off(s.inputs[0], 'c', 'i')}], inv, "
-          f"{lo}, {hi});").close().close()
+        with self.each_pixel(s, o):
+            self.quantize_pixel(s, o, "c", "i")
+
+    def quantize_pixel(self, s: Step, o: Source, c: str, i: str):
+        """Channel ``c`` of pixel ``i`` of quantize ``s``: round(x * float32(1 / scale)), clamped
+        (nq_quantize); scale 0.0078125 multiplies by 0x1.0p+7f = 128."""
+        lo, hi = s.node.attrs["clamp"]
+        inv = self.flt(1.0 / s.node.scale)
+        o(f"y[{self.pix_off(s.output, c, i)}] = ({self.buf(s.output).ctype})nq_quantize("
+          f"x0[{self.pix_off(s.inputs[0], c, i)}], {inv}, {lo}, {hi});  /* float32(1 / {s.node.scale!r}) */")
 
     def k_conv(self, s: Step, o: Source):
         """The conv of the profile's instruction set under its build macro; the portable loop nest
@@ -511,19 +546,29 @@ class CPrinter:
                 f"+ o % 16 * 4 + (kw * C + k) % 4")
 
     def conv_loops(self, s: Step, o: Source, layout: str = "w"):
-        a = s.node.attrs
-        lo, hi = a["clamp"]
-        tables = ("biasd", "multd", "shiftd") if layout == "wd" else ("bias", "mult", "shift")
-        W, B, M, S = (self.const_name(s, k) for k in (layout, *tables))
+        """The portable conv: every output (oh, ow, o) in turn (conv_output), weights in ``layout``."""
         o(self.conv_enum(s))
-        o("/* |acc| <= %d < 2^31 (lowering checked the bound on these weights) */" % a["acc_bound"])
-        o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
-        o(f"{self.buf(s.output).ctype} *yp = y + (oh * OW + ow) * O;")
-        o.open("for (int o = 0; o < O; ++o)")
+        o("/* |acc| <= %d < 2^31 (lowering checked the bound on these weights) */" % s.node.attrs["acc_bound"])
+        with self.each_position(o, "o", "O"):
+            self.conv_output(s, o, layout)
+
+    def conv_output(self, s: Step, o: Source, layout: str):
+        """Output channel ``o`` of output pixel (oh, ow) of integer conv ``s`` (its shapes an enum,
+        conv_enum): bias plus the products of every tap inside the image (conv_tap), requantized."""
+        lo, hi = s.node.attrs["clamp"]
+        tables = ("biasd", "multd", "shiftd") if layout == "wd" else ("bias", "mult", "shift")
+        B, M, S = (self.const_name(s, k) for k in tables)
         o("const int cg = (o / OG) * CG;")
         o(f"int32_t acc = {B}[o];")
         self.open_taps(o)
         o(f"const {self.buf(s.inputs[0]).ctype} *xp = x0 + (ih * W + iw) * C + cg;")
+        self.conv_tap(s, o, layout)
+        o.close().close()
+        o(f"y[(oh * OW + ow) * O + o] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
+
+    def conv_tap(self, s: Step, o: Source, layout: str):
+        """acc += the CG products of tap (kh, kw) for output channel o: inputs xp[k], weights in ``layout``."""
+        W = self.const_name(s, layout)
         if layout == "wd":
             o(f"acc += (int32_t)xp[0] * (int32_t){W}[{self.weight_index(s, layout)}];  /* one channel per group */")
         elif layout == "w":
@@ -531,21 +576,16 @@ class CPrinter:
             o("for (int k = 0; k < CG; ++k) acc += (int32_t)xp[k] * (int32_t)wp[k];")
         else:
             o(f"for (int k = 0; k < CG; ++k) acc += (int32_t)xp[k] * (int32_t){W}[{self.weight_index(s, layout)}];")
-        o.close().close()
-        o(f"yp[o] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
-        o.close().close().close()
 
     def k_linear(self, s: Step, o: Source):
         k = self.buf(s.inputs[0]).elements
         oc = self.buf(s.output).elements
         o(f"enum {{ K = {k}, O = {oc} }};")
-        o.open("for (int o = 0; o < O; ++o)")
-        self.linear_output(s, o, "o")
-        o.close()
+        with self.each_offset(o, "o", "O"):
+            self.linear_output(s, o, "o")
 
     def linear_output(self, s: Step, o: Source, i: str):
-        """Output ``i`` of integer linear ``s`` (K, its input length, is an enum of the caller):
-        shared with CUDA's one-thread-per-output kernel."""
+        """Output ``i`` of integer linear ``s`` (K, its input length, is an enum of the caller)."""
         lo, hi = s.node.attrs["clamp"]
         W, B, M, S = (self.const_name(s, key) for key in ("w", "bias", "mult", "shift"))
         o(f"int32_t acc = {B}[{i}];")
@@ -553,19 +593,25 @@ class CPrinter:
         o(f"y[{i}] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[{i}], {S}[{i}], {lo}, {hi});")
 
     def k_add(self, s: Step, o: Source):
-        n = self.buf(s.output).elements
-        lo, hi = s.node.attrs["clamp"]
-        m = s.node.params["multiplier"]
-        sh = int(s.node.params["shift"][0])
-        o(f"enum {{ N = {n} }};")
-        o("int i = 0;")
+        o(f"enum {{ N = {self.buf(s.output).elements} }};")
+        vector = self.add_vectors(s, o)
+        with self.each_offset(o, "i", "N", resume=vector):
+            self.add_element(s, o, "i")
+
+    def add_vectors(self, s: Step, o: Source) -> bool:
+        """The AVX-512 loops of an add of 8-bit tensors under a profile that has them (64, then 16
+        elements at a time); whether they were printed (the scalar loop then resumes at ``i``)."""
         widen = {"uint8": "_mm512_cvtepu8_epi32", "int8": "_mm512_cvtepi8_epi32"}
         t0, t1 = (self.buf(i).dtype for i in s.inputs)
         out_t = self.buf(s.output).dtype
-        if self.profile not in ("amx", "vnni"):
-            widen = {}   # only the profile's instruction set is printed
+        if self.profile not in ("amx", "vnni") or not {t0, t1, out_t} <= set(widen):
+            return False   # only the profile's instruction set is printed
+        lo, hi = s.node.attrs["clamp"]
+        m = s.node.params["multiplier"]
+        sh = int(s.node.params["shift"][0])
+        o("int i = 0;")
         o("#if NQ_VNNI")
-        if t0 in widen and t1 in widen and out_t in widen and ADD_PAIR_SHIFTS[0] <= sh <= ADD_PAIR_SHIFTS[1]:
+        if ADD_PAIR_SHIFTS[0] <= sh <= ADD_PAIR_SHIFTS[1]:
             pieces = [[(int(mi) >> k) & 0x7FFF for mi in m] for k in (0, 15, 30)]   # l, u, h of m0 and m1
             o.open()
             o("/* 15-bit pieces of the multipliers, as (x0, x1) int16 pairs: see nq_add16_pairs */")
@@ -583,20 +629,17 @@ class CPrinter:
             o(f"_mm512_storeu_si512((void *)(y + i), nq_pack4_{'u8' if out_t == 'uint8' else 's8'}({', '.join(qs)}));"
               "  /* saturating: the clamp */")
             o.close().close()
-        if t0 in widen and t1 in widen and out_t in widen:
-            o.open("for (; i + 16 <= N; i += 16)")
-            o(f"const __m512i a = {widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i)));")
-            o(f"const __m512i b = {widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i)));")
-            o(f"_mm_storeu_si128((__m128i *)(y + i), _mm512_cvtepi32_epi8(nq_add16(a, b, {int(m[0])}, {int(m[1])}, "
-              f"{sh}, {lo}, {hi})));  /* in range already: the low bytes */")
-            o.close()
-        o("#endif")
-        o.open("for (; i < N; ++i)")
-        self.add_element(s, o, "i")
+        o.open("for (; i + 16 <= N; i += 16)")
+        o(f"const __m512i a = {widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i)));")
+        o(f"const __m512i b = {widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i)));")
+        o(f"_mm_storeu_si128((__m128i *)(y + i), _mm512_cvtepi32_epi8(nq_add16(a, b, {int(m[0])}, {int(m[1])}, "
+          f"{sh}, {lo}, {hi})));  /* in range already: the low bytes */")
         o.close()
+        o("#endif")
+        return True
 
     def add_element(self, s: Step, o: Source, i: str):
-        """Element ``i`` of integer add ``s`` (shared with CUDA): both inputs times their
+        """Element ``i`` of integer add ``s``: both inputs times their
         multipliers, one rounding shift, clamp."""
         lo, hi = s.node.attrs["clamp"]
         m, sh = s.node.params["multiplier"], int(s.node.params["shift"][0])
@@ -625,12 +668,11 @@ class CPrinter:
 
     def k_gather(self, s: Step, o: Source):
         o(f"enum {{ N = {self.buf(s.output).elements} }};")
-        o.open("for (int i = 0; i < N; ++i)")
-        self.gather_element(s, o, "i")
-        o.close()
+        with self.each_offset(o, "i", "N"):
+            self.gather_element(s, o, "i")
 
     def gather_element(self, s: Step, o: Source, i: str):
-        """Element ``i`` of integer gather ``s`` (shared with CUDA)."""
+        """Element ``i`` of integer gather ``s``: input element index[i], or 0 at -1."""
         o(f"const int32_t t = {self.const_name(s, 'index')}[{i}];")
         o(f"y[{i}] = t < 0 ? 0 : x0[t];  /* -1: zero padding (real 0 is integer 0) */")
 
@@ -643,37 +685,46 @@ class CPrinter:
           f"OW = {(w + 2 * a['padding'][1] - kw) // a['stride'][1] + 1}, KH = {kh}, KW = {kw},")
         o(f"       SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]} }};")
 
-    def _pool(self, s: Step, o: Source, kind: str):
+    def k_maxpool(self, s: Step, o: Source):
+        if self.buf(s.output).dtype in ("uint8", "int8") and len(self.buf(s.output).shape) == 3:
+            self.max_pool_pixels(s, o)
+        else:
+            self.pool_loops(s, o, "max")
+
+    def k_avgpool(self, s: Step, o: Source):
+        self.pool_loops(s, o, "avg")
+
+    def pool_loops(self, s: Step, o: Source, kind: str):
         self.pool_enum(s, o)
-        if kind == "max" and self.buf(s.output).dtype in ("uint8", "int8") and len(self.buf(s.output).shape) == 3:
-            # channels innermost, so the compiler vectorises the max over whole pixels (vpmaxub);
-            # a window entirely in the padding (none in torch's pools) stores (type)INT32_MIN as below
-            t = self.buf(s.output).ctype
-            o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
-            o(f"{t} *restrict yp = y + (oh * OW + ow) * C;")
-            o("int first = 1;")
-            o.open("for (int kh = 0; kh < KH; ++kh)")
-            o("const int ih = oh * SH - PH + kh;")
-            o("if ((unsigned)ih >= (unsigned)H) continue;  /* padding: -inf */")
-            o.open("for (int kw = 0; kw < KW; ++kw)")
-            o("const int iw = ow * SW - PW + kw;")
-            o("if ((unsigned)iw >= (unsigned)W) continue;")
-            o(f"const {t} *restrict xp = x0 + (ih * W + iw) * C;")
-            o("if (first) for (int c = 0; c < C; ++c) yp[c] = xp[c];")
-            o("else for (int c = 0; c < C; ++c) yp[c] = xp[c] > yp[c] ? xp[c] : yp[c];")
-            o("first = 0;")
-            o.close().close()
-            o(f"if (first) for (int c = 0; c < C; ++c) yp[c] = ({t})INT32_MIN;")
-            o.close().close()
-            return
+        with self.each_position(o, "c", "C"):
+            self.pool_element_int(s, o, kind)
+
+    def max_pool_pixels(self, s: Step, o: Source):
+        """An 8-bit max pool a whole pixel at a time: channels innermost, so the compiler vectorises
+        the max (vpmaxub); a window entirely in the padding (none in torch's pools) stores
+        (type)INT32_MIN as pool_element_int does."""
+        self.pool_enum(s, o)
+        t = self.buf(s.output).ctype
         o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
-        o.open("for (int c = 0; c < C; ++c)")
-        self.pool_element_int(s, o, kind)
-        o.close().close().close()
+        o(f"{t} *restrict yp = y + (oh * OW + ow) * C;")
+        o("int first = 1;")
+        o.open("for (int kh = 0; kh < KH; ++kh)")
+        o("const int ih = oh * SH - PH + kh;")
+        o("if ((unsigned)ih >= (unsigned)H) continue;  /* padding: -inf */")
+        o.open("for (int kw = 0; kw < KW; ++kw)")
+        o("const int iw = ow * SW - PW + kw;")
+        o("if ((unsigned)iw >= (unsigned)W) continue;")
+        o(f"const {t} *restrict xp = x0 + (ih * W + iw) * C;")
+        o("if (first) for (int c = 0; c < C; ++c) yp[c] = xp[c];")
+        o("else for (int c = 0; c < C; ++c) yp[c] = xp[c] > yp[c] ? xp[c] : yp[c];")
+        o("first = 0;")
+        o.close().close()
+        o(f"if (first) for (int c = 0; c < C; ++c) yp[c] = ({t})INT32_MIN;")
+        o.close().close()
 
     def pool_element_int(self, s: Step, o: Source, kind: str):
-        """Output (oh, ow, c) of an integer pool (``kind`` "max" or "avg"), shared with CUDA's
-        one-thread-per-output kernel: the window's max, or its int32 sum requantized."""
+        """Output (oh, ow, c) of an integer pool (``kind`` "max" or "avg"): the window's max, or
+        its int32 sum requantized."""
         a = s.node.attrs
         o("int32_t acc = %s;" % ("INT32_MIN" if kind == "max" else "0"))
         o.open("for (int kh = 0; kh < KH; ++kh)")
@@ -692,27 +743,25 @@ class CPrinter:
             M, S = int(s.node.params["multiplier"][0]), int(s.node.params["shift"][0])
             o(f"y[(oh * OW + ow) * C + c] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}, {S}, {lo}, {hi});")
 
-    def k_maxpool(self, s: Step, o: Source):
-        self._pool(s, o, "max")
-
-    def k_avgpool(self, s: Step, o: Source):
-        self._pool(s, o, "avg")
-
     def k_act(self, s: Step, o: Source):
-        o(f"for (int i = 0; i < {self.buf(s.output).elements}; ++i) y[i] = {self.act_value(s, 'i')};")
+        o(f"enum {{ N = {self.buf(s.output).elements} }};")
+        with self.each_offset(o, "i", "N"):
+            o(f"y[i] = {self.act_value(s, 'i')};")
 
     def act_value(self, s: Step, i: str) -> str:
-        """Element ``i`` of integer act ``s``, clamped (a C expression, shared with CUDA)."""
+        """Element ``i`` of integer act ``s``, clamped (a C expression)."""
         lo, hi = s.node.attrs["clamp"]
         return f"({self.buf(s.output).ctype})nq_clamp(x0[{i}], {lo}, {hi})"
 
     def k_dequantize(self, s: Step, o: Source):
-        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
-        scale = float(np.float32(s.node.scale)).hex() + "f"
-        o(f"enum {{ C = {c}, HW = {h * w} }};")
         o(f"/* channels-last integers in, {self.buf(s.output).layout.upper()} float out */")
-        o.open("for (int c = 0; c < C; ++c)").open("for (int i = 0; i < HW; ++i)")
-        o(f"y[{self.pix_off(s.output, 'c', 'i')}] = nq_dequantize(x0[i * C + c], {scale});").close().close()
+        with self.each_pixel(s, o):
+            self.dequantize_pixel(s, o, "c", "i")
+
+    def dequantize_pixel(self, s: Step, o: Source, c: str, i: str):
+        """Channel ``c`` of pixel ``i`` of dequantize ``s``: q * scale in float32 (nq_dequantize)."""
+        o(f"y[{self.pix_off(s.output, c, i)}] = nq_dequantize(x0[{self.pix_off(s.inputs[0], c, i)}], "
+          f"{self.flt(s.node.scale)});")
 
     # --- float layers and lookup tables: one body per output element, shared with CUDA ----------
     # Each e_* method prints the statements that compute y[e], the output element at offset e of
@@ -794,9 +843,8 @@ class CPrinter:
 
     def element_loop(self, s: Step, o: Source):
         o(f"enum {{ N = {self.buf(s.output).elements} }};")
-        o.open("for (int e = 0; e < N; ++e)")
-        self.element(s, o)
-        o.close()
+        with self.each_offset(o, "e", "N"):
+            self.element(s, o)
 
     def e_lut(self, s: Step, o: Source):
         """A chain of elementwise float ops on an 8-bit tensor, read from its table (program.lut_table)."""
@@ -1020,6 +1068,10 @@ class CPrinter:
             return None
         return "" if len(used) > 1 or "" in used else used[0]
 
+    def const_attributes(self, s: Step, key: str) -> str:
+        """What constant ``key`` of ``s`` declares after its name: the alignment of vector loads."""
+        return "__attribute__((aligned(64)))" if key in self.SIMD_ONLY else ""
+
     def constants(self) -> str:
         """The constant tables the printed kernels read: those of BLOB_MIN_BYTES or more appended to
         ``self.blob`` (the binary weights file, 64-byte aligned, included by .incbin) and named by
@@ -1040,8 +1092,7 @@ class CPrinter:
                                f"  /* {arr.size} x {ctype} */")
                     self.blob += data
                     continue
-                text = c_array(ctype, name, arr, self.const_qualifier,   # vector loads: aligned
-                               "__attribute__((aligned(64)))" if key in self.SIMD_ONLY else "")
+                text = c_array(ctype, name, arr, self.const_qualifier, self.const_attributes(s, key))
                 out.append(f"#if {guard}\n{text}#endif\n" if guard else text)
         return "\n".join(out)
 

@@ -1,24 +1,29 @@
 """The CUDA printer: the same Program as the C target, printed as one .cu file.
 
-What differs from :class:`~netquant.codegen.c.CPrinter`: constants live in device memory
-(uploaded once, when the library loads: the persistent network of MATLAB's ``mynet_predict``);
-every step is a ``__global__`` kernel; per-image arenas lie side by side in one device buffer (the
-batch size is a run-time argument). By default each kernel has one thread per output element and
-convolutions use ``dp4a`` (PTX ``dp4a.u32.s32``) four channels at a time: the kernels checked bit
-for bit on a GPU (an H100, bench/gpu_check.py). With ``tensor_cores=True`` (sm_80 and newer),
-convolutions over uint8 activations run on int8 tensor cores instead (``mma.sync.m16n8k32``
-u8 x s8 -> s32, an implicit GEMM, see :meth:`CudaPrinter.conv_mma`); they are checked bit for
-bit in the test suite's CPU emulation of a warp and await the same check on a GPU. The
-integer arithmetic is ``netquant_rt.h``'s, shared with C, so outputs are bit-exact with the
-reference executor (nvcc is run with ``--fmad=false`` so no float multiply-add is fused).
+What differs from :class:`~netquant.codegen.c.CPrinter`, and all this subclass overrides:
+constants live in device memory (uploaded once, when the library loads: the persistent network of
+MATLAB's ``mynet_predict``); every step is a ``__global__`` kernel with one thread per output
+element: the C kernels' loops over outputs (``each_offset``, ``each_pixel``, ``each_position``)
+become the thread's own output, and the statements inside them, which compute that output, are
+the C printer's; per-image arenas lie side by side in one device buffer (the batch size is a
+run-time argument); the static host code is ``runtime/cuda_host.cu.in``. Convolutions over uint8
+use ``dp4a`` (PTX ``dp4a.u32.s32``) four channels at a time: the kernels checked bit for bit on a
+GPU (an H100, bench/gpu_check.py). With ``tensor_cores=True`` (sm_80 and newer), they run on
+int8 tensor cores instead (``mma.sync.m16n8k32`` u8 x s8 -> s32, an implicit GEMM, see
+:meth:`CudaPrinter.conv_mma`); these are checked bit for bit in the test suite's CPU emulation of
+a warp and await the same check on a GPU. The integer arithmetic is ``netquant_rt.h``'s, shared
+with C, so outputs are bit-exact with the reference executor (nvcc is run with ``--fmad=false`` so
+no float multiply-add is fused).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
-from .c import CTYPE, CPrinter, Source, c_array
-from .runtime_files import fill
+from .c import CPrinter, Source
 from .program import IntConvPlan, Step
+from .runtime_files import fill
 
 THREADS = 256
 MMA_WARPS = 4        # warps per block of the tensor-core convolution
@@ -31,6 +36,15 @@ def sm_number(arch: str) -> int:
     if not digits:
         raise ValueError(f"arch {arch!r}: expected sm_XY (for example sm_80 or sm_90)")
     return int(digits)
+
+
+def unroll(o: Source, *loops: str) -> Source:
+    """Open nested loops ``for (int v = 0; v < n; ++v)``, each under ``#pragma unroll``, for the pairs
+    (v, n) of ``loops``: unroll(o, "i", "MT", "j", "2") opens the i loop and the j loop inside it."""
+    for v, n in zip(loops[::2], loops[1::2]):
+        o("#pragma unroll")
+        o.open(f"for (int {v} = 0; {v} < {n}; ++{v})")
+    return o
 
 
 class CudaPrinter(CPrinter):
@@ -46,7 +60,7 @@ class CudaPrinter(CPrinter):
             raise ValueError(f"tensor_cores needs sm_{MMA_MIN_SM} or newer (int8 mma.sync.m16n8k32); arch is {arch}")
         self.tensor_cores = tensor_cores
 
-    # --- constants: device arrays; the channel-padded dp4a weights replace the CPU layouts ----
+    # --- which conv kernel: dp4a or tensor cores over uint8, the C printer's loop nest otherwise ----
     def dp4a_eligible(self, s: Step) -> bool:
         # ungrouped conv over uint8 input (program.vnni_eligible, which also takes int8 through
         # an offset the dp4a kernels do not apply)
@@ -78,76 +92,65 @@ class CudaPrinter(CPrinter):
         nt = w.shape[0] // 8
         return -(-k // 32), nt, (4 if nt <= 4 else 2)
 
-    def step_consts(self, s: Step) -> dict:
-        """The device tables of ``s``: the plan's, with a conv's weights in the layout of its kernel:
-        "wm" (O, K padded to 32) for tensor cores, "wd" (O, KH, KW, 4*C4) for dp4a, else "w"."""
-        consts = s.plan.tables()
+    # --- constants: device arrays; a dp4a or tensor-core conv's weights replace the plan's "w" -------
+    def conv_tables(self, s: Step) -> dict:
+        """The weights of conv ``s`` in the layout of its kernel: "wm" (O, K padded to 32) for tensor
+        cores, "wdp" (O, KH, KW, 4*C4) for dp4a; none for the loop nest (it reads the plan's "w")."""
+        w = s.plan.w                                  # (O, KH, KW, C)
         if self.mma_eligible(s):
-            w = consts.pop("w")                       # (O, KH, KW, C)
-            ksteps = self.mma_tiles(s)[0]
-            wm = np.zeros((w.shape[0], 32 * ksteps), np.int8)
+            wm = np.zeros((w.shape[0], 32 * self.mma_tiles(s)[0]), np.int8)
             wm[:, :w[0].size] = w.reshape(w.shape[0], -1)  # (O, K): k = (kh * KW + kw) * C + c
-            consts = {"wm": wm, **consts}
-        elif self.dp4a_eligible(s):
-            w = consts.pop("w")                       # (O, KH, KW, C)
-            c4 = -(-w.shape[3] // 4)
-            padded = np.zeros(w.shape[:3] + (4 * c4,), np.int8)
+            return {"wm": wm}
+        if self.dp4a_eligible(s):
+            padded = np.zeros(w.shape[:3] + (4 * -(-w.shape[3] // 4),), np.int8)
             padded[..., :w.shape[3]] = w
-            consts["wd"] = padded                      # (O, KH, KW, 4*C4): 4 channels per dp4a
-        return consts
+            return {"wdp": padded}                     # 4 channels per dp4a
+        return {}
 
-    def const_guard(self, s: Step, key: str) -> str:
-        return ""   # every table of step_consts is read on the device
+    def const_guard(self, s: Step, key: str):
+        # every table is read on the device, but the plan's weights where another layout replaces them
+        return None if key == "w" and self.dp4a_eligible(s) else ""
 
-    def constants(self) -> str:
-        out = []
-        for s in self.p.steps:
-            for key, arr in self.step_consts(s).items():
-                qualifier = "static __device__ const __align__(16)" if key == "wm" else self.const_qualifier
-                out.append(c_array(CTYPE[np.asarray(arr).dtype], self.const_name(s, key), arr, qualifier))
-        return "\n".join(out)
+    def const_attributes(self, s: Step, key: str) -> str:
+        return "__align__(16)" if key == "wm" else ""   # the tensor cores' 32-bit fragment loads
 
-    # --- kernels ------------------------------------------------------------------------------
+    # --- kernels: one thread per output, in the C printer's kernels with their loops replaced ----
     def signature(self, s: Step) -> str:
-        return f"{self.kernel_qualifier} {self.fn_name(s)}(uint8_t *arena, const float *in, float *out, int n)"
+        bounds = f"__launch_bounds__({32 * MMA_WARPS}) " if self.mma_eligible(s) else ""
+        return f"{self.kernel_qualifier} {bounds}{self.fn_name(s)}(uint8_t *arena, const float *in, float *out, int n)"
 
-    def _ref(self, name: str, const: bool) -> str:
-        """An expression for buffer ``name`` of image ``img``."""
+    def pointer(self, name: str, const: bool) -> str:
+        """Buffer ``name`` of image ``img``: in the input, the output or the image's arena."""
         b = self.buf(name)
-        q = "const " if const else ""
         if b.name == self.p.input:
             return f"(in + (size_t)img * {b.elements})"
         if b.name == self.p.output:
             return f"(out + (size_t)img * {b.elements})"
-        return f"(({q}{b.ctype} *)(arena + (size_t)img * ARENA_BYTES + {b.offset}))"
+        return f"(({'const ' if const else ''}{b.ctype} *)(arena + (size_t)img * ARENA_BYTES + {b.offset}))"
 
-    def step_functions(self) -> str:
-        o = Source()
-        for s in self.p.steps:
-            o(f"/* {s.node.name} = {s.kind}({', '.join(s.node.inputs)}) [{'+'.join(s.node.layers)}] */")
-            if self.mma_eligible(s):
-                self.conv_mma(s, o)
-                o()
-                continue
-            o.open(self.signature(s))
-            total = self.buf(s.output).elements
-            o("const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;")
-            o(f"const int img = (int)(idx / {total}), e = (int)(idx % {total});")
-            o("if (img >= n) return;")
-            for j, i in enumerate(s.inputs):
-                o(f"const {self.buf(i).ctype} *x{j} = {self._ref(i, True)};")
-            o(f"{self.buf(s.output).ctype} *y = {self._ref(s.output, False)};")
-            if self.is_element_step(s):
-                self.element(s, o)   # the C printer's body for output element e (float layers, tables)
-            else:
-                getattr(self, f"g_{s.kind}")(s, o)
-            o.close()
-            o()
-        return o.text()
+    def emit_kernel(self, s: Step, o: Source):
+        """The tensor-core conv, or: thread idx computes output element e of image img (the C
+        kernel of ``s``, whose loops over outputs each_* turn into this e)."""
+        if self.mma_eligible(s):
+            return self.conv_mma(s, o)
+        total = self.buf(s.output).elements
+        o("const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;")
+        o(f"const int img = (int)(idx / {total}), e = (int)(idx % {total});")
+        o("if (img >= n) return;")
+        for j, i in enumerate(s.inputs):
+            o(f"const {self.buf(i).ctype} *x{j} = {self.pointer(i, True)};")
+        o(f"{self.buf(s.output).ctype} *y = {self.pointer(s.output, False)};")
+        super().emit_kernel(s, o)
 
-    def _pixel(self, name: str, o: Source):
-        """Declare channel c and pixel i (= h * W + w) of element e of buffer ``name``."""
-        b = self.buf(name)
+    @contextmanager
+    def each_offset(self, o: Source, i: str, n: str, resume: bool = False):
+        if i != "e":
+            o(f"const int {i} = e;")
+        yield
+
+    @contextmanager
+    def each_pixel(self, s: Step, o: Source):
+        b = self.buf(s.output)
         c, h, w = self.hwc(b.shape)
         if len(b.shape) == 1:
             o("const int c = e;")
@@ -155,47 +158,43 @@ class CudaPrinter(CPrinter):
             o(f"const int c = e / {h * w}, i = e % {h * w};  /* NCHW */")
         else:
             o(f"const int c = e % {c}, i = e / {c};  /* channels-last */")
+        yield
 
-    def g_affine(self, s, o):
-        self._pixel(s.output, o)
-        o(f"float t = x0[{self.pix_off(s.inputs[0], 'c', 'i')}] * {self.const_name(s, 'scale')}[c];  "
-          f"/* two roundings, as torch */")
-        o(f"y[e] = t + {self.const_name(s, 'shift')}[c];")
+    @contextmanager
+    def each_position(self, o: Source, c: str, n: str):
+        o(f"const int {c} = e % {n}, pix = e / {n}, oh = pix / OW, ow = pix % OW;")
+        yield
 
-    def g_quantize(self, s, o):
-        lo, hi = s.node.attrs["clamp"]
-        inv = float(np.float32(1.0 / s.node.scale)).hex() + "f"
-        self._pixel(s.output, o)
-        o(f"y[e] = ({self.buf(s.output).ctype})nq_quantize(x0[{self.pix_off(s.inputs[0], 'c', 'i')}], {inv}, "
-          f"{lo}, {hi});")
+    def k_conv(self, s: Step, o: Source):
+        self.conv_loops(s, o, "wdp" if self.dp4a_eligible(s) else "w")
 
-    def g_conv(self, s, o):
-        c = self.hwc(self.buf(s.inputs[0]).shape)[0]
-        lo, hi = s.node.attrs["clamp"]
-        B, M, S = (self.const_name(s, k) for k in ("bias", "mult", "shift"))
-        o(self.conv_enum(s))
-        o("const int o = e % O, pix = e / O, oh = pix / OW, ow = pix % OW;")
-        o(f"int32_t acc = {B}[o];")
-        self.open_taps(o)
-        if self.dp4a_eligible(s):
-            c4 = -(-c // 4)
-            o("const uint8_t *xp = x0 + (ih * W + iw) * C;")
-            o(f"const int8_t *wp = {self.const_name(s, 'wd')} + ((o * KH + kh) * KW + kw) * {4 * c4};")
-            o.open(f"for (int q = 0; q < {c4}; ++q)")
-            o("uint32_t xa = 0, wb;")
-            o("for (int j = 0; j < 4 && 4 * q + j < C; ++j) xa |= (uint32_t)xp[4 * q + j] << (8 * j);")
-            o("memcpy(&wb, wp + 4 * q, 4);")
-            o('asm("dp4a.u32.s32 %0, %1, %2, %0;" : "+r"(acc) : "r"(xa), "r"(wb));')
-            o.close()
-        else:
-            o("const int cg = (o / OG) * CG;")
-            o(f"const {self.buf(s.inputs[0]).ctype} *xp = x0 + (ih * W + iw) * C + cg;")
-            o(f"const int8_t *wp = {self.const_name(s, 'w')} + ((o * KH + kh) * KW + kw) * CG;")
-            o("for (int k = 0; k < CG; ++k) acc += (int32_t)xp[k] * (int32_t)wp[k];")
-        o.close().close()
-        o(f"y[e] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
+    def conv_tap(self, s: Step, o: Source, layout: str):
+        """dp4a: four channels of tap (kh, kw) per instruction, the last group zero-padded."""
+        if layout != "wdp":
+            return super().conv_tap(s, o, layout)
+        c4 = -(-self.hwc(self.buf(s.inputs[0]).shape)[0] // 4)
+        o(f"const int8_t *wp = {self.const_name(s, 'wdp')} + ((o * KH + kh) * KW + kw) * {4 * c4};")
+        o.open(f"for (int q = 0; q < {c4}; ++q)")
+        o("uint32_t xa = 0, wb;")
+        o("for (int j = 0; j < 4 && 4 * q + j < C; ++j) xa |= (uint32_t)xp[4 * q + j] << (8 * j);")
+        o("memcpy(&wb, wp + 4 * q, 4);")
+        o('asm("dp4a.u32.s32 %0, %1, %2, %0;" : "+r"(acc) : "r"(xa), "r"(wb));')
+        o.close()
 
-    def conv_mma(self, s, o):
+    def k_concat(self, s: Step, o: Source):
+        """The thread's output channel picks its input (the C kernel loops over each input's channels)."""
+        oc = self.hwc(self.buf(s.output).shape)[0]
+        o(f"const int p = e / {oc}, c = e % {oc};")
+        for j, off, cj, value in self.concat_parts(s):
+            o(f"if (c >= {off} && c < {off + cj}) y[e] = {value(f'p * {cj} + c - {off}')};")
+
+    def k_maxpool(self, s: Step, o: Source):
+        self.pool_loops(s, o, "max")   # no whole-pixel loop: a thread has one output
+
+    def softmax_rows(self, s: Step, o: Source):
+        self.e_softmax(s, o)           # each thread its own element (the C kernel: a row at a time)
+
+    def conv_mma(self, s: Step, o: Source):
         """Convolution as an implicit GEMM on int8 tensor cores.
 
         Rows m are the output pixels of every image of the batch (M = n * OH * OW), columns the
@@ -210,21 +209,13 @@ class CudaPrinter(CPrinter):
         g + 8*(j/2), column 2t + j%2. Example, S3U1_conv2 (C = O = 64, 8x8): K = 576 = 18 steps,
         8 n tiles, 2 m tiles: 288 mma per warp for 32 pixels x 64 channels.
         """
-        a = s.node.attrs
-        c, h, w = self.hwc(self.buf(s.inputs[0]).shape)
-        oc, oh, ow = self.hwc(self.buf(s.output).shape)
-        kh, kw = s.node.params["weight"].shape[2:]
         ksteps, nt, mt = self.mma_tiles(s)
-        lo, hi = a["clamp"]
+        lo, hi = s.node.attrs["clamp"]
         xin, yout = self.buf(s.inputs[0]), self.buf(s.output)
         assert xin.offset >= 0 and yout.offset >= 0, "tensor-core convolutions read and write the arena"
         WM, B, M, S = (self.const_name(s, k) for k in ("wm", "bias", "mult", "shift"))
-        o.open(f"{self.kernel_qualifier} __launch_bounds__({32 * MMA_WARPS}) "
-               f"{self.fn_name(s)}(uint8_t *arena, const float *in, float *out, int n)")
-        o(f"enum {{ C = {c}, H = {h}, W = {w}, O = {oc}, OW = {ow}, OHW = {oh * ow}, KW = {kw}, "
-          f"SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]}, "
-          f"DH = {a['dilation'][0]}, DW = {a['dilation'][1]}, K = {kh * kw * c}, KP = {32 * ksteps}, "
-          f"KSTEPS = {ksteps}, NT = {nt}, MT = {mt} }};")
+        o(self.conv_enum(s))
+        o(f"enum {{ OHW = OH * OW, K = KH * KW * C, KSTEPS = {ksteps}, KP = 32 * KSTEPS, NT = {nt}, MT = {mt} }};")
         o("(void)in; (void)out;")
         o("const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;")
         o("const long rows = (long)n * OHW;")
@@ -234,10 +225,7 @@ class CudaPrinter(CPrinter):
         o("const uint8_t *xb[MT][2];")
         o("int ih0[MT][2], iw0[MT][2];")
         o("bool valid[MT][2];")
-        o("#pragma unroll")
-        o.open("for (int i = 0; i < MT; ++i)")
-        o("#pragma unroll")
-        o.open("for (int j = 0; j < 2; ++j)")
+        unroll(o, "i", "MT", "j", "2")
         o("const long r = row0 + 16 * i + g + 8 * j;")
         o("valid[i][j] = r < rows;")
         o("const long rr = valid[i][j] ? r : 0;")
@@ -251,43 +239,32 @@ class CudaPrinter(CPrinter):
         o("for (int i = 0; i < MT; ++i)")
         o("    #pragma unroll")
         o("    for (int q = 0; q < NT; ++q) acc[i][q][0] = acc[i][q][1] = acc[i][q][2] = acc[i][q][3] = 0;")
-        o("#pragma unroll")
-        o.open("for (int ks = 0; ks < KSTEPS; ++ks)")
+        unroll(o, "ks", "KSTEPS")
         o("uint32_t af[MT][4];")
-        o("#pragma unroll")
-        o.open("for (int half = 0; half < 2; ++half)")
+        unroll(o, "half", "2")
         o("const int kb = ks * 32 + half * 16;  /* a constant once unrolled */")
         o("const int tap = kb / C, kh = tap / KW, kw = tap % KW, ch = kb % C + 4 * t;")
-        o("#pragma unroll")
-        o.open("for (int i = 0; i < MT; ++i)")
-        o("#pragma unroll")
-        o.open("for (int j = 0; j < 2; ++j)")
+        unroll(o, "i", "MT", "j", "2")
         o("const int ih = ih0[i][j] + kh * DH, iw = iw0[i][j] + kw * DW;")
         o("const bool inside = kb < K && valid[i][j] && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;")
         o("af[i][2 * half + j] = inside ? *(const uint32_t *)(xb[i][j] + (ih * W + iw) * C + ch) : 0u;")
         o.close().close().close()
-        o("#pragma unroll")
-        o.open("for (int q = 0; q < NT; ++q)")
+        unroll(o, "q", "NT")
         o(f"const int8_t *wp = {WM} + (q * 8 + g) * KP + ks * 32 + 4 * t;")
         o("const uint32_t b0 = __ldg((const unsigned int *)wp), b1 = __ldg((const unsigned int *)(wp + 16));")
-        o("#pragma unroll")
-        o.open("for (int i = 0; i < MT; ++i)")
+        unroll(o, "i", "MT")
         o('asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, '
           '{%8,%9}, {%0,%1,%2,%3};"')
         o('             : "+r"(acc[i][q][0]), "+r"(acc[i][q][1]), "+r"(acc[i][q][2]), "+r"(acc[i][q][3])')
         o('             : "r"(af[i][0]), "r"(af[i][1]), "r"(af[i][2]), "r"(af[i][3]), "r"(b0), "r"(b1));')
         o.close().close().close()
         o("/* requantize and store: lane holds columns 2t, 2t+1 of rows g and g + 8 of each tile */")
-        o("#pragma unroll")
-        o.open("for (int i = 0; i < MT; ++i)")
-        o("#pragma unroll")
-        o.open("for (int j = 0; j < 2; ++j)")
+        unroll(o, "i", "MT", "j", "2")
         o("if (!valid[i][j]) continue;")
         o("const long r = row0 + 16 * i + g + 8 * j;")
         o("const int img = (int)(r / OHW), pix = (int)(r % OHW);")
         o(f"{yout.ctype} *y = ({yout.ctype} *)(arena + (size_t)img * ARENA_BYTES + {yout.offset}) + pix * O;")
-        o("#pragma unroll")
-        o.open("for (int q = 0; q < NT; ++q)")
+        unroll(o, "q", "NT")
         o("const int col = q * 8 + 2 * t;")
         o(f"const {yout.ctype} v0 = ({yout.ctype})nq_requantize((int64_t){B}[col] + acc[i][q][2 * j], "
           f"{M}[col], {S}[col], {lo}, {hi});")
@@ -296,118 +273,37 @@ class CudaPrinter(CPrinter):
         o("y[col] = v0;")
         o("y[col + 1] = v1;")
         o.close().close().close()
-        o.close()
 
-    # integer kinds whose C kernel is a loop over outputs: the C printer's body, for output e
-    def g_linear(self, s, o):
-        o(f"enum {{ K = {self.buf(s.inputs[0]).elements} }};")
-        self.linear_output(s, o, "e")
-
-    def g_add(self, s, o):
-        self.add_element(s, o, "e")
-
-    def g_concat(self, s, o):
-        oc = self.hwc(self.buf(s.output).shape)[0]
-        o(f"const int p = e / {oc}, c = e % {oc};")
-        for j, off, cj, value in self.concat_parts(s):
-            o(f"if (c >= {off} && c < {off + cj}) y[e] = {value(f'p * {cj} + c - {off}')};")
-
-    def g_gather(self, s, o):
-        self.gather_element(s, o, "e")
-
-    def _gpool(self, s, o, kind):
-        self.pool_enum(s, o)
-        o("const int c = e % C, pix = e / C, oh = pix / OW, ow = pix % OW;")
-        self.pool_element_int(s, o, kind)   # the C kernel's body for output (oh, ow, c)
-
-    def g_maxpool(self, s, o):
-        self._gpool(s, o, "max")
-
-    def g_avgpool(self, s, o):
-        self._gpool(s, o, "avg")
-
-    def g_act(self, s, o):
-        o(f"y[e] = {self.act_value(s, 'e')};")
-
-    def g_dequantize(self, s, o):
-        scale = float(np.float32(s.node.scale)).hex() + "f"
-        self._pixel(s.output, o)
-        o(f"y[e] = nq_dequantize(x0[{self.pix_off(s.inputs[0], 'c', 'i')}], {scale});")
-
-    # --- host side ----------------------------------------------------------------------------
+    # --- host side: cuda_host.cu.in around the network's sizes, constants, kernels and launches ---
     def source(self) -> str:
         p = self.p
-        n = p.name
-        in_size = self.buf(p.input).elements
+        q = self.buf(p.int_input) if p.int_input else None
+        k = next((i for i, s in enumerate(p.steps) if s.output == p.int_input), -1)
         ib = self.buf(p.int_output)
         ic, ih, iw = self.hwc(ib.shape)
-        if p.int_input is None:   # no int8-input entry point: the input feeds float layers too
-            q_elements, copy_qin = 1, ""
-            run_steps = "    (void)qin;\n" + self._indent(self.launches_range(0, len(p.steps)), 1)
-            no_int8 = "    return NQ_ERR_UNSUPPORTED;\n"
-        else:
-            qb = self.buf(p.int_input)
-            k = next(i for i, s in enumerate(p.steps) if s.output == p.int_input)
-            qc, qh, qw = self.hwc(qb.shape)
-            q_elements, no_int8 = qb.elements, ""
-            copy_qin = f"""static __global__ void copy_qin(uint8_t *arena, const int8_t *qin, int n) {{
-    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int img = (int)(idx / {qb.elements}), e = (int)(idx % {qb.elements});
-    if (img >= n) return;
-    const int c = e % {qc}, i = e / {qc};  /* NCHW in, channels-last out */
-    (({qb.ctype} *)(arena + (size_t)img * ARENA_BYTES + {qb.offset}))[e] = ({qb.ctype})qin[(size_t)img * {qb.elements} + c * {qh * qw} + i];
-}}
-"""
-            run_steps = (f"    if (qin)\n        copy_qin<<<(unsigned)(((long)n * {qb.elements} + {THREADS - 1}) / {THREADS}), "
-                         f"{THREADS}>>>(d_arena, qin, n);\n    else {{\n"
-                         + self._indent(self.launches_range(0, k + 1), 2) + "    }\n"
-                         + self._indent(self.launches_range(k + 1, len(p.steps)), 1))
-        text = f"""{self.header_comment()}#include <cuda_runtime.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
-#include "{n}.h"
-#include "netquant_rt.h"
+        qc, qh, qw = self.hwc(q.shape) if q else (1, 1, 1)
+        return fill("cuda_host.cu.in", header_comment=self.header_comment(), net=p.name,
+                    arena_bytes=-(-max(p.arena_bytes, 64) // 64) * 64, in_size=self.buf(p.input).elements,
+                    classes=p.classes, int8_input=int(q is not None), q_size=q.elements if q else 1,
+                    q_type=q.ctype if q else "int8_t", q_channels=qc, q_pixels=qh * qw, q_offset=q.offset if q else 0,
+                    int_out=ib.elements, int_type=ib.ctype, int_channels=ic, int_pixels=ih * iw, int_offset=ib.offset,
+                    constants=self.constants(), kernels=self.step_functions(),
+                    input_steps=self.launches(p.steps[:k + 1]), other_steps=self.launches(p.steps[k + 1:]),
+                    threads=THREADS, kernels_name="cuda-mma" if self.tensor_cores else "cuda-dp4a")
 
-#define ARENA_BYTES {-(-max(p.arena_bytes, 64) // 64) * 64}  /* 64-byte aligned: 32-bit fragment loads */
-#define IN_SIZE {in_size}
-#define CLASSES {p.classes}
-
-/* ---- constants in device memory (uploaded once when the library loads) ---- */
-{self.constants()}
-/* ---- kernels ---- */
-{self.step_functions()}
-{copy_qin}
-static __global__ void copy_int_out(const uint8_t *arena, int32_t *dst, int n) {{
-    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int img = (int)(idx / {ib.elements}), e = (int)(idx % {ib.elements});
-    if (img >= n) return;
-    const int c = e / {ih * iw}, i = e % {ih * iw};
-    dst[idx] = ((const {ib.ctype} *)(arena + (size_t)img * ARENA_BYTES + {ib.offset}))[i * {ic} + c];
-}}
-
-"""
-        return text + fill("cuda_host.cu.in", net=n, q_elements=q_elements, int_elements=ib.elements,
-                           run_steps=run_steps, no_int8=no_int8, threads=THREADS, threads_minus_1=THREADS - 1,
-                           kernels='cuda-mma' if self.tensor_cores else 'cuda-dp4a')
-
-    def launches_range(self, a: int, b: int) -> str:
+    def launches(self, steps) -> str:
+        """The kernel launches of ``steps`` for n images, one line each (indented for their function)."""
         o = Source()
-        for s in self.p.steps[a:b]:
+        o.level = 1
+        for s in steps:
             if self.mma_eligible(s):
-                rows_per_block = 16 * self.mma_tiles(s)[2] * MMA_WARPS
-                oc, oh, ow = self.hwc(self.buf(s.output).shape)
-                o(f"{self.fn_name(s)}<<<(unsigned)(((long)n * {oh * ow} + {rows_per_block - 1}) / {rows_per_block}), "
-                  f"{32 * MMA_WARPS}>>>(d_arena, d_in, d_out, n);")
-                continue
-            total = self.buf(s.output).elements
-            o(f"{self.fn_name(s)}<<<(unsigned)(((long)n * {total} + {THREADS - 1}) / {THREADS}), {THREADS}>>>"
-              f"(d_arena, d_in, d_out, n);")
-        return o.text()
-
-    @staticmethod
-    def _indent(text: str, level: int) -> str:
-        return "".join("    " * level + line + "\n" for line in text.splitlines() if line)
+                per_image, per_block = self.hwc(self.buf(s.output).shape)[1:], 16 * self.mma_tiles(s)[2] * MMA_WARPS
+                o(f"{self.fn_name(s)}<<<nq_grid(n, {per_image[0] * per_image[1]}, {per_block}), {32 * MMA_WARPS}>>>"
+                  f"(d_arena, d_in, d_out, n);")
+            else:
+                o(f"{self.fn_name(s)}<<<nq_grid(n, {self.buf(s.output).elements}, {THREADS}), {THREADS}>>>"
+                  f"(d_arena, d_in, d_out, n);")
+        return o.text() if steps else ""
 
     def makefile(self, cflags: str) -> str:
         n = self.p.name
@@ -424,6 +320,4 @@ lib{n}.so: {n}.cu {n}.h netquant_rt.h
         return files
 
     def device_entry_declaration(self) -> str:
-        return (f"\n/* Device buffers in and out, no copies (CUDA target only). */\n"
-                f"int {self.p.name}_predict_device(const float *d_images, size_t images_len, int n, float *d_scores,\n"
-                f"                                 size_t scores_len);")
+        return fill("cuda_header_entry.h.in", net=self.p.name)
