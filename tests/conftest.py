@@ -1,5 +1,6 @@
 """Shared fixtures. Tests use the real CIFAR-10 (``$NETQUANT_DATA``, else ../shared/data)."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,37 @@ def arch_net(cifar):
         return made[name]
 
     return get
+
+
+# --- running on several cores (pytest-xdist; pyproject's addopts start one worker per core) -------
+# A file runs whole on one worker, so its module fixtures are made once; files that share the
+# session's trained networks (arch_net) or the browser run on the same worker; the files that take
+# longest start first, so that the workers finish together (measured 2026-12-03, one worker:
+# test_search 370 s, test_codegen_c + test_architectures 255 s, test_acceptance 160 s, ...).
+SAME_WORKER = {"test_architectures.py": "arch_net", "test_codegen_c.py": "arch_net",
+               "test_app_browser.py": "browser", "test_app_search.py": "browser"}
+LONGEST_FIRST = ("test_search.py", "test_codegen_c.py", "test_architectures.py", "test_acceptance.py",
+                 "test_int4.py", "test_codegen_cuda.py", "test_app_browser.py", "test_app_search.py",
+                 "test_app_server.py", "test_codegen_scale.py", "test_codegen_arm.py", "test_codegen_imagenet.py",
+                 "test_cli.py", "test_codegen_float.py")
+
+
+def pytest_configure(config):
+    """A worker's share of the cores: with two workers each running torch, OpenMP and the
+    generated libraries on every core, the cores are oversubscribed and OpenMP's spin-waiting
+    made torch's kernels up to 10x slower (measured 2026-12-03, 2-core Zen 3). Set before torch
+    is imported (test modules import it at collection); subprocesses inherit it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        if "torch" in sys.modules:   # imported by a plugin: set the pool it already made
+            sys.modules["torch"].set_num_threads(share)
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: a file keeps its order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(item.path.name, item.path.name)))

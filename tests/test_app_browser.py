@@ -50,6 +50,7 @@ def text(d, element_id):
     return d.find_element(By.ID, element_id).text
 
 
+@pytest.mark.slow   # 34 s on 2 cores
 @pytest.mark.compiler
 def test_whole_workflow_in_the_browser(browser, cifar_path, tmp_path):
     """The seed workflow as a user clicks it, checking the screen at each step: new session,

@@ -41,6 +41,7 @@ def test_evaluate_names_its_data(capsys, cifar, cifar_path):
     assert d["top1"] == pytest.approx(want, abs=1e-9)
 
 
+@pytest.mark.slow   # 26 s on 2 cores: every command in its own process
 def test_calibrate_quantize_validate_round_trip(capsys, cifar_path, tmp_path):
     nq = tmp_path / "r20.nq"
     rc, out, _ = run(capsys, "calibrate", "--data", str(cifar_path), "--calibration", "100", "--out", str(nq))

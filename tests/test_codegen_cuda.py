@@ -210,7 +210,8 @@ def emulate(cu_source: str) -> str:
     return src
 
 
-@pytest.mark.parametrize("tensor_cores", [False, True], ids=["dp4a", "mma"])
+@pytest.mark.parametrize("tensor_cores", [False, pytest.param(True, marks=pytest.mark.slow)],  # mma: 26 s
+                         ids=["dp4a", "mma"])
 def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifar, tmp_path, tensor_cores):
     """Without a GPU: the generated kernels and host runtime, run lane by lane on the CPU (tests
     the indexing, memory plan, dp4a packing, tensor-core fragments (sm_90) and requantization of

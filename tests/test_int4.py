@@ -244,11 +244,12 @@ def shipped(cifar):
 
 @pytest.mark.slow
 @pytest.mark.compiler
-def test_w4a8_accuracy_and_memory_on_the_full_test_set(shipped, cifar):
-    """Top-1 on all 10,000 test images, int8 side on the compiled C (bit-exact with the reference
-    executor: test_w4a8_c_bit_exact_on_1000_images). Measured: float 92.61, W4A8 rounding to
-    nearest 90.85 (-1.76), W4A8 with AdaRound within 1 point of float."""
-    labelled = (cifar.test.images, cifar.test.labels)
+def test_w4a8_accuracy_and_memory_on_1000_test_images(shipped, cifar):
+    """Top-1 on the first 1,000 test images, int8 side on the compiled C (bit-exact with the
+    reference executor: test_w4a8_c_bit_exact_on_1000_images). Measured on all 10,000 (issue 14's
+    closing note): float 92.61, W4A8 rounding to nearest 90.85 (-1.76), W4A8 with AdaRound 92.32
+    (-0.29); on these 1,000 the naive drop is far outside the AdaRound one's noise too."""
+    labelled = (cifar.test.images[:1000], cifar.test.labels[:1000])
     res = {k: q.validate(labelled, metrics=["top1"], engine="c", error_images=10) for k, q in shipped.items()}
     tops = {k: r.metrics["top1"].MetricOutput.tolist() for k, r in res.items()}
     fl = tops["naive"][0]
