@@ -265,6 +265,31 @@ def openvino_engine(onnx_path: str, calib: np.ndarray):
     return make
 
 
+ACTIVATIONS = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh)
+
+
+def separate_activation_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Give every call of an activation module its own source partition, for the PT2E quantizer.
+
+    torchvision's BasicBlock and Bottleneck call one ``self.relu`` two or three times. torch 2.13's
+    export leaves ``source_fn_stack`` empty, so ``get_source_partitions`` groups nodes by their
+    innermost ``nn_module_stack`` entry: both calls of ``layer1.0.relu`` (``relu__1``, ``relu__2``)
+    form one partition with two outputs, and the X86InductorQuantizer stops with "Input partition
+    has more than one output node". An activation module is one aten op and holds no state, so
+    naming each call after its own node (``source_fn_stack = [(node.name, nn.ReLU)]``, which
+    ``get_source_partitions`` reads first) splits the partition without changing what is fused."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack or node.meta.get("source_fn_stack"):
+            continue
+        cls = list(stack.values())[-1][1]
+        if isinstance(cls, str):
+            cls = next((a for a in ACTIVATIONS if cls == f"{a.__module__}.{a.__qualname__}"), None)
+        if isinstance(cls, type) and issubclass(cls, ACTIVATIONS):
+            node.meta["source_fn_stack"] = [(node.name, cls)]
+    return gm
+
+
 def pt2e_engine(net: torch.nn.Module, calib: np.ndarray):
     logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA-only kernels fail to load on CPU
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # a deprecation note on import
@@ -288,7 +313,7 @@ def pt2e_engine(net: torch.nn.Module, calib: np.ndarray):
         ep = torch.export.export(net.eval(), (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
         quantizer = X86InductorQuantizer()
         quantizer.set_global(get_default_x86_inductor_quantization_config())
-        prepared = prepare_pt2e(ep.module(), quantizer)
+        prepared = prepare_pt2e(separate_activation_calls(ep.module()), quantizer)
         for i in range(0, len(calib), 20):
             prepared(torch.from_numpy(calib[i:i + 20]))
         converted = convert_pt2e(prepared)
@@ -407,6 +432,7 @@ def main() -> int:
             try:
                 makers[label] = builders[key]()
             except Exception as e:  # noqa: BLE001  # a broken peer must not stop the others
+                failed[label] = f"quantization: {type(e).__name__}: {e}"
                 print(f"failed {label} (quantization): {type(e).__name__}: {e}")
 
         print(f"data: {data.test.source}" + ("" if cifar else f", upsampled bilinearly to {size}x{size}") +
