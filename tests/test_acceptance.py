@@ -1,8 +1,8 @@
-"""The quantizer's acceptance numbers on the shipped cifarnet-20-16 and the real CIFAR-10 test
-set: float top-1 as the card says and int8 top-1 against float for the default scheme on all
-10,000 images (the suite's one full-set accuracy check; the full-set bit-exact check is in
-test_codegen_c.py), the MATLAB-style scheme and the 1-LSB executor/fake-quant bound on the first
-1,000 (the learnable memory reduction is checked in test_quantizer.py's validation test)."""
+"""The quantizer's acceptance numbers on the shipped cifarnet-20-16 and the first 1,000 real
+CIFAR-10 test images: the MATLAB-style scheme's top-1 against float and the 1-LSB
+executor/fake-quant bound of both schemes. (The full-set accuracy check of the default scheme
+shares the full-set bit-exact check's reference run: test_codegen_c.py; the learnable memory
+reduction is checked in test_quantizer.py's validation test.)"""
 import numpy as np
 import pytest
 import torch
@@ -10,7 +10,6 @@ import torch
 from conftest import fresh_copy
 from netquant.data.transforms import to_float
 from netquant.ir.float_exec import run_float
-from netquant.models.pretrained import read_card
 from netquant.quant.config import TARGETS
 from netquant.ref.executor import run_int8
 from netquant.ref.fakequant import layerwise_lsb, run_fakequant
@@ -29,21 +28,6 @@ def _scheme(q, target):
     qs = fresh_copy(q)
     qs.set_config(TARGETS[target])
     return qs
-
-
-def test_full_test_set_float_is_the_card_and_int8_within_0_3_points(resnet20_quantizer, cifar):
-    """All 10,000 test images: the float network's top-1 is the card's (the weights are what the
-    card describes) and at least the target of 91.5% (He et al. report 91.25% for ResNet-20);
-    int8 with the default scheme (per-channel float scales) within 0.3 points of float."""
-    q = resnet20_quantizer
-    x, labels = to_float(cifar.test.images), cifar.test.labels
-    fl = np.concatenate([run_float(q.graph, torch.from_numpy(x[i:i + 1000]), keep=())[q.graph.output].numpy()
-                         for i in range(0, len(x), 1000)])
-    f = _top1(fl, labels)
-    assert abs(f - read_card("cifarnet-20-16")["test_top1"]) < 0.05 and f >= 91.5, f
-    i = _top1(_scheme(q, "gpu").quantize().run(x), labels)
-    print(f"\ngpu: float {f:.2f}%, int8 {i:.2f}% on {len(x)} images")
-    assert abs(f - i) <= 0.3
 
 
 def test_matlab_scheme_top1_within_one_point(resnet20_quantizer, cifar):
@@ -65,8 +49,8 @@ def test_executor_within_one_lsb_of_fake_quant(resnet20_quantizer, cifar, target
     x = to_float(cifar.test.images[:SUBSET])
     qg = _scheme(resnet20_quantizer, target).quantize().qgraph
     worst, agree = 0, 0
-    for i in range(0, len(x), 500):   # chunks: every layer's activations of the chunk are kept
-        xb = torch.from_numpy(x[i:i + 500])
+    for i in range(0, len(x), 32):   # chunks: every layer's activations of the chunk are kept, and the
+        xb = torch.from_numpy(x[i:i + 32])  # float64 passes ran 1.7x faster on 32 images than on 512
         worst = max(worst, max(layerwise_lsb(qg, xb).values()))
         fq = run_fakequant(qg, xb).numpy()
         iq = run_int8(qg, xb, keep=())[qg.output].numpy()

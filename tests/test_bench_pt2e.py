@@ -1,6 +1,8 @@
 """The PT2E peer of bench/bench_cpu.py quantizes torchvision-style blocks that call one ReLU
 module twice (BasicBlock, Bottleneck): each call gets its own source partition."""
 import operator
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ pytest.importorskip("torchao", reason="the PT2E peer needs torchao (pip install 
 
 from torch.fx.passes.utils.source_matcher_utils import get_source_partitions  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench/ lies beside the package, not in it
 from bench.bench_cpu import separate_activation_calls  # noqa: E402
 from bench.models import BasicBlock  # noqa: E402
 

@@ -200,7 +200,7 @@ def float_top1_full(shipped, cifar):
 @pytest.mark.timeout(3600)   # about 3 minutes on 2 free cores; far longer on a shared machine
 def test_auto_precision_budget_holds_on_the_full_test_set(shipped, cifar, float_top1_full):
     n = 1000   # on 500 images the choice measured 0.38 below float on all 10,000 (92.23 vs 92.61)
-    result = shipped.auto_precision((cifar.test.images[:n], cifar.test.labels[:n]), max_drop=0.1, max_evaluations=32)
+    result = shipped.auto_precision((cifar.test.images[:n], cifar.test.labels[:n]), max_drop=0.1, max_evaluations=12)
     q, front, explored = result
     chosen = explored[explored.Chosen].iloc[0]
     x, y = to_float(cifar.test.images), cifar.test.labels
