@@ -3,7 +3,6 @@ CIFAR-10 test images: the MATLAB-style scheme's top-1 against float and the 1-LS
 executor/fake-quant bound of both schemes. (The full-set accuracy check of the default scheme
 shares the full-set bit-exact check's reference run: test_codegen_c.py; the learnable memory
 reduction is checked in test_quantizer.py's validation test.)"""
-import numpy as np
 import pytest
 import torch
 

@@ -64,7 +64,7 @@ def test_the_build_for_this_cpu_takes_its_best_kernels(compiled):
 
 
 @pytest.mark.slow
-def test_full_test_set_bit_exact_and_accurate(compiled, qnet, cifar):
+def test_full_test_set_bit_exact_and_accurate(compiled, qnet, resnet20_quantizer, cifar):
     """The suite's one full-set bit-exact check and its one full-set accuracy check, on one
     reference run: on all 10,000 test images the library built for this CPU gives the reference
     executor's integers; the float network's top-1 is the card's (and at least the target of
@@ -75,7 +75,7 @@ def test_full_test_set_bit_exact_and_accurate(compiled, qnet, cifar):
     from netquant.models.pretrained import read_card
 
     _, net = compiled
-    graph, labels, float_pred, int8_pred = qnet.graph, cifar.test.labels, [], []
+    graph, labels, float_pred, int8_pred = resnet20_quantizer.graph, cifar.test.labels, [], []
     for start in range(0, len(cifar.test), 1000):
         x = to_float(cifar.test.images[start:start + 1000])
         ref = _reference_int(qnet, x)
