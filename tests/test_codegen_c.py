@@ -9,7 +9,6 @@ import torch
 
 from netquant.codegen import BuildError, build, generate, load
 from netquant.data.transforms import to_float
-from netquant.quantizer import Quantizer
 from netquant.ref.executor import run_int8
 
 pytestmark = pytest.mark.compiler

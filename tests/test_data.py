@@ -1,6 +1,4 @@
 """CIFAR-10 readers, checksums, the embedded sample, subsets, augmentation and tiles (real data)."""
-import gzip
-import io
 import pickle
 import shutil
 import tarfile

@@ -1,7 +1,6 @@
 """Your own images: image folders (PNG exact, JPEG, grey/RGBA/palette), the resize + centre crop,
 zips (and the archives they refuse), .npz (and pickles it refuses), open_data's splits; written
 from real CIFAR-10 test images."""
-import io
 import zipfile
 
 import numpy as np

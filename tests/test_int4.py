@@ -2,7 +2,6 @@
 quantizer file, learnable memory, generated C (bit-exact with the reference executor), the CUDA
 refusal, ONNX int4 QDQ in ONNX Runtime, and the accuracy numbers of issue 14 on the shipped
 network (slow)."""
-import io
 import json
 import subprocess
 import zipfile

@@ -496,7 +496,6 @@ class CPrinter:
         isa = self.dw_isa()
         lo, hi = s.node.attrs["clamp"]
         b, m, sh = (self.const_name(s, k) for k in ("biasd", "multd", "shiftd"))
-        signed = [int(self.buf(n).dtype == "int8") for n in (s.inputs[0], s.output)]
         oh = self.hwc(self.buf(s.output).shape)[1]
         o(f"#if {'NQ_DW_AVX2' if isa == 'avx2' else 'NQ_DW_AVX512'}")
         # the weight table travels in the context: a 4-bit layer's is the caller's unpacked copy

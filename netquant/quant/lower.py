@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
-from typing import Optional
 
 import numpy as np
 
