@@ -10,20 +10,10 @@ import pytest
 from netquant.app.server import Server
 from netquant.data import validation_set
 from test_app_browser import browser, text, wait_for  # noqa: F401  (the browser fixture)
-from test_app_server import call
+from test_app_server import call, calibrated_session, wait
 
 
-def wait(server, sid, seconds=900):
-    """The session's job state once it ends (jobs here take minutes on a loaded machine)."""
-    import time
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < seconds:
-        job = call(server, "GET", f"/api/sessions/{sid}/job")[1]
-        if job["state"] in ("done", "error"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError("job did not finish")
+JOB_SECONDS = 900   # the search and sensitivity jobs take minutes on a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +26,7 @@ def server(cifar_path):
 @pytest.fixture(scope="module")
 def session(server):
     """A session on the shipped network calibrated on 20 CIFAR-10 training images."""
-    _, s = call(server, "POST", "/api/sessions", {"network": "cifarnet-20-16"})
-    code, _ = call(server, "POST", f"/api/sessions/{s['id']}/calibrate", {"count": 20})
-    assert code == 200 and wait(server, s["id"])["state"] == "done"
-    return s["id"]
+    return calibrated_session(server, JOB_SECONDS)
 
 
 def _precisions(server, sid) -> dict:
@@ -54,7 +41,7 @@ def test_sensitivity_job_gives_the_library_table(server, session):
     assert call(server, "POST", f"/api/sessions/{sid}/sensitivity", {"metric": "os:system"})[0] == 400
     code, r = call(server, "POST", f"/api/sessions/{sid}/sensitivity", {"count": 8, "metric": "top1"})
     assert code == 200 and r["started"] == "sensitivity"
-    assert wait(server, sid)["state"] == "done"
+    assert wait(server, sid, JOB_SECONDS)["state"] == "done"
     code, t = call(server, "GET", f"/api/sessions/{sid}/sensitivity")
     assert code == 200 and t["images"] == 8 and t["metric"] == "top1"
     s = server.app.registry.get(sid)
@@ -92,7 +79,7 @@ def test_precision_search_job_sets_the_chosen_configuration(server, session):
     assert call(server, "POST", f"/api/sessions/{sid}/auto_precision", {"max_drop": "abc"})[0] == 400
     code, _ = call(server, "POST", f"/api/sessions/{sid}/auto_precision",
                    {"count": 16, "max_drop": 100, "max_evaluations": 4})
-    assert code == 200 and wait(server, sid)["state"] == "done"
+    assert code == 200 and wait(server, sid, JOB_SECONDS)["state"] == "done"
     code, s = call(server, "GET", f"/api/sessions/{sid}/auto_precision")
     # the int8 network and 22 one-layer W4A8 probes, then 4 prefixes (a budget of 100 fits them all)
     assert code == 200 and len(s["explored"]) == 27 and s["max_drop"] == 100

@@ -40,11 +40,13 @@ def call(server, method, path, body=None, token=True, raw=None, ctype=None):
         return e.code, (json.loads(payload) if payload.startswith(b"{") else payload)
 
 
-def wait(server, sid):
+def wait(server, sid, seconds=120):
+    """The session's job state once it ends (polled every 0.1 s for up to ``seconds``)."""
     import time
 
-    for _ in range(1200):
-        code, job = call(server, "GET", f"/api/sessions/{sid}/job")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        job = call(server, "GET", f"/api/sessions/{sid}/job")[1]
         if job["state"] in ("done", "error"):
             return job
         time.sleep(0.1)
@@ -428,9 +430,14 @@ def folders(server) -> set:
 @pytest.fixture(scope="module")
 def calibrated(server):
     """A session calibrated on 20 CIFAR-10 training images."""
+    return calibrated_session(server)
+
+
+def calibrated_session(server, seconds=120) -> str:
+    """A new session on the shipped network, calibrated on 20 CIFAR-10 training images."""
     _, s = call(server, "POST", "/api/sessions", {"network": "cifarnet-20-16"})
     code, _ = call(server, "POST", f"/api/sessions/{s['id']}/calibrate", {"count": 20})
-    assert code == 200 and wait(server, s["id"])["state"] == "done"
+    assert code == 200 and wait(server, s["id"], seconds)["state"] == "done"
     return s["id"]
 
 
