@@ -264,9 +264,7 @@ RUNTIME_CHECK = r"""
 #include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
-#define NQ_VNNI 1
-#define NQ_AVX2 1
-#include "netquant_rt.h"
+#include "netquant_rt.h"   /* NQ_VNNI and NQ_AVX2 come from the command line */
 /* every SIMD shortcut of netquant_rt.h against the scalar definition it stands for, on edge
  * values and random ones; prints the number of mismatches */
 static uint64_t s = 88172645463325252ull;
@@ -283,11 +281,13 @@ int main(void) {
             sh[l] = 33 + (int32_t)(rnd() % 30);                      /* [33, 62] */
             t[l] = sh[l] - 32; rq[l] = 1 << (t[l] - 1);
         }
+#if NQ_VNNI
         __m512i q = nq_requantize16_hi(_mm512_loadu_si512(acc), _mm512_loadu_si512(M), _mm512_loadu_si512(rq),
                                        _mm512_loadu_si512(t));
         _mm512_storeu_si512(out, q);
         for (int l = 0; l < 16; ++l)
             bad += out[l] != (int32_t)nq_rounding_shift((int64_t)acc[l] * M[l], sh[l]);
+#endif
         __m256i q8 = nq_requantize8_hi(_mm256_loadu_si256((const __m256i *)(acc + 8)), _mm256_loadu_si256((const __m256i *)(M + 8)),
                                        _mm256_loadu_si256((const __m256i *)(rq + 8)), _mm256_loadu_si256((const __m256i *)(t + 8)));
         _mm256_storeu_si256((__m256i *)out, q8);
@@ -305,27 +305,44 @@ int main(void) {
         }
         int32_t p[3][2];
         for (int k = 0; k < 3; ++k) { p[k][0] = (m0 >> (15 * k)) & 0x7fff; p[k][1] = (m1 >> (15 * k)) & 0x7fff; }
+#if NQ_VNNI
         __m512i r = nq_add16_pairs(_mm512_loadu_si512(a), _mm512_loadu_si512(b),
                                    _mm512_set1_epi32(p[0][1] << 16 | p[0][0]), _mm512_set1_epi32(p[1][1] << 16 | p[1][0]),
                                    _mm512_set1_epi32(p[2][1] << 16 | p[2][0]), shift);
         _mm512_storeu_si512(out, r);
         for (int l = 0; l < 16; ++l)
             bad += out[l] != (int32_t)nq_rounding_shift((int64_t)a[l] * m0 + (int64_t)b[l] * m1, shift);
+#endif
+        int16_t a16[16], b16[16], o16[16];
+        for (int l = 0; l < 16; ++l) { a16[l] = (int16_t)a[l]; b16[l] = (int16_t)b[l]; }
+        __m256i r16 = nq_add16x16_pairs(_mm256_loadu_si256((const __m256i *)a16), _mm256_loadu_si256((const __m256i *)b16),
+                                        _mm256_set1_epi32(p[0][1] << 16 | p[0][0]), _mm256_set1_epi32(p[1][1] << 16 | p[1][0]),
+                                        _mm256_set1_epi32(p[2][1] << 16 | p[2][0]), shift);
+        _mm256_storeu_si256((__m256i *)o16, r16);
+        for (int l = 0; l < 16; ++l)   /* saturated to int16, which keeps every 8-bit clamp exact */
+            bad += o16[l] != nq_clamp(nq_rounding_shift((int64_t)a[l] * m0 + (int64_t)b[l] * m1, shift), -32768, 32767);
     }
     for (int it = 0; it < 20000; ++it) {
         int32_t v[64];
         uint8_t u[64];
         int8_t i8[64];
         for (int l = 0; l < 64; ++l) v[l] = (int32_t)(rnd() % 1200) - 600;
+#if NQ_VNNI
         _mm512_storeu_si512(u, nq_pack4_u8(_mm512_loadu_si512(v), _mm512_loadu_si512(v + 16), _mm512_loadu_si512(v + 32),
                                            _mm512_loadu_si512(v + 48)));
         _mm512_storeu_si512(i8, nq_pack4_s8(_mm512_loadu_si512(v), _mm512_loadu_si512(v + 16), _mm512_loadu_si512(v + 32),
                                             _mm512_loadu_si512(v + 48)));
         for (int l = 0; l < 64; ++l) bad += u[l] != nq_clamp(v[l], 0, 255) || i8[l] != nq_clamp(v[l], -128, 127);
+#endif
         _mm256_storeu_si256((__m256i *)u, nq_pack4x8_u8(_mm256_loadu_si256((const __m256i *)v), _mm256_loadu_si256((const __m256i *)(v + 8)),
                                                         _mm256_loadu_si256((const __m256i *)(v + 16)), _mm256_loadu_si256((const __m256i *)(v + 24))));
         _mm256_storeu_si256((__m256i *)i8, nq_pack4x8_s8(_mm256_loadu_si256((const __m256i *)v), _mm256_loadu_si256((const __m256i *)(v + 8)),
                                                          _mm256_loadu_si256((const __m256i *)(v + 16)), _mm256_loadu_si256((const __m256i *)(v + 24))));
+        for (int l = 0; l < 32; ++l) bad += u[l] != nq_clamp(v[l], 0, 255) || i8[l] != nq_clamp(v[l], -128, 127);
+        int16_t h[32];
+        for (int l = 0; l < 32; ++l) h[l] = (int16_t)v[l];
+        _mm256_storeu_si256((__m256i *)u, nq_pack2x16_u8(_mm256_loadu_si256((const __m256i *)h), _mm256_loadu_si256((const __m256i *)(h + 16))));
+        _mm256_storeu_si256((__m256i *)i8, nq_pack2x16_s8(_mm256_loadu_si256((const __m256i *)h), _mm256_loadu_si256((const __m256i *)(h + 16))));
         for (int l = 0; l < 32; ++l) bad += u[l] != nq_clamp(v[l], 0, 255) || i8[l] != nq_clamp(v[l], -128, 127);
     }
     printf("%ld\n", bad);
@@ -334,20 +351,22 @@ int main(void) {
 """
 
 
-def test_runtime_simd_shortcuts_equal_the_scalar_numerics(tmp_path):
-    """nq_requantize16_hi / nq_requantize8_hi (high half of the product), nq_add16_pairs (15-bit
-    multiplier pieces) and nq_pack4 / nq_pack4x8 (saturating packs) against nq_rounding_shift /
-    nq_clamp, exactly."""
+@pytest.mark.parametrize("isa", ["avx2", "vnni"])
+def test_runtime_simd_shortcuts_equal_the_scalar_numerics(tmp_path, isa):
+    """nq_requantize16_hi / nq_requantize8_hi (high half of the product), nq_add16_pairs /
+    nq_add16x16_pairs (15-bit multiplier pieces) and nq_pack4 / nq_pack4x8 / nq_pack2x16
+    (saturating packs) against nq_rounding_shift / nq_clamp, exactly: the AVX2 forms on any AVX2
+    CPU, with the AVX-512 ones where the CPU has AVX-512 VNNI."""
     import shutil
     from importlib import resources
 
     from netquant.codegen.build import find_compiler
 
-    if "avx512_vnni" not in cpu_flags():
-        pytest.skip("this CPU has no AVX-512 VNNI")
+    if {"avx2": "avx2", "vnni": "avx512_vnni"}[isa] not in cpu_flags():
+        pytest.skip(f"this CPU has no {isa.upper()}")
     shutil.copy(resources.files("netquant.codegen").joinpath("runtime", "netquant_rt.h"), tmp_path)
     (tmp_path / "check.c").write_text(RUNTIME_CHECK)
-    subprocess.run([find_compiler(), "-O2", "-march=native", "-std=c11", "-Wall", "-Werror", "-o", "check", "check.c"],
-                   cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run([find_compiler(), "-O2", "-march=native", "-std=c11", "-Wall", "-Werror", f"-DNQ_VNNI={int(isa == 'vnni')}",
+                    "-DNQ_AVX2=1", "-o", "check", "check.c"], cwd=tmp_path, check=True, capture_output=True)
     out = subprocess.run([str(tmp_path / "check")], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "0", f"{out.strip()} mismatches"

@@ -58,7 +58,9 @@ def test_resnet20_sources_are_small_and_hold_one_isa(isa, qnet, tmp_path):
     assert profile == (native_profile() if isa == "native" else {"avx512": "vnni"}.get(isa, isa))
     for other, mark in MARKS.items():
         assert (mark in text) == (other == profile), (other, profile)
-    assert "nq_add16" in text if profile in ("amx", "vnni") else "nq_add16" not in text
+    # the residual adds: the profile's vector kernel and no other
+    assert ("nq_add16_pairs(" in text) == (profile in ("amx", "vnni"))
+    assert ("nq_add16x16_pairs(" in text) == (profile == "avx2")
     assert "_blob + " in text and ".incbin" in text
 
 

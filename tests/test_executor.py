@@ -89,6 +89,33 @@ def test_linear_over_several_chunks_equals_int64():
     assert np.array_equal(run_int8(g, x, keep=())["fc"].numpy().astype(np.int64), want)
 
 
+def test_fake_quant_integer_sums_are_exact_in_each_form():
+    """fakequant.integer_sum (the fake-quant's own exact accumulator) against int64 numpy in its
+    three forms: one float32 product (bound below 2^24), the split w = 16 h + l (the 3x3x128
+    conv of test_conv_over_several_chunks_equals_int64: 37.3M), and float64 (K = 9,000 > 8,224)."""
+    from netquant.ref.fakequant import integer_sum
+
+    rng = np.random.default_rng(2)
+    for o, k in ((3, 400), (4, 1152), (2, 9000)):
+        w = _big_sums(rng, o, k)
+        x = rng.integers(200, 256, (2, k))
+        fc = QNode("fc", "linear", ("x",), (o,), True, 1.0, "int8", {"clamp": INT32}, {"weight": w})
+        want = x.astype(np.int64) @ w.astype(np.int64).T
+        got = integer_sum(fc, torch.from_numpy(x.astype(np.int32)))
+        assert got.dtype == torch.float64 and np.array_equal(got.numpy().astype(np.int64), want), (o, k)
+    # the conv form, over the split: every output of the 3x3x128 case
+    w = _big_sums(rng, 4, 128 * 9).reshape(4, 128, 3, 3)
+    x = rng.integers(200, 256, (2, 128, 6, 6))
+    conv = QNode("conv", "conv", ("x",), (4, 6, 6), True, 1.0, "int8",
+                 {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1, "clamp": INT32},
+                 {"weight": w})
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = sum(np.einsum("nihw,oi->nohw", xp[:, :, i:i + 6, j:j + 6], w[:, :, i, j].astype(np.int64))
+               for i in range(3) for j in range(3))
+    assert np.abs(want).max() >= nx.FLOAT32_EXACT
+    assert np.array_equal(integer_sum(conv, torch.from_numpy(x.astype(np.int32))).numpy().astype(np.int64), want)
+
+
 def test_a_batch_run_in_chunks_gives_the_one_batch_integers(resnet20_quantizer, cifar, monkeypatch):
     """A batch larger than a chunk (here 16 images in chunks of 5: 5, 5, 5, 1) gives every kept
     node's integers of the same batch run whole."""

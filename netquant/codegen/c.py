@@ -8,7 +8,7 @@ kernel under its build macro with the portable loop nest as the other branch, re
 weights. Convolutions over 8-bit input use AMX tiles where the compiler targets them and Linux
 grants the tile state (``conv_amx``), else register tiles on AVX-512 VNNI or AVX2
 (``c_conv_simd.py``), depthwise convs channels-in-lanes kernels (``c_conv_dw.py``), else
-portable C; residual adds of 8-bit tensors use AVX-512 16 lanes at a time. Kernel text depends
+portable C; residual adds of 8-bit tensors use AVX-512 (16 or 64 lanes) or AVX2 (32 elements) at a time. Kernel text depends
 on a conv's shape class, not its spatial size: runtime loops over output rows, channel blocks and
 input channel groups, shapes in a per-kernel ``enum``. Example: ResNet-50 at 224x224 prints 0.4 MB
 of C (AMX) beside its 26 MB of weights, against 2.56 GB when every tile was unrolled.
@@ -155,9 +155,11 @@ class CPrinter:
         elif path == "dw":
             paths = [f"depthwise {self.dw_isa().upper()}, {c_conv_dw.BLOCK[self.dw_isa()]} channels in vector lanes, "
                      "where built with it"]
-        if (s.kind == "add" and self.profile in ("amx", "vnni")
-                and all(self.buf(b).dtype in ("int8", "uint8") for b in (*s.inputs, s.output))):
-            paths = ["AVX-512, 16 lanes at a time, where built with it"]
+        if s.kind == "add" and all(self.buf(b).dtype in ("int8", "uint8") for b in (*s.inputs, s.output)):
+            if self.profile in ("amx", "vnni"):
+                paths = ["AVX-512, 16 lanes at a time, where built with it"]
+            elif self.profile == "avx2" and ADD_PAIR_SHIFTS[0] <= int(s.node.params["shift"][0]) <= ADD_PAIR_SHIFTS[1]:
+                paths = ["AVX2, 32 elements at a time, where built with it"]
         return f"{s.kind}: " + ", else ".join(paths + ["portable C"]) + c_int4.label(self, s)
 
     def conv_path(self, s: Step) -> str:
@@ -598,24 +600,65 @@ class CPrinter:
             self.add_element(s, o, "i")
 
     def add_vectors(self, s: Step, o: Source) -> bool:
-        """The AVX-512 loops of an add of 8-bit tensors under a profile that has them (64, then 16
-        elements at a time); whether they were printed (the scalar loop then resumes at ``i``)."""
+        """The vector loops of an add of 8-bit tensors under a profile that has them (AVX-512: 64,
+        then 16 elements at a time; AVX2: 32); whether they were printed (the scalar loop then
+        resumes at ``i``). Only the profile's instruction set is printed."""
+        t0, t1 = (self.buf(i).dtype for i in s.inputs)
+        out_t = self.buf(s.output).dtype
+        if not {t0, t1, out_t} <= {"int8", "uint8"}:
+            return False
+        sh = int(s.node.params["shift"][0])
+        if self.profile in ("amx", "vnni"):
+            self.add_avx512(s, o, sh)
+            return True
+        if self.profile == "avx2" and ADD_PAIR_SHIFTS[0] <= sh <= ADD_PAIR_SHIFTS[1]:
+            self.add_avx2(s, o, sh)
+            return True
+        return False
+
+    def add_pieces(self, s: Step, o: Source, vtype: str, set1: str):
+        """The 15-bit pieces l, u, h of the two multipliers as (x0, x1) int16 pairs (nq_add16_pairs)."""
+        pieces = [[(int(mi) >> k) & 0x7FFF for mi in s.node.params["multiplier"]] for k in (0, 15, 30)]
+        o("/* 15-bit pieces of the multipliers, as (x0, x1) int16 pairs: see nq_add16_pairs */")
+        o(f"const {vtype} " + ", ".join(f"{v} = {set1}({(p1 << 16) | p0})"
+                                        for v, (p0, p1) in zip(("lu", "uu", "hu"), pieces)) + ";")
+
+    def add_avx2(self, s: Step, o: Source, sh: int):
+        """32 elements at a time: both inputs widened to int16, nq_add16x16_pairs, the clamp in
+        int16 lanes where it is narrower than the output type, a saturating pack."""
+        widen = {"uint8": "_mm256_cvtepu8_epi16", "int8": "_mm256_cvtepi8_epi16"}
+        t0, t1 = (self.buf(i).dtype for i in s.inputs)
+        out_t = self.buf(s.output).dtype
+        lo, hi = s.node.attrs["clamp"]
+        o("int i = 0;")
+        o("#if NQ_AVX2")
+        o.open()
+        self.add_pieces(s, o, "__m256i", "_mm256_set1_epi32")
+        o.open("for (; i + 32 <= N; i += 32)")
+        for j in range(2):
+            q = (f"nq_add16x16_pairs({widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i + {16 * j}))), "
+                 f"{widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i + {16 * j}))), lu, uu, hu, {sh})")
+            if (lo, hi) != dtype_range(out_t):
+                q = f"_mm256_min_epi16(_mm256_max_epi16({q}, _mm256_set1_epi16({lo})), _mm256_set1_epi16({hi}))"
+            o(f"const __m256i q{j} = {q};")
+        o(f"_mm256_storeu_si256((__m256i *)(y + i), nq_pack2x16_{'u8' if out_t == 'uint8' else 's8'}(q0, q1));"
+          "  /* saturating: the clamp */")
+        o.close().close()
+        o("#endif")
+
+    def add_avx512(self, s: Step, o: Source, sh: int):
+        """64 elements at a time in 32-bit lanes (nq_add16_pairs) where the shift allows, then 16
+        at a time in 64-bit lanes (nq_add16)."""
         widen = {"uint8": "_mm512_cvtepu8_epi32", "int8": "_mm512_cvtepi8_epi32"}
         t0, t1 = (self.buf(i).dtype for i in s.inputs)
         out_t = self.buf(s.output).dtype
-        if self.profile not in ("amx", "vnni") or not {t0, t1, out_t} <= set(widen):
-            return False   # only the profile's instruction set is printed
         lo, hi = s.node.attrs["clamp"]
         m = s.node.params["multiplier"]
-        sh = int(s.node.params["shift"][0])
         o("int i = 0;")
         o("#if NQ_VNNI")
         if ADD_PAIR_SHIFTS[0] <= sh <= ADD_PAIR_SHIFTS[1]:
-            pieces = [[(int(mi) >> k) & 0x7FFF for mi in m] for k in (0, 15, 30)]   # l, u, h of m0 and m1
             o.open()
-            o("/* 15-bit pieces of the multipliers, as (x0, x1) int16 pairs: see nq_add16_pairs */")
-            o("const __m512i " + ", ".join(f"{v} = _mm512_set1_epi32({(p1 << 16) | p0})"
-                                           for v, (p0, p1) in zip(("lu", "uu", "hu"), pieces)) + ";")
+            self.add_pieces(s, o, "__m512i", "_mm512_set1_epi32")
             o.open("for (; i + 64 <= N; i += 64)")
             qs = []
             for j in range(4):
@@ -635,7 +678,6 @@ class CPrinter:
           f"{sh}, {lo}, {hi})));  /* in range already: the low bytes */")
         o.close()
         o("#endif")
-        return True
 
     def add_element(self, s: Step, o: Source, i: str):
         """Element ``i`` of integer add ``s``: both inputs times their

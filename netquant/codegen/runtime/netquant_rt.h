@@ -149,6 +149,31 @@ static inline __m256i nq_pack4x8_s8(__m256i a, __m256i b, __m256i c, __m256i d) 
     return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)),
                                        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
+
+/* nq_add16_pairs on 16 elements (AVX2), for 16 <= shift <= 46: a and b hold the 16 8-bit inputs
+ * widened to int16 lanes; the result is the 16 sums (V + 2^(shift-16)) >> (shift-15), unclamped,
+ * as int16 lanes in element order, saturated to int16 (which keeps any clamp to 8-bit bounds
+ * exact). The (a, b) pairs come from unpacklo/unpackhi, which work within 128-bit lanes
+ * (elements 0-3, 8-11 and 4-7, 12-15); packs_epi32 puts them back in the same in-lane order, so
+ * the output is in element order. Worked: as nq_add16_pairs, a = 100, b = -20 -> 117. */
+static inline __m256i nq_add16x16_pairs(__m256i a, __m256i b, __m256i lu, __m256i uu, __m256i hu, int32_t shift) {
+    const __m256i rnd = _mm256_set1_epi32(1 << (shift - 16));
+    const __m256i p0 = _mm256_unpacklo_epi16(a, b), p1 = _mm256_unpackhi_epi16(a, b);
+    const __m256i v0 = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(p0, uu), _mm256_srai_epi32(_mm256_madd_epi16(p0, lu), 15)),
+                                        _mm256_slli_epi32(_mm256_madd_epi16(p0, hu), 15));
+    const __m256i v1 = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(p1, uu), _mm256_srai_epi32(_mm256_madd_epi16(p1, lu), 15)),
+                                        _mm256_slli_epi32(_mm256_madd_epi16(p1, hu), 15));
+    return _mm256_packs_epi32(_mm256_srai_epi32(_mm256_add_epi32(v0, rnd), shift - 15),
+                              _mm256_srai_epi32(_mm256_add_epi32(v1, rnd), shift - 15));
+}
+
+/* Two vectors of 16 int16 lanes -> 32 bytes a0..a15 b0..b15, saturated to uint8 or int8. */
+static inline __m256i nq_pack2x16_u8(__m256i a, __m256i b) {
+    return _mm256_permute4x64_epi64(_mm256_packus_epi16(a, b), 0xD8);   /* qwords 0, 2, 1, 3 */
+}
+static inline __m256i nq_pack2x16_s8(__m256i a, __m256i b) {
+    return _mm256_permute4x64_epi64(_mm256_packs_epi16(a, b), 0xD8);
+}
 #endif
 
 #endif /* NETQUANT_RT_H */
