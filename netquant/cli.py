@@ -866,7 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cross", choices=CROSS_TRIPLES,
                    help="cross-build for Arm Cortex-A (aarch64) with that toolchain; --isa neon (dot product, "
                         "default), neon-v8 or scalar")
-    c.add_argument("--arch", default="sm_90", help="GPU architecture for --target cuda (default: %(default)s)")
+    c.add_argument("--arch", default="sm_90", help="GPU architecture for --target cuda, or several separated by commas for one library "
+                        "that runs on each (sm_80,sm_90) (default: %(default)s)")
     c.add_argument("--tensor-cores", action="store_true",
                    help="--target cuda, sm_80 and newer: convolutions on int8 tensor cores (mma.sync) instead of dp4a")
     c.add_argument("--isa", default="native", choices=tuple(ISA_FLAGS) + ARM_ISAS,

@@ -23,10 +23,10 @@ def qnet(resnet20_quantizer):
     return resnet20_quantizer.quantize()
 
 
-# one nvcc build in the quick tier (12 s of CPU), the other three (12-23 s each) marked slow
-@pytest.mark.parametrize("arch,tensor_cores", [("sm_75", False), pytest.param("sm_80", True, marks=pytest.mark.slow),
-                                               pytest.param("sm_90", False, marks=pytest.mark.slow),
-                                               pytest.param("sm_90", True, marks=pytest.mark.slow)])
+# one nvcc build in the quick tier (12 s of CPU); the other architectures in one fat-binary build per
+# kernel kind (the source is the same for each: a second architecture adds its device compilation only)
+@pytest.mark.parametrize("arch,tensor_cores", [("sm_75", False), pytest.param("sm_80,sm_90", True, marks=pytest.mark.slow),
+                                               pytest.param("sm_90,sm_100", False, marks=pytest.mark.slow)])
 def test_builds_without_warnings(qnet, tmp_path, arch, tensor_cores):
     if NVCC is None:
         pytest.skip("nvcc not installed")
@@ -37,12 +37,21 @@ def test_builds_without_warnings(qnet, tmp_path, arch, tensor_cores):
     assert ("dp4a.u32.s32" in src) != tensor_cores
     lib = build(gen)
     assert lib.exists() and gen.build["warnings"].strip() == "", gen.build["warnings"]
-    assert f"-arch={arch}" in gen.build["command"] and "--fmad=false" in gen.build["command"]
+    assert "--fmad=false" in gen.build["command"]
+    archs = arch.split(",")
+    if len(archs) == 1:
+        assert f"-arch={arch}" in gen.build["command"]
+    else:   # the library holds machine code for each architecture
+        for a in archs:
+            assert f"-gencode arch=compute_{a[3:]},code={a}" in gen.build["command"]
 
 
 def test_tensor_cores_need_sm_80(qnet, tmp_path):
-    with pytest.raises(ValueError, match="sm_80"):
-        generate(qnet, tmp_path, name="net", target="cuda", arch="sm_75", tensor_cores=True)
+    for arch in ("sm_75", "sm_75,sm_90"):   # every architecture of a fat binary must have them
+        with pytest.raises(ValueError, match="sm_80"):
+            generate(qnet, tmp_path, name="net", target="cuda", arch=arch, tensor_cores=True)
+    with pytest.raises(ValueError, match="sm_XY"):
+        generate(qnet, tmp_path, name="net", target="cuda", arch="sm_90,")
 
 
 def test_cuda_sources_share_the_program(qnet, tmp_path):

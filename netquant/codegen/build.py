@@ -97,7 +97,8 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
              provenance: str = "", progress: Optional[Progress] = None, arch: str = "sm_90",
              tensor_cores: bool = False, cross: Optional[str] = None, cpu: str = "cortex-m4") -> Generated:
     """Write the sources of ``qnet`` (a QuantizedNetwork or QGraph) for ``target`` ("c", or
-    "cuda" for GPU ``arch``; ``tensor_cores``: int8 mma convolutions, sm_80 and newer; "micro"
+    "cuda" for GPU ``arch`` ("sm_90", or "sm_80,sm_90" for one library with the code of each);
+    ``tensor_cores``: int8 mma convolutions, sm_80 and newer; "micro"
     for an Arm Cortex-M ``cpu``, micro.py) into ``out``. ``cross`` ("aarch64-linux-gnu"): the Arm
     Cortex-A build, isa "neon" (dot product), "neon-v8" or "scalar" (arm_neon.py)."""
     from .arm_neon import ARM_ISA_FLAGS
@@ -122,13 +123,13 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
     folder.mkdir(parents=True, exist_ok=True)
     report(progress, 1, 3, "printing")
     if target == "cuda":
-        from .cuda import CudaPrinter
+        from .cuda import CudaPrinter, arch_flags
         from .int4 import refuse_cuda
 
         refuse_cuda(program)   # no 4-bit weight route on the GPU: a clear error, never wrong code
 
         printer = CudaPrinter(program, provenance or "netquant integer network", arch=arch, tensor_cores=tensor_cores)
-        cflags = f"{CUDA_FLAGS} -arch={arch}"
+        cflags = f"{CUDA_FLAGS} {arch_flags(arch)}"
         files = printer.files(cflags)
         for fname, text in files.items():   # atomically: an interrupted generate leaves no half file
             write_text(folder / fname, text)

@@ -38,6 +38,26 @@ def sm_number(arch: str) -> int:
     return int(digits)
 
 
+def arch_list(arch: str) -> list:
+    """The GPU architectures of ``arch``: one ("sm_90") or several separated by commas
+    ("sm_80,sm_90": one library holding the machine code of each, a fat binary)."""
+    archs = [a.strip() for a in str(arch).split(",")]
+    if not all(archs):
+        raise ValueError(f"arch {arch!r}: expected sm_XY or a comma-separated list (for example sm_80,sm_90)")
+    for a in archs:
+        sm_number(a)
+    return archs
+
+
+def arch_flags(arch: str) -> str:
+    """nvcc's flags for ``arch``: ``-arch=sm_90`` for one; for several, one ``-gencode`` each (the
+    front end and host compilation run once, the device code is compiled per architecture)."""
+    archs = arch_list(arch)
+    if len(archs) == 1:
+        return f"-arch={archs[0]}"
+    return " ".join(f"-gencode arch=compute_{sm_number(a)},code={a}" for a in archs)
+
+
 def unroll(o: Source, *loops: str) -> Source:
     """Open nested loops ``for (int v = 0; v < n; ++v)``, each under ``#pragma unroll``, for the pairs
     (v, n) of ``loops``: unroll(o, "i", "MT", "j", "2") opens the i loop and the j loop inside it."""
@@ -55,7 +75,7 @@ class CudaPrinter(CPrinter):
     def __init__(self, program, provenance: str = "", arch: str = "sm_90", tensor_cores: bool = False):
         super().__init__(program, provenance)
         self.arch = arch
-        self.sm = sm_number(arch)
+        self.sm = min(sm_number(a) for a in arch_list(arch))   # the oldest one decides what may be printed
         if tensor_cores and self.sm < MMA_MIN_SM:
             raise ValueError(f"tensor_cores needs sm_{MMA_MIN_SM} or newer (int8 mma.sync.m16n8k32); arch is {arch}")
         self.tensor_cores = tensor_cores
