@@ -156,6 +156,37 @@ def test_auto_precision_returns_a_measured_configuration(small_pow2, cifar, tmp_
     assert np.array_equal(back.quantize().run(x[:8]), q.quantize().run(x[:8]))
 
 
+def _fidelity(reference, scores, labels):
+    """A custom metric, higher is better: minus the mean absolute difference from the float
+    network's scores (0 for float itself)."""
+    return -float(np.abs(np.asarray(scores) - reference).mean())
+
+
+def test_auto_precision_puts_layers_in_float_when_int8_misses_the_budget(small_pow2, cifar):
+    """Step 2 of the search: with a metric on which int8 loses (fidelity to the float scores) and a
+    budget of half its loss, every layer is probed in float alone, layers go to float in the order
+    of their probed gain until a measured configuration fits, and the choice is one that fits."""
+    import functools
+
+    q0 = small_pow2
+    x, y = cifar.test.images[:16], cifar.test.labels[:16]
+    reference = run_float(q0.graph, torch.from_numpy(to_float(x)), keep=())[q0.graph.output].numpy()
+    metric = functools.partial(_fidelity, reference)
+    int8_loss = -metric(q0.quantize().run(x), y)
+    assert int8_loss > 0
+    q, front, explored = q0.auto_precision((x, y), max_drop=int8_loss / 2, metric=metric, max_evaluations=40,
+                                           workers=1, batch_size=16)
+    # the float network as the search runs it (through the QGraph, every layer float): float32 noise
+    assert abs(explored.attrs["float"]) < 1e-5 and explored.attrs["int8"] == -int8_loss
+    layers = [n.name for n in q0.quantize().qgraph.nodes if n.quantized and n.op in ("conv", "linear")]
+    assert explored.Step.str.contains("one layer float").sum() == len(layers)
+    assert explored.Step.str.contains("float layers for the budget").any()
+    chosen = explored[explored.Chosen].iloc[0]
+    assert chosen.Drop <= int8_loss / 2 and chosen.Float >= 1
+    assert len(q.user_float - q0.user_float) == chosen.Float
+    assert metric(q.quantize().run(x), y) == chosen.Metric   # what was measured is what it computes
+
+
 def test_auto_precision_checks_its_arguments(small_pow2, cifar):
     xy = (cifar.test.images[:4], cifar.test.labels[:4])
     with pytest.raises(ValueError, match="max_drop"):
