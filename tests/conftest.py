@@ -103,9 +103,22 @@ def pytest_configure(config):
             sys.modules["torch"].set_num_threads(share)
 
 
-@pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: a file keeps its order
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(item.path.name, item.path.name)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole files (and the SAME_WORKER groups) to one worker each, in collection order. Our own
+    scheduler, not ``--dist loadgroup``: xdist 3.8 marks a group by rewriting ``item._nodeid``,
+    which pytest 9.2's nodes no longer read, so the marks were silently ignored and the tests of
+    one file (and the module fixtures they share: trained networks, AdaRound, the browser) were
+    spread over both workers and made twice (found 2026-12-03)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFileGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return SAME_WORKER.get(name, name)
+
+    return ByFileGroup(config, log)
