@@ -321,6 +321,12 @@ int main(void) {
         _mm256_storeu_si256((__m256i *)o16, r16);
         for (int l = 0; l < 16; ++l)   /* saturated to int16, which keeps every 8-bit clamp exact */
             bad += o16[l] != nq_clamp(nq_rounding_shift((int64_t)a[l] * m0 + (int64_t)b[l] * m1, shift), -32768, 32767);
+        __m256i r8 = nq_add8_pairs(_mm256_loadu_si256((const __m256i *)a), _mm256_loadu_si256((const __m256i *)b),
+                                   _mm256_set1_epi32(p[0][1] << 16 | p[0][0]), _mm256_set1_epi32(p[1][1] << 16 | p[1][0]),
+                                   _mm256_set1_epi32(p[2][1] << 16 | p[2][0]), shift);
+        _mm256_storeu_si256((__m256i *)out, r8);
+        for (int l = 0; l < 8; ++l)
+            bad += out[l] != (int32_t)nq_rounding_shift((int64_t)a[l] * m0 + (int64_t)b[l] * m1, shift);
     }
     for (int it = 0; it < 20000; ++it) {
         int32_t v[64];
@@ -354,7 +360,7 @@ int main(void) {
 @pytest.mark.parametrize("isa", ["avx2", "vnni"])
 def test_runtime_simd_shortcuts_equal_the_scalar_numerics(tmp_path, isa):
     """nq_requantize16_hi / nq_requantize8_hi (high half of the product), nq_add16_pairs /
-    nq_add16x16_pairs (15-bit multiplier pieces) and nq_pack4 / nq_pack4x8 / nq_pack2x16
+    nq_add8_pairs / nq_add16x16_pairs (15-bit multiplier pieces) and nq_pack4 / nq_pack4x8 / nq_pack2x16
     (saturating packs) against nq_rounding_shift / nq_clamp, exactly: the AVX2 forms on any AVX2
     CPU, with the AVX-512 ones where the CPU has AVX-512 VNNI."""
     import shutil

@@ -58,9 +58,9 @@ def test_resnet20_sources_are_small_and_hold_one_isa(isa, qnet, tmp_path):
     assert profile == (native_profile() if isa == "native" else {"avx512": "vnni"}.get(isa, isa))
     for other, mark in MARKS.items():
         assert (mark in text) == (other == profile), (other, profile)
-    # the residual adds: the profile's vector kernel and no other
+    # the residual adds (fused into the convs or on their own): the profile's vector form and no other
     assert ("nq_add16_pairs(" in text) == (profile in ("amx", "vnni"))
-    assert ("nq_add16x16_pairs(" in text) == (profile == "avx2")
+    assert ("nq_add8_pairs(" in text or "nq_add16x16_pairs(" in text) == (profile == "avx2")
     assert "_blob + " in text and ".incbin" in text
 
 
@@ -102,6 +102,29 @@ def test_portable_fallbacks_read_the_compiled_layouts(qnet, cifar, tmp_path):
         assert net.kernels in ("portable", "avx512-vnni"), net.kernels   # AMX off: VNNI macros, portable convs
         assert np.array_equal(net.predict_int(x), ref), (isa, flag)
         assert gen.build["warnings"].strip() == "", gen.build["warnings"]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_residual_adds_run_in_the_conv_epilogue(isa, qnet, cifar, tmp_path):
+    """Every residual add of ResNet-20 is printed inside the register-tile conv that feeds it (one
+    step fewer per block, the conv's 8-bit output never stored), with the same integers: the AVX2
+    library bit-exact on 8 images with its vector path and with its portable fallback (which
+    fuses too). The AVX-512 source fuses the same adds (test_amx_and_vnni_sources_compile_for_
+    sapphire_rapids compiles it; the VNNI bit-exact tests run it where the CPU has it)."""
+    gen = generate(qnet, tmp_path, name="r20", isa=isa)
+    adds = [n.name for n in qnet.qgraph.nodes if n.op == "add"]
+    fused = {k: v for k, v in gen.kernels.items() if v.startswith("in the epilogue of")}
+    assert adds and set(fused) == set(adds), gen.kernels
+    assert sum("+ residual add" in v for v in gen.kernels.values()) == len(adds)   # the convs' labels say so
+    text = (tmp_path / "r20.c").read_text()
+    assert text.count("nq_add" + ("8" if isa == "avx2" else "16") + "_pairs(") >= len(adds)
+    if isa != "avx2":
+        return
+    x = to_float(cifar.test.images[:8])
+    ref = _reference_int(qnet, x)
+    assert np.array_equal(load(gen).predict_int(x), ref)
+    gen.cflags += " -DNQ_NO_SIMD"   # the same source without its SIMD kernels: the fused steps' portable loops
+    assert np.array_equal(load(gen).predict_int(x), ref)
 
 
 def test_one_image_splits_rows_across_threads_bit_exactly(qnet, cifar, tmp_path):

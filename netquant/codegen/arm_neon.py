@@ -72,6 +72,7 @@ def unsigned_bias(bias: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 class NeonPrinter(CPrinter):
     """CPrinter's portable library with the NEON conv kernel of netquant_neon.h (under NQ_NEON)."""
+    fuses_adds = False   # its conv kernels are its own (c.py fuse_adds: the x86 register tiles)
 
     def __init__(self, program, provenance: str = "", isa: str = "neon"):
         super().__init__(program, provenance, profile="scalar")

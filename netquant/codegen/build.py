@@ -148,9 +148,9 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
         sizes = printer.write(folder, cflags)
     # the constants compiled for this target and instruction set (one weight layout per conv)
     const_bytes = printer.compiled_const_bytes()
-    layer_bytes = {s.node.name: printer.step_const_bytes(s) for s in program.steps}
+    layer_bytes = {s.node.name: printer.step_const_bytes(s) for s in printer.p.steps}   # the steps as printed
     gen = Generated(folder, program, target, {k: v[0] for k, v in sizes.items()}, cflags,
-                    kernels={s.node.name: printer.kernel_label(s) for s in program.steps},
+                    kernels=printer.kernel_labels(),
                     sizes={k: v[1] for k, v in sizes.items()}, profile=profile, const_bytes=const_bytes,
                     seconds=round(time.time() - t0, 2), layer_bytes=layer_bytes, cross=cross)
     log.info("generated %s for %s in %.1f s: %s bytes of source and constants", name, profile, gen.seconds,

@@ -26,7 +26,9 @@ The CUDA printer subclasses :class:`CPrinter` and overrides only what differs.
 """
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -117,6 +119,7 @@ class CPrinter:
     kernel_qualifier = "static void"
     file_suffix = ".c"
     const_qualifier = "static const"
+    fuses_adds = True   # the x86 register-tile convs take a residual add into their epilogue (fuse_adds)
 
     def __init__(self, program: Program, provenance: str = "", profile: str = "scalar"):
         if profile not in PROFILES:
@@ -129,6 +132,63 @@ class CPrinter:
         self._tables: dict = {}   # step output -> its constant tables (step_consts)
         # one kernel per op kind of the table (netquant/ir/ops.py) that runs in integers, and the affine
         self.kernels: dict[str, Callable] = {k: getattr(self, f"k_{k}") for k in KERNEL_KINDS}
+        self.fused_into: dict = {}   # add layer -> the conv layer whose epilogue computes it
+        if self.fuses_adds:
+            self.p = self.fuse_adds(program)
+
+    # --- residual adds in the conv epilogue ----------------------------------------------------
+    def fuse_adds(self, p: Program) -> Program:
+        """``p`` with each residual add that reads the output of the conv step just before it
+        (and nothing else reads that output) printed as part of that conv: the register-tile
+        kernel requantizes and clamps the conv's output as its own step would, then adds the
+        other input with the add's own formula and stores the add's output (docs/NUMERICS.md,
+        "Residual add fused into the conv": the same integers, one pass over memory fewer, and
+        the conv's 8-bit output is never stored). Example: ResNet-18's layer1.0 conv2 ->
+        add -> ReLU becomes one step writing the block's output. The buffer plan is kept, so
+        a pair stays two steps where the add's output shares arena bytes with the conv's input
+        (free once the conv has run, but read while the fused kernel writes)."""
+        readers = Counter(b for st in p.steps for b in st.inputs)
+        steps, out, i = p.steps, [], 0
+        while i < len(steps):
+            s = steps[i]
+            nxt = steps[i + 1] if i + 1 < len(steps) else None
+            if nxt is not None and self.fusable(p, s, nxt, readers):
+                k = nxt.inputs.index(s.output)
+                out.append(replace(s, inputs=(s.inputs[0], nxt.inputs[1 - k]), output=nxt.output,
+                                   fused_add=(nxt.node, k)))
+                self.fused_into[nxt.node.name] = s.node.name
+                i += 2
+                continue
+            out.append(s)
+            i += 1
+        return replace(p, steps=tuple(out)) if self.fused_into else p
+
+    def fusable(self, p: Program, s: Step, add: Step, readers: Counter) -> bool:
+        """Whether add step ``add`` can run in the epilogue of conv step ``s`` (see fuse_adds)."""
+        if not (s.kind == "conv" and add.kind == "add" and s.node.quantized and add.node.quantized
+                and len(add.inputs) == 2 and s.output in add.inputs and add.inputs[0] != add.inputs[1]
+                and readers[s.output] == 1 and s.output not in (p.int_output, p.int_input, p.output)):
+            return False
+        if self.conv_path(s) not in ("avx2", "vnni") or not s.plan.hi_requant or c_int4.q4.is_int4(s.node):
+            return False
+        conv_out, skip, y, x = (p.buffer(b) for b in (s.output, *[b for b in add.inputs if b != s.output],
+                                                       add.output, s.inputs[0]))
+        if not all(b.dtype in ("int8", "uint8") and b.layout == "hwc" and b.shape == conv_out.shape
+                   for b in (conv_out, skip, y)):
+            return False
+        lanes = (VNNI if self.conv_path(s) == "vnni" else AVX2).lanes
+        if self.hwc(conv_out.shape)[0] % lanes or not ADD_PAIR_SHIFTS[0] <= int(add.node.params["shift"][0]) <= ADD_PAIR_SHIFTS[1]:
+            return False
+        apart = x.offset < 0 or y.offset < 0 or x.offset + x.nbytes <= y.offset or y.offset + y.nbytes <= x.offset
+        return apart
+
+    def add_pieces_for(self, s: Step) -> list:
+        """The 15-bit pieces (l, u, h) of the fused add of conv ``s``, each as the int32 holding the
+        int16 pair (piece of the conv's multiplier, piece of the other input's): nq_add16_pairs."""
+        add, k = s.fused_add
+        m = [int(v) for v in add.params["multiplier"]]
+        mc, ms = m[k], m[1 - k]
+        return [(((ms >> sh) & 0x7FFF) << 16) | ((mc >> sh) & 0x7FFF) for sh in (0, 15, 30)]
 
     # --- helpers --------------------------------------------------------------------------
     def buf(self, name: str) -> Buffer:
@@ -142,8 +202,19 @@ class CPrinter:
     def const_name(self, step: Step, key: str) -> str:
         return f"k_{step.output}_{key}"
 
+    def kernel_labels(self) -> dict:
+        """layer -> what the report calls the kernel printed for it (a fused add: the conv it is in)."""
+        out = {s.node.name: self.kernel_label(s) for s in self.p.steps}
+        out.update({a: f"in the epilogue of {c}" for a, c in self.fused_into.items()})
+        return out
+
     def kernel_label(self, s: Step) -> str:
         """What the report calls the kernel printed for ``s`` (the paths in k_conv's order)."""
+        if s.fused_add is not None:
+            return self._kernel_label(s) + f" (+ residual add {s.fused_add[0].name} in its epilogue)"
+        return self._kernel_label(s)
+
+    def _kernel_label(self, s: Step) -> str:
         if self.is_element_step(s):
             return self.float_label(s)
         path = self.conv_path(s) if s.kind == "conv" else "scalar"
@@ -565,7 +636,17 @@ class CPrinter:
         o(f"const {self.buf(s.inputs[0]).ctype} *xp = x0 + (ih * W + iw) * C + cg;")
         self.conv_tap(s, o, layout)
         o.close().close()
-        o(f"y[(oh * OW + ow) * O + o] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
+        if s.fused_add is None:
+            o(f"y[(oh * OW + ow) * O + o] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
+            return
+        add, k = s.fused_add
+        m = [int(v) for v in add.params["multiplier"]]
+        alo, ahi = add.attrs["clamp"]
+        o(f"const int32_t c = nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});  /* the conv's output, as its own step */")
+        o(f"const int64_t v = (int64_t)c * {m[k]} + (int64_t)x1[(oh * OW + ow) * O + o] * {m[1 - k]};  "
+          f"/* + the other input: add {add.name} */")
+        o(f"y[(oh * OW + ow) * O + o] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(v, "
+          f"{int(add.params['shift'][0])}), {alo}, {ahi});")
 
     def conv_tap(self, s: Step, o: Source, layout: str):
         """acc += the CG products of tap (kh, kw) for output channel o: inputs xp[k], weights in ``layout``."""

@@ -262,7 +262,8 @@ class SimdConv:
         fn, e = self.pr.fn_name(s), self.isa.elem
         xin, yt = self.pr.buf(s.inputs[0]).ctype, self.pr.buf(s.output).ctype
         enum = "enum { " + ", ".join(f"{k} = {v}" for k, v in g.items()) + " };"
-        o(f"typedef struct {{ const {xin} *x0; {yt} *y; {e} *xs; }} {fn}_ctx;")
+        skip = f" const {self.pr.buf(s.inputs[1]).ctype} *x1;" if s.fused_add else ""   # the fused add's other input
+        o(f"typedef struct {{ const {xin} *x0; {yt} *y; {e} *xs;{skip} }} {fn}_ctx;")
         if g["STAGED"]:
             o.open(f"static void {fn}_stage(void *arg, int hp)")
             o(f"const {fn}_ctx *c = arg;")
@@ -274,6 +275,8 @@ class SimdConv:
         o(f"const {fn}_ctx *c = arg;")
         o(enum)
         o(f"{yt} *restrict y = c->y;")
+        if s.fused_add:
+            o(f"const {self.pr.buf(s.inputs[1]).ctype} *restrict x1 = c->x1;")
         if g["STAGED"]:
             o(f"const {e} *xp = c->xs;")
         else:
@@ -309,7 +312,8 @@ class SimdConv:
         fn, e = self.pr.fn_name(s), self.isa.elem
         macs = self.pr.conv_macs(s)
         xs = f"({e} *)nq_vpad" if g["STAGED"] else "NULL"
-        o(f"{fn}_ctx ctx = {{x0, y, {xs}}};  /* nq_vpad: the calling thread's buffer, shared by the helpers */")
+        o(f"{fn}_ctx ctx = {{x0, y, {xs}{', x1' if s.fused_add else ''}}};  "
+          "/* nq_vpad: the calling thread's buffer, shared by the helpers */")
         if g["STAGED"]:
             o(f"nq_run({fn}_stage, &ctx, {g['HP']}, {macs}L);")
         o(f"nq_run({fn}_tiles, &ctx, {g['NBG'] * g['OH']}, {macs}L);")
@@ -412,6 +416,20 @@ class SimdConv:
                 o(f"const {vtype} m{b} = {load}((const void *)({M} + {off})), "
                   f"t{b} = {load}((const void *)({pr.const_name(s, 'shiftv')} + {off}));")
 
+    def fused_add(self, s: Step, conv: str, at: str) -> str:
+        """The residual add fused into conv ``s`` (c.py fuse_adds) on the lanes of vector ``conv``
+        (the conv's requantized, clamped outputs): the other input's lanes loaded at ``at`` and
+        widened, the add's 15-bit-piece form (nq_add16_pairs / nq_add8_pairs), its clamp."""
+        add, _ = s.fused_add
+        v, vt, L = self.isa.vec, self.isa.vtype, self.isa.lanes
+        signed = self.pr.buf(s.inputs[1]).dtype == "int8"
+        widen = f"{v}_cvtep{'i' if signed else 'u'}8_epi32"
+        load = (f"_mm_loadu_si128((const __m128i *)({at}))" if L == 16 else f"_mm_loadl_epi64((const __m128i *)({at}))")
+        fn = "nq_add16_pairs" if L == 16 else "nq_add8_pairs"
+        alo, ahi = add.attrs["clamp"]
+        q = f"{fn}({conv}, {widen}({load}), alu, auu, ahu, {int(add.params['shift'][0])})"
+        return f"{v}_min_epi32({v}_max_epi32({q}, {v}_set1_epi32({alo})), {v}_set1_epi32({ahi}))"
+
     def epilogue(self, s: Step, o, g: dict, acc: list, b0: str, nb: int):
         """Requantize a tile and store it. Where the tile spans every output channel (O a multiple
         of LANES), its bytes are contiguous: four vectors are packed (saturating) into one
@@ -441,6 +459,11 @@ class SimdConv:
         self._tables(s, o, b0, nb, f"{v}_load_si{32 * L}", isa.vtype)
         contiguous = g["O"] % L == 0 and nb == g["OB"]
         clamp = (lo, hi) != dtype_range(out_t) or not contiguous
+        if s.fused_add:   # the conv's own clamp first (its output type is not the store's), then the add's
+            clamp = True
+            pieces = self.pr.add_pieces_for(s)
+            o(f"const {isa.vtype} " + ", ".join(f"{n} = {v}_set1_epi32({p})" for n, p in zip(("alu", "auu", "ahu"), pieces))
+              + ";  /* the fused add's multiplier pieces, (conv, other input) int16 pairs */")
         for p, b, a in pixels:
             if s.plan.hi_requant:
                 q = f"{isa.requant_hi}({a}, m{b}, r{b}, t{b})"
@@ -449,6 +472,8 @@ class SimdConv:
             else:
                 q = f"nq_requantize16({a}, m{b}, t{b}, {lo}, {hi})"
             o(f"{a} = {q};")
+            if s.fused_add:
+                o(f"{a} = {self.fused_add(s, a, dst[p, b].replace('y + ', 'x1 + ', 1))};")
         if not contiguous:
             for p, b, a in pixels:
                 if isa.reg == VNNI.reg:

@@ -68,6 +68,7 @@ def unroll(o: Source, *loops: str) -> Source:
 
 
 class CudaPrinter(CPrinter):
+    fuses_adds = False   # its conv kernels are its own (c.py fuse_adds: the x86 register tiles)
     file_suffix = ".cu"
     const_qualifier = "static __device__ const"
     kernel_qualifier = "static __global__ void"

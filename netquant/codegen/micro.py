@@ -186,6 +186,7 @@ def micro_plan(p: Program, simd: bool = True) -> MicroPlan:
 
 class MicroPrinter(CPrinter):
     """Prints a MicroPlan as C99 (see the module docstring)."""
+    fuses_adds = False   # it fuses residual adds its own way (the MicroPlan), into its own conv kernels
 
     kernel_qualifier = "__attribute__((noinline)) static void"   # one symbol per layer: its code size in the report
 

@@ -27,6 +27,7 @@ identity becomes an alias of its input (no copy).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -88,6 +89,10 @@ class Step:
     inputs: tuple     # Buffer names
     output: str       # Buffer name
     plan: "KernelPlan" = field(default_factory=lambda: KernelPlan())
+    # a conv whose printer computes the residual add that reads it in its epilogue (c.py,
+    # fuse_adds): (the add's QNode, the conv's place among the add's inputs); inputs are then
+    # (conv input, the add's other input) and output the add's output
+    fused_add: Optional[tuple] = None
 
     @property
     def kind(self) -> str:
@@ -500,6 +505,13 @@ def plan(q: QGraph, name: str = "net") -> Program:
             life.setdefault(b, [-1, -1])[1] = i
     if int_out in life:
         life[int_out][1] = len(steps)
+    # a conv whose output only the add right after it reads: its input lives through that add, so
+    # the add's output never takes the input's bytes and the C printer can compute the add in the
+    # conv's epilogue while the conv still reads its input (c.py fuse_adds)
+    reads = Counter(b for s in steps for b in s.inputs)
+    for i, (s, t) in enumerate(zip(steps, steps[1:])):
+        if s.kind == "conv" and t.kind == "add" and s.output in t.inputs and reads[s.output] == 1:
+            life[s.inputs[0]][1] = max(life[s.inputs[0]][1], i + 1)
     placed: list = []  # (offset, end, first, last)
     final = {}
     in_name = c_name(q.input)

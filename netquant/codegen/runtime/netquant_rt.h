@@ -167,6 +167,15 @@ static inline __m256i nq_add16x16_pairs(__m256i a, __m256i b, __m256i lu, __m256
                               _mm256_srai_epi32(_mm256_add_epi32(v1, rnd), shift - 15));
 }
 
+/* nq_add16_pairs on 8 int32 lanes (AVX2): a and b hold 8-bit values in int32 lanes (a conv's
+ * requantized outputs and the residual input, in the fused epilogue); the same integers. */
+static inline __m256i nq_add8_pairs(__m256i a, __m256i b, __m256i lu, __m256i uu, __m256i hu, int32_t shift) {
+    const __m256i ab = _mm256_blend_epi16(a, _mm256_slli_epi32(b, 16), 0xAA);  /* (a, b) int16 pairs */
+    const __m256i v = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(ab, uu), _mm256_srai_epi32(_mm256_madd_epi16(ab, lu), 15)),
+                                       _mm256_slli_epi32(_mm256_madd_epi16(ab, hu), 15));
+    return _mm256_srai_epi32(_mm256_add_epi32(v, _mm256_set1_epi32(1 << (shift - 16))), shift - 15);
+}
+
 /* Two vectors of 16 int16 lanes -> 32 bytes a0..a15 b0..b15, saturated to uint8 or int8. */
 static inline __m256i nq_pack2x16_u8(__m256i a, __m256i b) {
     return _mm256_permute4x64_epi64(_mm256_packus_epi16(a, b), 0xD8);   /* qwords 0, 2, 1, 3 */
