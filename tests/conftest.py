@@ -80,14 +80,15 @@ def arch_net(cifar):
 # --- running on several cores (pytest-xdist; pyproject's addopts start one worker per core) -------
 # A file runs whole on one worker, so its module fixtures are made once; files that share the
 # session's trained networks (arch_net) or the browser run on the same worker; the files that take
-# longest start first, so that the workers finish together (measured 2026-12-03, one worker:
-# test_search 370 s, test_codegen_c + test_architectures 255 s, test_acceptance 160 s, ...).
+# longest start first, so that the workers finish together (measured 2026-12-03 under the full
+# suite: test_codegen_c + test_architectures 300 s, test_search 200 s, test_codegen_arm 125 s, ...).
 SAME_WORKER = {"test_architectures.py": "arch_net", "test_codegen_c.py": "arch_net",
                "test_app_browser.py": "browser", "test_app_search.py": "browser"}
-LONGEST_FIRST = ("test_search.py", "test_codegen_c.py", "test_architectures.py", "test_acceptance.py",
-                 "test_int4.py", "test_codegen_cuda.py", "test_app_browser.py", "test_app_search.py",
-                 "test_app_server.py", "test_codegen_scale.py", "test_codegen_arm.py", "test_codegen_imagenet.py",
-                 "test_cli.py", "test_codegen_float.py")
+LONGEST_FIRST = ("test_codegen_c.py", "test_architectures.py", "test_search.py", "test_codegen_arm.py",
+                 "test_codegen_cuda.py", "test_app_browser.py", "test_app_search.py", "test_int4.py",
+                 "test_app_server.py", "test_acceptance.py", "test_codegen_scale.py", "test_onnx_import.py",
+                 "test_accuracy_tools.py", "test_cli.py", "test_onnx.py", "test_codegen_imagenet.py",
+                 "test_engine_c.py", "test_codegen_float.py")
 
 
 def pytest_configure(config):

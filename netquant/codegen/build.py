@@ -370,7 +370,7 @@ def load(gen: Generated, library: Optional[str | os.PathLike] = None, **build_ar
     if gen.cross:
         from .arm_neon import CrossNetwork
 
-        return CrossNetwork(library or build(gen, **build_args), gen.program)
+        return CrossNetwork(library or build(gen, **build_args), gen.program, profile=gen.profile)
     return CompiledNetwork(library or build(gen, **build_args), gen.program)
 
 
