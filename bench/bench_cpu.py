@@ -85,7 +85,7 @@ PEERS = {
     "openvino": ("OpenVINO int8", ("onnx", "openvino", "nncf"), "pip install onnx openvino nncf"),
     "pt2e": ("PyTorch PT2E x86 int8", ("torchao",), "pip install torchao"),
 }
-ENGINES = ["c", "python", *PEERS]
+ENGINES = ["c", "c-unfused", "python", *PEERS]   # c-unfused: residual adds as steps of their own (the A/B of fuse_adds)
 CIFAR_MODEL = "cifarnet-20-16"
 MODELS = [CIFAR_MODEL, *bench_models.MODELS]
 
@@ -122,11 +122,11 @@ def measured_peak(threads: int, tmp: str):
 # --- netquant C: generated and built in a child process, so that a network too large for the
 # generator or the compiler costs its own rows, not the run ---
 
-def build_c_child(qpath: str, folder: str, isa: str, name: str) -> int:
+def build_c_child(qpath: str, folder: str, isa: str, name: str, fuse: str = "fused") -> int:
     """In the child: load the saved quantizer, generate and build; print one JSON line."""
     q = Quantizer.load(qpath)
     t0 = time.perf_counter()
-    gen = generate(q.quantize(), folder, name=name, isa=isa)
+    gen = generate(q.quantize(), folder, name=name, isa=isa, fuse_adds=fuse == "fused")
     t1 = time.perf_counter()
     library = build(gen)
     t2 = time.perf_counter()
@@ -137,7 +137,8 @@ def build_c_child(qpath: str, folder: str, isa: str, name: str) -> int:
     return 0
 
 
-def build_c_isolated(qpath: str, folder: str, isa: str, name: str, timeout: float, memory_gb: float) -> dict:
+def build_c_isolated(qpath: str, folder: str, isa: str, name: str, timeout: float, memory_gb: float,
+                     fuse: str = "fused") -> dict:
     """Generate and build in a child process (its own process group, so the compiler is stopped
     with it), under ``timeout`` seconds and ``memory_gb`` GiB of address space (0: no limit).
     Returns the child's JSON; raises RuntimeError saying what went wrong."""
@@ -146,7 +147,7 @@ def build_c_isolated(qpath: str, folder: str, isa: str, name: str, timeout: floa
             cap = int(memory_gb * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_build-c", qpath, folder, isa, name],
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_build-c", qpath, folder, isa, name, fuse],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit,
                             start_new_session=True)
     try:
@@ -336,7 +337,7 @@ def pt2e_engine(net: torch.nn.Module, calib: np.ndarray):
 
 
 def main() -> int:
-    if len(sys.argv) == 6 and sys.argv[1] == "--_build-c":   # the child of build_c_isolated
+    if len(sys.argv) == 7 and sys.argv[1] == "--_build-c":   # the child of build_c_isolated
         return build_c_child(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=CIFAR_MODEL, choices=MODELS,
@@ -357,13 +358,14 @@ def main() -> int:
                     help="address space of the generation and the compiler, GiB (0: no limit; default: %(default)s)")
     ap.add_argument("--engines", nargs="+", choices=ENGINES,
                     help="engines to time besides torch fp32 (default: every available one; "
-                         "'python' only with --python-executor)")
+                         "'python' only with --python-executor; 'c-unfused', the C with its residual adds as "
+                         "steps of their own (the A/B of the fused epilogue), only when named)")
     ap.add_argument("--python-executor", action="store_true", help="also time the Python integer executor")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds over all engines; the best is kept")
     ap.add_argument("--seconds", type=float, default=0.5, help="seconds per engine and round")
     args = ap.parse_args()
     if args.engines is None:
-        engines = [e for e in ENGINES if e != "python" or args.python_executor]
+        engines = [e for e in ENGINES if e not in ("python", "c-unfused") or (e == "python" and args.python_executor)]
     else:
         engines = list(dict.fromkeys(args.engines + (["python"] if args.python_executor else [])))
     for key in [e for e in engines if e in PEERS]:
@@ -397,18 +399,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         makers: dict = {}   # label -> make(threads, batch) -> fn(images) -> scores
         failed: dict = {}   # label -> why it has no rows
-        if "c" in engines:
-            qpath = os.path.join(tmp, "quantizer.nq")
+        c_builds = [(isa, fuse) for isa in isas for fuse in ("fused", "unfused")
+                    if ("c" if fuse == "fused" else "c-unfused") in engines]
+        qpath = os.path.join(tmp, "quantizer.nq")
+        if c_builds:
             q.save(qpath)
-        for isa in (isas if "c" in engines else []):
+        for isa, fuse in c_builds:
+            suffix = "" if fuse == "fused" else " (adds unfused)"
             try:
-                info = build_c_isolated(qpath, os.path.join(tmp, isa), isa, name, args.c_timeout, args.c_memory_gb)
+                info = build_c_isolated(qpath, os.path.join(tmp, f"{isa}-{fuse}"), isa, name, args.c_timeout,
+                                        args.c_memory_gb, fuse)
                 cnet = CompiledNetwork(info["library"], plan(qnet.qgraph, name))
             except Exception as e:  # noqa: BLE001  # a network the generator cannot take yet must not stop the peers
-                failed[f"netquant C ({isa})"] = f"{type(e).__name__}: {e}"
-                print(f"failed netquant C ({isa}): {type(e).__name__}: {e}")
+                failed[f"netquant C ({isa}){suffix}"] = f"{type(e).__name__}: {e}"
+                print(f"failed netquant C ({isa}){suffix}: {type(e).__name__}: {e}")
                 continue
-            print(f"netquant C ({isa}, {cnet.kernels} kernels): sources {info['source_bytes'] / 1e6:.1f} MB, "
+            print(f"netquant C ({isa}, {cnet.kernels} kernels{suffix}): sources {info['source_bytes'] / 1e6:.1f} MB, "
                   f"generated in {info['generate_s']:.1f} s (Python peak RSS {info['python_rss_gb']:.2f} GB), "
                   f"built in {info['build_s']:.1f} s (compiler peak RSS {info['compiler_rss_gb']:.2f} GB)")
 
@@ -416,7 +422,7 @@ def main() -> int:
                 cnet.set_num_threads(threads)
                 return cnet.predict
             # without AMX, the native build runs the same kernels as the avx512 one: time it once
-            makers.setdefault(f"netquant C {cnet.kernels}", make_c)
+            makers.setdefault(f"netquant C {cnet.kernels}{suffix}", make_c)
         if "python" in engines:
             makers["netquant Python int8"] = lambda threads, batch: qnet.run
         onnx_path = None

@@ -95,12 +95,15 @@ def native_profile(cc: Optional[str] = None) -> str:
 
 def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c", isa: str = "native",
              provenance: str = "", progress: Optional[Progress] = None, arch: str = "sm_90",
-             tensor_cores: bool = False, cross: Optional[str] = None, cpu: str = "cortex-m4") -> Generated:
+             tensor_cores: bool = False, cross: Optional[str] = None, cpu: str = "cortex-m4",
+             fuse_adds: bool = True) -> Generated:
     """Write the sources of ``qnet`` (a QuantizedNetwork or QGraph) for ``target`` ("c", or
     "cuda" for GPU ``arch`` ("sm_90", or "sm_80,sm_90" for one library with the code of each);
     ``tensor_cores``: int8 mma convolutions, sm_80 and newer; "micro"
     for an Arm Cortex-M ``cpu``, micro.py) into ``out``. ``cross`` ("aarch64-linux-gnu"): the Arm
-    Cortex-A build, isa "neon" (dot product), "neon-v8" or "scalar" (arm_neon.py)."""
+    Cortex-A build, isa "neon" (dot product), "neon-v8" or "scalar" (arm_neon.py). ``fuse_adds``
+    (x86 C): residual adds in the epilogue of the conv before them (c.py fuse_adds; the same
+    integers either way)."""
     from .arm_neon import ARM_ISA_FLAGS
 
     if target not in CODEGEN_TARGETS:
@@ -143,7 +146,7 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
     else:
         # only the instruction set being built is printed (with the portable kernels as its fallback)
         profile = ISA_PROFILE.get(isa) or native_profile()
-        printer = CPrinter(program, provenance or "netquant integer network", profile=profile)
+        printer = CPrinter(program, provenance or "netquant integer network", profile=profile, fuse_adds=fuse_adds)
         cflags = f"{ISA_FLAGS[isa]} {COMMON_FLAGS}"
         sizes = printer.write(folder, cflags)
     # the constants compiled for this target and instruction set (one weight layout per conv)

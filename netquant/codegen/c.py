@@ -121,7 +121,7 @@ class CPrinter:
     const_qualifier = "static const"
     fuses_adds = True   # the x86 register-tile convs take a residual add into their epilogue (fuse_adds)
 
-    def __init__(self, program: Program, provenance: str = "", profile: str = "scalar"):
+    def __init__(self, program: Program, provenance: str = "", profile: str = "scalar", fuse_adds: bool = True):
         if profile not in PROFILES:
             raise ValueError(f"unknown instruction set profile {profile!r}: one of {', '.join(PROFILES)}")
         self.p = program
@@ -133,7 +133,7 @@ class CPrinter:
         # one kernel per op kind of the table (netquant/ir/ops.py) that runs in integers, and the affine
         self.kernels: dict[str, Callable] = {k: getattr(self, f"k_{k}") for k in KERNEL_KINDS}
         self.fused_into: dict = {}   # add layer -> the conv layer whose epilogue computes it
-        if self.fuses_adds:
+        if self.fuses_adds and fuse_adds:
             self.p = self.fuse_adds(program)
 
     # --- residual adds in the conv epilogue ----------------------------------------------------

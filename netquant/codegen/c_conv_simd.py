@@ -421,7 +421,7 @@ class SimdConv:
         (the conv's requantized, clamped outputs): the other input's lanes loaded at ``at`` and
         widened, the add's 15-bit-piece form (nq_add16_pairs / nq_add8_pairs), its clamp."""
         add, _ = s.fused_add
-        v, vt, L = self.isa.vec, self.isa.vtype, self.isa.lanes
+        v, L = self.isa.vec, self.isa.lanes
         signed = self.pr.buf(s.inputs[1]).dtype == "int8"
         widen = f"{v}_cvtep{'i' if signed else 'u'}8_epi32"
         load = (f"_mm_loadu_si128((const __m128i *)({at}))" if L == 16 else f"_mm_loadl_epi64((const __m128i *)({at}))")
