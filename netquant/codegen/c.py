@@ -113,6 +113,14 @@ CTYPE = {np.dtype("int8"): "int8_t", np.dtype("int32"): "int32_t", np.dtype("flo
          np.dtype("int64"): "int32_t", np.dtype("uint8"): "uint8_t", np.dtype("int16"): "int16_t"}
 
 
+def add_pieces(m_a, m_b) -> list:
+    """The 15-bit pieces (l, u, h) of two add multipliers, each as the int32 holding the int16 pair
+    (piece of m_a, piece of m_b) that nq_add16_pairs multiplies an (a, b) pair by: m = h 2^30 +
+    u 2^15 + l. Worked: m_a = 1500000000 = 2^30 + 13008 * 2^15 + 12032: l = 12032, u = 13008, h = 1."""
+    a, b = int(m_a), int(m_b)
+    return [(((b >> k) & 0x7FFF) << 16) | ((a >> k) & 0x7FFF) for k in (0, 15, 30)]
+
+
 class CPrinter:
     """Prints a Program as C. Subclasses override the class attributes and hooks below."""
 
@@ -183,12 +191,11 @@ class CPrinter:
         return apart
 
     def add_pieces_for(self, s: Step) -> list:
-        """The 15-bit pieces (l, u, h) of the fused add of conv ``s``, each as the int32 holding the
-        int16 pair (piece of the conv's multiplier, piece of the other input's): nq_add16_pairs."""
+        """The 15-bit pieces of the fused add of conv ``s``: add_pieces with the conv's multiplier
+        first (the conv's value is the pair's low half) and the other input's second."""
         add, k = s.fused_add
-        m = [int(v) for v in add.params["multiplier"]]
-        mc, ms = m[k], m[1 - k]
-        return [(((ms >> sh) & 0x7FFF) << 16) | ((mc >> sh) & 0x7FFF) for sh in (0, 15, 30)]
+        m = add.params["multiplier"]
+        return add_pieces(m[k], m[1 - k])
 
     # --- helpers --------------------------------------------------------------------------
     def buf(self, name: str) -> Buffer:
@@ -697,61 +704,59 @@ class CPrinter:
             return True
         return False
 
-    def add_pieces(self, s: Step, o: Source, vtype: str, set1: str):
-        """The 15-bit pieces l, u, h of the two multipliers as (x0, x1) int16 pairs (nq_add16_pairs)."""
-        pieces = [[(int(mi) >> k) & 0x7FFF for mi in s.node.params["multiplier"]] for k in (0, 15, 30)]
-        o("/* 15-bit pieces of the multipliers, as (x0, x1) int16 pairs: see nq_add16_pairs */")
-        o(f"const {vtype} " + ", ".join(f"{v} = {set1}({(p1 << 16) | p0})"
-                                        for v, (p0, p1) in zip(("lu", "uu", "hu"), pieces)) + ";")
+    # the vector loop of an 8-bit add in the 15-bit-piece form, per vector width: elements per
+    # iteration, the lane type the inputs widen to, the pair function and the saturating pack
+    ADD_LOOPS = {"avx2": dict(v="_mm256", bits=256, step=32, lane="epi16", pair="nq_add16x16_pairs", pack="nq_pack2x16"),
+                 "avx512": dict(v="_mm512", bits=512, step=64, lane="epi32", pair="nq_add16_pairs", pack="nq_pack4")}
 
-    def add_avx2(self, s: Step, o: Source, sh: int):
-        """32 elements at a time: both inputs widened to int16, nq_add16x16_pairs, the clamp in
-        int16 lanes where it is narrower than the output type, a saturating pack."""
-        widen = {"uint8": "_mm256_cvtepu8_epi16", "int8": "_mm256_cvtepi8_epi16"}
+    def add_pair_loop(self, s: Step, o: Source, sh: int, width: str):
+        """ADD_LOOPS[width] elements at a time: 16 of each input per load, widened, summed by the
+        pair function with the multipliers' pieces, clamped in the lanes where the clamp is
+        narrower than the output type, packed with saturation (the clamp) and stored."""
+        k = self.ADD_LOOPS[width]
+        v, vt, lane = k["v"], f"__m{k['bits']}i", k["lane"]
         t0, t1 = (self.buf(i).dtype for i in s.inputs)
         out_t = self.buf(s.output).dtype
         lo, hi = s.node.attrs["clamp"]
-        o("int i = 0;")
-        o("#if NQ_AVX2")
+
+        def widen(t: str) -> str:
+            return f"{v}_cvtep{'u' if t == 'uint8' else 'i'}8_{lane}"
+
         o.open()
-        self.add_pieces(s, o, "__m256i", "_mm256_set1_epi32")
-        o.open("for (; i + 32 <= N; i += 32)")
-        for j in range(2):
-            q = (f"nq_add16x16_pairs({widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i + {16 * j}))), "
-                 f"{widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i + {16 * j}))), lu, uu, hu, {sh})")
+        o("/* 15-bit pieces of the multipliers, as (x0, x1) int16 pairs: see nq_add16_pairs */")
+        o(f"const {vt} " + ", ".join(f"{n} = {v}_set1_epi32({p})"
+                                     for n, p in zip(("lu", "uu", "hu"), add_pieces(*s.node.params["multiplier"])))
+          + ";")
+        o.open(f"for (; i + {k['step']} <= N; i += {k['step']})")
+        qs = [f"q{j}" for j in range(k["step"] // 16)]
+        for j, qj in enumerate(qs):
+            q = (f"{k['pair']}({widen(t0)}(_mm_loadu_si128((const __m128i *)(x0 + i + {16 * j}))), "
+                 f"{widen(t1)}(_mm_loadu_si128((const __m128i *)(x1 + i + {16 * j}))), lu, uu, hu, {sh})")
             if (lo, hi) != dtype_range(out_t):
-                q = f"_mm256_min_epi16(_mm256_max_epi16({q}, _mm256_set1_epi16({lo})), _mm256_set1_epi16({hi}))"
-            o(f"const __m256i q{j} = {q};")
-        o(f"_mm256_storeu_si256((__m256i *)(y + i), nq_pack2x16_{'u8' if out_t == 'uint8' else 's8'}(q0, q1));"
+                q = f"{v}_min_{lane}({v}_max_{lane}({q}, {v}_set1_{lane}({lo})), {v}_set1_{lane}({hi}))"
+            o(f"const {vt} {qj} = {q};")
+        o(f"{v}_storeu_si{k['bits']}((void *)(y + i), {k['pack']}_{'u8' if out_t == 'uint8' else 's8'}({', '.join(qs)}));"
           "  /* saturating: the clamp */")
         o.close().close()
+
+    def add_avx2(self, s: Step, o: Source, sh: int):
+        """32 elements at a time: both inputs widened to int16, nq_add16x16_pairs, a saturating pack."""
+        o("int i = 0;")
+        o("#if NQ_AVX2")
+        self.add_pair_loop(s, o, sh, "avx2")
         o("#endif")
 
     def add_avx512(self, s: Step, o: Source, sh: int):
         """64 elements at a time in 32-bit lanes (nq_add16_pairs) where the shift allows, then 16
         at a time in 64-bit lanes (nq_add16)."""
-        widen = {"uint8": "_mm512_cvtepu8_epi32", "int8": "_mm512_cvtepi8_epi32"}
         t0, t1 = (self.buf(i).dtype for i in s.inputs)
-        out_t = self.buf(s.output).dtype
         lo, hi = s.node.attrs["clamp"]
         m = s.node.params["multiplier"]
+        widen = {"uint8": "_mm512_cvtepu8_epi32", "int8": "_mm512_cvtepi8_epi32"}
         o("int i = 0;")
         o("#if NQ_VNNI")
         if ADD_PAIR_SHIFTS[0] <= sh <= ADD_PAIR_SHIFTS[1]:
-            o.open()
-            self.add_pieces(s, o, "__m512i", "_mm512_set1_epi32")
-            o.open("for (; i + 64 <= N; i += 64)")
-            qs = []
-            for j in range(4):
-                q = (f"nq_add16_pairs({widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i + {16 * j}))), "
-                     f"{widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i + {16 * j}))), lu, uu, hu, {sh})")
-                if (lo, hi) != dtype_range(out_t):
-                    q = f"_mm512_min_epi32(_mm512_max_epi32({q}, _mm512_set1_epi32({lo})), _mm512_set1_epi32({hi}))"
-                o(f"const __m512i q{j} = {q};")
-                qs.append(f"q{j}")
-            o(f"_mm512_storeu_si512((void *)(y + i), nq_pack4_{'u8' if out_t == 'uint8' else 's8'}({', '.join(qs)}));"
-              "  /* saturating: the clamp */")
-            o.close().close()
+            self.add_pair_loop(s, o, sh, "avx512")
         o.open("for (; i + 16 <= N; i += 16)")
         o(f"const __m512i a = {widen[t0]}(_mm_loadu_si128((const __m128i *)(x0 + i)));")
         o(f"const __m512i b = {widen[t1]}(_mm_loadu_si128((const __m128i *)(x1 + i)));")
