@@ -116,6 +116,25 @@ def test_fake_quant_integer_sums_are_exact_in_each_form():
     assert np.array_equal(integer_sum(conv, torch.from_numpy(x.astype(np.int32))).numpy().astype(np.int64), want)
 
 
+def test_fake_quant_preactivation_of_a_linear_fed_a_4d_tensor():
+    """fakequant.preactivation = s_x * s_w[o] * (sum_k x[k] w[o, k] + bias[o]), here for a linear
+    layer that reads a (N, C, H, W) tensor (flattened as the executor's linear does), per output
+    channel against the same formula in float64 numpy."""
+    from netquant.ref.fakequant import preactivation
+
+    rng = np.random.default_rng(3)
+    w = rng.integers(-127, 128, (5, 2 * 3 * 3)).astype(np.int8)
+    bias = rng.integers(-1000, 1000, 5).astype(np.int32)
+    s_w = rng.uniform(0.005, 0.02, 5)
+    fc = QNode("fc", "linear", ("x",), (5,), True, 1.0, "int8", {"clamp": INT32},
+               {"weight": w, "bias": bias, "weight_scale": s_w})
+    x = rng.integers(0, 256, (4, 2, 3, 3))
+    got = preactivation(fc, torch.from_numpy(x.astype(np.int32)), 0.02).numpy()
+    want = (x.reshape(4, -1).astype(np.int64) @ w.astype(np.int64).T + bias) * (0.02 * s_w)
+    assert got.shape == (4, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-15)
+
+
 def test_a_batch_run_in_chunks_gives_the_one_batch_integers(resnet20_quantizer, cifar, monkeypatch):
     """A batch larger than a chunk (here 16 images in chunks of 5: 5, 5, 5, 1) gives every kept
     node's integers of the same batch run whole."""

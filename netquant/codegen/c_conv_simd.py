@@ -442,7 +442,10 @@ class SimdConv:
         yt = self.pr.buf(s.output).ctype
         L = isa.lanes
         pixels = [(p, b, acc[b][p]) for p in range(len(acc[0])) for b in range(nb)]
-        dst = {(p, b): f"y + (oh * OW + ow0 + {p}) * O + {L} * ({b0} + {b})" for p, b, _ in pixels}
+        def at(base: str, p: int, b: int) -> str:   # pixel p, channel block b of an (OH, OW, O) tensor
+            return f"{base} + (oh * OW + ow0 + {p}) * O + {L} * ({b0} + {b})"
+
+        dst = {(p, b): at("y", p, b) for p, b, _ in pixels}
         # channels of block b that exist (O - L * (b0 + b), at most L)
         count = {b: f"(O - {L} * ({b0} + {b}) < {L} ? O - {L} * ({b0} + {b}) : {L})" for b in range(nb)}
         if g["O"] % L == 0:
@@ -473,7 +476,7 @@ class SimdConv:
                 q = f"nq_requantize16({a}, m{b}, t{b}, {lo}, {hi})"
             o(f"{a} = {q};")
             if s.fused_add:
-                o(f"{a} = {self.fused_add(s, a, dst[p, b].replace('y + ', 'x1 + ', 1))};")
+                o(f"{a} = {self.fused_add(s, a, at('x1', p, b))};")   # the other input: the same position
         if not contiguous:
             for p, b, a in pixels:
                 if isa.reg == VNNI.reg:

@@ -29,10 +29,12 @@ def preactivation(n: QNode, x_int: torch.Tensor, s_x: float) -> torch.Tensor:
     Example: x = 10 at s_x = 0.1, w = 5 at s_w = 0.02, bias 50 gives 0.1 * 0.02 * (50 + 50) = 0.2.
     The integer sum is exact (:func:`integer_sum`), so the one float64 rounding is the product
     with s_x * s_w[o]. (Bias correction and AdaRound measure their errors on this value.)"""
-    s_w = np.asarray(n.params["weight_scale"], np.float64)
-    acc = integer_sum(n, x_int) + torch.from_numpy(n.params["bias"].astype(np.float64)).view(-1, *([1] * (x_int.dim() - 2)))
-    scale = torch.from_numpy(np.broadcast_to(s_x * s_w, (len(n.params["bias"]),)).copy())
-    return acc.mul_(scale.view(-1, *([1] * (acc.dim() - 2))))
+    acc = integer_sum(n, x_int)                                   # (N, O) or (N, O, H, W)
+    per_channel = (-1,) + (1,) * (acc.dim() - 2)
+    bias = torch.from_numpy(n.params["bias"].astype(np.float64))
+    s_w = np.asarray(n.params["weight_scale"], np.float64)     # (O,), or one per tensor
+    scale = torch.from_numpy(np.broadcast_to(s_x * s_w, bias.shape).copy())
+    return acc.add_(bias.view(per_channel)).mul_(scale.view(per_channel))
 
 
 # 255 * 8 * K < 2^24 for K < 8,224: the split form below covers every 3x3x512 and 1x1x2048 layer
