@@ -43,7 +43,7 @@ from . import int4 as c_int4
 from . import x86_pack as x86
 from .c_conv_simd import AVX2, VNNI, SimdConv
 from .c_pool import POOL_RUNTIME
-from .program import ADD_PAIR_SHIFTS, LUT_SIZE, Buffer, IntConvPlan, Program, Step
+from .program import ADD_PAIR_SHIFTS, LUT_SIZE, Buffer, IntConvPlan, Program, Step, conv_feeds_only_add
 from .runtime_files import fill, runtime_text
 
 RUNTIME_HEADER = "netquant_rt.h"
@@ -173,9 +173,8 @@ class CPrinter:
 
     def fusable(self, p: Program, s: Step, add: Step, readers: Counter) -> bool:
         """Whether add step ``add`` can run in the epilogue of conv step ``s`` (see fuse_adds)."""
-        if not (s.kind == "conv" and add.kind == "add" and s.node.quantized and add.node.quantized
-                and len(add.inputs) == 2 and s.output in add.inputs and add.inputs[0] != add.inputs[1]
-                and readers[s.output] == 1 and s.output not in (p.int_output, p.int_input, p.output)):
+        if not (conv_feeds_only_add(s, add, readers) and s.node.quantized and add.node.quantized
+                and s.output not in (p.int_output, p.int_input, p.output)):
             return False
         if self.conv_path(s) not in ("avx2", "vnni") or not s.plan.hi_requant or c_int4.q4.is_int4(s.node):
             return False

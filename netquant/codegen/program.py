@@ -424,6 +424,14 @@ def _lut_chains(q: QGraph, readers: dict) -> list:
     return out
 
 
+def conv_feeds_only_add(s: Step, add: Step, reads: Counter) -> bool:
+    """Whether conv step ``s`` is read by nothing but ``add``, an add of two different tensors that
+    comes right after it (``reads``: how many step inputs name each buffer): the pair a printer
+    may compute as one step (c.py fuse_adds), for which the plan keeps ``s``'s input alive."""
+    return (s.kind == "conv" and add.kind == "add" and len(add.inputs) == 2 and s.output in add.inputs
+            and add.inputs[0] != add.inputs[1] and reads[s.output] == 1)
+
+
 def plan(q: QGraph, name: str = "net") -> Program:
     """Lower ``q`` to a Program (see the module docstring)."""
     prefix = c_name(name)
@@ -510,7 +518,7 @@ def plan(q: QGraph, name: str = "net") -> Program:
     # conv's epilogue while the conv still reads its input (c.py fuse_adds)
     reads = Counter(b for s in steps for b in s.inputs)
     for i, (s, t) in enumerate(zip(steps, steps[1:])):
-        if s.kind == "conv" and t.kind == "add" and s.output in t.inputs and reads[s.output] == 1:
+        if conv_feeds_only_add(s, t, reads):
             life[s.inputs[0]][1] = max(life[s.inputs[0]][1], i + 1)
     placed: list = []  # (offset, end, first, last)
     final = {}
