@@ -283,12 +283,15 @@ class CompiledNetwork:
         elif x.dtype.kind != "f":
             raise CompiledNetworkError(f"{what}: expected uint8 images (0..255) or float images in [0, 1], got "
                                        f"dtype {x.dtype} (convert them: uint8 for 0..255 pixels, x / 255 for floats)")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise CompiledNetworkError(f"{what}: images hold NaN or inf values")
-        return x
+        # NaN and inf are refused by the C entry point itself (NQ_ERR_NONFINITE, before any work;
+        # _check names it): a second scan here cost ~40 us a 224x224 image, 2% of MobileNetV2's
+        return np.ascontiguousarray(x, dtype=np.float32)
 
-    def _check(self, rc: int) -> None:
+    NQ_ERR_NONFINITE = 2   # netquant_rt.h
+
+    def _check(self, rc: int, what: str = "predict") -> None:
+        if rc == self.NQ_ERR_NONFINITE:
+            raise CompiledNetworkError(f"{what}: images hold NaN or inf values")
         if rc != 0:
             raise RuntimeError(f"{self.program.name}_predict failed: {self._error(rc).decode()} (code {rc})")
 
@@ -314,7 +317,7 @@ class CompiledNetwork:
         size = self.program.buffer(self.program.int_output).elements
         out = np.empty((len(x), size), np.int32)
         self._check(self._predict_int(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), x.size, len(x),
-                                      out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), out.size))
+                                      out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), out.size), "predict_int")
         return out
 
     def predict_int8(self, qimages) -> np.ndarray:

@@ -376,8 +376,64 @@ class CPrinter:
 
     def k_quantize(self, s: Step, o: Source):
         o(f"/* {self.buf(s.inputs[0]).layout.upper()} float in, channels-last integers out */")
+        if self.vector_rows(s):
+            o(f"{self.fn_name(s)}_ctx ctx = {{x0, y}};")
+            o(f"nq_run({self.fn_name(s)}_rows, &ctx, {self.hwc(self.buf(s.output).shape)[1]}, "
+              f"{self.split_effort(s)}L);  /* rows across threads */")
+            return
         with self.each_pixel(s, o):
             self.quantize_pixel(s, o, "c", "i")
+
+    # What nq_run's threshold (NQ_POOL_MIN_MACS, c_pool.py) weighs, in dense-conv multiply-adds:
+    # a depthwise MAC costs about 8 of them (channels in lanes, 9 taps a pixel, then a full
+    # requantization per output: MobileNetV2's 14x14x384 depthwise conv, 0.68M MACs, took 24 us
+    # on one Zen 4 core, as long as a 2.4M-MAC dense conv), and so does one quantized input value
+    # (a float multiply, add, floor, clamp, conversion and an interleaving store).
+    DW_MAC_EFFORT = 8
+    QUANTIZE_EFFORT = 8
+
+    def split_effort(self, s: Step) -> int:
+        """The work of step ``s`` for nq_run's split threshold, in dense multiply-adds."""
+        if s.kind == "conv":
+            return self.conv_macs(s) * (self.DW_MAC_EFFORT if self.conv_path(s) == "dw" else 1)
+        if s.kind == "quantize":
+            return self.buf(s.output).elements * self.QUANTIZE_EFFORT
+        return self.buf(s.inputs[0]).elements * self.buf(s.output).elements   # linear: K x O
+
+    def vector_rows(self, s: Step) -> bool:
+        """Whether quantize step ``s`` runs as row items of nq_run with nq_quantize_n (x86
+        profiles; an image-shaped float input to 8-bit output)."""
+        return (self.profile != "scalar" and s.kind == "quantize" and len(self.buf(s.output).shape) == 3
+                and self.buf(s.inputs[0]).dtype == "float32" and self.buf(s.output).dtype in ("int8", "uint8"))
+
+    def quantize_prelude(self, s: Step, o: Source):
+        """The item function of quantize ``s`` for nq_run: output row h through nq_quantize_n
+        into int32, then stored as 8-bit: one call on the W * C values of a channels-last float
+        row, or one per channel plane of an NCHW input, interleaved into the channels-last row
+        (a 224 x 224 RGB image: 224 items of 3 x 224 values)."""
+        fn, yt = self.fn_name(s), self.buf(s.output).ctype
+        c, h, w = self.hwc(self.buf(s.output).shape)
+        lo, hi = s.node.attrs["clamp"]
+        inv = self.flt(1.0 / s.node.scale)
+        o(f"typedef struct {{ const float *x0; {yt} *y; }} {fn}_ctx;")
+        o.open(f"static void {fn}_rows(void *arg, int h)")
+        o(f"const {fn}_ctx *c = arg;")
+        o(f"enum {{ C = {c}, HW = {h * w}, W = {w} }};")
+        o("const float *restrict x0 = c->x0;")
+        o(f"{yt} *restrict y = c->y;")
+        pix_in, pix_out = (self.pix_off(n, "ch", "(h * W + i)") for n in (s.inputs[0], s.output))
+        if pix_in == pix_out:   # channels-last float in: the row is W * C contiguous values both sides
+            o("int32_t q[W * C];")
+            o(f"nq_quantize_n(x0 + h * W * C, {inv}, {lo}, {hi}, q, W * C);  /* float32(1 / {s.node.scale!r}) */")
+            o(f"for (int i = 0; i < W * C; ++i) y[h * W * C + i] = ({yt})q[i];")
+        else:   # NCHW float in: one row of each channel plane, interleaved into the channels-last row
+            o("int32_t q[W];")
+            o.open("for (int ch = 0; ch < C; ++ch)")
+            o(f"nq_quantize_n(x0 + {self.pix_off(s.inputs[0], 'ch', '(h * W)')}, {inv}, {lo}, {hi}, q, W);"
+              f"  /* float32(1 / {s.node.scale!r}) */")
+            o(f"for (int i = 0; i < W; ++i) y[{pix_out}] = ({yt})q[i];")
+            o.close()
+        o.close()
 
     def quantize_pixel(self, s: Step, o: Source, c: str, i: str):
         """Channel ``c`` of pixel ``i`` of quantize ``s``: round(x * float32(1 / scale)), clamped
@@ -579,7 +635,7 @@ class CPrinter:
         o(f"#if {'NQ_DW_AVX2' if isa == 'avx2' else 'NQ_DW_AVX512'}")
         # the weight table travels in the context: a 4-bit layer's is the caller's unpacked copy
         o(f"{self.fn_name(s)}_ctx ctx = {{x0, y, {self.const_name(s, 'wd')}}};")
-        o(f"nq_run({self.fn_name(s)}_rows, &ctx, {oh}, {self.conv_macs(s)}L);  /* output rows across threads */")
+        o(f"nq_run({self.fn_name(s)}_rows, &ctx, {oh}, {self.split_effort(s)}L);  /* output rows across threads */")
         o("#else")
         o.open()
         self.conv_loops(s, o, "wd")
@@ -665,9 +721,40 @@ class CPrinter:
         else:
             o(f"for (int k = 0; k < CG; ++k) acc += (int32_t)xp[k] * (int32_t){W}[{self.weight_index(s, layout)}];")
 
+    LINEAR_BLOCK = 16   # outputs of a fully connected layer per nq_run item
+
+    def vector_linear(self, s: Step) -> bool:
+        """Whether linear step ``s`` runs on nq_dot8 in blocks of outputs (x86 profiles, 8-bit input)."""
+        return self.profile != "scalar" and s.kind == "linear" and self.buf(s.inputs[0]).dtype in ("int8", "uint8")
+
+    def linear_prelude(self, s: Step, o: Source):
+        """The item function of linear ``s`` for nq_run: outputs 16 item .. 16 item + 15, each a
+        bias plus nq_dot8 of the input and its weight row, requantized."""
+        fn, xt, yt = self.fn_name(s), self.buf(s.inputs[0]).ctype, self.buf(s.output).ctype
+        lo, hi = s.node.attrs["clamp"]
+        B, M, S = (self.const_name(s, key) for key in ("bias", "mult", "shift"))
+        signed = int(self.buf(s.inputs[0]).dtype == "int8")
+        o(f"typedef struct {{ const {xt} *x0; {yt} *y; const int8_t *w; }} {fn}_ctx;")
+        o.open(f"static void {fn}_outputs(void *arg, int item)")
+        o(f"const {fn}_ctx *c = arg;")
+        o(f"enum {{ K = {self.buf(s.inputs[0]).elements}, O = {self.buf(s.output).elements}, BLOCK = {self.LINEAR_BLOCK} }};")
+        o(f"const {xt} *restrict x0 = c->x0;")
+        o(f"{yt} *restrict y = c->y;")
+        o.open("for (int o = BLOCK * item; o < O && o < BLOCK * (item + 1); ++o)")
+        o(f"const int32_t acc = {B}[o] + nq_dot8(x0, {signed}, c->w + (long)o * K, K);")
+        o(f"y[o] = ({yt})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
+        o.close()
+        o.close()
+
     def k_linear(self, s: Step, o: Source):
         k = self.buf(s.inputs[0]).elements
         oc = self.buf(s.output).elements
+        if self.vector_linear(s):
+            # the weight table travels in the context: a 4-bit layer's is the caller's unpacked copy
+            o(f"{self.fn_name(s)}_ctx ctx = {{x0, y, {self.const_name(s, 'w')}}};")
+            o(f"nq_run({self.fn_name(s)}_outputs, &ctx, {-(-oc // self.LINEAR_BLOCK)}, {self.split_effort(s)}L);"
+              f"  /* blocks of {self.LINEAR_BLOCK} outputs across threads */")
+            return
         o(f"enum {{ K = {k}, O = {oc} }};")
         with self.each_offset(o, "o", "O"):
             self.linear_output(s, o, "o")
@@ -1249,6 +1336,10 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
                 o("#endif")
             elif s.kind == "conv" and self.conv_path(s) == "dw":
                 self.dw_prelude(s, o)
+            elif self.vector_linear(s):
+                self.linear_prelude(s, o)
+            elif self.vector_rows(s):
+                self.quantize_prelude(s, o)
             o.open(self.signature(s))
             self.emit_kernel(s, o)
             o.close()

@@ -38,7 +38,9 @@ typedef void (*nq_item_fn)(void *ctx, int item);
 #ifndef NQ_POOL_MIN_MACS
 #define NQ_POOL_MIN_MACS 1000000L
 #endif
+#ifndef NQ_POOL_SPIN
 #define NQ_POOL_SPIN 2000
+#endif
 static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake;

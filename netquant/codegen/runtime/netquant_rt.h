@@ -185,4 +185,62 @@ static inline __m256i nq_pack2x16_s8(__m256i a, __m256i b) {
 }
 #endif
 
+#if !defined(__CUDACC__) && ((defined(NQ_VNNI) && NQ_VNNI) || (defined(NQ_AVX2) && NQ_AVX2))
+/* Dot products of a fully connected layer: sum_k x[k] * w[k] over K 8-bit values (x uint8 or
+ * int8, w int8), the same int32 as the scalar loop. Both sides are widened to int16 and multiplied
+ * in pairs (vpdpwssd on AVX-512 VNNI: 32 products an instruction; vpmaddwd + vpaddd on AVX2: 16):
+ * a pair sum is at most 2 * 255 * 128 = 65,280 in magnitude, and int32 lanes wrap modulo 2^32,
+ * so the lane sums add up to the exact total whenever it fits int32 (lowering checks |acc| <
+ * 2^31). Example: K = 1280 (MobileNetV2's classifier) is 40 vpdpwssd and one horizontal sum. */
+static inline __attribute__((always_inline)) int32_t nq_dot8(const void *xv, int x_signed, const int8_t *w, int K) {
+    const uint8_t *xu = (const uint8_t *)xv;
+    int k = 0;
+    int32_t s = 0;
+#if defined(NQ_VNNI) && NQ_VNNI
+    /* two accumulators: each vpdpwssd waits for the one before it on the same register */
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+#define NQ_DOT8_STEP(a, k) { \
+        const __m256i xb = _mm256_loadu_si256((const __m256i *)(xu + (k))); \
+        a = _mm512_dpwssd_epi32(a, x_signed ? _mm512_cvtepi8_epi16(xb) : _mm512_cvtepu8_epi16(xb), \
+                                _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + (k))))); }
+    for (; k + 64 <= K; k += 64) {
+        NQ_DOT8_STEP(a0, k)
+        NQ_DOT8_STEP(a1, k + 32)
+    }
+    if (k + 32 <= K) {
+        NQ_DOT8_STEP(a0, k)
+        k += 32;
+    }
+#undef NQ_DOT8_STEP
+    s = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
+#else
+    __m256i acc = _mm256_setzero_si256();
+    for (; k + 16 <= K; k += 16) {
+        const __m128i xb = _mm_loadu_si128((const __m128i *)(xu + k));
+        const __m256i x16 = x_signed ? _mm256_cvtepi8_epi16(xb) : _mm256_cvtepu8_epi16(xb);
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(x16, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k)))));
+    }
+    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    s = _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xB1)));
+#endif
+    for (; k < K; ++k) s += (x_signed ? (int32_t)((const int8_t *)xv)[k] : (int32_t)xu[k]) * (int32_t)w[k];
+    return s;
+}
+
+/* nq_quantize on n floats, 8 at a time: the same float32 operations (x * inv, + 0.5f, floor)
+ * and the clamp in float, where lo and hi are exact, before the conversion (the input was
+ * checked finite, so no NaN reaches it). Example: x = 0.5, inv = 255: 127.5 + 0.5 = 128 -> 128. */
+static inline void nq_quantize_n(const float *x, float inv, int32_t lo, int32_t hi, int32_t *q, int n) {
+    const __m256 vi = _mm256_set1_ps(inv), half = _mm256_set1_ps(0.5f);
+    const __m256 vlo = _mm256_set1_ps((float)lo), vhi = _mm256_set1_ps((float)hi);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vi), half));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi)));
+    }
+    for (; i < n; ++i) q[i] = nq_quantize(x[i], inv, lo, hi);
+}
+#endif
+
 #endif /* NETQUANT_RT_H */
