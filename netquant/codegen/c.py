@@ -398,6 +398,8 @@ class CPrinter:
             return self.conv_macs(s) * (self.DW_MAC_EFFORT if self.conv_path(s) == "dw" else 1)
         if s.kind == "quantize":
             return self.buf(s.output).elements * self.QUANTIZE_EFFORT
+        if s.kind == "maxpool":   # one vector max a window tap: a compare per output and tap
+            return self.buf(s.output).elements * int(np.prod(s.node.attrs["kernel"]))
         return self.buf(s.inputs[0]).elements * self.buf(s.output).elements   # linear: K x O
 
     def vector_rows(self, s: Step) -> bool:
@@ -899,8 +901,15 @@ class CPrinter:
         o(f"       SH = {a['stride'][0]}, SW = {a['stride'][1]}, PH = {a['padding'][0]}, PW = {a['padding'][1]} }};")
 
     def k_maxpool(self, s: Step, o: Source):
-        if self.buf(s.output).dtype in ("uint8", "int8") and len(self.buf(s.output).shape) == 3:
-            self.max_pool_pixels(s, o)
+        if self.vector_maxpool(s):
+            o(f"{self.fn_name(s)}_ctx ctx = {{x0, y}};")
+            o(f"nq_run({self.fn_name(s)}_rows, &ctx, {self.hwc(self.buf(s.output).shape)[1]}, "
+              f"{self.split_effort(s)}L);  /* output rows across threads */")
+        elif self.pixel_maxpool(s):
+            self.pool_enum(s, o)
+            o.open("for (int oh = 0; oh < OH; ++oh)")
+            self.max_pool_row(s, o)
+            o.close()
         else:
             self.pool_loops(s, o, "max")
 
@@ -912,13 +921,34 @@ class CPrinter:
         with self.each_position(o, "c", "C"):
             self.pool_element_int(s, o, kind)
 
-    def max_pool_pixels(self, s: Step, o: Source):
-        """An 8-bit max pool a whole pixel at a time: channels innermost, so the compiler vectorises
-        the max (vpmaxub); a window entirely in the padding (none in torch's pools) stores
-        (type)INT32_MIN as pool_element_int does."""
+    def pixel_maxpool(self, s: Step) -> bool:
+        """Whether max pool ``s`` runs a whole pixel at a time (8-bit, channels-last; max_pool_row)."""
+        return self.buf(s.output).dtype in ("uint8", "int8") and len(self.buf(s.output).shape) == 3
+
+    def vector_maxpool(self, s: Step) -> bool:
+        """Whether max pool ``s`` runs as output-row items of nq_run (x86 profiles): the pool after
+        ResNet-18's stem took 30 us on one core, and 73 us serial after a stem split over two
+        cores, whose output rows then lie in the other core's cache."""
+        return self.profile != "scalar" and s.kind == "maxpool" and self.pixel_maxpool(s)
+
+    def maxpool_prelude(self, s: Step, o: Source):
+        """The item function of max pool ``s`` for nq_run: output row oh (max_pool_row)."""
+        fn, t = self.fn_name(s), self.buf(s.output).ctype
+        o(f"typedef struct {{ const {t} *x0; {t} *y; }} {fn}_ctx;")
+        o.open(f"static void {fn}_rows(void *arg, int oh)")
+        o(f"const {fn}_ctx *c = arg;")
+        o(f"const {t} *restrict x0 = c->x0;")
+        o(f"{t} *restrict y = c->y;")
         self.pool_enum(s, o)
+        self.max_pool_row(s, o)
+        o.close()
+
+    def max_pool_row(self, s: Step, o: Source):
+        """Output row ``oh`` of an 8-bit max pool a whole pixel at a time: channels innermost, so
+        the compiler vectorises the max (vpmaxub); a window entirely in the padding (none in
+        torch's pools) stores (type)INT32_MIN as pool_element_int does."""
         t = self.buf(s.output).ctype
-        o.open("for (int oh = 0; oh < OH; ++oh)").open("for (int ow = 0; ow < OW; ++ow)")
+        o.open("for (int ow = 0; ow < OW; ++ow)")
         o(f"{t} *restrict yp = y + (oh * OW + ow) * C;")
         o("int first = 1;")
         o.open("for (int kh = 0; kh < KH; ++kh)")
@@ -933,7 +963,7 @@ class CPrinter:
         o("first = 0;")
         o.close().close()
         o(f"if (first) for (int c = 0; c < C; ++c) yp[c] = ({t})INT32_MIN;")
-        o.close().close()
+        o.close()
 
     def pool_element_int(self, s: Step, o: Source, kind: str):
         """Output (oh, ow, c) of an integer pool (``kind`` "max" or "avg"): the window's max, or
@@ -1340,6 +1370,8 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
                 self.linear_prelude(s, o)
             elif self.vector_rows(s):
                 self.quantize_prelude(s, o)
+            elif self.vector_maxpool(s):
+                self.maxpool_prelude(s, o)
             o.open(self.signature(s))
             self.emit_kernel(s, o)
             o.close()
