@@ -3,6 +3,7 @@ spatial extent; weights as one binary copy in the layout of the kernels compiled
 instruction set being built printed; rows of one image split across threads; the portable
 fallbacks reading those same layouts; ResNet-50 at 224x224 within the size, time and memory
 bounds, bit-exact with the reference executor."""
+import re
 import resource
 import sys
 import time
@@ -213,3 +214,48 @@ def test_amx_and_vnni_sources_compile_for_sapphire_rapids(profile, isa, qnet, tm
     if r.returncode and "sapphirerapids" in r.stderr and "march" in r.stderr:
         pytest.skip(f"this compiler does not know -march=sapphirerapids: {r.stderr[:200]}")
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+class _Heads(torch.nn.Module):
+    """A strided conv with no ReLU (int8 out) flattened into a 500 x 2100 linear (signed input;
+    K = 500 leaves a tail of 20 past the 32-value steps of vpdpwssd and 4 past AVX2's 16; K x O =
+    1.05M: split into 132 blocks of 16 outputs), a ReLU and a 2100 x 10 linear (uint8 input, not
+    split), after a max pool split by rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3, stride=3)
+        self.pool = torch.nn.MaxPool2d(3, stride=1, padding=1)
+        self.fc1 = torch.nn.Linear(500, 2100)
+        self.fc2 = torch.nn.Linear(2100, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv(x[:, :, :30, :30])) - 0.5)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_linear_blocks_quantize_rows_and_pool_rows_are_bit_exact(isa, cifar, tmp_path):
+    """The thread pool's newer items (CPrinter.split_effort): fully connected layers on nq_dot8
+    in blocks of 16 outputs (int8 and uint8 input, K with a tail), quantization by rows through
+    nq_quantize_n (the NCHW input, and a channels-last float tensor after the affine left in
+    float), the max pool by rows, at 1 and 2 threads, equal the reference executor: this CPU's
+    best kernels (vpdpwssd on AVX-512 VNNI) and the AVX2 build (vpmaddwd)."""
+    torch.manual_seed(0)
+    q = Quantizer(_Heads().eval(), example=torch.zeros(1, 3, 32, 32))
+    q.calibrate(to_float(cifar.train.images[:64]))
+    qn = q.quantize()
+    dtypes = {n.name: n.dtype for n in qn.qgraph.nodes}
+    gen = generate(qn, tmp_path, name="heads", isa=isa)
+    src = (tmp_path / "heads.c").read_text()
+    if isa == "avx2" or native_profile() != "scalar":   # the blocks are printed: fc1 split (K x O >= 1M), fc2 not
+        assert src.count("nq_dot8(x0, 1,") == 1 and src.count("nq_dot8(x0, 0,") == 1, dtypes
+        assert re.search(r"nq_run\(step_fc1\w*_outputs, &ctx, 132, 1050000L\)", src)
+        assert re.search(r"nq_run\(step_\w*quantize_rows, ", src) and "nq_run(step_pool_rows, " in src
+    net = load(gen)
+    x = to_float(cifar.test.images[:3])
+    ref = _reference_int(qn, x)
+    for threads in (2, 1):
+        net.set_num_threads(threads)
+        assert np.array_equal(net.predict_int(x[:1]), ref[:1]), threads
+        assert np.array_equal(net.predict_int(x), ref), threads

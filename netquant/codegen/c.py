@@ -387,10 +387,12 @@ class CPrinter:
     # What nq_run's threshold (NQ_POOL_MIN_MACS, c_pool.py) weighs, in dense-conv multiply-adds:
     # a depthwise MAC costs about 8 of them (channels in lanes, 9 taps a pixel, then a full
     # requantization per output: MobileNetV2's 14x14x384 depthwise conv, 0.68M MACs, took 24 us
-    # on one Zen 4 core, as long as a 2.4M-MAC dense conv), and so does one quantized input value
-    # (a float multiply, add, floor, clamp, conversion and an interleaving store).
+    # on one Zen 4 core, as long as a 2.4M-MAC dense conv). A quantized input value weighs 1:
+    # a 224x224 RGB image (60-70 us on one core) split over two cores took as long or longer
+    # (its rows then lie in the other core's cache for the stem), so only images of over 1M
+    # values split.
     DW_MAC_EFFORT = 8
-    QUANTIZE_EFFORT = 8
+    QUANTIZE_EFFORT = 1
 
     def split_effort(self, s: Step) -> int:
         """The work of step ``s`` for nq_run's split threshold, in dense multiply-adds."""
