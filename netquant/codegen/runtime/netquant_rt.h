@@ -185,13 +185,14 @@ static inline __m256i nq_pack2x16_s8(__m256i a, __m256i b) {
 }
 #endif
 
-#if !defined(__CUDACC__) && ((defined(NQ_VNNI) && NQ_VNNI) || (defined(NQ_AVX2) && NQ_AVX2))
+#if !defined(__CUDACC__)
 /* Dot products of a fully connected layer: sum_k x[k] * w[k] over K 8-bit values (x uint8 or
  * int8, w int8), the same int32 as the scalar loop. Both sides are widened to int16 and multiplied
  * in pairs (vpdpwssd on AVX-512 VNNI: 32 products an instruction; vpmaddwd + vpaddd on AVX2: 16):
  * a pair sum is at most 2 * 255 * 128 = 65,280 in magnitude, and int32 lanes wrap modulo 2^32,
  * so the lane sums add up to the exact total whenever it fits int32 (lowering checks |acc| <
- * 2^31). Example: K = 1280 (MobileNetV2's classifier) is 40 vpdpwssd and one horizontal sum. */
+ * 2^31). Example: K = 1280 (MobileNetV2's classifier) is 40 vpdpwssd and one horizontal sum.
+ * A build without either instruction set (-DNQ_NO_SIMD, the portable fallback) runs the loop. */
 static inline __attribute__((always_inline)) int32_t nq_dot8(const void *xv, int x_signed, const int8_t *w, int K) {
     const uint8_t *xu = (const uint8_t *)xv;
     int k = 0;
@@ -213,7 +214,7 @@ static inline __attribute__((always_inline)) int32_t nq_dot8(const void *xv, int
     }
 #undef NQ_DOT8_STEP
     s = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
-#else
+#elif defined(NQ_AVX2) && NQ_AVX2
     __m256i acc = _mm256_setzero_si256();
     for (; k + 16 <= K; k += 16) {
         const __m128i xb = _mm_loadu_si128((const __m128i *)(xu + k));
@@ -232,13 +233,15 @@ static inline __attribute__((always_inline)) int32_t nq_dot8(const void *xv, int
  * and the clamp in float, where lo and hi are exact, before the conversion (the input was
  * checked finite, so no NaN reaches it). Example: x = 0.5, inv = 255: 127.5 + 0.5 = 128 -> 128. */
 static inline void nq_quantize_n(const float *x, float inv, int32_t lo, int32_t hi, int32_t *q, int n) {
+    int i = 0;
+#if (defined(NQ_VNNI) && NQ_VNNI) || (defined(NQ_AVX2) && NQ_AVX2)
     const __m256 vi = _mm256_set1_ps(inv), half = _mm256_set1_ps(0.5f);
     const __m256 vlo = _mm256_set1_ps((float)lo), vhi = _mm256_set1_ps((float)hi);
-    int i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256 v = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vi), half));
         _mm256_storeu_si256((__m256i *)(q + i), _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi)));
     }
+#endif
     for (; i < n; ++i) q[i] = nq_quantize(x[i], inv, lo, hi);
 }
 #endif
