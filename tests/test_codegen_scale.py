@@ -36,6 +36,15 @@ def _reference_int(qnet, x):
     return run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
 
 
+def _assert_bit_exact_at_2_and_1_threads(net, x, ref):
+    """One image (its steps split into items across 2 threads) and the whole batch (images split),
+    then both on 1 thread: the same integers as the reference ``ref``."""
+    for threads in (2, 1):
+        net.set_num_threads(threads)
+        assert np.array_equal(net.predict_int(x[:1]), ref[:1]), threads
+        assert np.array_equal(net.predict_int(x), ref), threads
+
+
 def _int8_weight_bytes(qgraph) -> int:
     return sum(int(n.params["weight"].size) for n in qgraph.nodes
                if n.op in ("conv", "linear") and n.quantized and "weight" in n.params)
@@ -139,10 +148,7 @@ def test_one_image_splits_rows_across_threads_bit_exactly(qnet, cifar, tmp_path)
     net = load(gen)
     x = to_float(cifar.test.images[:3])
     ref = _reference_int(qnet, x)
-    for threads in (2, 1):
-        net.set_num_threads(threads)
-        assert np.array_equal(net.predict_int(x[:1]), ref[:1]), threads
-        assert np.array_equal(net.predict_int(x), ref), threads
+    _assert_bit_exact_at_2_and_1_threads(net, x, ref)
 
 
 def _child_build(gen, cache_dir, queue):
@@ -255,7 +261,4 @@ def test_linear_blocks_quantize_rows_and_pool_rows_are_bit_exact(isa, cifar, tmp
     net = load(gen)
     x = to_float(cifar.test.images[:3])
     ref = _reference_int(qn, x)
-    for threads in (2, 1):
-        net.set_num_threads(threads)
-        assert np.array_equal(net.predict_int(x[:1]), ref[:1]), threads
-        assert np.array_equal(net.predict_int(x), ref), threads
+    _assert_bit_exact_at_2_and_1_threads(net, x, ref)

@@ -377,9 +377,7 @@ class CPrinter:
     def k_quantize(self, s: Step, o: Source):
         o(f"/* {self.buf(s.inputs[0]).layout.upper()} float in, channels-last integers out */")
         if self.vector_rows(s):
-            o(f"{self.fn_name(s)}_ctx ctx = {{x0, y}};")
-            o(f"nq_run({self.fn_name(s)}_rows, &ctx, {self.hwc(self.buf(s.output).shape)[1]}, "
-              f"{self.split_effort(s)}L);  /* rows across threads */")
+            self.run_items(s, o, "rows", self.hwc(self.buf(s.output).shape)[1], "rows across threads")
             return
         with self.each_pixel(s, o):
             self.quantize_pixel(s, o, "c", "i")
@@ -393,6 +391,12 @@ class CPrinter:
     # values split.
     DW_MAC_EFFORT = 8
     QUANTIZE_EFFORT = 1
+
+    def run_items(self, s: Step, o: Source, kind: str, n: int, comment: str, extra: str = ""):
+        """The statements handing step ``s``'s ``n`` items to the pool: its context (the step's x0
+        and y, then ``extra`` fields) and ``nq_run(<step>_<kind>, ...)`` with its split effort."""
+        o(f"{self.fn_name(s)}_ctx ctx = {{x0, y{extra}}};")
+        o(f"nq_run({self.fn_name(s)}_{kind}, &ctx, {n}, {self.split_effort(s)}L);  /* {comment} */")
 
     def split_effort(self, s: Step) -> int:
         """The work of step ``s`` for nq_run's split threshold, in dense multiply-adds."""
@@ -428,6 +432,8 @@ class CPrinter:
         o("const float *restrict x0 = c->x0;")
         o(f"{yt} *restrict y = c->y;")
         pix_in, pix_out = (self.pix_off(n, "ch", "(h * W + i)") for n in (s.inputs[0], s.output))
+        plane_row = (f"nq_quantize_n(x0 + {self.pix_off(s.inputs[0], 'ch', '(h * W)')}, {inv}, {lo}, {hi}, "
+                     "{}, W);  /* one channel's row; " f"float32(1 / {s.node.scale!r}) */")
         if pix_in == pix_out:   # channels-last float in: the row is W * C contiguous values both sides
             o("int32_t q[W * C];")
             o(f"nq_quantize_n(x0 + h * W * C, {inv}, {lo}, {hi}, q, W * C);  /* float32(1 / {s.node.scale!r}) */")
@@ -436,16 +442,12 @@ class CPrinter:
             # the interleave with C a constant is one vectorised loop (gcc: permutes of 3 rows for
             # RGB), where a strided store per channel was a byte at a time
             o("int32_t q[C][W];")
-            o.open("for (int ch = 0; ch < C; ++ch)")
-            o(f"nq_quantize_n(x0 + {self.pix_off(s.inputs[0], 'ch', '(h * W)')}, {inv}, {lo}, {hi}, q[ch], W);"
-              f"  /* float32(1 / {s.node.scale!r}) */")
-            o.close()
+            o("for (int ch = 0; ch < C; ++ch) " + plane_row.format("q[ch]"))
             o(f"for (int i = 0; i < W; ++i) for (int ch = 0; ch < C; ++ch) y[{pix_out}] = ({yt})q[ch][i];")
         else:   # NCHW float in, many channels: one row of each channel plane at a time
             o("int32_t q[W];")
             o.open("for (int ch = 0; ch < C; ++ch)")
-            o(f"nq_quantize_n(x0 + {self.pix_off(s.inputs[0], 'ch', '(h * W)')}, {inv}, {lo}, {hi}, q, W);"
-              f"  /* float32(1 / {s.node.scale!r}) */")
+            o(plane_row.format("q"))
             o(f"for (int i = 0; i < W; ++i) y[{pix_out}] = ({yt})q[i];")
             o.close()
         o.close()
@@ -649,8 +651,7 @@ class CPrinter:
         oh = self.hwc(self.buf(s.output).shape)[1]
         o(f"#if {'NQ_DW_AVX2' if isa == 'avx2' else 'NQ_DW_AVX512'}")
         # the weight table travels in the context: a 4-bit layer's is the caller's unpacked copy
-        o(f"{self.fn_name(s)}_ctx ctx = {{x0, y, {self.const_name(s, 'wd')}}};")
-        o(f"nq_run({self.fn_name(s)}_rows, &ctx, {oh}, {self.split_effort(s)}L);  /* output rows across threads */")
+        self.run_items(s, o, "rows", oh, "output rows across threads", f", {self.const_name(s, 'wd')}")
         o("#else")
         o.open()
         self.conv_loops(s, o, "wd")
@@ -766,9 +767,8 @@ class CPrinter:
         oc = self.buf(s.output).elements
         if self.vector_linear(s):
             # the weight table travels in the context: a 4-bit layer's is the caller's unpacked copy
-            o(f"{self.fn_name(s)}_ctx ctx = {{x0, y, {self.const_name(s, 'w')}}};")
-            o(f"nq_run({self.fn_name(s)}_outputs, &ctx, {-(-oc // self.LINEAR_BLOCK)}, {self.split_effort(s)}L);"
-              f"  /* blocks of {self.LINEAR_BLOCK} outputs across threads */")
+            self.run_items(s, o, "outputs", -(-oc // self.LINEAR_BLOCK),
+                           f"blocks of {self.LINEAR_BLOCK} outputs across threads", f", {self.const_name(s, 'w')}")
             return
         o(f"enum {{ K = {k}, O = {oc} }};")
         with self.each_offset(o, "o", "O"):
@@ -915,9 +915,7 @@ class CPrinter:
 
     def k_maxpool(self, s: Step, o: Source):
         if self.vector_maxpool(s):
-            o(f"{self.fn_name(s)}_ctx ctx = {{x0, y}};")
-            o(f"nq_run({self.fn_name(s)}_rows, &ctx, {self.hwc(self.buf(s.output).shape)[1]}, "
-              f"{self.split_effort(s)}L);  /* output rows across threads */")
+            self.run_items(s, o, "rows", self.hwc(self.buf(s.output).shape)[1], "output rows across threads")
         elif self.pixel_maxpool(s):
             self.pool_enum(s, o)
             o.open("for (int oh = 0; oh < OH; ++oh)")
