@@ -312,6 +312,18 @@ int main(void) {
         _mm512_storeu_si512(out, r);
         for (int l = 0; l < 16; ++l)
             bad += out[l] != (int32_t)nq_rounding_shift((int64_t)a[l] * m0 + (int64_t)b[l] * m1, shift);
+        /* the fused epilogue's form: pairs from the other input's bytes (uint8 or int8), the high
+         * piece as flags, the rounding in the low piece's vpdpwssd */
+        uint8_t bu[16];
+        int8_t bs[16];
+        for (int l = 0; l < 16; ++l) { bu[l] = (uint8_t)(b[l] & 0xff); bs[l] = (int8_t)(b[l] & 0xff); }
+        const __m512i va = _mm512_loadu_si512(a);
+        const __m512i ab = it % 2 ? nq_pairs16_u8(va, bu) : nq_pairs16_s8(va, bs);
+        r = nq_add16_dp(ab, va, _mm512_set1_epi32(p[0][1] << 16 | p[0][0]), _mm512_set1_epi32(p[1][1] << 16 | p[1][0]),
+                        p[2][0], p[2][1], shift);
+        _mm512_storeu_si512(out, r);
+        for (int l = 0; l < 16; ++l)
+            bad += out[l] != (int32_t)nq_rounding_shift((int64_t)a[l] * m0 + (int64_t)(it % 2 ? bu[l] : bs[l]) * m1, shift);
 #endif
         int16_t a16[16], b16[16], o16[16];
         for (int l = 0; l < 16; ++l) { a16[l] = (int16_t)a[l]; b16[l] = (int16_t)b[l]; }
@@ -360,7 +372,7 @@ int main(void) {
 @pytest.mark.parametrize("isa", ["avx2", "vnni"])
 def test_runtime_simd_shortcuts_equal_the_scalar_numerics(tmp_path, isa):
     """nq_requantize16_hi / nq_requantize8_hi (high half of the product), nq_add16_pairs /
-    nq_add8_pairs / nq_add16x16_pairs (15-bit multiplier pieces) and nq_pack4 / nq_pack4x8 / nq_pack2x16
+    nq_add16_dp / nq_add8_pairs / nq_add16x16_pairs (15-bit multiplier pieces) and nq_pack4 / nq_pack4x8 / nq_pack2x16
     (saturating packs) against nq_rounding_shift / nq_clamp, exactly: the AVX2 forms on any AVX2
     CPU, with the AVX-512 ones where the CPU has AVX-512 VNNI."""
     import shutil

@@ -69,7 +69,7 @@ def test_resnet20_sources_are_small_and_hold_one_isa(isa, qnet, tmp_path):
     for other, mark in MARKS.items():
         assert (mark in text) == (other == profile), (other, profile)
     # the residual adds (fused into the convs or on their own): the profile's vector form and no other
-    assert ("nq_add16_pairs(" in text) == (profile in ("amx", "vnni"))
+    assert ("nq_add16_dp(" in text or "nq_add16_pairs(" in text) == (profile in ("amx", "vnni"))
     assert ("nq_add8_pairs(" in text or "nq_add16x16_pairs(" in text) == (profile == "avx2")
     assert "_blob + " in text and ".incbin" in text
 
@@ -129,7 +129,7 @@ def test_residual_adds_run_in_the_conv_epilogue(isa, qnet, cifar, tmp_path):
     assert adds and set(fused) == set(adds), gen.kernels
     assert sum("+ residual add" in v for v in gen.kernels.values()) == len(adds)   # the convs' labels say so
     text = (tmp_path / "r20.c").read_text()
-    assert text.count("nq_add" + ("8" if isa == "avx2" else "16") + "_pairs(") >= len(adds)
+    assert text.count("nq_add8_pairs(" if isa == "avx2" else "nq_add16_dp(") >= len(adds)
     unfused = generate(qnet, tmp_path / "unfused", name="r20", isa=isa, fuse_adds=False)
     assert not any(v.startswith("in the epilogue of") for v in unfused.kernels.values())
     # one step function fewer per add (the fused conv's function writes the add's output)

@@ -436,25 +436,35 @@ class SimdConv:
                 o(f"const {vtype} m{b} = {load}((const void *)({M} + {off})), "
                   f"t{b} = {load}((const void *)({pr.const_name(s, 'shiftv')} + {off}));")
 
-    def fused_add(self, s: Step, conv: str, at: str) -> str:
+    def fused_add(self, s: Step, conv: str, at: str, clamp: bool = True) -> str:
         """The residual add fused into conv ``s`` (c.py fuse_adds) on the lanes of vector ``conv``
-        (the conv's requantized, clamped outputs): the other input's lanes loaded at ``at`` and
-        widened, the add's 15-bit-piece form (nq_add16_pairs / nq_add8_pairs), its clamp."""
+        (the conv's requantized, clamped outputs): the other input's lanes loaded at ``at``, the
+        add's 15-bit-piece form, its clamp unless ``clamp`` is False (a saturating pack to the
+        output type then is the clamp). AVX-512 VNNI: the pairs by nq_pairs16_*, the sums by
+        nq_add16_dp (the high piece a constant of the code); AVX2: nq_add8_pairs."""
         add, _ = s.fused_add
         v, L = self.isa.vec, self.isa.lanes
         signed = self.pr.buf(s.inputs[1]).dtype == "int8"
-        widen = f"{v}_cvtep{'i' if signed else 'u'}8_epi32"
-        load = (f"_mm_loadu_si128((const __m128i *)({at}))" if L == 16 else f"_mm_loadl_epi64((const __m128i *)({at}))")
-        fn = "nq_add16_pairs" if L == 16 else "nq_add8_pairs"
+        shift = int(add.params["shift"][0])
+        if L == 16:
+            h = self.pr.add_pieces_for(s)[2]
+            pairs = f"nq_pairs16_{'s8' if signed else 'u8'}({conv}, {at})"
+            q = f"nq_add16_dp({pairs}, {conv}, alu, auu, {h & 1}, {h >> 16}, {shift})"
+        else:
+            widen = f"{v}_cvtep{'i' if signed else 'u'}8_epi32"
+            q = f"nq_add8_pairs({conv}, {widen}(_mm_loadl_epi64((const __m128i *)({at}))), alu, auu, ahu, {shift})"
+        if not clamp:
+            return q
         alo, ahi = add.attrs["clamp"]
-        q = f"{fn}({conv}, {widen}({load}), alu, auu, ahu, {int(add.params['shift'][0])})"
         return f"{v}_min_epi32({v}_max_epi32({q}, {v}_set1_epi32({alo})), {v}_set1_epi32({ahi}))"
 
     def epilogue(self, s: Step, o, g: dict, acc: list, b0: str, nb: int):
-        """Requantize a tile and store it. Where the tile spans every output channel (O a multiple
-        of LANES), its bytes are contiguous: four vectors are packed (saturating) into one
-        whole-vector store, a last group of fewer into a shorter one. Otherwise each vector stores
-        its lanes apart, the channels past O left out. Where some shift is outside HI_SHIFTS,
+        """Requantize a tile and store it. Where the bytes of four of its vectors are contiguous (O
+        a multiple of LANES, and the tile spans every output channel or holds four blocks of each
+        pixel), they are packed (saturating, which is the clamp where it is the output type's
+        range) into one whole-vector store, a last group of fewer into a shorter one; AVX2 packs
+        the two blocks of a pixel into 16 bytes. Otherwise each vector stores its lanes apart, the
+        channels past O left out. Where some shift is outside HI_SHIFTS,
         VNNI requantizes in 64-bit lanes (nq_requantize16) and AVX2 lane by lane in scalar C."""
         isa, v = self.isa, self.isa.vec
         lo, hi = s.node.attrs["clamp"]
@@ -480,12 +490,19 @@ class SimdConv:
                   f"({yt})nq_requantize(lane[l], {M}[{c0} + l], {S}[{c0} + l], {lo}, {hi});")
             return
         self._tables(s, o, b0, nb, f"{v}_load_si{32 * L}", isa.vtype)
-        contiguous = g["O"] % L == 0 and nb == g["OB"]
+        # packed stores: groups of four vectors in `pixels` order are 64 (VNNI) or 32 (AVX2)
+        # contiguous bytes where the tile spans every output channel or holds four blocks of each
+        # pixel; AVX2's two blocks of a pixel are 16 (a pack of two vectors: 3 instructions
+        # against 2 x 5 with their clamps where each vector is stored apart)
+        per_store = 4 if nb == g["OB"] or nb % 4 == 0 else 2 if L == 8 and nb == 2 else 0
+        contiguous = g["O"] % L == 0 and per_store > 0
+        last_clamp = (s.fused_add[0].attrs["clamp"] if s.fused_add else (lo, hi)) != dtype_range(out_t) or not contiguous
         clamp = (lo, hi) != dtype_range(out_t) or not contiguous
         if s.fused_add:   # the conv's own clamp first (its output type is not the store's), then the add's
             clamp = True
             pieces = self.pr.add_pieces_for(s)
-            o(f"const {isa.vtype} " + ", ".join(f"{n} = {v}_set1_epi32({p})" for n, p in zip(("alu", "auu", "ahu"), pieces))
+            names = ("alu", "auu") if L == 16 else ("alu", "auu", "ahu")
+            o(f"const {isa.vtype} " + ", ".join(f"{n} = {v}_set1_epi32({p})" for n, p in zip(names, pieces))
               + ";  /* the fused add's multiplier pieces, (conv, other input) int16 pairs */")
         for p, b, a in pixels:
             if s.plan.hi_requant:
@@ -495,8 +512,8 @@ class SimdConv:
             else:
                 q = f"nq_requantize16({a}, m{b}, t{b}, {lo}, {hi})"
             o(f"{a} = {q};")
-            if s.fused_add:
-                o(f"{a} = {self.fused_add(s, a, at('x1', p, b))};")   # the other input: the same position
+            if s.fused_add:   # the other input: the same position
+                o(f"{a} = {self.fused_add(s, a, at('x1', p, b), last_clamp)};")
         if not contiguous:
             for p, b, a in pixels:
                 if isa.reg == VNNI.reg:
@@ -513,6 +530,12 @@ class SimdConv:
                     o(f"  for (int l = 0; l < {count[b]}; ++l) ({dst[p, b]})[l] = ({yt})lane[l]; }}  /* in range already */")
             return
         pack = f"{isa.pack}_{'u8' if out_t == 'uint8' else 's8'}"
+        if per_store == 2:   # AVX2, two blocks a pixel: 16 bytes of the pack of four
+            zero = "_mm256_setzero_si256()"
+            for i in range(0, len(pixels), 2):
+                o(f"_mm_storeu_si128((__m128i *)({dst[pixels[i][:2]]}), _mm256_castsi256_si128("
+                  f"{pack}({pixels[i][2]}, {pixels[i + 1][2]}, {zero}, {zero})));")
+            return
         for i in range(0, len(pixels), 4):
             group = [a for _, _, a in pixels[i:i + 4]]
             at = dst[pixels[i][:2]]

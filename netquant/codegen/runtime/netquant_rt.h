@@ -96,6 +96,51 @@ static inline __m512i nq_add16_pairs(__m512i a, __m512i b, __m512i lu, __m512i u
     return _mm512_srai_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(1 << (shift - 16))), shift - 15);
 }
 
+/* The (a, b) int16 pairs of nq_add16_pairs in two instructions: a holds 16 8-bit values in int32
+ * lanes (a conv's requantized outputs), b points at the other input's 16 bytes (uint8 or int8),
+ * which the load widens to words; a masked vpermw moves word i of them into the odd word of pair i
+ * and keeps a's even words (its low halves). Against a widening load to dwords, a shift and a
+ * blend. Example: a lane 0x0000007B (123) and byte 0xF9 (int8 -7) give the pair 0xFFF9007B. */
+static inline __m512i nq_pairs16_u8(__m512i a, const void *b) {
+    const __m512i idx = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0,
+                                         7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b));
+    return _mm512_mask_permutexvar_epi16(a, 0xAAAAAAAAu, idx, _mm512_castsi256_si512(w));
+}
+static inline __m512i nq_pairs16_s8(__m512i a, const void *b) {
+    const __m512i idx = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0,
+                                         7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b));
+    return _mm512_mask_permutexvar_epi16(a, 0xAAAAAAAAu, idx, _mm512_castsi256_si512(w));
+}
+
+/* nq_add16_pairs on ready pairs ab = (a, b), with fewer instructions (AVX-512 VNNI), the same
+ * integers, for 16 <= shift <= 46:
+ *  - the rounding rides on the low piece's dot product: for shift <= 31,
+ *        (S_l + 2^(shift-1)) >> 15 = (S_l >> 15) + 2^(shift-16)
+ *    since 2^(shift-1) is a multiple of 2^15 (shift >= 16), and |S_l| + 2^30 < 2^31;
+ *  - the high piece is known when the code is generated (h_a, h_b: bit 30 of m_a, m_b), so
+ *    S_h = h_a a + h_b b is a, b (the pair's high word, arithmetic shift) or their sum, no product;
+ *  - vpdpwssd adds S_u to what it is given.
+ * Then V' = S_h 2^15 + S_u + (S_l >> 15) + 2^(shift-16) and the result is V' >> (shift - 15),
+ * nq_add16_pairs's (V + 2^(shift-16)) >> (shift - 15). |V'| < 2^25 + 2^30. Worked, with
+ * nq_add16_pairs's numbers (h_a = 1, h_b = 1, shift = 30): S_l = 1141760, (1141760 + 2^29) >> 15
+ * = 16418, + 80 * 2^15 + 1223740 = 3861598, >> 15 = 117. lu, uu: the l and u pieces as pairs. */
+static inline __m512i nq_add16_dp(__m512i ab, __m512i a, __m512i lu, __m512i uu, int h_a, int h_b, int32_t shift) {
+    __m512i v;
+    if (shift <= 31) {
+        v = _mm512_srai_epi32(_mm512_dpwssd_epi32(_mm512_set1_epi32(1 << (shift - 1)), ab, lu), 15);
+    } else {
+        v = _mm512_add_epi32(_mm512_srai_epi32(_mm512_madd_epi16(ab, lu), 15), _mm512_set1_epi32(1 << (shift - 16)));
+    }
+    if (h_a || h_b) {
+        const __m512i b = _mm512_srai_epi32(ab, 16);
+        const __m512i h = h_a && h_b ? _mm512_add_epi32(a, b) : h_a ? a : b;
+        v = _mm512_add_epi32(v, _mm512_slli_epi32(h, 15));
+    }
+    return _mm512_srai_epi32(_mm512_dpwssd_epi32(v, ab, uu), shift - 15);
+}
+
 /* nq_requantize without its clamp on 16 int32 lanes, when every shift is in [33, 62]
  * (program.HI_SHIFTS): with t = shift - 32 and H = floor(acc * M / 2^32), the high half of the
  * 64-bit product,
