@@ -305,6 +305,12 @@ int main(void) {
         }
         int32_t p[3][2];
         for (int k = 0; k < 3; ++k) { p[k][0] = (m0 >> (15 * k)) & 0x7fff; p[k][1] = (m1 >> (15 * k)) & 0x7fff; }
+        /* two 16-bit pieces (c.add_pieces16: multipliers below 2^31 - 2^15) */
+        const int32_t n0 = m0 < 2147450880 ? m0 : 2147450879, n1 = m1 < 2147450880 ? m1 : 2147450879;
+        const int32_t q0a = (int32_t)(((uint32_t)n0 + 32768u) % 65536u) - 32768, q0b = (int32_t)(((uint32_t)n1 + 32768u) % 65536u) - 32768;
+        const int32_t q1a = (n0 - q0a) >> 16, q1b = (n1 - q0b) >> 16;
+        const int32_t pp0 = (int32_t)((uint32_t)q0b << 16 | ((uint32_t)q0a & 0xffffu));
+        const int32_t pp1 = (int32_t)((uint32_t)q1b << 16 | ((uint32_t)q1a & 0xffffu));
 #if NQ_VNNI
         __m512i r = nq_add16_pairs(_mm512_loadu_si512(a), _mm512_loadu_si512(b),
                                    _mm512_set1_epi32(p[0][1] << 16 | p[0][0]), _mm512_set1_epi32(p[1][1] << 16 | p[1][0]),
@@ -312,19 +318,22 @@ int main(void) {
         _mm512_storeu_si512(out, r);
         for (int l = 0; l < 16; ++l)
             bad += out[l] != (int32_t)nq_rounding_shift((int64_t)a[l] * m0 + (int64_t)b[l] * m1, shift);
-        /* the fused epilogue's form: pairs from the other input's bytes (uint8 or int8), the high
-         * piece as flags, the rounding in the low piece's vpdpwssd */
+        /* the fused epilogue's form: pairs from the other input's bytes (uint8 or int8) */
         uint8_t bu[16];
         int8_t bs[16];
         for (int l = 0; l < 16; ++l) { bu[l] = (uint8_t)(b[l] & 0xff); bs[l] = (int8_t)(b[l] & 0xff); }
         const __m512i va = _mm512_loadu_si512(a);
         const __m512i ab = it % 2 ? nq_pairs16_u8(va, bu) : nq_pairs16_s8(va, bs);
-        r = nq_add16_dp(ab, va, _mm512_set1_epi32(p[0][1] << 16 | p[0][0]), _mm512_set1_epi32(p[1][1] << 16 | p[1][0]),
-                        p[2][0], p[2][1], shift);
+        const __m512i p0 = _mm512_set1_epi32(pp0), p1 = _mm512_set1_epi32(pp1);
+        r = nq_add16_dp(ab, p0, p1, shift);
         _mm512_storeu_si512(out, r);
         for (int l = 0; l < 16; ++l)
-            bad += out[l] != (int32_t)nq_rounding_shift((int64_t)a[l] * m0 + (int64_t)(it % 2 ? bu[l] : bs[l]) * m1, shift);
+            bad += out[l] != (int32_t)nq_rounding_shift((int64_t)a[l] * n0 + (int64_t)(it % 2 ? bu[l] : bs[l]) * n1, shift);
 #endif
+        __m256i ab8 = _mm256_blend_epi16(_mm256_loadu_si256((const __m256i *)a), _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)b), 16), 0xAA);
+        _mm256_storeu_si256((__m256i *)out, nq_add8_dp(ab8, _mm256_set1_epi32(pp0), _mm256_set1_epi32(pp1), shift));
+        for (int l = 0; l < 8; ++l)
+            bad += out[l] != (int32_t)nq_rounding_shift((int64_t)a[l] * n0 + (int64_t)b[l] * n1, shift);
         int16_t a16[16], b16[16], o16[16];
         for (int l = 0; l < 16; ++l) { a16[l] = (int16_t)a[l]; b16[l] = (int16_t)b[l]; }
         __m256i r16 = nq_add16x16_pairs(_mm256_loadu_si256((const __m256i *)a16), _mm256_loadu_si256((const __m256i *)b16),

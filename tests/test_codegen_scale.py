@@ -70,7 +70,7 @@ def test_resnet20_sources_are_small_and_hold_one_isa(isa, qnet, tmp_path):
         assert (mark in text) == (other == profile), (other, profile)
     # the residual adds (fused into the convs or on their own): the profile's vector form and no other
     assert ("nq_add16_dp(" in text or "nq_add16_pairs(" in text) == (profile in ("amx", "vnni"))
-    assert ("nq_add8_pairs(" in text or "nq_add16x16_pairs(" in text) == (profile == "avx2")
+    assert ("nq_add8_dp(" in text or "nq_add16x16_pairs(" in text) == (profile == "avx2")
     assert "_blob + " in text and ".incbin" in text
 
 
@@ -129,7 +129,7 @@ def test_residual_adds_run_in_the_conv_epilogue(isa, qnet, cifar, tmp_path):
     assert adds and set(fused) == set(adds), gen.kernels
     assert sum("+ residual add" in v for v in gen.kernels.values()) == len(adds)   # the convs' labels say so
     text = (tmp_path / "r20.c").read_text()
-    assert text.count("nq_add8_pairs(" if isa == "avx2" else "nq_add16_dp(") >= len(adds)
+    assert text.count("nq_add8_dp(" if isa == "avx2" else "nq_add16_dp(") >= len(adds)
     unfused = generate(qnet, tmp_path / "unfused", name="r20", isa=isa, fuse_adds=False)
     assert not any(v.startswith("in the epilogue of") for v in unfused.kernels.values())
     # one step function fewer per add (the fused conv's function writes the add's output)
@@ -139,6 +139,24 @@ def test_residual_adds_run_in_the_conv_epilogue(isa, qnet, cifar, tmp_path):
         assert "nq_add16x16_pairs(" in unfused_text
         x = to_float(cifar.test.images[:8])
         assert np.array_equal(load(unfused).predict_int(x), _reference_int(qnet, x))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_fused_adds_with_15_bit_pieces_are_bit_exact(isa, qnet, cifar, tmp_path, monkeypatch):
+    """An add multiplier of 2^31 - 2^15 or more has no 16-bit pieces (c.add_pieces16): the fused
+    epilogue then takes the three 15-bit pieces of nq_add16_pairs / nq_add8_pairs. Forced here on
+    every add of ResNet-20: the same integers as the reference on 4 images, where the CPU runs it."""
+    from netquant.codegen.c import CPrinter
+
+    monkeypatch.setattr(CPrinter, "add_pieces16_for", lambda self, s: None)
+    gen = generate(qnet, tmp_path, name="r20", isa=isa)
+    text = (tmp_path / "r20.c").read_text()
+    adds = [n for n in qnet.qgraph.nodes if n.op == "add"]
+    assert "_dp(" not in text and text.count("nq_add8_pairs(" if isa == "avx2" else "nq_add16_pairs(") >= len(adds)
+    if {"avx2": "avx2", "avx512": "avx512_vnni"}[isa] not in Path("/proc/cpuinfo").read_text():
+        pytest.skip(f"this CPU does not run {isa}")
+    x = to_float(cifar.test.images[:4])
+    assert np.array_equal(load(gen).predict_int(x), _reference_int(qnet, x))
 
 
 def test_one_image_splits_rows_across_threads_bit_exactly(qnet, cifar, tmp_path):

@@ -121,6 +121,21 @@ def add_pieces(m_a, m_b) -> list:
     return [(((b >> k) & 0x7FFF) << 16) | ((a >> k) & 0x7FFF) for k in (0, 15, 30)]
 
 
+def add_pieces16(m_a, m_b):
+    """The 16-bit pieces (P0, P1) of two add multipliers for nq_add16_dp / nq_add8_dp, each as the
+    int32 holding the int16 pair (piece of m_a, piece of m_b): m = P1 2^16 + P0 with P0 the signed
+    low digit in [-2^15, 2^15); None where some P1 would not fit int16 (m >= 2^31 - 2^15, the
+    15-bit pieces of add_pieces then). Worked: m = 1200000000: P0 = -29696, P1 = 18311."""
+    pieces = []
+    for m in (int(m_a), int(m_b)):
+        p0 = (m + (1 << 15)) % (1 << 16) - (1 << 15)
+        pieces.append((p0, (m - p0) >> 16))
+    if any(not -(1 << 15) <= p1 < (1 << 15) for _, p1 in pieces):
+        return None
+    (a0, a1), (b0, b1) = pieces
+    return [((b & 0xFFFF) << 16 | (a & 0xFFFF)) - ((1 << 32) if b < 0 else 0) for a, b in ((a0, b0), (a1, b1))]
+
+
 class CPrinter:
     """Prints a Program as C. Subclasses override the class attributes and hooks below."""
 
@@ -195,6 +210,12 @@ class CPrinter:
         add, k = s.fused_add
         m = add.params["multiplier"]
         return add_pieces(m[k], m[1 - k])
+
+    def add_pieces16_for(self, s: Step):
+        """add_pieces16 of the fused add of conv ``s``, the conv's multiplier first (or None)."""
+        add, k = s.fused_add
+        m = add.params["multiplier"]
+        return add_pieces16(m[k], m[1 - k])
 
     # --- helpers --------------------------------------------------------------------------
     def buf(self, name: str) -> Buffer:

@@ -439,20 +439,23 @@ class SimdConv:
     def fused_add(self, s: Step, conv: str, at: str, clamp: bool = True) -> str:
         """The residual add fused into conv ``s`` (c.py fuse_adds) on the lanes of vector ``conv``
         (the conv's requantized, clamped outputs): the other input's lanes loaded at ``at``, the
-        add's 15-bit-piece form, its clamp unless ``clamp`` is False (a saturating pack to the
-        output type then is the clamp). AVX-512 VNNI: the pairs by nq_pairs16_*, the sums by
-        nq_add16_dp (the high piece a constant of the code); AVX2: nq_add8_pairs."""
+        add's formula, its clamp unless ``clamp`` is False (a saturating pack to the output type is
+        the clamp then). In two 16-bit pieces where the multipliers allow (c.add_pieces16):
+        nq_add16_dp on pairs from nq_pairs16_* (AVX-512 VNNI), nq_add8_dp (AVX2); else the 15-bit
+        pieces of nq_add16_pairs / nq_add8_pairs."""
         add, _ = s.fused_add
         v, L = self.isa.vec, self.isa.lanes
         signed = self.pr.buf(s.inputs[1]).dtype == "int8"
         shift = int(add.params["shift"][0])
-        if L == 16:
-            h = self.pr.add_pieces_for(s)[2]
-            pairs = f"nq_pairs16_{'s8' if signed else 'u8'}({conv}, {at})"
-            q = f"nq_add16_dp({pairs}, {conv}, alu, auu, {h & 1}, {h >> 16}, {shift})"
+        widen = f"{v}_cvtep{'i' if signed else 'u'}8_epi32"
+        load = (f"_mm_loadu_si128((const __m128i *)({at}))" if L == 16 else f"_mm_loadl_epi64((const __m128i *)({at}))")
+        if self.pr.add_pieces16_for(s) is None:
+            fn = "nq_add16_pairs" if L == 16 else "nq_add8_pairs"
+            q = f"{fn}({conv}, {widen}({load}), alu, auu, ahu, {shift})"
+        elif L == 16:
+            q = f"nq_add16_dp(nq_pairs16_{'s8' if signed else 'u8'}({conv}, {at}), ap0, ap1, {shift})"
         else:
-            widen = f"{v}_cvtep{'i' if signed else 'u'}8_epi32"
-            q = f"nq_add8_pairs({conv}, {widen}(_mm_loadl_epi64((const __m128i *)({at}))), alu, auu, ahu, {shift})"
+            q = f"nq_add8_dp(_mm256_blend_epi16({conv}, _mm256_slli_epi32({widen}({load}), 16), 0xAA), ap0, ap1, {shift})"
         if not clamp:
             return q
         alo, ahi = add.attrs["clamp"]
@@ -500,8 +503,9 @@ class SimdConv:
         clamp = (lo, hi) != dtype_range(out_t) or not contiguous
         if s.fused_add:   # the conv's own clamp first (its output type is not the store's), then the add's
             clamp = True
-            pieces = self.pr.add_pieces_for(s)
-            names = ("alu", "auu") if L == 16 else ("alu", "auu", "ahu")
+            pieces, names = self.pr.add_pieces16_for(s), ("ap0", "ap1")
+            if pieces is None:
+                pieces, names = self.pr.add_pieces_for(s), ("alu", "auu", "ahu")
             o(f"const {isa.vtype} " + ", ".join(f"{n} = {v}_set1_epi32({p})" for n, p in zip(names, pieces))
               + ";  /* the fused add's multiplier pieces, (conv, other input) int16 pairs */")
         for p, b, a in pixels:

@@ -114,31 +114,26 @@ static inline __m512i nq_pairs16_s8(__m512i a, const void *b) {
     return _mm512_mask_permutexvar_epi16(a, 0xAAAAAAAAu, idx, _mm512_castsi256_si512(w));
 }
 
-/* nq_add16_pairs on ready pairs ab = (a, b), with fewer instructions (AVX-512 VNNI), the same
- * integers, for 16 <= shift <= 46:
- *  - the rounding rides on the low piece's dot product: for shift <= 31,
- *        (S_l + 2^(shift-1)) >> 15 = (S_l >> 15) + 2^(shift-16)
- *    since 2^(shift-1) is a multiple of 2^15 (shift >= 16), and |S_l| + 2^30 < 2^31;
- *  - the high piece is known when the code is generated (h_a, h_b: bit 30 of m_a, m_b), so
- *    S_h = h_a a + h_b b is a, b (the pair's high word, arithmetic shift) or their sum, no product;
- *  - vpdpwssd adds S_u to what it is given.
- * Then V' = S_h 2^15 + S_u + (S_l >> 15) + 2^(shift-16) and the result is V' >> (shift - 15),
- * nq_add16_pairs's (V + 2^(shift-16)) >> (shift - 15). |V'| < 2^25 + 2^30. Worked, with
- * nq_add16_pairs's numbers (h_a = 1, h_b = 1, shift = 30): S_l = 1141760, (1141760 + 2^29) >> 15
- * = 16418, + 80 * 2^15 + 1223740 = 3861598, >> 15 = 117. lu, uu: the l and u pieces as pairs. */
-static inline __m512i nq_add16_dp(__m512i ab, __m512i a, __m512i lu, __m512i uu, int h_a, int h_b, int32_t shift) {
+/* The residual add of nq_add16_pairs in two 16-bit pieces (AVX-512 VNNI), the same integers: for
+ * multipliers below 2^31 - 2^15 (c.add_pieces16), m_i = P1_i 2^16 + P0_i with P0_i the signed
+ * low digit in [-2^15, 2^15) and P1_i = (m_i - P0_i) / 2^16 <= 32767, so both fit int16 and with
+ * pairs ab = (a, b)
+ *     S0 = a P0_a + b P0_b, S1 = a P1_a + b P1_b      (int16 pair products: |S| < 2^24)
+ *     a m_a + b m_b = S1 2^16 + S0
+ *     (S1 2^16 + S0 + 2^(shift-1)) >> shift = (S1 + ((S0 + 2^(shift-1)) >> 16)) >> (shift - 16)
+ * (nested floor divisions; 16 <= shift <= 31 keeps S0 + 2^(shift-1) in int32; above 31 the
+ * rounding 2^(shift-17) is added after the first shift instead). Two vpdpwssd and two shifts
+ * against nq_add16_pairs's three products, five additions and shifts. Worked (a = 100, b = -20,
+ * m_a = 1500000000 = 22888 * 2^16 + 12032, m_b = 1200000000 = 18311 * 2^16 - 29696, shift = 30):
+ * S0 = 1797120, S1 = 1922580, (1797120 + 2^29) >> 16 = 8219, (1922580 + 8219) >> 14 = 117. */
+static inline __m512i nq_add16_dp(__m512i ab, __m512i p0, __m512i p1, int32_t shift) {
     __m512i v;
     if (shift <= 31) {
-        v = _mm512_srai_epi32(_mm512_dpwssd_epi32(_mm512_set1_epi32(1 << (shift - 1)), ab, lu), 15);
+        v = _mm512_srai_epi32(_mm512_dpwssd_epi32(_mm512_set1_epi32((int32_t)(1u << (shift - 1))), ab, p0), 16);
     } else {
-        v = _mm512_add_epi32(_mm512_srai_epi32(_mm512_madd_epi16(ab, lu), 15), _mm512_set1_epi32(1 << (shift - 16)));
+        v = _mm512_add_epi32(_mm512_srai_epi32(_mm512_madd_epi16(ab, p0), 16), _mm512_set1_epi32(1 << (shift - 17)));
     }
-    if (h_a || h_b) {
-        const __m512i b = _mm512_srai_epi32(ab, 16);
-        const __m512i h = h_a && h_b ? _mm512_add_epi32(a, b) : h_a ? a : b;
-        v = _mm512_add_epi32(v, _mm512_slli_epi32(h, 15));
-    }
-    return _mm512_srai_epi32(_mm512_dpwssd_epi32(v, ab, uu), shift - 15);
+    return _mm512_srai_epi32(_mm512_dpwssd_epi32(v, ab, p1), shift - 16);
 }
 
 /* nq_requantize without its clamp on 16 int32 lanes, when every shift is in [33, 62]
@@ -219,6 +214,15 @@ static inline __m256i nq_add8_pairs(__m256i a, __m256i b, __m256i lu, __m256i uu
     const __m256i v = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(ab, uu), _mm256_srai_epi32(_mm256_madd_epi16(ab, lu), 15)),
                                        _mm256_slli_epi32(_mm256_madd_epi16(ab, hu), 15));
     return _mm256_srai_epi32(_mm256_add_epi32(v, _mm256_set1_epi32(1 << (shift - 16))), shift - 15);
+}
+
+/* nq_add16_dp on 8 int32 lanes (AVX2, no vpdpwssd: vpmaddwd and an addition): ab holds the
+ * (a, b) int16 pairs, p0 / p1 the 16-bit pieces; the same integers. */
+static inline __m256i nq_add8_dp(__m256i ab, __m256i p0, __m256i p1, int32_t shift) {
+    const __m256i r = shift <= 31 ? _mm256_set1_epi32((int32_t)(1u << (shift - 1))) : _mm256_setzero_si256();
+    __m256i v = _mm256_srai_epi32(_mm256_add_epi32(_mm256_madd_epi16(ab, p0), r), 16);
+    if (shift > 31) v = _mm256_add_epi32(v, _mm256_set1_epi32(1 << (shift - 17)));
+    return _mm256_srai_epi32(_mm256_add_epi32(v, _mm256_madd_epi16(ab, p1)), shift - 16);
 }
 
 /* Two vectors of 16 int16 lanes -> 32 bytes a0..a15 b0..b15, saturated to uint8 or int8. */
