@@ -323,7 +323,7 @@ int main(void) {
         int8_t bs[16];
         for (int l = 0; l < 16; ++l) { bu[l] = (uint8_t)(b[l] & 0xff); bs[l] = (int8_t)(b[l] & 0xff); }
         const __m512i va = _mm512_loadu_si512(a);
-        const __m512i ab = it % 2 ? nq_pairs16_u8(va, bu) : nq_pairs16_s8(va, bs);
+        const __m512i ab = it % 2 ? nq_pairs16(va, bu, 0) : nq_pairs16(va, bs, 1);
         const __m512i p0 = _mm512_set1_epi32(pp0), p1 = _mm512_set1_epi32(pp1);
         r = nq_add16_dp(ab, p0, p1, shift);
         _mm512_storeu_si512(out, r);
@@ -381,7 +381,8 @@ int main(void) {
 @pytest.mark.parametrize("isa", ["avx2", "vnni"])
 def test_runtime_simd_shortcuts_equal_the_scalar_numerics(tmp_path, isa):
     """nq_requantize16_hi / nq_requantize8_hi (high half of the product), nq_add16_pairs /
-    nq_add16_dp / nq_add8_pairs / nq_add16x16_pairs (15-bit multiplier pieces) and nq_pack4 / nq_pack4x8 / nq_pack2x16
+    nq_add8_pairs / nq_add16x16_pairs (15-bit multiplier pieces), nq_add16_dp on nq_pairs16 and
+    nq_add8_dp (16-bit pieces) and nq_pack4 / nq_pack4x8 / nq_pack2x16
     (saturating packs) against nq_rounding_shift / nq_clamp, exactly: the AVX2 forms on any AVX2
     CPU, with the AVX-512 ones where the CPU has AVX-512 VNNI."""
     import shutil

@@ -397,7 +397,7 @@ class CPrinter:
 
     def k_quantize(self, s: Step, o: Source):
         o(f"/* {self.buf(s.inputs[0]).layout.upper()} float in, channels-last integers out */")
-        if self.vector_rows(s):
+        if self.vector_quantize(s):
             self.run_items(s, o, "rows", self.hwc(self.buf(s.output).shape)[1], "rows across threads")
             return
         with self.each_pixel(s, o):
@@ -429,7 +429,7 @@ class CPrinter:
             return self.buf(s.output).elements * int(np.prod(s.node.attrs["kernel"]))
         return self.buf(s.inputs[0]).elements * self.buf(s.output).elements   # linear: K x O
 
-    def vector_rows(self, s: Step) -> bool:
+    def vector_quantize(self, s: Step) -> bool:
         """Whether quantize step ``s`` runs as row items of nq_run with nq_quantize_n (x86
         profiles; an image-shaped float input to 8-bit output)."""
         return (self.profile != "scalar" and s.kind == "quantize" and len(self.buf(s.output).shape) == 3
@@ -1400,7 +1400,7 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
                 self.dw_prelude(s, o)
             elif self.vector_linear(s):
                 self.linear_prelude(s, o)
-            elif self.vector_rows(s):
+            elif self.vector_quantize(s):
                 self.quantize_prelude(s, o)
             elif self.vector_maxpool(s):
                 self.maxpool_prelude(s, o)

@@ -441,7 +441,7 @@ class SimdConv:
         (the conv's requantized, clamped outputs): the other input's lanes loaded at ``at``, the
         add's formula, its clamp unless ``clamp`` is False (a saturating pack to the output type is
         the clamp then). In two 16-bit pieces where the multipliers allow (c.add_pieces16):
-        nq_add16_dp on pairs from nq_pairs16_* (AVX-512 VNNI), nq_add8_dp (AVX2); else the 15-bit
+        nq_add16_dp on pairs from nq_pairs16 (AVX-512 VNNI), nq_add8_dp (AVX2); else the 15-bit
         pieces of nq_add16_pairs / nq_add8_pairs."""
         add, _ = s.fused_add
         v, L = self.isa.vec, self.isa.lanes
@@ -453,7 +453,7 @@ class SimdConv:
             fn = "nq_add16_pairs" if L == 16 else "nq_add8_pairs"
             q = f"{fn}({conv}, {widen}({load}), alu, auu, ahu, {shift})"
         elif L == 16:
-            q = f"nq_add16_dp(nq_pairs16_{'s8' if signed else 'u8'}({conv}, {at}), ap0, ap1, {shift})"
+            q = f"nq_add16_dp(nq_pairs16({conv}, {at}, {int(signed)}), ap0, ap1, {shift})"
         else:
             q = f"nq_add8_dp(_mm256_blend_epi16({conv}, _mm256_slli_epi32({widen}({load}), 16), 0xAA), ap0, ap1, {shift})"
         if not clamp:

@@ -97,20 +97,16 @@ static inline __m512i nq_add16_pairs(__m512i a, __m512i b, __m512i lu, __m512i u
 }
 
 /* The (a, b) int16 pairs of nq_add16_pairs in two instructions: a holds 16 8-bit values in int32
- * lanes (a conv's requantized outputs), b points at the other input's 16 bytes (uint8 or int8),
- * which the load widens to words; a masked vpermw moves word i of them into the odd word of pair i
- * and keeps a's even words (its low halves). Against a widening load to dwords, a shift and a
- * blend. Example: a lane 0x0000007B (123) and byte 0xF9 (int8 -7) give the pair 0xFFF9007B. */
-static inline __m512i nq_pairs16_u8(__m512i a, const void *b) {
+ * lanes (a conv's requantized outputs), b points at the other input's 16 bytes (int8 where
+ * b_signed, else uint8), which the load widens to words; a masked vpermw moves word i of them into
+ * the odd word of pair i and keeps a's even words (its low halves). Against a widening load to
+ * dwords, a shift and a blend. Example: a lane 0x0000007B (123) and byte 0xF9 (int8 -7) give the
+ * pair 0xFFF9007B. */
+static inline __m512i nq_pairs16(__m512i a, const void *b, int b_signed) {
     const __m512i idx = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0,
                                          7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
-    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b));
-    return _mm512_mask_permutexvar_epi16(a, 0xAAAAAAAAu, idx, _mm512_castsi256_si512(w));
-}
-static inline __m512i nq_pairs16_s8(__m512i a, const void *b) {
-    const __m512i idx = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0,
-                                         7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
-    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b));
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)b);
+    const __m256i w = b_signed ? _mm256_cvtepi8_epi16(bytes) : _mm256_cvtepu8_epi16(bytes);
     return _mm512_mask_permutexvar_epi16(a, 0xAAAAAAAAu, idx, _mm512_castsi256_si512(w));
 }
 
