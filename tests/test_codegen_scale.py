@@ -258,6 +258,24 @@ class _Heads(torch.nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+def test_pool_windows_meet_input_only_where_no_window_lies_in_the_padding():
+    """The branch-free max pool (CPrinter.max_pool_row) moves a tap in the padding to the nearest
+    input position, which is only inside the window where the window meets the input at all."""
+    from types import SimpleNamespace
+
+    from netquant.codegen.c import CPrinter
+
+    def pool(k, st, p):
+        return SimpleNamespace(node=SimpleNamespace(attrs={"kernel": (k, k), "stride": (st, st), "padding": (p, p)}))
+
+    meets = CPrinter.pool_windows_meet_input
+    assert meets(pool(3, 2, 1), (112, 112))      # ResNet's: rows -1..1 first, 109..111 last
+    assert meets(pool(2, 2, 0), (7, 7))          # the last row left out, none in padding
+    assert meets(pool(2, 2, 1), (1, 1))          # one window: rows -1..0
+    assert not meets(pool(1, 1, 1), (4, 4))      # (ONNX allows it) the first window is row -1 alone
+    assert not meets(pool(3, 1, 3), (5, 5))      # rows -3..-1
+
+
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 def test_linear_blocks_quantize_rows_and_pool_rows_are_bit_exact(isa, cifar, tmp_path):
     """The thread pool's newer items (CPrinter.split_effort): fully connected layers on nq_dot8

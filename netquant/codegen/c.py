@@ -975,11 +975,46 @@ class CPrinter:
         self.max_pool_row(s, o)
         o.close()
 
+    @staticmethod
+    def pool_windows_meet_input(s: Step, hw: tuple) -> bool:
+        """Whether every window of pool ``s`` over an (H, W) input holds at least one input
+        position (true of torch's pools, whose padding is at most half the window). Example: a
+        3x3 window, stride 2, padding 1 over 112 rows: the first covers rows -1..1, the last
+        (55) rows 109..111."""
+        a = s.node.attrs
+        for n, k, st, p in zip(hw, a["kernel"], a["stride"], a["padding"]):
+            out = (n + 2 * p - k) // st + 1
+            if k - 1 - p < 0 or (out - 1) * st - p > n - 1:
+                return False
+        return True
+
     def max_pool_row(self, s: Step, o: Source):
         """Output row ``oh`` of an 8-bit max pool a whole pixel at a time: channels innermost, so
-        the compiler vectorises the max (vpmaxub); a window entirely in the padding (none in
-        torch's pools) stores (type)INT32_MIN as pool_element_int does."""
+        the compiler vectorises the max (vpmaxub). Where every window meets the input
+        (pool_windows_meet_input), a tap in the padding reads the nearest input position
+        instead, which lies in the same window: the max of a window is then the max of KH * KW
+        loads, no branch per tap (ResNet-18's pool after the stem, 112x112x64 to 56x56x64: from
+        52-73 to 37-42 us an image on one Zen 4 core, three runs each). Else a window entirely in
+        the padding stores (type)INT32_MIN as pool_element_int does."""
         t = self.buf(s.output).ctype
+        if self.pool_windows_meet_input(s, self.hwc(self.buf(s.inputs[0]).shape)[1:]):
+            o.open("for (int ow = 0; ow < OW; ++ow)")
+            o(f"const {t} *xp[KH * KW];  /* the window's taps, those in the padding moved inside it */")
+            o.open("for (int kh = 0; kh < KH; ++kh)")
+            o("int ih = oh * SH - PH + kh;")
+            o("ih = ih < 0 ? 0 : ih >= H ? H - 1 : ih;")
+            o.open("for (int kw = 0; kw < KW; ++kw)")
+            o("int iw = ow * SW - PW + kw;")
+            o("iw = iw < 0 ? 0 : iw >= W ? W - 1 : iw;")
+            o("xp[kh * KW + kw] = x0 + (ih * W + iw) * C;")
+            o.close().close()
+            o(f"{t} *restrict yp = y + (oh * OW + ow) * C;")
+            o.open("for (int c = 0; c < C; ++c)")
+            o(f"{t} m = xp[0][c];")
+            o("for (int i = 1; i < KH * KW; ++i) m = xp[i][c] > m ? xp[i][c] : m;")
+            o("yp[c] = m;")
+            o.close().close()
+            return
         o.open("for (int ow = 0; ow < OW; ++ow)")
         o(f"{t} *restrict yp = y + (oh * OW + ow) * C;")
         o("int first = 1;")
