@@ -258,6 +258,40 @@ class _Heads(torch.nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+def test_pairs_of_images_run_step_by_step_from_the_weight_heavy_steps(qnet, cifar, tmp_path):
+    """At batch >= 2 x threads a thread runs two images as a pair (run_pair): one after the other
+    up to pair_from(), then each step for both in turn. ResNet-20 turns at stage 3 (its 3x3 convs
+    hold 37 KB of weights against 8 KB of tensors); 5 images at 2 threads are 2 pairs and one
+    image alone, at 1 thread 2 pairs and one: the same integers as the reference either way, by
+    the float and the int8 entry points. A network whose tensors outweigh its constants in every
+    tail has no run_pair."""
+    from netquant.codegen.c import CPrinter
+    from netquant.codegen.program import plan
+
+    gen = generate(qnet, tmp_path, name="net")
+    src = (tmp_path / "net.c").read_text()
+    pair = src[src.index("static void run_pair("):]
+    before, after = pair.split("/* step by step")
+    assert "step_S2U3" in before and "step_S3U1" not in before   # stages 1 and 2 one image after the other
+    assert after.split("\n")[1].strip().startswith("step_S3U1_conv1")
+    net = load(gen)
+    x = to_float(cifar.test.images[:5])
+    ref = _reference_int(qnet, x)
+    qin = run_int8(qnet.qgraph, torch.from_numpy(x), keep=["input_quantize"])["input_quantize"].numpy()
+    for threads in (2, 1):
+        net.set_num_threads(threads)
+        assert np.array_equal(net.predict_int(x), ref), threads
+        assert np.array_equal(net.predict_int8(qin.astype(np.int8)), net.predict(x)), threads
+    net.close()
+
+    torch.manual_seed(0)
+    q = Quantizer(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval(),
+                  example=torch.zeros(1, 3, 32, 32))
+    q.calibrate(to_float(cifar.train.images[:8]))
+    printer = CPrinter(plan(q.quantize().qgraph, "conv"), "test", profile="vnni")
+    assert printer.pair_from() is None and printer.run_pair() == ""
+
+
 def test_pool_windows_meet_input_only_where_no_window_lies_in_the_padding():
     """The branch-free max pool (CPrinter.max_pool_row) moves a tap in the padding to the nearest
     input position, which is only inside the window where the window meets the input at all."""

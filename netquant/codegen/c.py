@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -1445,41 +1445,93 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
             o()
             yield o.text()
 
-    def ptr(self, name: str) -> str:
+    def ptr(self, name: str, img: str = "") -> str:
+        """The C pointer to buffer ``name`` of an image whose arguments carry the suffix ``img``
+        (run_pair's "0" and "1": in0, out0, arena0)."""
         b = self.buf(name)
         if b.name == self.p.input:
-            return "in"
+            return f"in{img}"
         if b.name == self.p.output:
-            return "out"
-        return f"(({b.ctype} *)(arena + {b.offset}))"
+            return f"out{img}"
+        return f"(({b.ctype} *)(arena{img} + {b.offset}))"
 
-    def run_one(self) -> str:
-        """The per-image function: every step in order on the thread's arena. With ``qin`` (the
-        int8-input entry point) the steps up to the input quantization are replaced by a copy."""
-        o = Source()
+    def run_statements(self, img: str = "") -> list:
+        """One image's forward pass as statements in order, each a list of C lines (``img``: the
+        suffix of its arguments, as ptr). With ``qin`` (the int8-input entry point) the steps up to
+        the input quantization are replaced by a copy: the first statement."""
         p = self.p
-        o.open("static void run_one(const float *in, const int8_t *qin, float *out, int32_t *int_out, uint8_t *arena)")
+        call = lambda s: f"{self.fn_name(s)}({', '.join(self.ptr(i, img) for i in s.inputs)}, {self.ptr(s.output, img)});"
         k = next((i for i, s in enumerate(p.steps) if s.output == p.int_input), -1)
+        out = []
         if p.int_input is None:
-            o("(void)qin;  /* no int8-input entry point: the input feeds more than its quantization */")
+            out.append([f"(void)qin{img};  /* no int8-input entry point: the input feeds more than its quantization */"])
         else:
             qb = self.buf(p.int_input)
             c, h, w = self.hwc(qb.shape)
-            o.open("if (qin)")
-            o(f"{qb.ctype} *q = {self.ptr(qb.name)};")
-            o(f"for (int c = 0; c < {c}; ++c) for (int i = 0; i < {h * w}; ++i) "
-              f"q[i * {c} + c] = ({qb.ctype})qin[c * {h * w} + i];  /* NCHW -> HWC */")
-            o.close(" else {")
-            o.level += 1
-            for s in p.steps[:k + 1]:
-                o(f"{self.fn_name(s)}({', '.join(self.ptr(i) for i in s.inputs)}, {self.ptr(s.output)});")
-            o.close()
+            out.append([f"if (qin{img}) {{",
+                        f"    {qb.ctype} *q = {self.ptr(qb.name, img)};",
+                        f"    for (int c = 0; c < {c}; ++c) for (int i = 0; i < {h * w}; ++i) "
+                        f"q[i * {c} + c] = ({qb.ctype})qin{img}[c * {h * w} + i];  /* NCHW -> HWC */",
+                        "} else {", *("    " + call(s) for s in p.steps[:k + 1]), "}"])
         for s in p.steps[k + 1:]:
-            o(f"{self.fn_name(s)}({', '.join(self.ptr(i) for i in s.inputs)}, {self.ptr(s.output)});")
+            lines = [call(s)]
             if s.output == p.int_output:
                 c, h, w = self.hwc(self.buf(s.output).shape)
-                o(f"if (int_out) for (int c = 0; c < {c}; ++c) for (int i = 0; i < {h * w}; ++i) "
-                  f"int_out[c * {h * w} + i] = {self.ptr(s.output)}[i * {c} + c];")
+                lines.append(f"if (int_out{img}) for (int c = 0; c < {c}; ++c) for (int i = 0; i < {h * w}; ++i) "
+                             f"int_out{img}[c * {h * w} + i] = {self.ptr(s.output, img)}[i * {c} + c];")
+            out.append(lines)
+        return out
+
+    def run_one(self) -> str:
+        """The per-image function: every step in order on the thread's arena."""
+        o = Source()
+        o.open("static void run_one(const float *in, const int8_t *qin, float *out, int32_t *int_out, uint8_t *arena)")
+        for lines in self.run_statements():
+            for line in lines:
+                o(line)
+        o.close()
+        return o.text()
+
+    def pair_from(self) -> Optional[int]:
+        """Where run_pair turns from one image after the other to step by step: the statement
+        (of run_statements) from which the steps' constants outweigh their tensors most, or None
+        where no tail of the network reads more constant than tensor bytes. At batch > 1 every
+        image reads all the weights; a thread that runs each of these steps for two images in
+        turn reads them once from memory for both (the second image finds them in its caches),
+        while the steps before, whose tensors are the larger (ResNet's stem: 9 KB of weights,
+        950 KB of tensors), run each image through in turn, keeping its tensors in the caches.
+        Example: ResNet-18 and ResNet-50 turn at layer3's first conv (ResNet-18's: 295 KB of
+        weights, 150 KB of tensors); ResNet-50, batch 16 on two Zen 4 cores: 1.5-3.8% faster an
+        image in interleaved runs."""
+        steps = self.p.steps
+        first = next((i for i, s in enumerate(steps) if s.output == self.p.int_input), -1) + 1
+        score, best, at = 0, 0, None
+        for i in range(len(steps) - 1, first - 1, -1):
+            s = steps[i]
+            score += self.step_const_bytes(s) - sum(self.buf(n).nbytes for n in {*s.inputs, s.output})
+            if score > best:
+                best, at = score, i
+        return None if at is None else at - first + 1   # statement 0 is the input (quantization or copy)
+
+    def run_pair(self) -> str:
+        """Two images on one thread (two arenas), step by step from pair_from() on; "" where
+        pair_from() is None (the entry then runs every image alone)."""
+        k = self.pair_from()
+        if k is None:
+            return ""
+        o = Source()
+        o("#define NQ_RUN_PAIR 1")
+        o.open("static void run_pair(const float *in0, const int8_t *qin0, float *out0, int32_t *int_out0, uint8_t *arena0, "
+               "const float *in1, const int8_t *qin1, float *out1, int32_t *int_out1, uint8_t *arena1)")
+        a, b = self.run_statements("0"), self.run_statements("1")
+        o("/* one image after the other: the steps whose tensors outweigh their constants */")
+        for lines in a[:k] + b[:k]:
+            for line in lines:
+                o(line)
+        o("/* step by step: each step's constants read once for both images */")
+        for la, lb in zip(a[k:], b[k:]):
+            for line in la + lb:
+                o(line)
         o.close()
         return o.text()
 
@@ -1520,6 +1572,7 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
         yield from self.step_function_texts()
         yield "\n/* ---- one image ---- */\n"
         yield self.run_one() + "\n"
+        yield self.run_pair() + "\n"
         yield fill("c_entry.c.in", net=n, kernels_expr=self.kernels_expr())
 
     def extra_includes(self) -> str:
