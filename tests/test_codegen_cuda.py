@@ -4,6 +4,8 @@ library must equal the integer reference executor bit for bit (bench/gpu_check.p
 test set and the speed)."""
 import shutil
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,15 @@ def test_builds_without_warnings(qnet, tmp_path, arch, tensor_cores):
     assert lib.exists() and gen.build["warnings"].strip() == "", gen.build["warnings"]
     assert "--fmad=false" in gen.build["command"]
     archs = arch.split(",")
+    # ptxas -v: every __global__ kernel compiled for every architecture, none spilling registers
+    kernels = gen.build["device_kernels"]
+    bounds = r"(?:__launch_bounds__\([^)]*\)\s+)?"
+    globals_ = set(re.findall(rf"__global__\s+{bounds}void\s+{bounds}(\w+)\s*\(", src))
+    assert globals_ and {(k["kernel"], k["arch"]) for k in kernels} >= {(g, a) for g in globals_ for a in archs}
+    assert all(k["registers"] > 0 for k in kernels), kernels
+    spills = [k for k in kernels if k["spill_stores"] or k["spill_loads"]]
+    assert not spills, spills
+    assert "Device kernels (ptxas)" in (tmp_path / "report.html").read_text()
     if len(archs) == 1:
         assert f"-arch={arch}" in gen.build["command"]
     else:   # the library holds machine code for each architecture

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -198,7 +199,9 @@ def build(gen: Generated, cache_dir: Optional[str | os.PathLike] = None, cc: Opt
         compiler = find_compiler(cc)
         src = gen.folder / f"{gen.name}.c"
     lib_name = f"lib{gen.name}.so"
-    cmd = [compiler, *gen.cflags.split(), "-shared", "-o", lib_name, src.name] + (["-lm"] if gen.target == "c" else [])
+    # CUDA: ptxas reports each kernel's registers and spills (the report's table; tests assert none spill)
+    cmd = ([compiler, *gen.cflags.split(), "-shared", "-o", lib_name, src.name] + (["-lm"] if gen.target == "c" else [])
+           + (["-Xptxas", "-v"] if gen.target == "cuda" else []))
     h = hashlib.sha256(" ".join(cmd[1:]).encode())
     for fname in sorted(gen.files):
         h.update(fname.encode())
@@ -207,8 +210,11 @@ def build(gen: Generated, cache_dir: Optional[str | os.PathLike] = None, cc: Opt
     cache = Path(cache_dir) if cache_dir is not None else gen.folder / ".build"
     target = cache / key / lib_name
     report(progress, 0, 1, "compiling")
+    resources = target.parent / "device_kernels.json"   # ptxas's per-kernel resources, kept with a cached build
     if target.exists():
         gen.build = {"command": " ".join(cmd), "seconds": 0.0, "warnings": "", "library": str(target), "cached": True}
+        if resources.exists():
+            gen.build["device_kernels"] = json.loads(resources.read_text())
         report(progress, 1, 1, "cached")
         return target
     t0 = time.time()
@@ -217,8 +223,14 @@ def build(gen: Generated, cache_dir: Optional[str | os.PathLike] = None, cc: Opt
         raise BuildError(f"compiling {src} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(gen.folder / lib_name, target)
-    gen.build = {"command": " ".join(cmd), "seconds": round(time.time() - t0, 2), "warnings": proc.stderr,
-                 "library": str(target), "cached": False}
+    warnings = proc.stderr
+    gen.build = {"command": " ".join(cmd), "seconds": round(time.time() - t0, 2), "library": str(target), "cached": False}
+    if gen.target == "cuda":
+        from .cuda import ptxas_resources
+
+        gen.build["device_kernels"], warnings = ptxas_resources(proc.stderr)
+        write_text(resources, json.dumps(gen.build["device_kernels"]))
+    gen.build["warnings"] = warnings
     write_report(gen)
     report(progress, 1, 1, "compiled")
     return target

@@ -17,6 +17,7 @@ no float multiply-add is fused).
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import numpy as np
@@ -342,3 +343,41 @@ lib{n}.so: {n}.cu {n}.h netquant_rt.h
 
     def device_entry_declaration(self) -> str:
         return fill("cuda_header_entry.h.in", net=self.p.name)
+
+
+_PTXAS_ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '(\w+)' for '(\w+)'")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"ptxas info\s*: Used (\d+) registers")
+
+
+def kernel_name(mangled: str) -> str:
+    """The source name of a kernel from its Itanium-mangled one: "_Z15step_S1U1_conv1PKhPhi" ->
+    "step_S1U1_conv1" (an unmangled name is returned as it is)."""
+    m = re.match(r"_Z(\d+)(\w+)", mangled)
+    return m.group(2)[:int(m.group(1))] if m else mangled
+
+
+def ptxas_resources(stderr: str) -> tuple[list, str]:
+    """nvcc's stderr of a build with ``-Xptxas -v`` split into (one dict per device function and
+    architecture: kernel, arch, registers, stack (bytes of stack frame), spill_stores,
+    spill_loads; the rest of stderr: the compiler's warnings). Example: the lines
+    "ptxas info : Compiling entry function '_Z6step_xPKhPh' for 'sm_90'", "0 bytes stack frame,
+    0 bytes spill stores, 0 bytes spill loads", "ptxas info : Used 30 registers, ..." give
+    {"kernel": "step_x", "arch": "sm_90", "registers": 30, "stack": 0, "spill_stores": 0,
+    "spill_loads": 0}."""
+    kernels, rest, cur = [], [], None
+    for line in stderr.splitlines():
+        entry = _PTXAS_ENTRY.search(line)
+        frame = _PTXAS_FRAME.search(line)
+        regs = _PTXAS_REGS.search(line)
+        if entry:
+            cur = {"kernel": kernel_name(entry.group(1)), "arch": entry.group(2), "registers": 0, "stack": 0,
+                   "spill_stores": 0, "spill_loads": 0}
+            kernels.append(cur)
+        elif frame and cur is not None:
+            cur.update(stack=int(frame.group(1)), spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
+        elif regs and cur is not None:
+            cur["registers"] = int(regs.group(1))
+        elif not line.startswith("ptxas info"):
+            rest.append(line)
+    return kernels, "\n".join(rest).strip() + ("\n" if any(x.strip() for x in rest) else "")

@@ -26,6 +26,18 @@ def _arm_notes(gen) -> str:
     return board_notes(gen)
 
 
+def _device_kernels(kernels) -> str:
+    """ptxas's resources of each CUDA kernel (build.py, cuda.ptxas_resources); "" for other targets."""
+    if not kernels:
+        return ""
+    spills = [k for k in kernels if k["spill_stores"] or k["spill_loads"]]
+    rows = [[k["kernel"], k["arch"], k["registers"], k["stack"], k["spill_stores"], k["spill_loads"]] for k in kernels]
+    return (f"<h3>Device kernels (ptxas)</h3><p>{len(kernels)} kernels x architectures; "
+            f"{'none spills registers' if not spills else f'{len(spills)} spill registers to local memory'}.</p>"
+            + _table(["Kernel", "Architecture", "Registers", "Stack frame bytes", "Spill store bytes", "Spill load bytes"],
+                     rows))
+
+
 def render(gen) -> str:
     p = gen.program
     rows = []
@@ -47,7 +59,8 @@ def render(gen) -> str:
     build = ("<p>Not built yet.</p>" if not b else
              f"<p>Command: <code>{html.escape(b['command'])}</code><br>Time: {b['seconds']} s"
              f"{' (cached)' if b.get('cached') else ''}<br>Library: <code>{html.escape(b['library'])}</code></p>"
-             f"<h3>Compiler warnings</h3><pre>{html.escape(b['warnings'] or 'none')}</pre>")
+             f"<h3>Compiler warnings</h3><pre>{html.escape(b['warnings'] or 'none')}</pre>"
+             + _device_kernels(b.get("device_kernels")))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>netquant code generation report: {html.escape(p.name)}</title>
 <style>
