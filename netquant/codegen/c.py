@@ -1500,9 +1500,9 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
         turn reads them once from memory for both (the second image finds them in its caches),
         while the steps before, whose tensors are the larger (ResNet's stem: 9 KB of weights,
         950 KB of tensors), run each image through in turn, keeping its tensors in the caches.
-        Example: ResNet-18 and ResNet-50 turn at layer3's first conv (ResNet-18's: 295 KB of
-        weights, 150 KB of tensors); ResNet-50, batch 16 on two Zen 4 cores: 1.5-3.8% faster an
-        image in interleaved runs."""
+        Example: ResNet-18 turns at layer3's first conv (295 KB of weights, 150 KB of tensors),
+        ResNet-50 at layer3's first 3x3 conv; ResNet-50 at batch 16 on two Zen 4 cores ran
+        1.4-2.6% faster an image (interleaved medians)."""
         steps = self.p.steps
         first = next((i for i, s in enumerate(steps) if s.output == self.p.int_input), -1) + 1
         score, best, at = 0, 0, None
@@ -1514,8 +1514,9 @@ extern const uint8_t {n}_blob[] __attribute__((visibility("hidden")));
         return None if at is None else at - first + 1   # statement 0 is the input (quantization or copy)
 
     def run_pair(self) -> str:
-        """Two images on one thread (two arenas), step by step from pair_from() on; "" where
-        pair_from() is None (the entry then runs every image alone)."""
+        """Two images on one thread (two arenas: the second allocated by the thread's first pair
+        and kept for the thread's life, c_entry.c.in), step by step from pair_from() on; ""
+        where pair_from() is None (the entry then runs every image alone)."""
         k = self.pair_from()
         if k is None:
             return ""
