@@ -106,13 +106,19 @@ class CudaPrinter(CPrinter):
             return "conv: dp4a, one thread per output"
         return f"{s.kind}: one thread per output"
 
-    def mma_tiles(self, s: Step) -> tuple[int, int, int]:
-        """(k steps of 32, n tiles of 8, m tiles of 16 per warp): more m tiles where n is narrow,
-        so each weight fragment feeds several mma."""
+    MMA_MAX_NT = 8   # n tiles of 8 columns per warp: 8 x MT x 4 accumulators in registers
+
+    def mma_tiles(self, s: Step) -> tuple[int, int, int, int]:
+        """(k steps of 32, n tiles of 8 per warp, m tiles of 16 per warp, column groups): a warp
+        holds the columns of one group, at most MMA_MAX_NT tiles (the largest divisor of O / 8
+        that is), so its accumulators stay in registers whatever the layer's width; more m tiles
+        where n is narrow, so each weight fragment feeds several mma. Example: O = 512: 64 n
+        tiles, 8 groups of 8, 2 m tiles (64 accumulators a lane)."""
         w = s.node.params["weight"]
         k = int(np.prod(w.shape[1:]))
-        nt = w.shape[0] // 8
-        return -(-k // 32), nt, (4 if nt <= 4 else 2)
+        nt_all = w.shape[0] // 8
+        nt = max(d for d in range(1, self.MMA_MAX_NT + 1) if nt_all % d == 0)
+        return -(-k // 32), nt, (4 if nt <= 4 else 2), nt_all // nt
 
     # --- constants: device arrays; a dp4a or tensor-core conv's weights replace the plan's "w" -------
     def conv_tables(self, s: Step) -> dict:
@@ -221,7 +227,8 @@ class CudaPrinter(CPrinter):
 
         Rows m are the output pixels of every image of the batch (M = n * OH * OW), columns the
         output channels (N = O), and k = (kh * KW + kw) * C + c runs over the filter (K = KH*KW*C,
-        zero-padded to a multiple of 32). One warp computes 16*MT rows x O columns with
+        zero-padded to a multiple of 32). One warp computes 16*MT rows x NT*8 columns (one of NG
+        column groups, mma_tiles) with a loop over the k steps, each
         ``mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32``: unsigned activations times signed
         weights, exact int32 sums, so the result equals the reference executor's bit for bit.
         Fragments come straight from memory (PTX ISA layout; g = lane / 4, t = lane % 4):
@@ -229,19 +236,24 @@ class CudaPrinter(CPrinter):
         of one tap, one aligned 32-bit load (C % 16 == 0), or 0 in the padding; B register half
         holds column g, the same k: 4 bytes of the (O, KP) weight rows. Accumulator j holds row
         g + 8*(j/2), column 2t + j%2. Example, S3U1_conv2 (C = O = 64, 8x8): K = 576 = 18 steps,
-        8 n tiles, 2 m tiles: 288 mma per warp for 32 pixels x 64 channels.
+        8 n tiles, 2 m tiles: 288 mma per warp for 32 pixels x 64 channels. ResNet-50's layer4 3x3
+        conv (C = O = 512): 144 k steps, 8 groups of 8 n tiles, each warp 32 pixels x 64 channels.
         """
-        ksteps, nt, mt = self.mma_tiles(s)
+        ksteps, nt, mt, ng = self.mma_tiles(s)
         lo, hi = s.node.attrs["clamp"]
         xin, yout = self.buf(s.inputs[0]), self.buf(s.output)
         assert xin.offset >= 0 and yout.offset >= 0, "tensor-core convolutions read and write the arena"
         WM, B, M, S = (self.const_name(s, k) for k in ("wm", "bias", "mult", "shift"))
         o(self.conv_enum(s))
-        o(f"enum {{ OHW = OH * OW, K = KH * KW * C, KSTEPS = {ksteps}, KP = 32 * KSTEPS, NT = {nt}, MT = {mt} }};")
+        o(f"enum {{ OHW = OH * OW, K = KH * KW * C, KSTEPS = {ksteps}, KP = 32 * KSTEPS, NT = {nt}, MT = {mt}, "
+          f"NG = {ng} }};")
         o("(void)in; (void)out;")
         o("const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;")
         o("const long rows = (long)n * OHW;")
-        o("const long row0 = ((long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * (16 * MT);")
+        o("/* warp w: rows of tile w / NG, the NT * 8 columns of group w % NG from column c0 */")
+        o("const long w = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);")
+        o("const long row0 = (w / NG) * (16 * MT);")
+        o("const int c0 = (int)(w % NG) * NT * 8;")
         o("if (row0 >= rows) return;  /* whole warps leave together: the tensor-core instruction needs all 32 lanes */")
         o("/* the 2*MT rows whose A fragments this lane loads: row0 + 16*i + g + 8*j */")
         o("const uint8_t *xb[MT][2];")
@@ -261,10 +273,11 @@ class CudaPrinter(CPrinter):
         o("for (int i = 0; i < MT; ++i)")
         o("    #pragma unroll")
         o("    for (int q = 0; q < NT; ++q) acc[i][q][0] = acc[i][q][1] = acc[i][q][2] = acc[i][q][3] = 0;")
-        unroll(o, "ks", "KSTEPS")
+        o("#pragma unroll 2  /* a loop, not KSTEPS copies: ResNet-50's 3x3 convs have 144 k steps */")
+        o.open("for (int ks = 0; ks < KSTEPS; ++ks)")
         o("uint32_t af[MT][4];")
         unroll(o, "half", "2")
-        o("const int kb = ks * 32 + half * 16;  /* a constant once unrolled */")
+        o("const int kb = ks * 32 + half * 16;")
         o("const int tap = kb / C, kh = tap / KW, kw = tap % KW, ch = kb % C + 4 * t;")
         unroll(o, "i", "MT", "j", "2")
         o("const int ih = ih0[i][j] + kh * DH, iw = iw0[i][j] + kw * DW;")
@@ -272,7 +285,7 @@ class CudaPrinter(CPrinter):
         o("af[i][2 * half + j] = inside ? *(const uint32_t *)(xb[i][j] + (ih * W + iw) * C + ch) : 0u;")
         o.close().close().close()
         unroll(o, "q", "NT")
-        o(f"const int8_t *wp = {WM} + (q * 8 + g) * KP + ks * 32 + 4 * t;")
+        o(f"const int8_t *wp = {WM} + (c0 + q * 8 + g) * KP + ks * 32 + 4 * t;")
         o("const uint32_t b0 = __ldg((const unsigned int *)wp), b1 = __ldg((const unsigned int *)(wp + 16));")
         unroll(o, "i", "MT")
         o('asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, '
@@ -287,7 +300,7 @@ class CudaPrinter(CPrinter):
         o("const int img = (int)(r / OHW), pix = (int)(r % OHW);")
         o(f"{yout.ctype} *y = ({yout.ctype} *)(arena + (size_t)img * ARENA_BYTES + {yout.offset}) + pix * O;")
         unroll(o, "q", "NT")
-        o("const int col = q * 8 + 2 * t;")
+        o("const int col = c0 + q * 8 + 2 * t;")
         o(f"const {yout.ctype} v0 = ({yout.ctype})nq_requantize((int64_t){B}[col] + acc[i][q][2 * j], "
           f"{M}[col], {S}[col], {lo}, {hi});")
         o(f"const {yout.ctype} v1 = ({yout.ctype})nq_requantize((int64_t){B}[col + 1] + acc[i][q][2 * j + 1], "
@@ -319,8 +332,10 @@ class CudaPrinter(CPrinter):
         o.level = 1
         for s in steps:
             if self.mma_eligible(s):
-                per_image, per_block = self.hwc(self.buf(s.output).shape)[1:], 16 * self.mma_tiles(s)[2] * MMA_WARPS
-                o(f"{self.fn_name(s)}<<<nq_grid(n, {per_image[0] * per_image[1]}, {per_block}), {32 * MMA_WARPS}>>>"
+                _, _, mt, ng = self.mma_tiles(s)
+                oh, ow = self.hwc(self.buf(s.output).shape)[1:]
+                warps = f"nq_grid(n, {oh * ow}, {16 * mt}) * {ng}L"   # row tiles x column groups
+                o(f"{self.fn_name(s)}<<<(unsigned)(({warps} + {MMA_WARPS - 1}) / {MMA_WARPS}), {32 * MMA_WARPS}>>>"
                   f"(d_arena, d_in, d_out, n);")
             else:
                 o(f"{self.fn_name(s)}<<<nq_grid(n, {self.buf(s.output).elements}, {THREADS}), {THREADS}>>>"
