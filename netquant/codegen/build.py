@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import CompiledNetworkError, NetquantError
-from ..fileio import write_text
+from ..fileio import write_bytes, write_text
 from ..progress import Progress, report
 from ..quant.config import CODEGEN_TARGETS, ISA_FLAGS
 from .c import CPrinter
@@ -138,6 +138,8 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
         for fname, text in files.items():   # atomically: an interrupted generate leaves no half file
             write_text(folder / fname, text)
         sizes = {k: (v.count("\n"), len(v.encode())) for k, v in files.items()}
+        write_bytes(folder / printer.blob_file(), bytes(printer.blob))   # the weights, as the C target's
+        sizes[printer.blob_file()] = (0, len(printer.blob))
         profile = "cuda"
     elif arm:
         from .arm_neon import generate_neon

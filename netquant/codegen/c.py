@@ -1394,17 +1394,20 @@ class CPrinter:
                     continue
                 name, arr = c_int4.stored(s, key, self.const_name(s, key), np.asarray(arr))  # 4-bit: two per byte
                 ctype = CTYPE[arr.dtype]
-                if arr.nbytes >= BLOB_MIN_BYTES and self.file_suffix == ".c":
+                if arr.nbytes >= BLOB_MIN_BYTES:
                     data = arr.astype({"int32_t": np.int32, "float": np.float32}.get(ctype, arr.dtype)).tobytes()
                     self.blob += bytes(-len(self.blob) % 64)
                     self.blob_offsets[name] = len(self.blob)
-                    out.append(f"#define {name} ((const {ctype} *)({self.p.name}_blob + {len(self.blob)}))"
-                               f"  /* {arr.size} x {ctype} */")
+                    out.append(self.blob_reference(name, ctype, len(self.blob), arr.size))
                     self.blob += data
                     continue
                 text = c_array(ctype, name, arr, self.const_qualifier, self.const_attributes(s, key))
                 out.append(f"#if {guard}\n{text}#endif\n" if guard else text)
         return "\n".join(out)
+
+    def blob_reference(self, name: str, ctype: str, offset: int, size: int) -> str:
+        """How the source names a table of the weights file: a pointer into the library's blob."""
+        return f"#define {name} ((const {ctype} *)({self.p.name}_blob + {offset}))  /* {size} x {ctype} */"
 
     def blob_file(self) -> str:
         return f"{self.p.name}_weights.bin"
