@@ -30,9 +30,12 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
-from netquant.codegen import generate, load  # noqa: E402
+import models as bench_models  # noqa: E402  (bench/models.py: ResNet-50 at 224, step 5)
+from netquant.codegen import build, generate, load  # noqa: E402
 from netquant.data import calibration_set, load_cifar10, to_float  # noqa: E402
 from netquant.data.cifar10 import BINARY_MD5, Cifar10, ImageSet, check_md5, parse_binary_batch, read_sample  # noqa: E402
 from netquant.models.pretrained import load_pretrained  # noqa: E402
@@ -152,11 +155,6 @@ def build_resnet50(data, arch: str, tensor_cores: bool, folder: str, calibration
     non-trivial batch norms) calibrated on ``calibration`` upsampled CIFAR-10 training images,
     and its CUDA sources generated and built (no GPU needed up to here). Returns (float net,
     quantized net, Generated)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import models as bench_models
-
-    from netquant.codegen import build
-
     net = bench_models.resnet50().eval()
     calib, _, _ = bench_models.calibration_images(data, calibration)
     q = Quantizer(net, example=torch.from_numpy(calib[:2]))
@@ -175,9 +173,6 @@ def resnet50_check(data, arch: str, major: int, tmp: str, sync) -> bool:
     """ResNet-50 at 224: bit-exact with the reference executor on 4 test images (the Python
     executor takes 1-2 s an image), then images/s at batch 1 and 256 against PyTorch fp32 and
     fp16 (channels_last, cudnn.benchmark)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import models as bench_models
-
     net, qnet, gen = build_resnet50(data, arch, major >= 8, os.path.join(tmp, "rn50"))
     cnet = load(gen)
     x = bench_models.upsampled(data.test.images[:4])

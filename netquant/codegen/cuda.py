@@ -5,18 +5,18 @@ constants live in device memory, uploaded once by the first call (the persistent
 MATLAB's ``mynet_predict``): the weights as the C target's binary weights file, pulled into the
 library with ``.incbin`` and copied to one device buffer whose tables the kernels reach through
 ``__device__`` pointers (ResNet-18's .cu: 131 KB, built in 24 s; with its weights as literals it
-was 53 MB, 4.8 minutes and 7.7 GB of compiler memory), the small tables as arrays; every step is a ``__global__`` kernel with one thread per output
-element: the C kernels' loops over outputs (``each_offset``, ``each_pixel``, ``each_position``)
-become the thread's own output, and the statements inside them, which compute that output, are
-the C printer's; per-image arenas lie side by side in one device buffer (the batch size is a
-run-time argument); the static host code is ``runtime/cuda_host.cu.in``. Convolutions over uint8
-use ``dp4a`` (PTX ``dp4a.u32.s32``) four channels at a time: the kernels checked bit for bit on a
-GPU (an H100, bench/gpu_check.py). With ``tensor_cores=True`` (sm_80 and newer), they run on
-int8 tensor cores instead (``mma.sync.m16n8k32`` u8 x s8 -> s32, an implicit GEMM, see
-:meth:`CudaPrinter.conv_mma`); these are checked bit for bit in the test suite's CPU emulation of
-a warp and await the same check on a GPU. The integer arithmetic is ``netquant_rt.h``'s, shared
-with C, so outputs are bit-exact with the reference executor (nvcc is run with ``--fmad=false`` so
-no float multiply-add is fused).
+was 53 MB, 4.8 minutes and 7.7 GB of compiler memory), the small tables as arrays; every step
+is a ``__global__`` kernel with one thread per output element: the C kernels' loops over
+outputs (``each_offset``, ``each_pixel``, ``each_position``) become the thread's own output, and
+the statements inside them, which compute that output, are the C printer's; per-image arenas lie
+side by side in one device buffer (the batch size is a run-time argument); the static host code is
+``runtime/cuda_host.cu.in``. Convolutions over uint8 use ``dp4a`` (PTX ``dp4a.u32.s32``) four
+channels at a time: the kernels checked bit for bit on a GPU (an H100, bench/gpu_check.py). With
+``tensor_cores=True`` (sm_80 and newer), they run on int8 tensor cores instead
+(``mma.sync.m16n8k32`` u8 x s8 -> s32, an implicit GEMM, see :meth:`CudaPrinter.conv_mma`); these
+are checked bit for bit in the test suite's CPU emulation of a warp and await the same check on a
+GPU. The integer arithmetic is ``netquant_rt.h``'s, shared with C, so outputs are bit-exact with the
+reference executor (nvcc is run with ``--fmad=false`` so no float multiply-add is fused).
 """
 from __future__ import annotations
 
