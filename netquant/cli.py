@@ -644,7 +644,7 @@ def _auto_precision(args, q, data):
     return result.quantizer
 
 
-def _generate_and_build(q, out, name, isa, target="c", arch="sm_90", tensor_cores=False, cross=None,
+def _generate_and_build(q, out, name, isa, target="c", arch="sm_90", tensor_cores=None, cross=None,
                         cpu="cortex-m4"):
     """Generate and build; the C library is also loaded (a CUDA one needs a GPU to load; a cross
     or micro build runs on its board or under QEMU, not in this process)."""
@@ -868,8 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default), neon-v8 or scalar")
     c.add_argument("--arch", default="sm_90", help="GPU architecture for --target cuda, or several separated by commas for one library "
                         "that runs on each (sm_80,sm_90) (default: %(default)s)")
-    c.add_argument("--tensor-cores", action="store_true",
-                   help="--target cuda, sm_80 and newer: convolutions on int8 tensor cores (mma.sync) instead of dp4a")
+    c.add_argument("--tensor-cores", action=argparse.BooleanOptionalAction, default=None,
+                   help="--target cuda: convolutions on int8 tensor cores (cp.async, ldmatrix, mma.sync; sm_80 and "
+                        "newer) or, with --no-tensor-cores, dp4a (default: tensor cores wherever --arch has them)")
     c.add_argument("--isa", default="native", choices=tuple(ISA_FLAGS) + ARM_ISAS,
                    help="native: this CPU's best kernels (AMX, else AVX-512 VNNI); avx512: VNNI even where AMX "
                         "is present; scalar: the portable path; neon (Armv8.2-A SDOT) and neon-v8 (plain NEON): "

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from cuda_emulation import emulate
 
 from netquant.codegen import build, generate, load
 from netquant.data import calibration_set
@@ -72,7 +73,7 @@ def test_cuda_sources_share_the_program(qnet, tmp_path):
     from netquant.codegen.program import plan
 
     generate(qnet, tmp_path / "c", name="net")
-    cu = generate(qnet, tmp_path / "cu", name="net", target="cuda")
+    cu = generate(qnet, tmp_path / "cu", name="net", target="cuda", tensor_cores=False)   # (tensor cores: adds fused)
     p = plan(qnet.qgraph, "net")
     assert [s.node.name for s in cu.program.steps] == [s.node.name for s in p.steps]
     src = (tmp_path / "cu" / "net.cu").read_text()
@@ -98,148 +99,20 @@ def test_bit_exact_on_a_gpu(qnet, cifar, tmp_path, tensor_cores):
     assert np.array_equal(net.predict_int(x), ref)
 
 
-EMULATION = r"""
-/* CPU emulation of the CUDA runtime for tests/test_codegen_cuda.py: the 32 lanes of a warp run as
- * coroutines (ucontext) on the CPU; device memory is host memory. A lane that reaches mma.sync
- * parks until all 32 lanes have, then the warp-wide product is formed from every lane's
- * fragments (PTX ISA layout of mma.m16n8k32 with 8-bit operands) and each lane resumes with its
- * accumulators, which is what the warp-synchronous instruction does on a GPU. */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <ucontext.h>
-#include <functional>
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
-#define __align__(x) __attribute__((aligned(x)))
-#define __ldg(p) (*(p))
-struct nq_dim3 { unsigned x; };
-static nq_dim3 blockIdx, blockDim;
-enum { cudaSuccess = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
-typedef int cudaError_t;
-static int cudaMalloc(void **p, size_t n) { *p = calloc(1, n ? n : 1); return *p ? 0 : 2; }  /* 2: out of memory */
-static int cudaFree(void *p) { free(p); return 0; }
-static int cudaMemcpy(void *d, const void *s, size_t n, int) { memcpy(d, s, n); return 0; }
-static int cudaGetLastError(void) { return 0; }
-template <class T> static int cudaMemcpyToSymbol(T &symbol, const void *src, size_t n) { memcpy((void *)&symbol, src, n); return 0; }
-static int cudaDeviceSynchronize(void) { return 0; }
-static const char *cudaGetErrorString(int e) { return e == 2 ? "out of memory" : "emulated"; }
-/* PTX dp4a.u32.s32: four unsigned bytes of a times four signed bytes of b */
-static inline int32_t nq_dp4a(uint32_t a, uint32_t b) {
-    int32_t s = 0;
-    for (int j = 0; j < 4; ++j) s += (int32_t)((a >> (8 * j)) & 255u) * (int32_t)(int8_t)((b >> (8 * j)) & 255u);
-    return s;
-}
-
-struct NqLane { ucontext_t ctx; nq_dim3 tid; bool done, parked; int32_t *acc; uint32_t a[4], b[2]; };
-static NqLane nq_lane[32];
-static int nq_cur = 0;
-static ucontext_t nq_sched;
-static std::function<void()> nq_body;
-#define threadIdx (nq_lane[nq_cur].tid)
-static char nq_stacks[32][1 << 16];
-
-static void nq_lane_entry() { nq_body(); nq_lane[nq_cur].done = true; swapcontext(&nq_lane[nq_cur].ctx, &nq_sched); }
-
-/* D = A (16x32 u8, row) x B (32x8 s8, col) + C over the 32 parked lanes: lane = 4g + t holds
- * A[g + 8(r&1)][16(r>>1) + 4t + byte] in register r, B[16h + 4t + byte][g] in register h, and
- * C[g + 8(j>>1)][2t + (j&1)] in accumulator j. */
-static void nq_mma_warp() {
-    uint8_t A[16][32]; int8_t B[32][8]; int32_t D[16][8];
-    for (int l = 0; l < 32; ++l) {
-        const int g = l >> 2, t = l & 3;
-        for (int r = 0; r < 4; ++r)
-            for (int by = 0; by < 4; ++by) A[g + 8 * (r & 1)][16 * (r >> 1) + 4 * t + by] = (uint8_t)(nq_lane[l].a[r] >> (8 * by));
-        for (int h = 0; h < 2; ++h)
-            for (int by = 0; by < 4; ++by) B[16 * h + 4 * t + by][g] = (int8_t)(uint8_t)(nq_lane[l].b[h] >> (8 * by));
-    }
-    for (int l = 0; l < 32; ++l)
-        for (int j = 0; j < 4; ++j) D[(l >> 2) + 8 * (j >> 1)][2 * (l & 3) + (j & 1)] = nq_lane[l].acc[j];
-    for (int m = 0; m < 16; ++m)
-        for (int c = 0; c < 8; ++c)
-            for (int k = 0; k < 32; ++k) D[m][c] += (int32_t)A[m][k] * (int32_t)B[k][c];
-    for (int l = 0; l < 32; ++l)
-        for (int j = 0; j < 4; ++j) nq_lane[l].acc[j] = D[(l >> 2) + 8 * (j >> 1)][2 * (l & 3) + (j & 1)];
-}
-
-static void nq_mma_sync(int32_t *acc, const uint32_t *a, uint32_t b0, uint32_t b1) {
-    NqLane &me = nq_lane[nq_cur];
-    me.acc = acc; memcpy(me.a, a, sizeof me.a); me.b[0] = b0; me.b[1] = b1; me.parked = true;
-    swapcontext(&me.ctx, &nq_sched);
-}
-
-/* one block: warps one after another, the lanes of a warp interleaved at each mma.sync (kernels
- * without warp-wide instructions run thread after thread, no coroutines needed) */
-static void nq_run_block(unsigned threads, bool warp_sync, const std::function<void()> &body) {
-    if (!warp_sync) {
-        nq_cur = 0;
-        for (unsigned t = 0; t < threads; ++t) { nq_lane[0].tid.x = t; body(); }
-        return;
-    }
-    nq_body = body;
-    for (unsigned w0 = 0; w0 < threads; w0 += 32) {
-        const int lanes = (int)(threads - w0 < 32 ? threads - w0 : 32);
-        for (int l = 0; l < lanes; ++l) {
-            nq_lane[l].tid.x = w0 + l; nq_lane[l].done = nq_lane[l].parked = false;
-            getcontext(&nq_lane[l].ctx);
-            nq_lane[l].ctx.uc_stack.ss_sp = nq_stacks[l]; nq_lane[l].ctx.uc_stack.ss_size = sizeof nq_stacks[l];
-            nq_lane[l].ctx.uc_link = NULL;
-            makecontext(&nq_lane[l].ctx, nq_lane_entry, 0);
-        }
-        for (;;) {
-            int parked = 0, done = 0;
-            for (int l = 0; l < lanes; ++l) {
-                if (!nq_lane[l].done && !nq_lane[l].parked) { nq_cur = l; swapcontext(&nq_sched, &nq_lane[l].ctx); }
-                parked += nq_lane[l].parked; done += nq_lane[l].done;
-            }
-            if (done == lanes) break;
-            if (parked != 32) abort();  /* mma.sync reached by part of a warp: undefined on a GPU */
-            nq_mma_warp();
-            for (int l = 0; l < lanes; ++l) nq_lane[l].parked = false;
-        }
-    }
-}
-"""
-
-
-def emulate(cu_source: str) -> str:
-    """The generated .cu rewritten to run on the CPU: launches become loops over blocks whose warps
-    run lane by lane (see EMULATION), dp4a becomes nq_dp4a and mma.sync becomes nq_mma_sync.
-    Everything else, indexing included, is unchanged."""
-    import re
-
-    src = cu_source.replace("#include <cuda_runtime.h>", EMULATION)
-    src, n_asm = re.subn(r'asm\("dp4a\.u32\.s32 %0, %1, %2, %0;" : "\+r"\(acc\) : "r"\(xa\), "r"\(wb\)\);',
-                         "acc += nq_dp4a(xa, wb);", src)
-    src, n_mma = re.subn(r'asm volatile\("mma\.sync\.aligned\.m16n8k32\.row\.col\.s32\.u8\.s8\.s32 [^;]*;"\s*'
-                         r':[^:]*:\s*"r"\(af\[i\]\[0\]\)[^;]*\);',
-                         "nq_mma_sync(acc[i][q], af[i], b0, b1);", src)
-    assert n_asm + n_mma > 0 and 'asm volatile("mma' not in src
-    warp_kernels = set(re.findall(r"__launch_bounds__\(\d+\) (\w+)\(", cu_source))
-
-    def launch(m):
-        name, grid, block, args = m.group(1), m.group(2), m.group(3), m.group(4)
-        return (f"for (unsigned nq_b = 0; nq_b < {grid}; ++nq_b) {{ blockIdx.x = nq_b; blockDim.x = {block}; "
-                f"nq_run_block({block}, {'true' if name in warp_kernels else 'false'}, [&] {{ {name}({args}); }}); }}")
-
-    src, n_launch = re.subn(r"(\w+)<<<(.+?), (\d+)>>>\((.*?)\);", launch, src)
-    assert n_launch > 2 and "<<<" not in src   # every launch rewritten
-    return src
-
-
-@pytest.mark.parametrize("tensor_cores", [False, pytest.param(True, marks=pytest.mark.slow)],  # mma: 26 s
-                         ids=["dp4a", "mma"])
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["dp4a", "mma"])
 def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifar, tmp_path, tensor_cores):
-    """Without a GPU: the generated kernels and host runtime, run lane by lane on the CPU (tests
-    the indexing, memory plan, dp4a packing, tensor-core fragments (sm_90) and requantization of
-    the CUDA source; the GPU check confirms it on the hardware)."""
+    """Without a GPU: the generated kernels and host runtime, run thread by thread on the CPU
+    (tests the indexing, memory plan, dp4a packing, the tensor-core kernels' cp.async stages,
+    barriers, ldmatrix and mma fragments, requantization and fused residual adds (tiles of 16,
+    32 and 64 channels, 1 to 18 k tiles; 3 images: row tiles that span images and a partial
+    last one); the GPU check confirms it on the hardware)."""
     net = _emulated(qnet.qgraph, tmp_path, tensor_cores)
-    assert ("asm volatile(\"mma.sync" in (tmp_path / "net.cu").read_text()) == tensor_cores
-    x = to_float(cifar.test.images[:4])   # emulated lane by lane: about 0.25 s per image and call
+    src = (tmp_path / "net.cu").read_text()
+    assert ("nq_mma_u8s8(acc" in src) == tensor_cores
+    if tensor_cores:   # every tile width, and both epilogues
+        assert {f"BN = {b}," for b in (16, 32, 64)} <= set(re.findall(r"BN = \d+,", src))
+        assert "KT = 1," in src and "residual add" in src and "uint4 v = " in src
+    x = to_float(cifar.test.images[:3])   # emulated thread by thread: about 0.4 s per image and call
     name = qnet.qgraph.int_output()
     ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
     assert np.array_equal(net.predict_int(x), ref)
@@ -261,9 +134,9 @@ def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifa
 
 
 class _Wide(torch.nn.Module):
-    """Tensor-core convs wider than one warp's columns and deeper than a few k steps: 16 -> 256
-    channels (K = 144: 5 k steps, 4 column groups of 64) and 256 -> 128 strided (K = 2304: 72
-    k steps, 2 groups), between an RGB conv and a linear head that stay on their own kernels."""
+    """Tensor-core convs with several column tiles and many k tiles: 16 -> 256 channels (K = 144:
+    3 k tiles, 4 column tiles of 64) and 256 -> 128 strided (K = 2304: 36 k tiles, 2 column
+    tiles), between an RGB conv and a linear head that stay on their own kernels."""
 
     def __init__(self):
         super().__init__()
@@ -279,17 +152,17 @@ class _Wide(torch.nn.Module):
 
 
 @pytest.mark.slow   # the emulation and an nvcc build for two architectures: ~1 min
-def test_wide_tensor_core_convs_in_column_groups(cifar, tmp_path):
-    """Convs of 128 and 256 output channels run as warps over column groups with a loop over the
-    k steps (mma_tiles): the same integers as the reference in the warp emulation, and the nvcc
-    build for sm_80 and sm_90 spills no register (one warp's accumulators: 2 x 8 x 4)."""
+def test_wide_tensor_core_convs_in_column_tiles(cifar, tmp_path):
+    """Convs of 128 and 256 output channels run as blocks over column tiles with a pipelined loop
+    over many k tiles (mma_tiles): the same integers as the reference in the emulation, and the
+    nvcc build for sm_80 and sm_90 spills no register."""
     torch.manual_seed(0)
     q = Quantizer(_Wide().eval(), example=torch.zeros(1, 3, 32, 32))
     q.calibrate(to_float(cifar.train.images[:32]))
     qn = q.quantize()
     net = _emulated(qn.qgraph, tmp_path, tensor_cores=True)
     src = (tmp_path / "net.cu").read_text()
-    assert src.count("NG = 4 }") == 1 and src.count("NG = 2 }") == 1 and "KSTEPS = 72" in src
+    assert src.count("BN = 64,") == 2 and "KT = 36," in src and "O = 256," in src
     x = to_float(cifar.test.images[:2])
     name = qn.qgraph.int_output()
     ref = run_int8(qn.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
@@ -301,6 +174,31 @@ def test_wide_tensor_core_convs_in_column_groups(cifar, tmp_path):
     kernels = gen.build["device_kernels"]
     assert gen.build["warnings"].strip() == "" and kernels
     assert not [k for k in kernels if k["spill_stores"] or k["spill_loads"]], kernels
+
+
+@pytest.mark.parametrize("mutation", [
+    ("__syncthreads();                 /* ... every", "/* no barrier */                 /* ... every"),
+    ("nq_cp_async_wait<STAGES - 2>();", "nq_cp_async_wait<STAGES - 1>();  /* one tile too early */"),
+], ids=["no-barrier", "early-read"])
+def test_the_emulation_fails_a_kernel_that_reads_shared_memory_too_early(qnet, cifar, tmp_path, mutation):
+    """The emulation is strict where a GPU would be racy: copies land at their wait, and each warp
+    runs ahead of the others to its next barrier, so the tensor-core kernel without the barrier
+    after its cp.async wait, or waiting for one group too few, computes wrong integers (the
+    bit-exact tests above are only as good as this)."""
+    import subprocess
+
+    from netquant.codegen.build import CompiledNetwork
+
+    gen = generate(qnet, tmp_path, name="net", target="cuda", tensor_cores=True)
+    src = (tmp_path / "net.cu").read_text()
+    assert src.count(mutation[0]) >= 20
+    (tmp_path / "bad.cpp").write_text(emulate(src.replace(*mutation)))
+    subprocess.run(["g++", "-O1", "-std=c++17", "-fPIC", "-shared", "-o", str(tmp_path / "libbad.so"),
+                    str(tmp_path / "bad.cpp")], check=True, capture_output=True, cwd=tmp_path)
+    x = to_float(cifar.test.images[:1])
+    name = qnet.qgraph.int_output()
+    ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
+    assert not np.array_equal(CompiledNetwork(tmp_path / "libbad.so", gen.program).predict_int(x), ref)
 
 
 def _emulated(qgraph, folder, tensor_cores=False):

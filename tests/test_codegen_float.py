@@ -20,7 +20,8 @@ from netquant.data.transforms import to_float
 from netquant.quant.qgraph import QGraph, QNode
 from netquant.quantizer import Quantizer
 from netquant.ref.executor import run_int8
-from test_codegen_cuda import NVCC, emulate
+from cuda_emulation import emulate
+from test_codegen_cuda import NVCC
 
 pytestmark = pytest.mark.compiler
 

@@ -96,14 +96,15 @@ def native_profile(cc: Optional[str] = None) -> str:
 
 def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c", isa: str = "native",
              provenance: str = "", progress: Optional[Progress] = None, arch: str = "sm_90",
-             tensor_cores: bool = False, cross: Optional[str] = None, cpu: str = "cortex-m4",
+             tensor_cores: Optional[bool] = None, cross: Optional[str] = None, cpu: str = "cortex-m4",
              fuse_adds: bool = True) -> Generated:
     """Write the sources of ``qnet`` (a QuantizedNetwork or QGraph) for ``target`` ("c", or
     "cuda" for GPU ``arch`` ("sm_90", or "sm_80,sm_90" for one library with the code of each);
-    ``tensor_cores``: int8 mma convolutions, sm_80 and newer; "micro"
+    ``tensor_cores``: int8 tensor-core convolutions, sm_80 and newer (None: wherever ``arch`` has
+    them, dp4a kernels otherwise); "micro"
     for an Arm Cortex-M ``cpu``, micro.py) into ``out``. ``cross`` ("aarch64-linux-gnu"): the Arm
     Cortex-A build, isa "neon" (dot product), "neon-v8" or "scalar" (arm_neon.py). ``fuse_adds``
-    (x86 C): residual adds in the epilogue of the conv before them (c.py fuse_adds; the same
+    (x86 C, CUDA tensor cores): residual adds in the epilogue of the conv before them (c.py fuse_adds; the same
     integers either way)."""
     from .arm_neon import ARM_ISA_FLAGS
 
@@ -132,7 +133,8 @@ def generate(qnet, out: str | os.PathLike, name: str = "net", target: str = "c",
 
         refuse_cuda(program)   # no 4-bit weight route on the GPU: a clear error, never wrong code
 
-        printer = CudaPrinter(program, provenance or "netquant integer network", arch=arch, tensor_cores=tensor_cores)
+        printer = CudaPrinter(program, provenance or "netquant integer network", arch=arch, tensor_cores=tensor_cores,
+                              fuse_adds=fuse_adds)
         cflags = f"{CUDA_FLAGS} {arch_flags(arch)}"
         files = printer.files(cflags)
         for fname, text in files.items():   # atomically: an interrupted generate leaves no half file

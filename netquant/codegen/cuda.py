@@ -26,12 +26,47 @@ from contextlib import contextmanager
 import numpy as np
 
 from .c import CPrinter, Source
-from .program import IntConvPlan, Step
+from .program import IntConvPlan, Step, conv_feeds_only_add
 from .runtime_files import fill
 
 THREADS = 256
 MMA_WARPS = 4        # warps per block of the tensor-core convolution
-MMA_MIN_SM = 80      # mma.sync.m16n8k32 with 8-bit operands: sm_80 and newer
+MMA_THREADS = 32 * MMA_WARPS
+MMA_MIN_SM = 80      # mma.sync.m16n8k32 with 8-bit operands and cp.async: sm_80 and newer
+MMA_BM = 128         # output pixels (GEMM rows) per block
+MMA_BK = 64          # bytes of k per shared-memory stage: two mma k steps
+MMA_STAGES = 3       # shared-memory buffers in flight (cp.async groups)
+MMA_LDS = MMA_BK + 16   # bytes between shared rows: 16-byte aligned for ldmatrix, its 8 rows in distinct banks
+
+# The PTX the tensor-core kernels use, one small function each (the test suite's warp emulation
+# replaces this block, between its two marker lines, by CPU versions of the same functions).
+PTX_HELPERS = r"""/* ---- PTX of the tensor-core kernels (sm_80 and newer) ---- */
+/* 16 bytes global -> shared, asynchronous; src_bytes < 16 zero-fills the rest (0: all zeros) */
+static __device__ __forceinline__ void nq_cp_async16(void *smem, const void *gmem, int src_bytes) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+}
+/* close this thread's group of copies */
+static __device__ __forceinline__ void nq_cp_async_commit(void) { asm volatile("cp.async.commit_group;" ::: "memory"); }
+/* wait until at most N of this thread's groups are in flight */
+template <int N> static __device__ __forceinline__ void nq_cp_async_wait(void) {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+/* four 8x8 matrices of 16-bit elements (8 rows of 16 bytes each): lanes 8j..8j+7 give the row
+ * addresses of matrix j; lane l receives bytes 4(l%4)..+3 of row l/4 of each, in r[j] */
+static __device__ __forceinline__ void nq_ldmatrix_x4(uint32_t *r, const void *smem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s) : "memory");
+}
+/* d += A (16x32 u8, 4 registers) x B (32x8 s8, 2 registers), int32 */
+static __device__ __forceinline__ void nq_mma_u8s8(int32_t *d, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+/* ---- end of the PTX ---- */
+"""
 
 
 def sm_number(arch: str) -> int:
@@ -72,18 +107,24 @@ def unroll(o: Source, *loops: str) -> Source:
 
 
 class CudaPrinter(CPrinter):
-    fuses_adds = False   # its conv kernels are its own (c.py fuse_adds: the x86 register tiles)
+    fuses_adds = True    # into the tensor-core convs' epilogue (fusable)
     file_suffix = ".cu"
     const_qualifier = "static __device__ const"
     kernel_qualifier = "static __global__ void"
 
-    def __init__(self, program, provenance: str = "", arch: str = "sm_90", tensor_cores: bool = False):
-        super().__init__(program, provenance)
+    def __init__(self, program, provenance: str = "", arch: str = "sm_90", tensor_cores: bool | None = None,
+                 fuse_adds: bool = True):
+        """``tensor_cores``: int8 tensor-core convolutions (sm_80 and newer); None: where every
+        architecture of ``arch`` has them, dp4a otherwise."""
         self.arch = arch
         self.sm = min(sm_number(a) for a in arch_list(arch))   # the oldest one decides what may be printed
+        if tensor_cores is None:
+            tensor_cores = self.sm >= MMA_MIN_SM
         if tensor_cores and self.sm < MMA_MIN_SM:
-            raise ValueError(f"tensor_cores needs sm_{MMA_MIN_SM} or newer (int8 mma.sync.m16n8k32); arch is {arch}")
-        self.tensor_cores = tensor_cores
+            raise ValueError(f"tensor_cores needs sm_{MMA_MIN_SM} or newer (int8 mma.sync.m16n8k32, cp.async); "
+                             f"arch is {arch}")
+        self.tensor_cores = bool(tensor_cores)
+        super().__init__(program, provenance, fuse_adds=fuse_adds)   # after tensor_cores: fusable asks mma_eligible
 
     # --- which conv kernel: dp4a or tensor cores over uint8, the C printer's loop nest otherwise ----
     def dp4a_eligible(self, s: Step) -> bool:
@@ -92,44 +133,65 @@ class CudaPrinter(CPrinter):
         return isinstance(s.plan, IntConvPlan) and s.plan.simd and self.buf(s.inputs[0]).dtype == "uint8"
 
     def mma_eligible(self, s: Step) -> bool:
-        """Tensor cores (when asked for): uint8 input, channels a multiple of 16 in (so each 16-wide half of a
-        32-deep k step lies inside one filter tap) and of 8 out (whole n tiles)."""
+        """Tensor cores (when asked for): uint8 input and 8-bit output, channels a multiple of 16 in
+        (each 16-byte cp.async piece of a k tile lies inside one filter tap) and out (whole
+        16-byte stores), tensors at 16-byte aligned arena offsets."""
         if not self.tensor_cores or not self.dp4a_eligible(s):
             return False
-        c = self.hwc(self.buf(s.inputs[0]).shape)[0]
-        oc = self.hwc(self.buf(s.output).shape)[0]
-        return c % 16 == 0 and oc % 8 == 0
+        x, y = self.buf(s.inputs[0]), self.buf(s.output)
+        c, oc = self.hwc(x.shape)[0], self.hwc(y.shape)[0]
+        return (c % 16 == 0 and oc % 16 == 0 and y.dtype in ("int8", "uint8") and x.offset >= 0 and y.offset >= 0
+                and x.offset % 16 == 0 and y.offset % 16 == 0)
 
-    def kernel_label(self, s: Step) -> str:
+    def fusable(self, p, s: Step, add: Step, readers) -> bool:
+        """A residual add goes into the epilogue of a tensor-core conv (read 16 bytes of the other
+        input where the 16 output bytes go): 8-bit channels-last tensors of one shape; the output
+        apart from the conv's input (other blocks still read it) and either apart from the other
+        input or on it (each piece is read before it is written, by the same thread)."""
+        if not (conv_feeds_only_add(s, add, readers) and s.node.quantized and add.node.quantized
+                and s.output not in (p.int_output, p.int_input, p.output) and self.mma_eligible(s)):
+            return False
+        conv_out, y, x = p.buffer(s.output), p.buffer(add.output), p.buffer(s.inputs[0])
+        skip = p.buffer(next(b for b in add.inputs if b != s.output))
+        if not all(b.dtype in ("int8", "uint8") and b.layout == "hwc" and b.shape == conv_out.shape and b.offset >= 0
+                   and b.offset % 16 == 0 for b in (conv_out, skip, y)):
+            return False
+
+        def apart(a, b):
+            return a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset
+
+        return apart(x, y) and (apart(skip, y) or skip.offset == y.offset)
+
+    def _kernel_label(self, s: Step) -> str:
         if self.is_element_step(s):
             return self.float_label(s) + ", one thread per output"
         if self.mma_eligible(s):
-            return "conv: int8 tensor cores (mma.sync m16n8k32 u8 x s8)"
+            bn = self.mma_tiles(s)[0]
+            return (f"conv: int8 tensor cores, {MMA_BM} x {bn} tiles of {MMA_WARPS} warps (cp.async {MMA_STAGES} stages, "
+                    "ldmatrix, mma.sync m16n8k32 u8 x s8, 16-byte stores)")
         if s.kind == "conv" and self.dp4a_eligible(s):
             return "conv: dp4a, one thread per output"
         return f"{s.kind}: one thread per output"
 
-    MMA_MAX_NT = 8   # n tiles of 8 columns per warp: 8 x MT x 4 accumulators in registers
-
-    def mma_tiles(self, s: Step) -> tuple[int, int, int, int]:
-        """(k steps of 32, n tiles of 8 per warp, m tiles of 16 per warp, column groups): a warp
-        holds the columns of one group, at most MMA_MAX_NT tiles (the largest divisor of O / 8
-        that is), so its accumulators stay in registers whatever the layer's width; more m tiles
-        where n is narrow, so each weight fragment feeds several mma. Example: O = 512: 64 n
-        tiles, 8 groups of 8, 2 m tiles (64 accumulators a lane)."""
+    def mma_tiles(self, s: Step) -> tuple[int, int, int, int, int]:
+        """(BN columns a block, warps along n, MT m tiles of 16 and NT n tiles of 8 a warp, KT k
+        tiles of 64) of tensor-core conv ``s``: BN the largest of 64, 32, 16 dividing O; the 4
+        warps as 2 x 2 (BN = 64: each 64 rows x 32 columns) or 4 x 1 (each 32 rows x BN).
+        Example: O = 256, K = 2304: (64, 2, 4, 4, 36), 64 accumulators a lane."""
         w = s.node.params["weight"]
         k = int(np.prod(w.shape[1:]))
-        nt_all = w.shape[0] // 8
-        nt = max(d for d in range(1, self.MMA_MAX_NT + 1) if nt_all % d == 0)
-        return -(-k // 32), nt, (4 if nt <= 4 else 2), nt_all // nt
+        bn = next(b for b in (64, 32, 16) if w.shape[0] % b == 0)
+        warps_n = 2 if bn == 64 else 1
+        warp_rows = MMA_BM // (MMA_WARPS // warps_n)
+        return bn, warps_n, warp_rows // 16, bn // warps_n // 8, -(-k // MMA_BK)
 
     # --- constants: device arrays; a dp4a or tensor-core conv's weights replace the plan's "w" -------
     def conv_tables(self, s: Step) -> dict:
-        """The weights of conv ``s`` in the layout of its kernel: "wm" (O, K padded to 32) for tensor
+        """The weights of conv ``s`` in the layout of its kernel: "wm" (O, K padded to 64) for tensor
         cores, "wdp" (O, KH, KW, 4*C4) for dp4a; none for the loop nest (it reads the plan's "w")."""
         w = s.plan.w                                  # (O, KH, KW, C)
         if self.mma_eligible(s):
-            wm = np.zeros((w.shape[0], 32 * self.mma_tiles(s)[0]), np.int8)
+            wm = np.zeros((w.shape[0], MMA_BK * self.mma_tiles(s)[4]), np.int8)
             wm[:, :w[0].size] = w.reshape(w.shape[0], -1)  # (O, K): k = (kh * KW + kw) * C + c
             return {"wm": wm}
         if self.dp4a_eligible(s):
@@ -147,7 +209,7 @@ class CudaPrinter(CPrinter):
 
     # --- kernels: one thread per output, in the C printer's kernels with their loops replaced ----
     def signature(self, s: Step) -> str:
-        bounds = f"__launch_bounds__({32 * MMA_WARPS}) " if self.mma_eligible(s) else ""
+        bounds = f"__launch_bounds__({MMA_THREADS}) " if self.mma_eligible(s) else ""
         return f"{self.kernel_qualifier} {bounds}{self.fn_name(s)}(uint8_t *arena, const float *in, float *out, int n)"
 
     def pointer(self, name: str, const: bool) -> str:
@@ -226,91 +288,154 @@ class CudaPrinter(CPrinter):
         self.e_softmax(s, o)           # each thread its own element (the C kernel: a row at a time)
 
     def conv_mma(self, s: Step, o: Source):
-        """Convolution as an implicit GEMM on int8 tensor cores.
+        """Convolution as an implicit GEMM on int8 tensor cores, tiles staged through shared memory.
 
         Rows m are the output pixels of every image of the batch (M = n * OH * OW), columns the
         output channels (N = O), and k = (kh * KW + kw) * C + c runs over the filter (K = KH*KW*C,
-        zero-padded to a multiple of 32). One warp computes 16*MT rows x NT*8 columns (one of NG
-        column groups, mma_tiles) with a loop over the k steps, each
-        ``mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32``: unsigned activations times signed
-        weights, exact int32 sums, so the result equals the reference executor's bit for bit.
-        Fragments come straight from memory (PTX ISA layout; g = lane / 4, t = lane % 4):
-        A register 2*half + h holds row g + 8h, k = 16*half + 4t .. +3: four consecutive channels
-        of one tap, one aligned 32-bit load (C % 16 == 0), or 0 in the padding; B register half
-        holds column g, the same k: 4 bytes of the (O, KP) weight rows. Accumulator j holds row
-        g + 8*(j/2), column 2t + j%2. Example, S3U1_conv2 (C = O = 64, 8x8): K = 576 = 18 steps,
-        8 n tiles, 2 m tiles: 288 mma per warp for 32 pixels x 64 channels. ResNet-50's layer4 3x3
-        conv (C = O = 512): 144 k steps, 8 groups of 8 n tiles, each warp 32 pixels x 64 channels.
+        zero-padded to KP, a multiple of BK = 64). A block of 4 warps computes BM = 128 rows x BN
+        columns (mma_tiles); blocks are numbered row tile by row tile, column tiles fastest, so
+        the blocks that read the same pixels run together. Per 64-deep k tile:
+
+        - every thread copies 16-byte pieces global -> shared with ``cp.async`` (STAGES = 3
+          buffers: the copies of tile kt + 2 run while tile kt is multiplied): the A piece of
+          row r at k chunk kb is 16 consecutive channels of one filter tap (C % 16 == 0), zero
+          filled (source size 0) in the padding and past K; B pieces are 16 bytes of the
+          (O, KP) weight rows. Shared rows are LDS = 80 bytes apart, so the 8 rows an
+          ``ldmatrix`` reads fall in 8 distinct 4-bank groups (80 bytes = 20 banks: 0, 20, 8, 28, ...).
+        - each warp loads its fragments with ``ldmatrix.x4`` (A: MT tiles of 16 rows x 32 k;
+          B: two n tiles of 8 columns x 32 k per instruction) and issues MT x NT
+          ``mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32`` per 32-deep k step: unsigned
+          activations times signed weights, exact int32 sums, so the result equals the reference
+          executor's bit for bit.
+
+        Epilogue: bias + requantization + clamp (the ReLU) per column into a BM x BN byte tile in
+        shared memory, then 16-byte stores of whole 16-channel pieces of each output pixel;
+        a residual add fused into the conv (fuse_adds) reads the other input 16 bytes at a
+        time there and applies the add's own formula. Example, ResNet-50's layer4 3x3 conv
+        (C = O = 512, 7x7): K = 4608 = 72 k tiles, BN = 64: 8 column tiles, each warp 64 rows x
+        32 columns (MT = 4, NT = 4: 64 accumulators a lane); at batch 256, 98 row tiles.
         """
-        ksteps, nt, mt, ng = self.mma_tiles(s)
+        bn, warps_n, mt, nt, kt = self.mma_tiles(s)
         lo, hi = s.node.attrs["clamp"]
         xin, yout = self.buf(s.inputs[0]), self.buf(s.output)
-        assert xin.offset >= 0 and yout.offset >= 0, "tensor-core convolutions read and write the arena"
         WM, B, M, S = (self.const_name(s, k) for k in ("wm", "bias", "mult", "shift"))
+        conv_t = "uint8_t" if lo >= 0 else "int8_t"   # the conv's own 8-bit output (before a fused add)
         o(self.conv_enum(s))
-        o(f"enum {{ OHW = OH * OW, K = KH * KW * C, KSTEPS = {ksteps}, KP = 32 * KSTEPS, NT = {nt}, MT = {mt}, "
-          f"NG = {ng} }};")
+        o(f"enum {{ OHW = OH * OW, K = KH * KW * C, KT = {kt}, KP = {MMA_BK} * KT, BM = {MMA_BM}, BN = {bn}, "
+          f"WARPS_N = {warps_n}, MT = {mt}, NT = {nt}, STAGES = {MMA_STAGES}, LDS = {MMA_LDS}, LDC = BN + 16, "
+          f"ROWS_PER_THREAD = BM / 32, B_PIECES = (BN * 4 + {MMA_THREADS - 1}) / {MMA_THREADS} }};")
         o("(void)in; (void)out;")
-        o("const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;")
+        o("__shared__ __align__(128) uint8_t smem[STAGES * (BM + BN) * LDS];  /* per stage: A rows, then B rows */")
+        o("const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;")
+        o("const int wm = warp / WARPS_N, wn = warp % WARPS_N;  /* the warp's 16*MT rows and 8*NT columns */")
         o("const long rows = (long)n * OHW;")
-        o("/* warp w: rows of tile w / NG, the NT * 8 columns of group w % NG from column c0 */")
-        o("const long w = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);")
-        o("const long row0 = (w / NG) * (16 * MT);")
-        o("const int c0 = (int)(w % NG) * NT * 8;")
-        o("if (row0 >= rows) return;  /* whole warps leave together: the tensor-core instruction needs all 32 lanes */")
-        o("/* the 2*MT rows whose A fragments this lane loads: row0 + 16*i + g + 8*j */")
-        o("const uint8_t *xb[MT][2];")
-        o("int ih0[MT][2], iw0[MT][2];")
-        o("bool valid[MT][2];")
-        unroll(o, "i", "MT", "j", "2")
-        o("const long r = row0 + 16 * i + g + 8 * j;")
-        o("valid[i][j] = r < rows;")
-        o("const long rr = valid[i][j] ? r : 0;")
+        o("const long row0 = (long)(blockIdx.x / (O / BN)) * BM;  /* column tiles fastest */")
+        o("const int col0 = (int)(blockIdx.x % (O / BN)) * BN;")
+        o("/* the A rows this thread copies: tid / 4 + 32 * j, at k chunk tid % 4 of each k tile */")
+        o("const uint8_t *xb[ROWS_PER_THREAD];")
+        o("int ih0[ROWS_PER_THREAD], iw0[ROWS_PER_THREAD];")
+        o("bool valid[ROWS_PER_THREAD];")
+        unroll(o, "j", "ROWS_PER_THREAD")
+        o("const long r = row0 + tid / 4 + 32 * j;")
+        o("valid[j] = r < rows;")
+        o("const long rr = valid[j] ? r : 0;")
         o("const int img = (int)(rr / OHW), pix = (int)(rr % OHW);")
-        o(f"xb[i][j] = arena + (size_t)img * ARENA_BYTES + {xin.offset};")
-        o("ih0[i][j] = (pix / OW) * SH - PH;")
-        o("iw0[i][j] = (pix % OW) * SW - PW;")
-        o.close().close()
+        o(f"xb[j] = arena + (size_t)img * ARENA_BYTES + {xin.offset};")
+        o("ih0[j] = (pix / OW) * SH - PH;")
+        o("iw0[j] = (pix % OW) * SW - PW;")
+        o.close()
+        o(f"const int8_t *wrow = {WM} + (size_t)col0 * KP;")
+        o("/* k tile kt -> stage st: 16 bytes a cp.async, zero-filled (source size 0) outside the image and past K */")
+        o.open("auto load_tile = [&](int kt, int st)")
+        o("uint8_t *sa = smem + st * (BM + BN) * LDS, *sb = sa + BM * LDS;")
+        o("const int kb = kt * 64 + 16 * (tid & 3);")
+        o("const int tap = kb / C, ch = kb % C, kh = tap / KW, kw = tap % KW;")
+        unroll(o, "j", "ROWS_PER_THREAD")
+        o("const int ih = ih0[j] + kh * DH, iw = iw0[j] + kw * DW;")
+        o("const bool inside = kb < K && valid[j] && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;")
+        o("nq_cp_async16(sa + (tid / 4 + 32 * j) * LDS + 16 * (tid & 3), inside ? xb[j] + (ih * W + iw) * C + ch : xb[j], "
+          "inside ? 16 : 0);")
+        o.close()
+        unroll(o, "j", "B_PIECES")
+        o(f"const int id = tid + {MMA_THREADS} * j;")
+        o(f"if (BN * 4 % {MMA_THREADS} == 0 || id < BN * 4)")
+        o("    nq_cp_async16(sb + (id / 4) * LDS + 16 * (id & 3), wrow + (size_t)(id / 4) * KP + kt * 64 + 16 * (id & 3), 16);")
+        o.close()
+        o.close(";")
         o("int32_t acc[MT][NT][4];")
-        o("#pragma unroll")
-        o("for (int i = 0; i < MT; ++i)")
-        o("    #pragma unroll")
-        o("    for (int q = 0; q < NT; ++q) acc[i][q][0] = acc[i][q][1] = acc[i][q][2] = acc[i][q][3] = 0;")
-        o("#pragma unroll 2  /* a loop, not KSTEPS copies: ResNet-50's 3x3 convs have 144 k steps */")
-        o.open("for (int ks = 0; ks < KSTEPS; ++ks)")
-        o("uint32_t af[MT][4];")
-        unroll(o, "half", "2")
-        o("const int kb = ks * 32 + half * 16;")
-        o("const int tap = kb / C, kh = tap / KW, kw = tap % KW, ch = kb % C + 4 * t;")
-        unroll(o, "i", "MT", "j", "2")
-        o("const int ih = ih0[i][j] + kh * DH, iw = iw0[i][j] + kw * DW;")
-        o("const bool inside = kb < K && valid[i][j] && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;")
-        o("af[i][2 * half + j] = inside ? *(const uint32_t *)(xb[i][j] + (ih * W + iw) * C + ch) : 0u;")
-        o.close().close().close()
-        unroll(o, "q", "NT")
-        o(f"const int8_t *wp = {WM} + (c0 + q * 8 + g) * KP + ks * 32 + 4 * t;")
-        o("const uint32_t b0 = __ldg((const unsigned int *)wp), b1 = __ldg((const unsigned int *)(wp + 16));")
+        unroll(o, "i", "MT", "q", "NT")
+        o("acc[i][q][0] = acc[i][q][1] = acc[i][q][2] = acc[i][q][3] = 0;")
+        o.close().close()
+        unroll(o, "st", "STAGES - 1")
+        o("if (st < KT) load_tile(st, st);")
+        o("nq_cp_async_commit();  /* one group a stage, empty or not: the wait below counts groups */")
+        o.close()
+        o.open("for (int kt = 0; kt < KT; ++kt)")
+        o("nq_cp_async_wait<STAGES - 2>();  /* this thread's copies of tile kt have landed */")
+        o("__syncthreads();                 /* ... every thread's; and tile kt - 1's stage is read: refill it */")
+        o("if (kt + STAGES - 1 < KT) load_tile(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);")
+        o("nq_cp_async_commit();")
+        o("const uint8_t *sa = smem + (kt % STAGES) * (BM + BN) * LDS, *sb = sa + BM * LDS;")
+        unroll(o, "ks", "2")
+        o("uint32_t a[MT][4], b[NT][2];")
+        o("/* A: lanes 0-15 give rows 0-15 at k 0, lanes 16-31 the same rows at k 16 (registers: rows g, g + 8 x k 0-15, 16-31) */")
         unroll(o, "i", "MT")
-        o('asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, '
-          '{%8,%9}, {%0,%1,%2,%3};"')
-        o('             : "+r"(acc[i][q][0]), "+r"(acc[i][q][1]), "+r"(acc[i][q][2]), "+r"(acc[i][q][3])')
-        o('             : "r"(af[i][0]), "r"(af[i][1]), "r"(af[i][2]), "r"(af[i][3]), "r"(b0), "r"(b1));')
-        o.close().close().close()
-        o("/* requantize and store: lane holds columns 2t, 2t+1 of rows g and g + 8 of each tile */")
-        unroll(o, "i", "MT", "j", "2")
-        o("if (!valid[i][j]) continue;")
-        o("const long r = row0 + 16 * i + g + 8 * j;")
-        o("const int img = (int)(r / OHW), pix = (int)(r % OHW);")
-        o(f"{yout.ctype} *y = ({yout.ctype} *)(arena + (size_t)img * ARENA_BYTES + {yout.offset}) + pix * O;")
+        o("nq_ldmatrix_x4(a[i], sa + (wm * MT * 16 + 16 * i + (lane & 15)) * LDS + ks * 32 + 16 * (lane >> 4));")
+        o.close()
+        o("/* B: two n tiles an instruction: lanes 0-7 columns 0-7 at k 0, 8-15 at k 16, 16-31 columns 8-15 */")
+        unroll(o, "q", "NT / 2")
+        o("uint32_t r[4];")
+        o("nq_ldmatrix_x4(r, sb + (wn * NT * 8 + 16 * q + 8 * (lane >> 4) + (lane & 7)) * LDS + ks * 32 + 16 * ((lane >> 3) & 1));")
+        o("b[2 * q][0] = r[0]; b[2 * q][1] = r[1]; b[2 * q + 1][0] = r[2]; b[2 * q + 1][1] = r[3];")
+        o.close()
+        unroll(o, "i", "MT", "q", "NT")
+        o("nq_mma_u8s8(acc[i][q], a[i], b[q][0], b[q][1]);")
+        o.close().close().close().close()
+        o("nq_cp_async_wait<0>();")
+        o("__syncthreads();  /* the stages are free: the output tile goes in their place */")
+        o("/* requantize: lane holds columns 2t, 2t + 1 of rows g, g + 8 of each tile -> BM x BN bytes at LDC apart */")
+        o("uint8_t *sc = smem;")
         unroll(o, "q", "NT")
-        o("const int col = c0 + q * 8 + 2 * t;")
-        o(f"const {yout.ctype} v0 = ({yout.ctype})nq_requantize((int64_t){B}[col] + acc[i][q][2 * j], "
-          f"{M}[col], {S}[col], {lo}, {hi});")
-        o(f"const {yout.ctype} v1 = ({yout.ctype})nq_requantize((int64_t){B}[col + 1] + acc[i][q][2 * j + 1], "
-          f"{M}[col + 1], {S}[col + 1], {lo}, {hi});")
-        o("y[col] = v0;")
-        o("y[col + 1] = v1;")
+        o("const int cl = wn * NT * 8 + 8 * q + 2 * t, col = col0 + cl;")
+        o(f"const int32_t b0 = __ldg({B} + col), b1 = __ldg({B} + col + 1), m0 = __ldg({M} + col), "
+          f"m1 = __ldg({M} + col + 1), s0 = __ldg({S} + col), s1 = __ldg({S} + col + 1);")
+        unroll(o, "i", "MT", "j", "2")
+        o("const int r = wm * MT * 16 + 16 * i + g + 8 * j;")
+        o(f"sc[r * LDC + cl] = (uint8_t)({conv_t})nq_requantize((int64_t)b0 + acc[i][q][2 * j], m0, s0, {lo}, {hi});")
+        o(f"sc[r * LDC + cl + 1] = (uint8_t)({conv_t})nq_requantize((int64_t)b1 + acc[i][q][2 * j + 1], m1, s1, {lo}, {hi});")
         o.close().close().close()
+        o("__syncthreads();")
+        o("/* 16-byte stores: piece id = (row, 16 channels) of the tile; channels-last, so each is 16 contiguous bytes */")
+        o.open(f"for (int id = tid; id < BM * (BN / 16); id += {MMA_THREADS})")
+        o("const int r = id / (BN / 16), c16 = id % (BN / 16);")
+        o("const long row = row0 + r;")
+        o("if (row >= rows) continue;")
+        o("const int img = (int)(row / OHW), pix = (int)(row % OHW);")
+        o("const size_t at = (size_t)img * ARENA_BYTES + (size_t)pix * O + col0 + 16 * c16;")
+        o("uint4 v = *(const uint4 *)(sc + r * LDC + 16 * c16);")
+        if s.fused_add is not None:
+            add, k = s.fused_add
+            m = [int(v) for v in add.params["multiplier"]]
+            alo, ahi = add.attrs["clamp"]
+            skip = self.buf(s.inputs[1])
+            skip_t = "uint8_t" if skip.dtype == "uint8" else "int8_t"
+            o(f"/* + the other input, residual add {add.name}: its formula on 16 channels (docs/NUMERICS.md) */")
+            o(f"const uint4 sk = *(const uint4 *)(arena + at + {skip.offset});")
+            o("uint32_t cw[4] = {v.x, v.y, v.z, v.w};")
+            o("const uint32_t sw[4] = {sk.x, sk.y, sk.z, sk.w};")
+            unroll(o, "wd", "4")
+            o("uint32_t word = 0;")
+            unroll(o, "by", "4")
+            o(f"const int32_t c = ({conv_t})(cw[wd] >> (8 * by)), x1 = ({skip_t})(sw[wd] >> (8 * by));")
+            o(f"const int64_t sum = (int64_t)c * {m[k]} + (int64_t)x1 * {m[1 - k]};")
+            o(f"word |= (uint32_t)(uint8_t)({yout.ctype})nq_clamp(nq_rounding_shift(sum, {int(add.params['shift'][0])}), "
+              f"{alo}, {ahi}) << (8 * by);")
+            o.close()
+            o("cw[wd] = word;")
+            o.close()
+            o("v = make_uint4(cw[0], cw[1], cw[2], cw[3]);")
+        o(f"*(uint4 *)(arena + at + {yout.offset}) = v;")
+        o.close()
 
     # --- host side: cuda_host.cu.in around the network's sizes, constants, kernels and launches ---
     def blob_reference(self, name: str, ctype: str, offset: int, size: int) -> str:
@@ -353,7 +478,8 @@ class CudaPrinter(CPrinter):
                     constants=self.constants(), blob=self.blob_decl(), kernels=self.step_functions(),
                     input_steps=self.launches(p.steps[:k + 1]), other_steps=self.launches(p.steps[k + 1:]),
                     threads=THREADS, kernels_name="cuda-mma" if self.tensor_cores else "cuda-dp4a",
-                    upload=self.upload_constants())
+                    upload=self.upload_constants(),
+                    ptx=PTX_HELPERS if any(self.mma_eligible(st) for st in p.steps) else "")
 
     def launches(self, steps) -> str:
         """The kernel launches of ``steps`` for n images, one line each (indented for their function)."""
@@ -361,11 +487,9 @@ class CudaPrinter(CPrinter):
         o.level = 1
         for s in steps:
             if self.mma_eligible(s):
-                _, _, mt, ng = self.mma_tiles(s)
-                oh, ow = self.hwc(self.buf(s.output).shape)[1:]
-                warps = f"nq_grid(n, {oh * ow}, {16 * mt}) * {ng}L"   # row tiles x column groups
-                o(f"{self.fn_name(s)}<<<(unsigned)(({warps} + {MMA_WARPS - 1}) / {MMA_WARPS}), {32 * MMA_WARPS}>>>"
-                  f"(d_arena, d_in, d_out, n);")
+                oc, oh, ow = self.hwc(self.buf(s.output).shape)
+                tiles = f"nq_grid(n, {oh * ow}, {MMA_BM}) * {oc // self.mma_tiles(s)[0]}"   # row tiles x column tiles
+                o(f"{self.fn_name(s)}<<<{tiles}, {MMA_THREADS}>>>(d_arena, d_in, d_out, n);")
             else:
                 o(f"{self.fn_name(s)}<<<nq_grid(n, {self.buf(s.output).elements}, {THREADS}), {THREADS}>>>"
                   f"(d_arena, d_in, d_out, n);")
