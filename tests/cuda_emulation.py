@@ -48,8 +48,47 @@ static int cudaMemcpy(void *d, const void *s, size_t n, int) { memcpy(d, s, n); 
 static int cudaGetLastError(void) { return 0; }
 template <class T> static int cudaMemcpyToSymbol(T &symbol, const void *src, size_t n) { memcpy((void *)&symbol, src, n); return 0; }
 static int cudaDeviceSynchronize(void) { return 0; }
-static const char *cudaGetErrorString(int e) { return e == 2 ? "out of memory" : "emulated"; }
 static void nq_fail(const char *what) { fprintf(stderr, "CUDA emulation: %s\n", what); abort(); }
+/* streams run their work at once; a stream being captured records launches into a graph instead,
+ * and launching the graph replays them (so a graph replayed with stale arguments computes wrong
+ * results, as on a GPU) */
+typedef int cudaStream_t;
+typedef std::vector<std::function<void()> > *cudaGraph_t, *cudaGraphExec_t;
+enum { cudaStreamCaptureModeThreadLocal = 1 };
+static cudaGraph_t nq_capture = NULL;
+static int nq_graphs_alive = 0;
+static int cudaStreamCreate(cudaStream_t *s) { *s = 1; return 0; }
+static int cudaMemcpyAsync(void *d, const void *s, size_t n, int, cudaStream_t) {
+    if (nq_capture) nq_fail("a copy during capture");
+    memcpy(d, s, n);
+    return 0;
+}
+static int cudaStreamSynchronize(cudaStream_t) { return 0; }
+static int cudaStreamBeginCapture(cudaStream_t, int) {
+    if (nq_capture) nq_fail("capture begun twice");
+    nq_capture = new std::vector<std::function<void()> >();
+    ++nq_graphs_alive;
+    return 0;
+}
+static int cudaStreamEndCapture(cudaStream_t, cudaGraph_t *g) { *g = nq_capture; nq_capture = NULL; return 0; }
+static int cudaGraphInstantiate(cudaGraphExec_t *e, cudaGraph_t g, unsigned long long) {
+    *e = new std::vector<std::function<void()> >(*g);
+    ++nq_graphs_alive;
+    return 0;
+}
+static int cudaGraphDestroy(cudaGraph_t g) { delete g; --nq_graphs_alive; return 0; }
+static int cudaGraphExecDestroy(cudaGraphExec_t e) { delete e; --nq_graphs_alive; return 0; }
+static int cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t) {
+    if (nq_capture) nq_fail("a graph launched during capture");
+    for (auto &f : *e) f();
+    return 0;
+}
+static void nq_launch(std::function<void()> f) {
+    if (nq_capture) nq_capture->push_back(f); else f();
+}
+/* graphs and executable graphs alive (for tests: one executable graph per entry kind at most) */
+extern "C" int nq_emulated_graphs(void) { return nq_graphs_alive; }
+static const char *cudaGetErrorString(int e) { return e == 2 ? "out of memory" : "emulated"; }
 /* PTX dp4a.u32.s32: four unsigned bytes of a times four signed bytes of b */
 static inline int32_t nq_dp4a(uint32_t a, uint32_t b) {
     int32_t s = 0;
@@ -202,12 +241,13 @@ def emulate(cu_source: str) -> str:
     # kernels that synchronize (barriers, warp instructions) run their threads as coroutines
     cooperative = {name for name, body in _kernels(src) if re.search(r"__syncthreads|nq_ldmatrix|nq_mma_u8s8", body)}
 
-    def launch(m):
+    def launch(m):   # the arguments by value: a captured launch runs when its graph is launched
         name, grid, block, args = m.group(1), m.group(2), m.group(3), m.group(4)
-        return (f"for (unsigned nq_b = 0; nq_b < {grid}; ++nq_b) {{ blockIdx.x = nq_b; blockDim.x = {block}; "
-                f"nq_run_block({block}, {'true' if name in cooperative else 'false'}, [&] {{ {name}({args}); }}); }}")
+        return (f"nq_launch([=] {{ for (unsigned nq_b = 0; nq_b < {grid}; ++nq_b) {{ blockIdx.x = nq_b; "
+                f"blockDim.x = {block}; nq_run_block({block}, {'true' if name in cooperative else 'false'}, "
+                f"[&] {{ {name}({args}); }}); }} }});")
 
-    src, n_launch = re.subn(r"(\w+)<<<(.+?), (\d+)>>>\((.*?)\);", launch, src)
+    src, n_launch = re.subn(r"(\w+)<<<(.+?), (\d+), 0, nq_stream>>>\((.*?)\);", launch, src)
     assert n_launch > 2 and "<<<" not in src   # every launch rewritten
     return src
 

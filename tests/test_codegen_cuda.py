@@ -2,9 +2,9 @@
 error and no warning (compile-only here: these machines have nvcc and no GPU). With a GPU the
 library must equal the integer reference executor bit for bit (bench/gpu_check.py does the full
 test set and the speed)."""
-import shutil
-
+import ctypes
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -119,14 +119,23 @@ def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifa
     assert np.abs(net.predict(x) - qnet.run(x)).max() < 1e-6
     qin = run_int8(qnet.qgraph, torch.from_numpy(x), keep=["input_quantize"])["input_quantize"].numpy()
     assert np.array_equal(net.predict_int8(qin.astype(np.int8)), net.predict(x))
+    # the forward pass is a CUDA graph per entry kind, captured again when n or a buffer changes (a
+    # graph replayed with stale arguments computes the last call's images): other batch sizes,
+    # and the device entry point into two output buffers in turn
+    assert np.array_equal(net.predict_int(x[1:2]), ref[1:2]) and np.array_equal(net.predict_int(x), ref)
+    scores = net.predict(x)
+    device = net.lib.net_predict_device
+    fp = ctypes.POINTER(ctypes.c_float)
+    device.argtypes, device.restype = [fp, ctypes.c_size_t, ctypes.c_int, fp, ctypes.c_size_t], ctypes.c_int
+    outs = [np.zeros((len(x), 10), np.float32) for _ in range(3)]
+    for o in outs[:2] + outs[:1]:
+        o[:] = 0
+        assert device(x.ctypes.data_as(fp), x.size, len(x), o.ctypes.data_as(fp), o.size) == 0
+    assert np.array_equal(outs[0], scores) and np.array_equal(outs[1], scores)
+    assert net.lib.nq_emulated_graphs() == 2   # one executable graph per entry kind, the others destroyed
     # a CUDA call that fails (cudaMalloc of 2^31 - 1 arenas): NQ_ERR_RUNTIME, and the message is
     # that call's own code (the emulated cudaGetLastError always reports success)
-    import ctypes
-
-    f = ctypes.POINTER(ctypes.c_float)
-    device = net.lib.net_predict_device
-    device.argtypes, device.restype = [f, ctypes.c_size_t, ctypes.c_int, f, ctypes.c_size_t], ctypes.c_int
-    dummy = np.zeros(1, np.float32).ctypes.data_as(f)
+    dummy = np.zeros(1, np.float32).ctypes.data_as(fp)
     n = 2 ** 31 - 1
     assert device(dummy, n * 3072, n, dummy, n * 10) == 3
     assert net.error_string(3) == "out of memory"

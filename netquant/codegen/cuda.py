@@ -489,9 +489,9 @@ class CudaPrinter(CPrinter):
             if self.mma_eligible(s):
                 oc, oh, ow = self.hwc(self.buf(s.output).shape)
                 tiles = f"nq_grid(n, {oh * ow}, {MMA_BM}) * {oc // self.mma_tiles(s)[0]}"   # row tiles x column tiles
-                o(f"{self.fn_name(s)}<<<{tiles}, {MMA_THREADS}>>>(d_arena, d_in, d_out, n);")
+                o(f"{self.fn_name(s)}<<<{tiles}, {MMA_THREADS}, 0, nq_stream>>>(d_arena, d_in, d_out, n);")
             else:
-                o(f"{self.fn_name(s)}<<<nq_grid(n, {self.buf(s.output).elements}, {THREADS}), {THREADS}>>>"
+                o(f"{self.fn_name(s)}<<<nq_grid(n, {self.buf(s.output).elements}, {THREADS}), {THREADS}, 0, nq_stream>>>"
                   f"(d_arena, d_in, d_out, n);")
         return o.text() if steps else ""
 
