@@ -1,6 +1,6 @@
 """The prepared GPU check of the CUDA target (issue 6): one command, a few minutes on a GPU machine.
 
-    python bench/gpu_check.py [--data PATH] [--test-batch test_batch.bin] [--arch sm_90]
+    python bench/gpu_check.py [--data PATH] [--test-batch test_batch.bin] [--arch sm_90] [--log FILE]
 
 1. calibrates the shipped ResNet-20 on 200 real training images, generates CUDA for this GPU and
    builds it with nvcc (``--test-batch``: where only the official ``test_batch.bin`` can travel to
@@ -8,15 +8,20 @@
    checked against its published md5);
 2. runs the library on the full real CIFAR-10 test set and asserts its integer outputs equal the
    integer reference executor's, bit for bit (and prints top-1);
-   Both CUDA variants are checked: dp4a kernels and, on sm_80 and newer, int8 tensor cores;
+   Both CUDA variants are checked: dp4a kernels and, on sm_80 and newer, int8 tensor cores
+   (block tiles through shared memory: cp.async, ldmatrix, mma.sync; the default there);
 3. measures images/s at batch 1, 256 and 4096 against PyTorch fp32 and fp16 (channels_last,
-   cudnn.benchmark) on the same GPU in the same run, and prints the ratios;
+   cudnn.benchmark) and fp16 under torch.compile (where it compiles; ``--no-compile`` skips it)
+   on the same GPU in the same run, and prints the ratios to fp16;
 4. prints the time of each generated kernel at batch 4096 (torch.profiler sees every CUDA kernel
    of the process, the library's too);
 5. ResNet-50 at 224x224 (bench/models.py, calibrated on 50 upsampled training images; skip with
    ``--skip-resnet50``): tensor cores on sm_80 and newer, bit-exact on 4 test images, images/s at
    batch 1 and 256 against PyTorch fp32 and fp16. Its generation and build need no GPU
    (``build_resnet50``, tried on the CPU machines: sources 0.1 MB + 25 MB of weights).
+
+The first lines say when and where it ran (date, GPU, driver, CUDA, torch); ``--log FILE`` writes
+everything printed to FILE as well (the record to commit under docs/).
 """
 from __future__ import annotations
 
@@ -43,6 +48,56 @@ from netquant.quantizer import Quantizer  # noqa: E402
 from netquant.ref.executor import run_int8  # noqa: E402
 
 
+class Tee:
+    """stdout, and a log file: print() goes to both."""
+
+    def __init__(self, stream, path: str):
+        self.stream, self.file = stream, open(path, "w")
+
+    def write(self, text: str):
+        self.stream.write(text)
+        self.file.write(text)
+        self.file.flush()
+
+    def flush(self):
+        self.stream.flush()
+
+
+def where() -> str:
+    """Date, GPU, driver, CUDA and torch of this run, one line."""
+    import datetime
+    import subprocess
+
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        driver = "unknown"
+    p = torch.cuda.get_device_properties(0)
+    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {p.name} (sm_{p.major}{p.minor}, "
+            f"{p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB); driver {driver}; CUDA {torch.version.cuda}; "
+            f"torch {torch.__version__}")
+
+
+def compiled_rate(model, x, b: int, sync, budget: dict) -> float:
+    """images/s of torch.compile(model) on x, or nan where it does not compile (or the compile
+    time budget of the run, budget["s"], is spent: each batch size compiles again)."""
+    if budget["s"] <= 0:
+        return float("nan")
+    t0 = time.time()
+    try:
+        if "fn" not in budget:
+            budget["fn"] = torch.compile(model)
+        budget["fn"](x)
+        sync()
+    except Exception as e:  # noqa: BLE001  # "where it works": a failure is a blank column, not a failed check
+        print(f"[torch.compile] failed, column left empty: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        budget["s"] = 0
+        return float("nan")
+    budget["s"] -= time.time() - t0
+    return rate(lambda: budget["fn"](x), b, sync)
+
+
 def rate(fn, n: int, sync, seconds: float = 1.0) -> float:
     fn()
     sync()
@@ -60,8 +115,13 @@ def main() -> int:
     ap.add_argument("--arch")
     ap.add_argument("--test-batch", help="the official test_batch.bin (calibrate on the embedded sample)")
     ap.add_argument("--skip-resnet50", action="store_true", help="only ResNet-20 (step 5 adds about 2 minutes)")
+    ap.add_argument("--no-compile", action="store_true", help="no torch.compile column")
+    ap.add_argument("--log", help="also write the output to this file")
     args = ap.parse_args()
+    if args.log:
+        sys.stdout = Tee(sys.stdout, args.log)
     assert torch.cuda.is_available(), "no GPU"
+    print(where(), flush=True)
     major, minor = torch.cuda.get_device_capability()
     arch = args.arch or f"sm_{major}{minor}"
     if args.test_batch:
@@ -105,8 +165,10 @@ def main() -> int:
         gpu_net = net.cuda().to(memory_format=torch.channels_last)
         half = load_pretrained().cuda().half().to(memory_format=torch.channels_last)
         sync = torch.cuda.synchronize
+        budget = {"s": -1.0 if args.no_compile else 60.0}   # seconds of torch.compile (each batch size compiles)
         print(f"{'batch':>6s} " + " ".join(f"{'int8 ' + v:>11s}" for v in variants) +
-              f" {'torch fp32':>11s} {'torch fp16':>11s} " + " ".join(f"{v + '/fp16':>10s}" for v in variants))
+              f" {'torch fp32':>11s} {'torch fp16':>11s} {'compiled fp16':>13s} " +
+              " ".join(f"{v + '/fp16':>10s}" for v in variants) + " " + " ".join(f"{v + '/best':>10s}" for v in variants))
         fns = {}
         for v, cnet in libs.items():
             f = getattr(cnet.lib, f"rn20_{v}_predict_device")
@@ -124,8 +186,11 @@ def main() -> int:
                 fp32 = rate(lambda: gpu_net(xc), b, sync)
                 xh = xc.half()
                 fp16 = rate(lambda: half(xh), b, sync)
-            print(f"{b:6d} " + " ".join(f"{ours[v]:11.0f}" for v in variants) + f" {fp32:11.0f} {fp16:11.0f} " +
-                  " ".join(f"{ours[v] / fp16:9.2f}x" for v in variants), flush=True)
+                comp = compiled_rate(half, xh, b, sync, budget)
+            best = max(fp16, fp32, 0.0 if np.isnan(comp) else comp)
+            print(f"{b:6d} " + " ".join(f"{ours[v]:11.0f}" for v in variants) + f" {fp32:11.0f} {fp16:11.0f} {comp:13.0f} " +
+                  " ".join(f"{ours[v] / fp16:9.2f}x" for v in variants) + " " +
+                  " ".join(f"{ours[v] / best:9.2f}x" for v in variants), flush=True)
         # per-kernel time of each generated library at the largest batch
         from torch.profiler import ProfilerActivity, profile
 
@@ -143,7 +208,7 @@ def main() -> int:
                     continue
         if not args.skip_resnet50:
             try:
-                exact &= resnet50_check(data, arch, major, tmp, sync)
+                exact &= resnet50_check(data, arch, major, tmp, sync, -1.0 if args.no_compile else 60.0)
             except Exception as e:  # noqa: BLE001  # the ResNet-20 results above stand either way
                 print(f"[resnet50] FAILED: {type(e).__name__}: {e}", flush=True)
                 exact = False
@@ -169,10 +234,11 @@ def build_resnet50(data, arch: str, tensor_cores: bool, folder: str, calibration
     return net, qnet, gen
 
 
-def resnet50_check(data, arch: str, major: int, tmp: str, sync) -> bool:
+def resnet50_check(data, arch: str, major: int, tmp: str, sync, compile_s: float) -> bool:
     """ResNet-50 at 224: bit-exact with the reference executor on 4 test images (the Python
     executor takes 1-2 s an image), then images/s at batch 1 and 256 against PyTorch fp32 and
-    fp16 (channels_last, cudnn.benchmark)."""
+    fp16 (channels_last, cudnn.benchmark) and fp16 under torch.compile (at most ``compile_s`` seconds of
+    compiling; negative: not tried)."""
     net, qnet, gen = build_resnet50(data, arch, major >= 8, os.path.join(tmp, "rn50"))
     cnet = load(gen)
     x = bench_models.upsampled(data.test.images[:4])
@@ -184,7 +250,9 @@ def resnet50_check(data, arch: str, major: int, tmp: str, sync) -> bool:
     f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
     gpu_net = net.cuda().to(memory_format=torch.channels_last)
     half = bench_models.resnet50().eval().cuda().half().to(memory_format=torch.channels_last)
-    print(f"{'batch':>6s} {'int8':>9s} {'torch fp32':>11s} {'torch fp16':>11s} {'int8/fp16':>10s}")
+    budget = {"s": compile_s}
+    print(f"{'batch':>6s} {'int8':>9s} {'torch fp32':>11s} {'torch fp16':>11s} {'compiled fp16':>13s} "
+          f"{'int8/fp16':>10s} {'int8/best':>10s}")
     for b in (1, 256):
         xb = np.resize(x, (b,) + x.shape[1:])
         d_in = torch.from_numpy(xb).cuda()
@@ -195,7 +263,10 @@ def resnet50_check(data, arch: str, major: int, tmp: str, sync) -> bool:
             fp32 = rate(lambda: gpu_net(xc), b, sync)
             xh = xc.half()
             fp16 = rate(lambda: half(xh), b, sync)
-        print(f"{b:6d} {ours:9.0f} {fp32:11.0f} {fp16:11.0f} {ours / fp16:9.2f}x", flush=True)
+            comp = compiled_rate(half, xh, b, sync, budget)
+        best = max(fp16, fp32, 0.0 if np.isnan(comp) else comp)
+        print(f"{b:6d} {ours:9.0f} {fp32:11.0f} {fp16:11.0f} {comp:13.0f} {ours / fp16:9.2f}x {ours / best:9.2f}x",
+              flush=True)
     return ok
 
 

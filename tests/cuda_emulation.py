@@ -52,12 +52,14 @@ static void nq_fail(const char *what) { fprintf(stderr, "CUDA emulation: %s\n", 
 /* streams run their work at once; a stream being captured records launches into a graph instead,
  * and launching the graph replays them (so a graph replayed with stale arguments computes wrong
  * results, as on a GPU) */
-typedef int cudaStream_t;
+struct NqStream { int unused; };
+static NqStream nq_the_stream;
+typedef NqStream *cudaStream_t;
 typedef std::vector<std::function<void()> > *cudaGraph_t, *cudaGraphExec_t;
 enum { cudaStreamCaptureModeThreadLocal = 1 };
 static cudaGraph_t nq_capture = NULL;
 static int nq_graphs_alive = 0;
-static int cudaStreamCreate(cudaStream_t *s) { *s = 1; return 0; }
+static int cudaStreamCreate(cudaStream_t *s) { *s = &nq_the_stream; return 0; }
 static int cudaMemcpyAsync(void *d, const void *s, size_t n, int, cudaStream_t) {
     if (nq_capture) nq_fail("a copy during capture");
     memcpy(d, s, n);

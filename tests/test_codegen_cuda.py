@@ -103,15 +103,16 @@ def test_bit_exact_on_a_gpu(qnet, cifar, tmp_path, tensor_cores):
 def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifar, tmp_path, tensor_cores):
     """Without a GPU: the generated kernels and host runtime, run thread by thread on the CPU
     (tests the indexing, memory plan, dp4a packing, the tensor-core kernels' cp.async stages,
-    barriers, ldmatrix and mma fragments, requantization and fused residual adds (tiles of 16,
-    32 and 64 channels, 1 to 18 k tiles; 3 images: row tiles that span images and a partial
-    last one); the GPU check confirms it on the hardware)."""
+    gathered int8 stem, barriers, ldmatrix and mma fragments, requantization and fused residual
+    adds (tiles of 16, 32 and 64 channels, 1 to 18 k tiles; 3 images: row tiles that span
+    images and a partial last one); the GPU check confirms it on the hardware)."""
     net = _emulated(qnet.qgraph, tmp_path, tensor_cores)
     src = (tmp_path / "net.cu").read_text()
     assert ("nq_mma_u8s8(acc" in src) == tensor_cores
     if tensor_cores:   # every tile width, and both epilogues
         assert {f"BN = {b}," for b in (16, 32, 64)} <= set(re.findall(r"BN = \d+,", src))
         assert "KT = 1," in src and "residual add" in src and "uint4 v = " in src
+        assert src.count("gathered byte by byte") == 1   # the RGB stem (int8, 3 channels)
     x = to_float(cifar.test.images[:3])   # emulated thread by thread: about 0.4 s per image and call
     name = qnet.qgraph.int_output()
     ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
@@ -143,14 +144,15 @@ def test_cuda_kernels_compute_the_reference_integers_in_cpu_emulation(qnet, cifa
 
 
 class _Wide(torch.nn.Module):
-    """Tensor-core convs with several column tiles and many k tiles: 16 -> 256 channels (K = 144:
-    3 k tiles, 4 column tiles of 64) and 256 -> 128 strided (K = 2304: 36 k tiles, 2 column
-    tiles), between an RGB conv and a linear head that stay on their own kernels."""
+    """Tensor-core convs with several column tiles and many k tiles: 24 -> 256 channels (K = 216:
+    4 k tiles, 4 column tiles of 64; uint8 input of 24 channels, gathered) and 256 -> 128
+    strided (K = 2304: 36 k tiles, 2 column tiles, copied with cp.async), after an RGB conv to
+    24 channels (dp4a: tensor cores store whole 16-channel pieces) and before a linear head."""
 
     def __init__(self):
         super().__init__()
-        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.wide = torch.nn.Conv2d(16, 256, 3, padding=1)
+        self.stem = torch.nn.Conv2d(3, 24, 3, padding=1)
+        self.wide = torch.nn.Conv2d(24, 256, 3, padding=1)
         self.bn = torch.nn.BatchNorm2d(256)
         self.down = torch.nn.Conv2d(256, 128, 3, stride=2, padding=1)
         self.fc = torch.nn.Linear(128, 10)
@@ -172,6 +174,8 @@ def test_wide_tensor_core_convs_in_column_tiles(cifar, tmp_path):
     net = _emulated(qn.qgraph, tmp_path, tensor_cores=True)
     src = (tmp_path / "net.cu").read_text()
     assert src.count("BN = 64,") == 2 and "KT = 36," in src and "O = 256," in src
+    assert src.count("gathered byte by byte (a piece spans taps); the padding 0") == 1   # uint8, 24 channels
+    assert "dp4a.u32.s32" in src   # the stem: 24 output channels, not whole 16-byte stores
     x = to_float(cifar.test.images[:2])
     name = qn.qgraph.int_output()
     ref = run_int8(qn.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()

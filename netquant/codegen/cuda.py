@@ -133,15 +133,21 @@ class CudaPrinter(CPrinter):
         return isinstance(s.plan, IntConvPlan) and s.plan.simd and self.buf(s.inputs[0]).dtype == "uint8"
 
     def mma_eligible(self, s: Step) -> bool:
-        """Tensor cores (when asked for): uint8 input and 8-bit output, channels a multiple of 16 in
-        (each 16-byte cp.async piece of a k tile lies inside one filter tap) and out (whole
-        16-byte stores), tensors at 16-byte aligned arena offsets."""
-        if not self.tensor_cores or not self.dp4a_eligible(s):
+        """Tensor cores (when asked for): an ungrouped conv over 8-bit input in the arena, 8-bit output
+        of a multiple of 16 channels (whole 16-byte stores) at a 16-byte aligned arena offset."""
+        if not (self.tensor_cores and isinstance(s.plan, IntConvPlan) and s.plan.simd):
             return False
         x, y = self.buf(s.inputs[0]), self.buf(s.output)
-        c, oc = self.hwc(x.shape)[0], self.hwc(y.shape)[0]
-        return (c % 16 == 0 and oc % 16 == 0 and y.dtype in ("int8", "uint8") and x.offset >= 0 and y.offset >= 0
-                and x.offset % 16 == 0 and y.offset % 16 == 0)
+        return (x.dtype in ("int8", "uint8") and y.dtype in ("int8", "uint8") and self.hwc(y.shape)[0] % 16 == 0
+                and x.offset >= 0 and y.offset >= 0 and y.offset % 16 == 0)
+
+    def mma_copies(self, s: Step) -> bool:
+        """Whether tensor-core conv ``s`` copies its input pieces with cp.async: uint8 channels, a
+        multiple of 16 of them (each 16-byte piece of a k tile lies inside one filter tap) at a
+        16-byte aligned offset. Otherwise (an RGB stem, int8 input) each thread gathers its 16
+        bytes one by one (int8 read as x + 128, the bias less 128 x the weights' sum)."""
+        x = self.buf(s.inputs[0])
+        return x.dtype == "uint8" and self.hwc(x.shape)[0] % 16 == 0 and x.offset % 16 == 0
 
     def fusable(self, p, s: Step, add: Step, readers) -> bool:
         """A residual add goes into the epilogue of a tensor-core conv (read 16 bytes of the other
@@ -193,6 +199,10 @@ class CudaPrinter(CPrinter):
         if self.mma_eligible(s):
             wm = np.zeros((w.shape[0], MMA_BK * self.mma_tiles(s)[4]), np.int8)
             wm[:, :w[0].size] = w.reshape(w.shape[0], -1)  # (O, K): k = (kh * KW + kw) * C + c
+            if self.buf(s.inputs[0]).dtype == "int8":   # read as x + 128: take 128 x sum(w) off the bias
+                bm = s.plan.bias.astype(np.int64) - 128 * w.reshape(w.shape[0], -1).astype(np.int64).sum(1)
+                assert np.abs(bm).max() < 2 ** 31
+                return {"wm": wm, "bm": bm.astype(np.int32)}
             return {"wm": wm}
         if self.dp4a_eligible(s):
             padded = np.zeros(w.shape[:3] + (4 * -(-w.shape[3] // 4),), np.int8)
@@ -202,7 +212,11 @@ class CudaPrinter(CPrinter):
 
     def const_guard(self, s: Step, key: str):
         # every table is read on the device, but the plan's weights where another layout replaces them
-        return None if key == "w" and self.dp4a_eligible(s) else ""
+        if key == "w" and (self.dp4a_eligible(s) or self.mma_eligible(s)):
+            return None
+        if key == "bias" and self.mma_eligible(s) and self.buf(s.inputs[0]).dtype == "int8":
+            return None   # "bm" replaces it
+        return ""
 
     def const_attributes(self, s: Step, key: str) -> str:
         return "__align__(16)" if key == "wm" else ""   # the tensor cores' 32-bit fragment loads
@@ -318,7 +332,8 @@ class CudaPrinter(CPrinter):
         bn, warps_n, mt, nt, kt = self.mma_tiles(s)
         lo, hi = s.node.attrs["clamp"]
         xin, yout = self.buf(s.inputs[0]), self.buf(s.output)
-        WM, B, M, S = (self.const_name(s, k) for k in ("wm", "bias", "mult", "shift"))
+        signed = xin.dtype == "int8"
+        WM, B, M, S = (self.const_name(s, k) for k in ("wm", "bm" if signed else "bias", "mult", "shift"))
         conv_t = "uint8_t" if lo >= 0 else "int8_t"   # the conv's own 8-bit output (before a fused add)
         o(self.conv_enum(s))
         o(f"enum {{ OHW = OH * OW, K = KH * KW * C, KT = {kt}, KP = {MMA_BK} * KT, BM = {MMA_BM}, BN = {bn}, "
@@ -349,13 +364,28 @@ class CudaPrinter(CPrinter):
         o.open("auto load_tile = [&](int kt, int st)")
         o("uint8_t *sa = smem + st * (BM + BN) * LDS, *sb = sa + BM * LDS;")
         o("const int kb = kt * 64 + 16 * (tid & 3);")
-        o("const int tap = kb / C, ch = kb % C, kh = tap / KW, kw = tap % KW;")
-        unroll(o, "j", "ROWS_PER_THREAD")
-        o("const int ih = ih0[j] + kh * DH, iw = iw0[j] + kw * DW;")
-        o("const bool inside = kb < K && valid[j] && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;")
-        o("nq_cp_async16(sa + (tid / 4 + 32 * j) * LDS + 16 * (tid & 3), inside ? xb[j] + (ih * W + iw) * C + ch : xb[j], "
-          "inside ? 16 : 0);")
-        o.close()
+        if self.mma_copies(s):
+            o("const int tap = kb / C, ch = kb % C, kh = tap / KW, kw = tap % KW;")
+            unroll(o, "j", "ROWS_PER_THREAD")
+            o("const int ih = ih0[j] + kh * DH, iw = iw0[j] + kw * DW;")
+            o("const bool inside = kb < K && valid[j] && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;")
+            o("nq_cp_async16(sa + (tid / 4 + 32 * j) * LDS + 16 * (tid & 3), inside ? xb[j] + (ih * W + iw) * C + ch : xb[j], "
+              "inside ? 16 : 0);")
+            o.close()
+        else:
+            pad = "0x80u" if signed else "0u"
+            flip = " ^ 0x80u" if signed else ""
+            o(f"/* gathered byte by byte (a piece spans taps); {'int8 read as x + 128 (x ^ 0x80), the padding as 128' if signed else 'the padding 0'} */")
+            unroll(o, "j", "ROWS_PER_THREAD")
+            o("uint32_t word[4] = {0u, 0u, 0u, 0u};")
+            unroll(o, "e", "16")
+            o("const int k = kb + e, tap = k / C, c = k % C, kh = tap / KW, kw = tap % KW;")
+            o("const int ih = ih0[j] + kh * DH, iw = iw0[j] + kw * DW;")
+            o("const bool inside = k < K && valid[j] && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;")
+            o(f"word[e >> 2] |= (inside ? (uint32_t)__ldg(xb[j] + (ih * W + iw) * C + c){flip} : {pad}) << (8 * (e & 3));")
+            o.close()
+            o("*(uint4 *)(sa + (tid / 4 + 32 * j) * LDS + 16 * (tid & 3)) = make_uint4(word[0], word[1], word[2], word[3]);")
+            o.close()
         unroll(o, "j", "B_PIECES")
         o(f"const int id = tid + {MMA_THREADS} * j;")
         o(f"if (BN * 4 % {MMA_THREADS} == 0 || id < BN * 4)")
