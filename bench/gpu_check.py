@@ -149,9 +149,14 @@ def main() -> int:
             gen = generate(qnet, os.path.join(tmp, v), name=f"rn20_{v}", target="cuda", arch=arch,
                            tensor_cores=(v == "mma"))
             cnet = load(gen)
-            libs[v] = cnet
             print(f"[{v}] built for {arch} in {time.time() - t0:.1f} s on {torch.cuda.get_device_name()}")
-            got = cnet.predict_int(x)
+            try:
+                got = cnet.predict_int(x)
+            except Exception as e:  # noqa: BLE001  # say which variant failed, and go on with the others
+                print(f"[{v}] FAILED on the GPU: {type(e).__name__}: {e}", flush=True)
+                exact = False
+                continue
+            libs[v] = cnet
             ok = bool(np.array_equal(got, ref))
             exact &= ok
             top1 = 100 * float((cnet.predict(x).argmax(1) == data.test.labels).mean())
@@ -166,6 +171,7 @@ def main() -> int:
         half = load_pretrained().cuda().half().to(memory_format=torch.channels_last)
         sync = torch.cuda.synchronize
         budget = {"s": -1.0 if args.no_compile else 60.0}   # seconds of torch.compile (each batch size compiles)
+        variants = list(libs)
         print(f"{'batch':>6s} " + " ".join(f"{'int8 ' + v:>11s}" for v in variants) +
               f" {'torch fp32':>11s} {'torch fp16':>11s} {'compiled fp16':>13s} " +
               " ".join(f"{v + '/fp16':>10s}" for v in variants) + " " + " ".join(f"{v + '/best':>10s}" for v in variants))

@@ -5,18 +5,22 @@ constants live in device memory, uploaded once by the first call (the persistent
 MATLAB's ``mynet_predict``): the weights as the C target's binary weights file, pulled into the
 library with ``.incbin`` and copied to one device buffer whose tables the kernels reach through
 ``__device__`` pointers (ResNet-18's .cu: 131 KB, built in 24 s; with its weights as literals it
-was 53 MB, 4.8 minutes and 7.7 GB of compiler memory), the small tables as arrays; every step
-is a ``__global__`` kernel with one thread per output element: the C kernels' loops over
-outputs (``each_offset``, ``each_pixel``, ``each_position``) become the thread's own output, and
-the statements inside them, which compute that output, are the C printer's; per-image arenas lie
-side by side in one device buffer (the batch size is a run-time argument); the static host code is
-``runtime/cuda_host.cu.in``. Convolutions over uint8 use ``dp4a`` (PTX ``dp4a.u32.s32``) four
-channels at a time: the kernels checked bit for bit on a GPU (an H100, bench/gpu_check.py). With
-``tensor_cores=True`` (sm_80 and newer), they run on int8 tensor cores instead
-(``mma.sync.m16n8k32`` u8 x s8 -> s32, an implicit GEMM, see :meth:`CudaPrinter.conv_mma`); these
-are checked bit for bit in the test suite's CPU emulation of a warp and await the same check on a
-GPU. The integer arithmetic is ``netquant_rt.h``'s, shared with C, so outputs are bit-exact with the
-reference executor (nvcc is run with ``--fmad=false`` so no float multiply-add is fused).
+was 53 MB, 4.8 minutes and 7.7 GB of compiler memory), the small tables as arrays.
+
+Every step is a ``__global__`` kernel. Convolutions run on int8 tensor cores where every
+architecture of ``arch`` has them (sm_80 and newer; :meth:`CudaPrinter.conv_mma`: block tiles
+through shared memory with ``cp.async``, ``ldmatrix``, ``mma.sync.m16n8k32`` u8 x s8, a fused
+residual add and 16-byte stores in the epilogue), on ``dp4a`` (four channels an instruction, one
+thread per output) before that or where a conv does not fit the tiles. Every other step has one
+thread per output element: the C kernels' loops over outputs (``each_offset``, ``each_pixel``,
+``each_position``) become the thread's own output, and the statements inside them, which compute
+that output, are the C printer's. Per-image arenas lie side by side in one device buffer (the
+batch size is a run-time argument); the static host code, with the forward pass as a CUDA graph,
+is ``runtime/cuda_host.cu.in``. The integer arithmetic is ``netquant_rt.h``'s, shared with C, so
+outputs are bit-exact with the reference executor (nvcc runs with ``--fmad=false`` so no float
+multiply-add is fused). The dp4a kernels were checked bit for bit on a GPU (an H100,
+bench/gpu_check.py); the tensor-core kernels, the graph and everything else in the test suite's
+CPU emulation (tests/cuda_emulation.py), awaiting the same check on a GPU.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import numpy as np
 from .c import CPrinter, Source
 from .program import IntConvPlan, Step, conv_feeds_only_add
 from .runtime_files import fill
+from .x86_pack import vnni_bias
 
 THREADS = 256
 MMA_WARPS = 4        # warps per block of the tensor-core convolution
@@ -199,10 +204,8 @@ class CudaPrinter(CPrinter):
         if self.mma_eligible(s):
             wm = np.zeros((w.shape[0], MMA_BK * self.mma_tiles(s)[4]), np.int8)
             wm[:, :w[0].size] = w.reshape(w.shape[0], -1)  # (O, K): k = (kh * KW + kw) * C + c
-            if self.buf(s.inputs[0]).dtype == "int8":   # read as x + 128: take 128 x sum(w) off the bias
-                bm = s.plan.bias.astype(np.int64) - 128 * w.reshape(w.shape[0], -1).astype(np.int64).sum(1)
-                assert np.abs(bm).max() < 2 ** 31
-                return {"wm": wm, "bm": bm.astype(np.int32)}
+            if self.buf(s.inputs[0]).dtype == "int8":   # read as x + 128, as the VNNI kernels do
+                return {"wm": wm, "bm": vnni_bias(s.plan.bias, w)}
             return {"wm": wm}
         if self.dp4a_eligible(s):
             padded = np.zeros(w.shape[:3] + (4 * -(-w.shape[3] // 4),), np.int8)
