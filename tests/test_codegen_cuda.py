@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from cuda_emulation import emulate
+from netquant.codegen.cuda_emulation import build_emulated
 
 from netquant.codegen import build, generate, load
 from netquant.data import calibration_set
@@ -198,35 +198,19 @@ def test_the_emulation_fails_a_kernel_that_reads_shared_memory_too_early(qnet, c
     runs ahead of the others to its next barrier, so the tensor-core kernel without the barrier
     after its cp.async wait, or waiting for one group too few, computes wrong integers (the
     bit-exact tests above are only as good as this)."""
-    import subprocess
-
-    from netquant.codegen.build import CompiledNetwork
-
     gen = generate(qnet, tmp_path, name="net", target="cuda", tensor_cores=True)
     src = (tmp_path / "net.cu").read_text()
     assert src.count(mutation[0]) >= 20
-    (tmp_path / "bad.cpp").write_text(emulate(src.replace(*mutation)))
-    subprocess.run(["g++", "-O1", "-std=c++17", "-fPIC", "-shared", "-o", str(tmp_path / "libbad.so"),
-                    str(tmp_path / "bad.cpp")], check=True, capture_output=True, cwd=tmp_path)
+    (tmp_path / "net.cu").write_text(src.replace(*mutation))
     x = to_float(cifar.test.images[:1])
     name = qnet.qgraph.int_output()
     ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
-    assert not np.array_equal(CompiledNetwork(tmp_path / "libbad.so", gen.program).predict_int(x), ref)
+    assert not np.array_equal(build_emulated(gen, "-O1").predict_int(x), ref)
 
 
 def _emulated(qgraph, folder, tensor_cores=False):
-    """The CUDA library of ``qgraph`` built for the CPU emulation (see ``emulate``) and loaded."""
-    import subprocess
-
-    from netquant.codegen.build import CompiledNetwork
-
-    gen = generate(qgraph, folder, name="net", target="cuda", tensor_cores=tensor_cores)
-    emu = folder / "net_emulated.cpp"
-    emu.write_text(emulate((folder / "net.cu").read_text()))
-    lib = folder / "libnet_emulated.so"
-    subprocess.run(["g++", "-O2", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-o", str(lib), str(emu)],
-                   check=True, cwd=folder, capture_output=True)
-    return CompiledNetwork(lib, gen.program)
+    """The CUDA library of ``qgraph`` built for the CPU emulation (netquant.codegen.cuda_emulation) and loaded."""
+    return build_emulated(generate(qgraph, folder, name="net", target="cuda", tensor_cores=tensor_cores))
 
 
 @pytest.mark.parametrize("name", ["shufflenetv2", "mobilenetv2", "upsample", "se_hardswish"])   # 3-4 s each

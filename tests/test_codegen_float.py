@@ -3,7 +3,6 @@
 tensor as lookup tables (bit-exact with the reference executor), IEEE-exact float ops bit-exact,
 float kernels (softmax, resampling, float convs...) within 1e-5 of the reference's float, on real
 CIFAR-10 images."""
-import subprocess
 from dataclasses import replace
 
 import numpy as np
@@ -14,13 +13,12 @@ from torch import nn
 
 import zoo
 from netquant.codegen import CodegenError, build, generate, load
-from netquant.codegen.build import CompiledNetwork
+from netquant.codegen.cuda_emulation import build_emulated
 from netquant.codegen.program import plan, resample_taps
 from netquant.data.transforms import to_float
 from netquant.quant.qgraph import QGraph, QNode
 from netquant.quantizer import Quantizer
 from netquant.ref.executor import run_int8
-from cuda_emulation import emulate
 from test_codegen_cuda import NVCC
 
 pytestmark = pytest.mark.compiler
@@ -244,13 +242,7 @@ def test_cuda_float_layers_build_without_warnings(quantized, tmp_path):
 def test_cuda_float_layers_equal_the_c_library_in_cpu_emulation(name, quantized, compiled, images, tmp_path):
     """Without a GPU: the CUDA kernels, one thread per output element run on the CPU, compute the
     C library's integers and scores (the same float bodies and tables)."""
-    gen = generate(quantized(name), tmp_path, name="net", target="cuda")
-    emu = tmp_path / "net_emulated.cpp"
-    emu.write_text(emulate((tmp_path / "net.cu").read_text()))
-    lib = tmp_path / "libnet_emulated.so"
-    subprocess.run(["g++", "-O2", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-o", str(lib), str(emu)],
-                   check=True, cwd=tmp_path, capture_output=True)
-    cuda = CompiledNetwork(lib, gen.program)
+    cuda = build_emulated(generate(quantized(name), tmp_path, name="net", target="cuda"))
     _, c = compiled(name)
     x = images[:6]
     assert np.array_equal(cuda.predict_int(x), c.predict_int(x))

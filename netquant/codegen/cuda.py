@@ -20,7 +20,7 @@ is ``runtime/cuda_host.cu.in``. The integer arithmetic is ``netquant_rt.h``'s, s
 outputs are bit-exact with the reference executor (nvcc runs with ``--fmad=false`` so no float
 multiply-add is fused). The dp4a kernels were checked bit for bit on a GPU (an H100,
 bench/gpu_check.py); the tensor-core kernels, the graph and everything else in the test suite's
-CPU emulation (tests/cuda_emulation.py), awaiting the same check on a GPU.
+CPU emulation (netquant/codegen/cuda_emulation.py), awaiting the same check on a GPU.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""A CPU emulation of the CUDA the generated .cu uses, for tests that have nvcc-built sources
-and no GPU: ``emulate(cu_source)`` returns C++ that g++ builds into a library with the same
-entry points. Only the parts of CUDA the printer emits are emulated, each with the semantics a
-kernel bug would break:
+"""A CPU emulation of the CUDA the generated .cu uses, for machines without a GPU (the test
+suite, and ``bench/gpu_check.py --cpu-dry-run``): ``emulate(cu_source)`` returns C++ that g++
+builds into a library with the same entry points (``build_emulated``). It checks what the kernels
+compute, not how fast: ResNet-20 runs at about 3 images a second. Only the parts of CUDA the
+printer emits are emulated, each with the semantics a kernel bug would break:
 
 - every thread of a block is a coroutine (ucontext); a block's threads run one after another
   until each reaches a point that needs others: ``__syncthreads()`` (all threads of the block),
@@ -18,6 +19,8 @@ kernel bug would break:
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 EMULATION = r"""
 #include <math.h>
@@ -259,3 +262,21 @@ def _kernels(src: str):
     heads = list(re.finditer(r"static __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", src))
     for h, nxt in zip(heads, heads[1:] + [None]):
         yield h.group(1), src[h.end():nxt.start() if nxt else len(src)]
+
+
+def build_emulated(gen, optimize: str = "-O2"):
+    """The CUDA library of ``gen`` (a Generated for target "cuda") emulated: its .cu rewritten by
+    ``emulate`` into ``<name>_emulated.cpp`` beside it, built with g++ (in its folder, where the
+    weights file it pulls in lies) and loaded as a CompiledNetwork."""
+    from .build import BuildError, CompiledNetwork
+
+    folder, name = Path(gen.folder), gen.program.name
+    cpp = folder / f"{name}_emulated.cpp"
+    cpp.write_text(emulate((folder / f"{name}.cu").read_text()))
+    lib = folder / f"lib{name}_emulated.so"
+    cmd = ["g++", optimize, "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-o", str(lib), str(cpp)]
+    r = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+    if r.returncode:
+        raise BuildError(f"building the CPU emulation of {folder / (name + '.cu')} failed ({' '.join(cmd)}):\n"
+                         f"{r.stderr[-4000:]}")
+    return CompiledNetwork(lib, gen.program)
