@@ -22,6 +22,11 @@
 
 The first lines say when and where it ran (date, GPU, driver, CUDA, torch); ``--log FILE`` writes
 everything printed to FILE as well (the record to commit under docs/).
+
+``--cpu-dry-run`` runs every step of the script without a GPU, on a few images and small batches:
+the libraries are the CUDA sources built for the CPU emulation (netquant/codegen/cuda_emulation.py)
+and PyTorch runs on the CPU. Its figures mean nothing; it checks that the script itself runs
+through (a GPU is lent for minutes, now and then) and that the sources it builds are bit-exact.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ sys.path.insert(0, HERE)
 
 import models as bench_models  # noqa: E402  (bench/models.py: ResNet-50 at 224, step 5)
 from netquant.codegen import build, generate, load  # noqa: E402
+from netquant.codegen.cuda_emulation import build_emulated  # noqa: E402
 from netquant.data import calibration_set, load_cifar10, to_float  # noqa: E402
 from netquant.data.cifar10 import BINARY_MD5, Cifar10, ImageSet, check_md5, parse_binary_batch, read_sample  # noqa: E402
 from netquant.models.pretrained import load_pretrained  # noqa: E402
@@ -63,11 +69,14 @@ class Tee:
         self.stream.flush()
 
 
-def where() -> str:
+def where(dry: bool) -> str:
     """Date, GPU, driver, CUDA and torch of this run, one line."""
     import datetime
     import subprocess
 
+    if dry:
+        return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; CPU DRY RUN (the CUDA emulation, "
+                f"figures meaningless); torch {torch.__version__}")
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip()
@@ -117,13 +126,20 @@ def main() -> int:
     ap.add_argument("--skip-resnet50", action="store_true", help="only ResNet-20 (step 5 adds about 2 minutes)")
     ap.add_argument("--no-compile", action="store_true", help="no torch.compile column")
     ap.add_argument("--log", help="also write the output to this file")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="every step without a GPU (the CUDA emulation, "
+                    "8 test images, batches 1 and 4): checks the script, not the speed")
     args = ap.parse_args()
     if args.log:
         sys.stdout = Tee(sys.stdout, args.log)
-    assert torch.cuda.is_available(), "no GPU"
-    print(where(), flush=True)
-    major, minor = torch.cuda.get_device_capability()
+    dry = args.cpu_dry_run
+    assert dry or torch.cuda.is_available(), "no GPU (--cpu-dry-run runs the script without one)"
+    print(where(dry), flush=True)
+    major, minor = (9, 0) if dry else torch.cuda.get_device_capability()
     arch = args.arch or f"sm_{major}{minor}"
+    dev = "cpu" if dry else "cuda"
+    library = build_emulated if dry else load   # the emulation needs no nvcc and no GPU
+    gpu_name = "the CUDA emulation" if dry else torch.cuda.get_device_name()
+    batches = (1, 4) if dry else (1, 256, 4096)
     if args.test_batch:
         raw = open(args.test_batch, "rb").read()
         check_md5("test_batch.bin", raw, BINARY_MD5["test_batch.bin"], args.test_batch)
@@ -136,7 +152,8 @@ def main() -> int:
     q = Quantizer(net)
     q.calibrate(calibration_set(data))
     qnet = q.quantize()
-    x = to_float(data.test.images)
+    x = to_float(data.test.images[:8] if dry else data.test.images)
+    labels = data.test.labels[:len(x)]
     name = qnet.qgraph.int_output()
     ref = np.concatenate([run_int8(qnet.qgraph, torch.from_numpy(x[i:i + 1000]), keep=[name])[name].numpy()
                           for i in range(0, len(x), 1000)])
@@ -148,8 +165,8 @@ def main() -> int:
             t0 = time.time()
             gen = generate(qnet, os.path.join(tmp, v), name=f"rn20_{v}", target="cuda", arch=arch,
                            tensor_cores=(v == "mma"))
-            cnet = load(gen)
-            print(f"[{v}] built for {arch} in {time.time() - t0:.1f} s on {torch.cuda.get_device_name()}")
+            cnet = library(gen)
+            print(f"[{v}] built for {arch} in {time.time() - t0:.1f} s on {gpu_name}")
             try:
                 got = cnet.predict_int(x)
             except Exception as e:  # noqa: BLE001  # say which variant failed, and go on with the others
@@ -159,7 +176,7 @@ def main() -> int:
             libs[v] = cnet
             ok = bool(np.array_equal(got, ref))
             exact &= ok
-            top1 = 100 * float((cnet.predict(x).argmax(1) == data.test.labels).mean())
+            top1 = 100 * float((cnet.predict(x).argmax(1) == labels).mean())
             print(f"[{v}] bit-exact with the reference executor on {len(x)} images ({data.test.source}): {ok}; "
                   f"int8 top-1 {top1:.2f}%", flush=True)
             if not ok:
@@ -167,10 +184,10 @@ def main() -> int:
                 print(f"[{v}] MISMATCH: {len(bad)} of {got.size} integers differ; first at {bad[0].tolist()}: "
                       f"{got[tuple(bad[0])]} vs {ref[tuple(bad[0])]}", flush=True)
         torch.backends.cudnn.benchmark = True
-        gpu_net = net.cuda().to(memory_format=torch.channels_last)
-        half = load_pretrained().cuda().half().to(memory_format=torch.channels_last)
-        sync = torch.cuda.synchronize
-        budget = {"s": -1.0 if args.no_compile else 60.0}   # seconds of torch.compile (each batch size compiles)
+        gpu_net = net.to(dev).to(memory_format=torch.channels_last)
+        half = load_pretrained().to(dev).half().to(memory_format=torch.channels_last)
+        sync = (lambda: None) if dry else torch.cuda.synchronize
+        budget = {"s": -1.0 if args.no_compile or dry else 60.0}   # seconds of torch.compile (each batch size compiles)
         variants = list(libs)
         print(f"{'batch':>6s} " + " ".join(f"{'int8 ' + v:>11s}" for v in variants) +
               f" {'torch fp32':>11s} {'torch fp16':>11s} {'compiled fp16':>13s} " +
@@ -181,10 +198,10 @@ def main() -> int:
             # (d_images, images_len, n, d_scores, scores_len): lengths in elements
             f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
             fns[v] = f
-        for b in (1, 256, 4096):
+        for b in batches:
             xb = np.resize(x, (b,) + x.shape[1:])
-            d_in = torch.from_numpy(xb).cuda()
-            d_out = torch.empty((b, 10), device="cuda")
+            d_in = torch.from_numpy(xb).to(dev)
+            d_out = torch.empty((b, 10), device=dev)
             ours = {v: rate(lambda f=f: f(d_in.data_ptr(), d_in.numel(), b, d_out.data_ptr(), d_out.numel()), b, sync)
                     for v, f in fns.items()}
             xc = d_in.contiguous(memory_format=torch.channels_last)
@@ -201,7 +218,7 @@ def main() -> int:
         from torch.profiler import ProfilerActivity, profile
 
         for v, f in fns.items():
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CPU if dry else ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     f(d_in.data_ptr(), d_in.numel(), b, d_out.data_ptr(), d_out.numel())
                 sync()
@@ -214,18 +231,18 @@ def main() -> int:
                     continue
         if not args.skip_resnet50:
             try:
-                exact &= resnet50_check(data, arch, major, tmp, sync, -1.0 if args.no_compile else 60.0)
+                exact &= resnet50_check(data, arch, major, tmp, sync, -1.0 if args.no_compile or dry else 60.0, dry)
             except Exception as e:  # noqa: BLE001  # the ResNet-20 results above stand either way
                 print(f"[resnet50] FAILED: {type(e).__name__}: {e}", flush=True)
                 exact = False
     return 0 if exact else 1
 
 
-def build_resnet50(data, arch: str, tensor_cores: bool, folder: str, calibration: int = 50):
+def build_resnet50(data, arch: str, tensor_cores: bool, folder: str, calibration: int = 50, dry: bool = False):
     """ResNet-50 at 224x224 (bench/models.py: torchvision's definition, seeded random weights with
     non-trivial batch norms) calibrated on ``calibration`` upsampled CIFAR-10 training images,
-    and its CUDA sources generated and built (no GPU needed up to here). Returns (float net,
-    quantized net, Generated)."""
+    and its CUDA sources generated and built (no GPU needed up to here; ``dry``: for the CPU
+    emulation). Returns (float net, quantized net, Generated, the library)."""
     net = bench_models.resnet50().eval()
     calib, _, _ = bench_models.calibration_images(data, calibration)
     q = Quantizer(net, example=torch.from_numpy(calib[:2]))
@@ -233,36 +250,40 @@ def build_resnet50(data, arch: str, tensor_cores: bool, folder: str, calibration
     qnet = q.quantize()
     t0 = time.time()
     gen = generate(qnet, folder, name="rn50", target="cuda", arch=arch, tensor_cores=tensor_cores)
-    build(gen)
-    spills = [k for k in gen.build["device_kernels"] if k["spill_stores"] or k["spill_loads"]]
+    if dry:
+        lib = build_emulated(gen)
+        spills = []
+    else:
+        lib = load(gen, library=build(gen))
+        spills = [k for k in gen.build["device_kernels"] if k["spill_stores"] or k["spill_loads"]]
     print(f"[resnet50] {'mma' if tensor_cores else 'dp4a'} sources {sum(gen.sizes.values()) / 1e6:.1f} MB, generated "
           f"and built for {arch} in {time.time() - t0:.1f} s; kernels spilling registers: {len(spills)}", flush=True)
-    return net, qnet, gen
+    return net, qnet, gen, lib
 
 
-def resnet50_check(data, arch: str, major: int, tmp: str, sync, compile_s: float) -> bool:
+def resnet50_check(data, arch: str, major: int, tmp: str, sync, compile_s: float, dry: bool = False) -> bool:
     """ResNet-50 at 224: bit-exact with the reference executor on 4 test images (the Python
     executor takes 1-2 s an image), then images/s at batch 1 and 256 against PyTorch fp32 and
     fp16 (channels_last, cudnn.benchmark) and fp16 under torch.compile (at most ``compile_s`` seconds of
     compiling; negative: not tried)."""
-    net, qnet, gen = build_resnet50(data, arch, major >= 8, os.path.join(tmp, "rn50"))
-    cnet = load(gen)
-    x = bench_models.upsampled(data.test.images[:4])
+    net, qnet, gen, cnet = build_resnet50(data, arch, major >= 8, os.path.join(tmp, "rn50"), dry=dry)
+    dev = "cpu" if dry else "cuda"
+    x = bench_models.upsampled(data.test.images[:1 if dry else 4])
     name = qnet.qgraph.int_output()
     ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
     ok = bool(np.array_equal(cnet.predict_int(x), ref))
-    print(f"[resnet50] bit-exact with the reference executor on {len(x)} images: {ok}", flush=True)
+    print(f"[resnet50] bit-exact with the reference executor on {len(x)} image{'s' * (len(x) > 1)}: {ok}", flush=True)
     f = cnet.lib.rn50_predict_device
     f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-    gpu_net = net.cuda().to(memory_format=torch.channels_last)
-    half = bench_models.resnet50().eval().cuda().half().to(memory_format=torch.channels_last)
+    gpu_net = net.to(dev).to(memory_format=torch.channels_last)
+    half = bench_models.resnet50().eval().to(dev).half().to(memory_format=torch.channels_last)
     budget = {"s": compile_s}
     print(f"{'batch':>6s} {'int8':>9s} {'torch fp32':>11s} {'torch fp16':>11s} {'compiled fp16':>13s} "
           f"{'int8/fp16':>10s} {'int8/best':>10s}")
-    for b in (1, 256):
+    for b in (1,) if dry else (1, 256):
         xb = np.resize(x, (b,) + x.shape[1:])
-        d_in = torch.from_numpy(xb).cuda()
-        d_out = torch.empty((b, 1000), device="cuda")
+        d_in = torch.from_numpy(xb).to(dev)
+        d_out = torch.empty((b, 1000), device=dev)
         ours = rate(lambda: f(d_in.data_ptr(), d_in.numel(), b, d_out.data_ptr(), d_out.numel()), b, sync)
         xc = d_in.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
