@@ -46,10 +46,16 @@ MMA_LDS = MMA_BK + 16   # bytes between shared rows: 16-byte aligned for ldmatri
 # The PTX the tensor-core kernels use, one small function each (the test suite's warp emulation
 # replaces this block, between its two marker lines, by CPU versions of the same functions).
 PTX_HELPERS = r"""/* ---- PTX of the tensor-core kernels (sm_80 and newer) ---- */
-/* 16 bytes global -> shared, asynchronous; src_bytes < 16 zero-fills the rest (0: all zeros) */
+/* 16 bytes global -> shared, asynchronous; src_bytes < 16 zero-fills the rest (0: all zeros).
+ * .cg (L2 only) for the weights, read once a block; .ca (L1 too) for the input, whose pixels a
+ * 3x3 conv reads for up to 9 taps, as CUTLASS's implicit GEMM does */
 static __device__ __forceinline__ void nq_cp_async16(void *smem, const void *gmem, int src_bytes) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+}
+static __device__ __forceinline__ void nq_cp_async16_l1(void *smem, const void *gmem, int src_bytes) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" :: "r"(s), "l"(gmem), "r"(src_bytes) : "memory");
 }
 /* close this thread's group of copies */
 static __device__ __forceinline__ void nq_cp_async_commit(void) { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -372,7 +378,7 @@ class CudaPrinter(CPrinter):
             unroll(o, "j", "ROWS_PER_THREAD")
             o("const int ih = ih0[j] + kh * DH, iw = iw0[j] + kw * DW;")
             o("const bool inside = kb < K && valid[j] && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;")
-            o("nq_cp_async16(sa + (tid / 4 + 32 * j) * LDS + 16 * (tid & 3), inside ? xb[j] + (ih * W + iw) * C + ch : xb[j], "
+            o("nq_cp_async16_l1(sa + (tid / 4 + 32 * j) * LDS + 16 * (tid & 3), inside ? xb[j] + (ih * W + iw) * C + ch : xb[j], "
               "inside ? 16 : 0);")
             o.close()
         else:

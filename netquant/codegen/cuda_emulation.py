@@ -126,6 +126,7 @@ static void nq_cp_async16(void *smem, const void *gmem, int src_bytes) {
     NqThread &me = nq_thr[nq_cur];
     me.copies.push_back(NqCopy{smem, gmem, src_bytes, me.groups});
 }
+static void nq_cp_async16_l1(void *smem, const void *gmem, int src_bytes) { nq_cp_async16(smem, gmem, src_bytes); }
 static void nq_cp_async_commit(void) { ++nq_thr[nq_cur].groups; }
 /* the copies of every group but the newest N are made now (and only now) */
 template <int N> static void nq_cp_async_wait(void) {
