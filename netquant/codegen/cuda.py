@@ -45,33 +45,39 @@ MMA_LDS = MMA_BK + 16   # bytes between shared rows: 16-byte aligned for ldmatri
 
 # The PTX the tensor-core kernels use, one small function each (the test suite's warp emulation
 # replaces this block, between its two marker lines, by CPU versions of the same functions).
-PTX_HELPERS = r"""/* ---- PTX of the tensor-core kernels (sm_80 and newer) ---- */
+PTX_HELPERS = r"""/* ---- PTX of the tensor-core kernels (sm_80 and newer; inline, not static: a kernel set that
+ * needs only some of them compiles without unused-function warnings) ---- */
 /* 16 bytes global -> shared, asynchronous; src_bytes < 16 zero-fills the rest (0: all zeros).
  * .cg (L2 only) for the weights, read once a block; .ca (L1 too) for the input, whose pixels a
  * 3x3 conv reads for up to 9 taps, as CUTLASS's implicit GEMM does */
-static __device__ __forceinline__ void nq_cp_async16(void *smem, const void *gmem, int src_bytes) {
+__device__ __forceinline__ void nq_cp_async16(void *smem, const void *gmem, int src_bytes) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(s), "l"(gmem), "r"(src_bytes) : "memory");
 }
-static __device__ __forceinline__ void nq_cp_async16_l1(void *smem, const void *gmem, int src_bytes) {
+__device__ __forceinline__ void nq_cp_async16_l1(void *smem, const void *gmem, int src_bytes) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" :: "r"(s), "l"(gmem), "r"(src_bytes) : "memory");
 }
 /* close this thread's group of copies */
-static __device__ __forceinline__ void nq_cp_async_commit(void) { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void nq_cp_async_commit(void) { asm volatile("cp.async.commit_group;" ::: "memory"); }
 /* wait until at most N of this thread's groups are in flight */
-template <int N> static __device__ __forceinline__ void nq_cp_async_wait(void) {
+template <int N> __device__ __forceinline__ void nq_cp_async_wait(void) {
     asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 }
 /* four 8x8 matrices of 16-bit elements (8 rows of 16 bytes each): lanes 8j..8j+7 give the row
  * addresses of matrix j; lane l receives bytes 4(l%4)..+3 of row l/4 of each, in r[j] */
-static __device__ __forceinline__ void nq_ldmatrix_x4(uint32_t *r, const void *smem) {
+__device__ __forceinline__ void nq_ldmatrix_x4(uint32_t *r, const void *smem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s) : "memory");
 }
+/* the same, two matrices (lanes 0-15 give the addresses) */
+__device__ __forceinline__ void nq_ldmatrix_x2(uint32_t *r, const void *smem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(s) : "memory");
+}
 /* d += A (16x32 u8, 4 registers) x B (32x8 s8, 2 registers), int32 */
-static __device__ __forceinline__ void nq_mma_u8s8(int32_t *d, const uint32_t *a, uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void nq_mma_u8s8(int32_t *d, const uint32_t *a, uint32_t b0, uint32_t b1) {
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -145,11 +151,12 @@ class CudaPrinter(CPrinter):
 
     def mma_eligible(self, s: Step) -> bool:
         """Tensor cores (when asked for): an ungrouped conv over 8-bit input in the arena, 8-bit output
-        of a multiple of 16 channels (whole 16-byte stores) at a 16-byte aligned arena offset."""
+        of a multiple of 8 channels (whole n tiles, 8- or 16-byte stores) at a 16-byte aligned
+        arena offset."""
         if not (self.tensor_cores and isinstance(s.plan, IntConvPlan) and s.plan.simd):
             return False
         x, y = self.buf(s.inputs[0]), self.buf(s.output)
-        return (x.dtype in ("int8", "uint8") and y.dtype in ("int8", "uint8") and self.hwc(y.shape)[0] % 16 == 0
+        return (x.dtype in ("int8", "uint8") and y.dtype in ("int8", "uint8") and self.hwc(y.shape)[0] % 8 == 0
                 and x.offset >= 0 and y.offset >= 0 and y.offset % 16 == 0)
 
     def mma_copies(self, s: Step) -> bool:
@@ -185,19 +192,20 @@ class CudaPrinter(CPrinter):
         if self.mma_eligible(s):
             bn = self.mma_tiles(s)[0]
             return (f"conv: int8 tensor cores, {MMA_BM} x {bn} tiles of {MMA_WARPS} warps (cp.async {MMA_STAGES} stages, "
-                    "ldmatrix, mma.sync m16n8k32 u8 x s8, 16-byte stores)")
+                    f"ldmatrix, mma.sync m16n8k32 u8 x s8, {16 if bn % 16 == 0 else 8}-byte stores)")
         if s.kind == "conv" and self.dp4a_eligible(s):
             return "conv: dp4a, one thread per output"
         return f"{s.kind}: one thread per output"
 
     def mma_tiles(self, s: Step) -> tuple[int, int, int, int, int]:
         """(BN columns a block, warps along n, MT m tiles of 16 and NT n tiles of 8 a warp, KT k
-        tiles of 64) of tensor-core conv ``s``: BN the largest of 64, 32, 16 dividing O; the 4
+        tiles of 64) of tensor-core conv ``s``: BN the largest of 64, 32, 16, 8 dividing O; the 4
         warps as 2 x 2 (BN = 64: each 64 rows x 32 columns) or 4 x 1 (each 32 rows x BN).
-        Example: O = 256, K = 2304: (64, 2, 4, 4, 36), 64 accumulators a lane."""
+        Example: O = 256, K = 2304: (64, 2, 4, 4, 36), 64 accumulators a lane; O = 24: BN = 8,
+        three column tiles."""
         w = s.node.params["weight"]
         k = int(np.prod(w.shape[1:]))
-        bn = next(b for b in (64, 32, 16) if w.shape[0] % b == 0)
+        bn = next(b for b in (64, 32, 16, 8) if w.shape[0] % b == 0)
         warps_n = 2 if bn == 64 else 1
         warp_rows = MMA_BM // (MMA_WARPS // warps_n)
         return bn, warps_n, warp_rows // 16, bn // warps_n // 8, -(-k // MMA_BK)
@@ -427,6 +435,8 @@ class CudaPrinter(CPrinter):
         o("nq_ldmatrix_x4(r, sb + (wn * NT * 8 + 16 * q + 8 * (lane >> 4) + (lane & 7)) * LDS + ks * 32 + 16 * ((lane >> 3) & 1));")
         o("b[2 * q][0] = r[0]; b[2 * q][1] = r[1]; b[2 * q + 1][0] = r[2]; b[2 * q + 1][1] = r[3];")
         o.close()
+        if nt % 2:
+            o("nq_ldmatrix_x2(b[NT - 1], sb + (wn * NT * 8 + 8 * (NT - 1) + (lane & 7)) * LDS + ks * 32 + 16 * ((lane >> 3) & 1));")
         unroll(o, "i", "MT", "q", "NT")
         o("nq_mma_u8s8(acc[i][q], a[i], b[q][0], b[q][1]);")
         o.close().close().close().close()
@@ -444,25 +454,28 @@ class CudaPrinter(CPrinter):
         o(f"sc[r * LDC + cl + 1] = (uint8_t)({conv_t})nq_requantize((int64_t)b1 + acc[i][q][2 * j + 1], m1, s1, {lo}, {hi});")
         o.close().close().close()
         o("__syncthreads();")
-        o("/* 16-byte stores: piece id = (row, 16 channels) of the tile; channels-last, so each is 16 contiguous bytes */")
-        o.open(f"for (int id = tid; id < BM * (BN / 16); id += {MMA_THREADS})")
-        o("const int r = id / (BN / 16), c16 = id % (BN / 16);")
+        piece = 16 if bn % 16 == 0 else 8   # bytes a store: uint4 or uint2
+        vt, words = ("uint4", "xyzw") if piece == 16 else ("uint2", "xy")
+        o(f"/* {piece}-byte stores: piece id = (row, {piece} channels) of the tile; channels-last, so each is {piece} "
+          "contiguous bytes */")
+        o.open(f"for (int id = tid; id < BM * (BN / {piece}); id += {MMA_THREADS})")
+        o(f"const int r = id / (BN / {piece}), cp = id % (BN / {piece});")
         o("const long row = row0 + r;")
         o("if (row >= rows) continue;")
         o("const int img = (int)(row / OHW), pix = (int)(row % OHW);")
-        o("const size_t at = (size_t)img * ARENA_BYTES + (size_t)pix * O + col0 + 16 * c16;")
-        o("uint4 v = *(const uint4 *)(sc + r * LDC + 16 * c16);")
+        o(f"const size_t at = (size_t)img * ARENA_BYTES + (size_t)pix * O + col0 + {piece} * cp;")
+        o(f"{vt} v = *(const {vt} *)(sc + r * LDC + {piece} * cp);")
         if s.fused_add is not None:
             add, k = s.fused_add
             m = [int(v) for v in add.params["multiplier"]]
             alo, ahi = add.attrs["clamp"]
             skip = self.buf(s.inputs[1])
             skip_t = "uint8_t" if skip.dtype == "uint8" else "int8_t"
-            o(f"/* + the other input, residual add {add.name}: its formula on 16 channels (docs/NUMERICS.md) */")
-            o(f"const uint4 sk = *(const uint4 *)(arena + at + {skip.offset});")
-            o("uint32_t cw[4] = {v.x, v.y, v.z, v.w};")
-            o("const uint32_t sw[4] = {sk.x, sk.y, sk.z, sk.w};")
-            unroll(o, "wd", "4")
+            o(f"/* + the other input, residual add {add.name}: its formula on {piece} channels (docs/NUMERICS.md) */")
+            o(f"const {vt} sk = *(const {vt} *)(arena + at + {skip.offset});")
+            o(f"uint32_t cw[{len(words)}] = {{{', '.join('v.' + f for f in words)}}};")
+            o(f"const uint32_t sw[{len(words)}] = {{{', '.join('sk.' + f for f in words)}}};")
+            unroll(o, "wd", str(len(words)))
             o("uint32_t word = 0;")
             unroll(o, "by", "4")
             o(f"const int32_t c = ({conv_t})(cw[wd] >> (8 * by)), x1 = ({skip_t})(sw[wd] >> (8 * by));")
@@ -472,8 +485,8 @@ class CudaPrinter(CPrinter):
             o.close()
             o("cw[wd] = word;")
             o.close()
-            o("v = make_uint4(cw[0], cw[1], cw[2], cw[3]);")
-        o(f"*(uint4 *)(arena + at + {yout.offset}) = v;")
+            o(f"v = make_{vt}({', '.join(f'cw[{i}]' for i in range(len(words)))});")
+        o(f"*({vt} *)(arena + at + {yout.offset}) = v;")
         o.close()
 
     # --- host side: cuda_host.cu.in around the network's sizes, constants, kernels and launches ---

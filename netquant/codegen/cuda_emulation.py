@@ -41,7 +41,9 @@ EMULATION = r"""
 #define __ldg(p) (*(p))
 struct nq_dim3 { unsigned x; };
 struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
 static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { uint4 v = {x, y, z, w}; return v; }
+static inline uint2 make_uint2(unsigned x, unsigned y) { uint2 v = {x, y}; return v; }
 static nq_dim3 blockIdx, blockDim;
 enum { cudaSuccess = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
 typedef int cudaError_t;
@@ -106,7 +108,8 @@ struct NqCopy { void *dst; const void *src; int bytes; long group; };
 struct NqThread {
     ucontext_t ctx; nq_dim3 tid; int state;
     int32_t *acc; uint32_t a[4], b[2];          /* mma.sync operands */
-    uint32_t *ldm_out; const uint8_t *ldm_row;  /* ldmatrix: where the registers go, this lane's row address */
+    uint32_t *ldm_out; const uint8_t *ldm_row;  /* ldmatrix: where the registers go, this lane's row address, */
+    int ldm_count;                              /* and how many matrices */
     std::vector<NqCopy> copies; long groups;    /* cp.async: copies not yet made, groups committed */
 };
 enum { NQ_MAX_THREADS = 1024, NQ_STACK = 1 << 16 };
@@ -142,24 +145,29 @@ template <int N> static void nq_cp_async_wait(void) {
     }
     me.copies.swap(later);
 }
-static void nq_ldmatrix_x4(uint32_t *r, const void *smem) {
+static void nq_ldmatrix(uint32_t *r, const void *smem, int count) {
     NqThread &me = nq_thr[nq_cur];
-    me.ldm_out = r; me.ldm_row = (const uint8_t *)smem;
+    me.ldm_out = r; me.ldm_row = (const uint8_t *)smem; me.ldm_count = count;
     nq_park(NQ_LDMATRIX);
 }
+static void nq_ldmatrix_x4(uint32_t *r, const void *smem) { nq_ldmatrix(r, smem, 4); }
+static void nq_ldmatrix_x2(uint32_t *r, const void *smem) { nq_ldmatrix(r, smem, 2); }
 static void nq_mma_u8s8(int32_t *d, const uint32_t *a, uint32_t b0, uint32_t b1) {
     NqThread &me = nq_thr[nq_cur];
     me.acc = d; memcpy(me.a, a, sizeof me.a); me.b[0] = b0; me.b[1] = b1;
     nq_park(NQ_MMA);
 }
 
-/* ldmatrix.x4 over the warp of lanes L[0..31]: matrix j's 8 row addresses come from lanes
+/* ldmatrix.x4 (.x2) over the warp of lanes L[0..31]: matrix j's 8 row addresses come from lanes
  * 8j..8j+7; lane l receives bytes 4(l%4)..+3 of row l/4 of matrix j in register j */
 static void nq_ldmatrix_warp(NqThread *L) {
+    const int count = L[0].ldm_count;
     uint32_t got[32][4];
     for (int l = 0; l < 32; ++l)
-        for (int j = 0; j < 4; ++j) memcpy(&got[l][j], L[8 * j + l / 4].ldm_row + 4 * (l % 4), 4);
-    for (int l = 0; l < 32; ++l) memcpy(L[l].ldm_out, got[l], sizeof got[l]);
+        if (L[l].ldm_count != count) nq_fail("ldmatrix .x2 and .x4 in one warp");
+    for (int l = 0; l < 32; ++l)
+        for (int j = 0; j < count; ++j) memcpy(&got[l][j], L[8 * j + l / 4].ldm_row + 4 * (l % 4), 4);
+    for (int l = 0; l < 32; ++l) memcpy(L[l].ldm_out, got[l], sizeof(uint32_t) * count);
 }
 
 /* D = A (16x32 u8, row) x B (32x8 s8, col) + C over the 32 lanes: lane = 4g + t holds
