@@ -64,7 +64,14 @@ typedef std::vector<std::function<void()> > *cudaGraph_t, *cudaGraphExec_t;
 enum { cudaStreamCaptureModeThreadLocal = 1 };
 static cudaGraph_t nq_capture = NULL;
 static int nq_graphs_alive = 0;
-static int cudaStreamCreate(cudaStream_t *s) { *s = &nq_the_stream; return 0; }
+enum { cudaStreamNonBlocking = 1, cudaEventDisableTiming = 2 };
+#define cudaStreamLegacy ((cudaStream_t)0x1)
+typedef int *cudaEvent_t;
+static int nq_the_event;
+static int cudaStreamCreateWithFlags(cudaStream_t *s, unsigned) { *s = &nq_the_stream; return 0; }
+static int cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) { *e = &nq_the_event; return 0; }
+static int cudaEventRecord(cudaEvent_t, cudaStream_t) { if (nq_capture) nq_fail("an event recorded during capture"); return 0; }
+static int cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return 0; }
 static int cudaMemcpyAsync(void *d, const void *s, size_t n, int, cudaStream_t) {
     if (nq_capture) nq_fail("a copy during capture");
     memcpy(d, s, n);
