@@ -107,6 +107,27 @@ def compiled_rate(model, x, b: int, sync, budget: dict) -> float:
     return rate(lambda: budget["fn"](x), b, sync)
 
 
+def device_entry(cnet, name: str):
+    """The library's ``<name>_predict_device`` as run(d_in, d_out) on device tensors (n images in,
+    n score rows out; lengths in elements)."""
+    f = getattr(cnet.lib, f"{name}_predict_device")
+    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    return lambda d_in, d_out: f(d_in.data_ptr(), d_in.numel(), d_in.shape[0], d_out.data_ptr(), d_out.numel())
+
+
+def torch_rates(fp32_net, fp16_net, d_in, sync, budget: dict) -> tuple:
+    """images/s of PyTorch on the images ``d_in`` (channels_last): fp32, fp16, fp16 under
+    torch.compile (compiled_rate: nan where it does not compile), and the best of the three."""
+    b = d_in.shape[0]
+    xc = d_in.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fp32 = rate(lambda: fp32_net(xc), b, sync)
+        xh = xc.half()
+        fp16 = rate(lambda: fp16_net(xh), b, sync)
+        comp = compiled_rate(fp16_net, xh, b, sync, budget)
+    return fp32, fp16, comp, max(fp16, fp32, 0.0 if np.isnan(comp) else comp)
+
+
 def rate(fn, n: int, sync, seconds: float = 1.0) -> float:
     fn()
     sync()
@@ -192,25 +213,13 @@ def main() -> int:
         print(f"{'batch':>6s} " + " ".join(f"{'int8 ' + v:>11s}" for v in variants) +
               f" {'torch fp32':>11s} {'torch fp16':>11s} {'compiled fp16':>13s} " +
               " ".join(f"{v + '/fp16':>10s}" for v in variants) + " " + " ".join(f"{v + '/best':>10s}" for v in variants))
-        fns = {}
-        for v, cnet in libs.items():
-            f = getattr(cnet.lib, f"rn20_{v}_predict_device")
-            # (d_images, images_len, n, d_scores, scores_len): lengths in elements
-            f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-            fns[v] = f
+        fns = {v: device_entry(cnet, f"rn20_{v}") for v, cnet in libs.items()}
         for b in batches:
             xb = np.resize(x, (b,) + x.shape[1:])
             d_in = torch.from_numpy(xb).to(dev)
             d_out = torch.empty((b, 10), device=dev)
-            ours = {v: rate(lambda f=f: f(d_in.data_ptr(), d_in.numel(), b, d_out.data_ptr(), d_out.numel()), b, sync)
-                    for v, f in fns.items()}
-            xc = d_in.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad():
-                fp32 = rate(lambda: gpu_net(xc), b, sync)
-                xh = xc.half()
-                fp16 = rate(lambda: half(xh), b, sync)
-                comp = compiled_rate(half, xh, b, sync, budget)
-            best = max(fp16, fp32, 0.0 if np.isnan(comp) else comp)
+            ours = {v: rate(lambda f=f: f(d_in, d_out), b, sync) for v, f in fns.items()}
+            fp32, fp16, comp, best = torch_rates(gpu_net, half, d_in, sync, budget)
             print(f"{b:6d} " + " ".join(f"{ours[v]:11.0f}" for v in variants) + f" {fp32:11.0f} {fp16:11.0f} {comp:13.0f} " +
                   " ".join(f"{ours[v] / fp16:9.2f}x" for v in variants) + " " +
                   " ".join(f"{ours[v] / best:9.2f}x" for v in variants), flush=True)
@@ -220,7 +229,7 @@ def main() -> int:
         for v, f in fns.items():
             with profile(activities=[ProfilerActivity.CPU if dry else ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
-                    f(d_in.data_ptr(), d_in.numel(), b, d_out.data_ptr(), d_out.numel())
+                    f(d_in, d_out)
                 sync()
             print(f"[{v}] kernels at batch {b}, 5 calls:")
             for key in ("device_time_total", "cuda_time_total"):
@@ -273,8 +282,7 @@ def resnet50_check(data, arch: str, major: int, tmp: str, sync, compile_s: float
     ref = run_int8(qnet.qgraph, torch.from_numpy(x), keep=[name])[name].numpy()
     ok = bool(np.array_equal(cnet.predict_int(x), ref))
     print(f"[resnet50] bit-exact with the reference executor on {len(x)} image{'s' * (len(x) > 1)}: {ok}", flush=True)
-    f = cnet.lib.rn50_predict_device
-    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    f = device_entry(cnet, "rn50")
     gpu_net = net.to(dev).to(memory_format=torch.channels_last)
     half = bench_models.resnet50().eval().to(dev).half().to(memory_format=torch.channels_last)
     budget = {"s": compile_s}
@@ -284,14 +292,8 @@ def resnet50_check(data, arch: str, major: int, tmp: str, sync, compile_s: float
         xb = np.resize(x, (b,) + x.shape[1:])
         d_in = torch.from_numpy(xb).to(dev)
         d_out = torch.empty((b, 1000), device=dev)
-        ours = rate(lambda: f(d_in.data_ptr(), d_in.numel(), b, d_out.data_ptr(), d_out.numel()), b, sync)
-        xc = d_in.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            fp32 = rate(lambda: gpu_net(xc), b, sync)
-            xh = xc.half()
-            fp16 = rate(lambda: half(xh), b, sync)
-            comp = compiled_rate(half, xh, b, sync, budget)
-        best = max(fp16, fp32, 0.0 if np.isnan(comp) else comp)
+        ours = rate(lambda: f(d_in, d_out), b, sync)
+        fp32, fp16, comp, best = torch_rates(gpu_net, half, d_in, sync, budget)
         print(f"{b:6d} {ours:9.0f} {fp32:11.0f} {fp16:11.0f} {comp:13.0f} {ours / fp16:9.2f}x {ours / best:9.2f}x",
               flush=True)
     return ok

@@ -43,7 +43,7 @@ from . import int4 as c_int4
 from . import x86_pack as x86
 from .c_conv_simd import AVX2, VNNI, SimdConv
 from .c_pool import POOL_RUNTIME
-from .program import ADD_PAIR_SHIFTS, LUT_SIZE, Buffer, IntConvPlan, Program, Step, conv_feeds_only_add
+from .program import ADD_PAIR_SHIFTS, LUT_SIZE, Buffer, IntConvPlan, Program, Step, conv_feeds_only_add, disjoint
 from .runtime_files import fill, runtime_text
 
 RUNTIME_HEADER = "netquant_rt.h"
@@ -187,22 +187,42 @@ class CPrinter:
         return replace(p, steps=tuple(out)) if self.fused_into else p
 
     def fusable(self, p: Program, s: Step, add: Step, readers: Counter) -> bool:
-        """Whether add step ``add`` can run in the epilogue of conv step ``s`` (see fuse_adds)."""
+        """Whether add step ``add`` can run in the epilogue of conv step ``s`` (see fuse_adds): the
+        add is the conv's only reader, the three 8-bit tensors are channels-last of one shape,
+        the add's output does not overlap the conv's input (read while it is written), and the
+        kernel printed for ``s`` takes the add (epilogue_takes_add)."""
         if not (conv_feeds_only_add(s, add, readers) and s.node.quantized and add.node.quantized
                 and s.output not in (p.int_output, p.int_input, p.output)):
-            return False
-        if self.conv_path(s) not in ("avx2", "vnni") or not s.plan.hi_requant or c_int4.q4.is_int4(s.node):
             return False
         conv_out, skip, y, x = (p.buffer(b) for b in (s.output, *[b for b in add.inputs if b != s.output],
                                                        add.output, s.inputs[0]))
         if not all(b.dtype in ("int8", "uint8") and b.layout == "hwc" and b.shape == conv_out.shape
                    for b in (conv_out, skip, y)):
             return False
-        lanes = (VNNI if self.conv_path(s) == "vnni" else AVX2).lanes
-        if self.hwc(conv_out.shape)[0] % lanes or not ADD_PAIR_SHIFTS[0] <= int(add.node.params["shift"][0]) <= ADD_PAIR_SHIFTS[1]:
+        return (x.offset < 0 or y.offset < 0 or disjoint(x, y)) and self.epilogue_takes_add(s, add, skip, y)
+
+    def epilogue_takes_add(self, s: Step, add: Step, skip: Buffer, y: Buffer) -> bool:
+        """Whether the kernel printed for conv ``s`` computes ``add`` (other input ``skip``, output
+        ``y``) in its epilogue: the x86 register tiles with the high-half requantization, whole
+        vectors of channels and a shift the 15-bit-piece add takes."""
+        if self.conv_path(s) not in ("avx2", "vnni") or not s.plan.hi_requant or c_int4.q4.is_int4(s.node):
             return False
-        apart = x.offset < 0 or y.offset < 0 or x.offset + x.nbytes <= y.offset or y.offset + y.nbytes <= x.offset
-        return apart
+        lanes = (VNNI if self.conv_path(s) == "vnni" else AVX2).lanes
+        return self.hwc(y.shape)[0] % lanes == 0 and ADD_PAIR_SHIFTS[0] <= int(add.node.params["shift"][0]) <= ADD_PAIR_SHIFTS[1]
+
+    @staticmethod
+    def add_value(add, a: str, b: str) -> str:
+        """Integer add ``add`` (a QNode) of the C values ``a`` (its first input) and ``b`` (its
+        second) as one int32 expression: each times its multiplier, one rounding shift, the clamp
+        (docs/NUMERICS.md). Example: multipliers 3 and 5, shift 2, a = 1, b = 2: (3 + 10 + 2) >> 2 = 3."""
+        lo, hi = add.attrs["clamp"]
+        m, sh = add.params["multiplier"], int(add.params["shift"][0])
+        return f"nq_clamp(nq_rounding_shift((int64_t)({a}) * {int(m[0])} + (int64_t)({b}) * {int(m[1])}, {sh}), {lo}, {hi})"
+
+    def fused_add_value(self, s: Step, conv: str, other: str) -> str:
+        """add_value of the add fused into conv ``s``, whose output is the C value ``conv``."""
+        add, k = s.fused_add
+        return self.add_value(add, *((conv, other) if k == 0 else (other, conv)))
 
     def add_pieces_for(self, s: Step) -> list:
         """The 15-bit pieces of the fused add of conv ``s``: add_pieces with the conv's multiplier
@@ -738,14 +758,10 @@ class CPrinter:
         if s.fused_add is None:
             o(f"y[(oh * OW + ow) * O + o] = ({self.buf(s.output).ctype})nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});")
             return
-        add, k = s.fused_add
-        m = [int(v) for v in add.params["multiplier"]]
-        alo, ahi = add.attrs["clamp"]
         o(f"const int32_t c = nq_requantize(acc, {M}[o], {S}[o], {lo}, {hi});  /* the conv's output, as its own step */")
-        o(f"const int64_t v = (int64_t)c * {m[k]} + (int64_t)x1[(oh * OW + ow) * O + o] * {m[1 - k]};  "
-          f"/* + the other input: add {add.name} */")
-        o(f"y[(oh * OW + ow) * O + o] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(v, "
-          f"{int(add.params['shift'][0])}), {alo}, {ahi});")
+        o(f"/* + the other input: add {s.fused_add[0].name} */")
+        o(f"y[(oh * OW + ow) * O + o] = ({self.buf(s.output).ctype})"
+          f"{self.fused_add_value(s, 'c', 'x1[(oh * OW + ow) * O + o]')};")
 
     def conv_tap(self, s: Step, o: Source, layout: str):
         """acc += the CG products of tap (kh, kw) for output channel o: inputs xp[k], weights in ``layout``."""
@@ -890,10 +906,7 @@ class CPrinter:
     def add_element(self, s: Step, o: Source, i: str):
         """Element ``i`` of integer add ``s``: both inputs times their
         multipliers, one rounding shift, clamp."""
-        lo, hi = s.node.attrs["clamp"]
-        m, sh = s.node.params["multiplier"], int(s.node.params["shift"][0])
-        o(f"int64_t acc = (int64_t)x0[{i}] * {int(m[0])} + (int64_t)x1[{i}] * {int(m[1])};")
-        o(f"y[{i}] = ({self.buf(s.output).ctype})nq_clamp(nq_rounding_shift(acc, {sh}), {lo}, {hi});")
+        o(f"y[{i}] = ({self.buf(s.output).ctype}){self.add_value(s.node, f'x0[{i}]', f'x1[{i}]')};")
 
     def concat_parts(self, s: Step):
         """For each input j of concat ``s``: (j, first output channel, channels, a function giving

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from .c import CPrinter, Source
-from .program import IntConvPlan, Step, conv_feeds_only_add
+from .program import Buffer, IntConvPlan, Step, disjoint
 from .runtime_files import fill
 from .x86_pack import vnni_bias
 
@@ -167,25 +167,13 @@ class CudaPrinter(CPrinter):
         x = self.buf(s.inputs[0])
         return x.dtype == "uint8" and self.hwc(x.shape)[0] % 16 == 0 and x.offset % 16 == 0
 
-    def fusable(self, p, s: Step, add: Step, readers) -> bool:
-        """A residual add goes into the epilogue of a tensor-core conv (read 16 bytes of the other
-        input where the 16 output bytes go): 8-bit channels-last tensors of one shape; the output
-        apart from the conv's input (other blocks still read it) and either apart from the other
-        input or on it (each piece is read before it is written, by the same thread)."""
-        if not (conv_feeds_only_add(s, add, readers) and s.node.quantized and add.node.quantized
-                and s.output not in (p.int_output, p.int_input, p.output) and self.mma_eligible(s)):
-            return False
-        conv_out, y, x = p.buffer(s.output), p.buffer(add.output), p.buffer(s.inputs[0])
-        skip = p.buffer(next(b for b in add.inputs if b != s.output))
-        if not all(b.dtype in ("int8", "uint8") and b.layout == "hwc" and b.shape == conv_out.shape and b.offset >= 0
-                   and b.offset % 16 == 0 for b in (conv_out, skip, y)):
-            return False
-
-        def apart(a, b):
-            return a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset
-
-        return apart(x, y) and (apart(skip, y) or skip.offset == y.offset)
-
+    def epilogue_takes_add(self, s: Step, add: Step, skip: Buffer, y: Buffer) -> bool:
+        """A residual add goes into the epilogue of a tensor-core conv, which reads 16 bytes of
+        ``skip`` where the 16 output bytes go: both at 16-byte aligned arena offsets, and the
+        output either apart from the skip or on it (each piece is read before it is written, by
+        the same thread)."""
+        return (self.mma_eligible(s) and all(b.offset >= 0 and b.offset % 16 == 0 for b in (skip, y))
+                and (disjoint(skip, y) or skip.offset == y.offset))
     def _kernel_label(self, s: Step) -> str:
         if self.is_element_step(s):
             return self.float_label(s) + ", one thread per output"
@@ -466,12 +454,9 @@ class CudaPrinter(CPrinter):
         o(f"const size_t at = (size_t)img * ARENA_BYTES + (size_t)pix * O + col0 + {piece} * cp;")
         o(f"{vt} v = *(const {vt} *)(sc + r * LDC + {piece} * cp);")
         if s.fused_add is not None:
-            add, k = s.fused_add
-            m = [int(v) for v in add.params["multiplier"]]
-            alo, ahi = add.attrs["clamp"]
             skip = self.buf(s.inputs[1])
             skip_t = "uint8_t" if skip.dtype == "uint8" else "int8_t"
-            o(f"/* + the other input, residual add {add.name}: its formula on {piece} channels (docs/NUMERICS.md) */")
+            o(f"/* + the other input, residual add {s.fused_add[0].name}: its formula on {piece} channels (docs/NUMERICS.md) */")
             o(f"const {vt} sk = *(const {vt} *)(arena + at + {skip.offset});")
             o(f"uint32_t cw[{len(words)}] = {{{', '.join('v.' + f for f in words)}}};")
             o(f"const uint32_t sw[{len(words)}] = {{{', '.join('sk.' + f for f in words)}}};")
@@ -479,9 +464,7 @@ class CudaPrinter(CPrinter):
             o("uint32_t word = 0;")
             unroll(o, "by", "4")
             o(f"const int32_t c = ({conv_t})(cw[wd] >> (8 * by)), x1 = ({skip_t})(sw[wd] >> (8 * by));")
-            o(f"const int64_t sum = (int64_t)c * {m[k]} + (int64_t)x1 * {m[1 - k]};")
-            o(f"word |= (uint32_t)(uint8_t)({yout.ctype})nq_clamp(nq_rounding_shift(sum, {int(add.params['shift'][0])}), "
-              f"{alo}, {ahi}) << (8 * by);")
+            o(f"word |= (uint32_t)(uint8_t)({yout.ctype}){self.fused_add_value(s, 'c', 'x1')} << (8 * by);")
             o.close()
             o("cw[wd] = word;")
             o.close()

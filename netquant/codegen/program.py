@@ -424,6 +424,11 @@ def _lut_chains(q: QGraph, readers: dict) -> list:
     return out
 
 
+def disjoint(a: Buffer, b: Buffer) -> bool:
+    """Whether arena buffers ``a`` and ``b`` share no byte."""
+    return a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset
+
+
 def conv_feeds_only_add(s: Step, add: Step, reads: Counter) -> bool:
     """Whether conv step ``s`` is read by nothing but ``add``, an add of two different tensors that
     comes right after it (``reads``: how many step inputs name each buffer): the pair a printer
